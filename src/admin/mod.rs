@@ -1,0 +1,5 @@
+//! Administration: the `/api/v1` JSON API guarded by the admin bearer key, and the CLI
+//! (`weir room|app|keys …`) that drives it over HTTP.
+
+pub mod auth;
+pub mod cli;

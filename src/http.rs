@@ -1,0 +1,70 @@
+//! The HTTP surface: the shared [`AppState`] and [`router`], which assembles every route group
+//! with its resilience layers. Layer order is decided here and only here.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::routing::get;
+use axum::Router;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::error::not_found_fallback;
+use crate::limits::shed;
+use crate::ops;
+use crate::realtime::Realtime;
+use crate::store::Store;
+
+/// What every handler can reach. Each field is owned by its module; this struct only bundles them.
+#[derive(Clone)]
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub store: Arc<dyn Store>,
+    pub clock: Arc<dyn Clock>,
+    pub realtime: Arc<Realtime>,
+    pub rooms: Arc<crate::room::Rooms>,
+    pub admin_key: Arc<String>,
+    pub metrics: PrometheusHandle,
+    pub shutdown: CancellationToken,
+}
+
+impl AppState {
+    /// Brings point-in-time gauges up to date before a scrape.
+    pub fn refresh_gauges(&self) {}
+}
+
+/// Builds the whole router.
+///
+/// Outermost first: metrics tracking sees every request including refusals; each route group
+/// has its own shed/timeout bound so a flood on one (visitor entry) cannot starve another
+/// (admin, health, realtime).
+pub fn router(state: AppState) -> Router {
+    let limits = &state.config.limits;
+    let timeout = Duration::from_millis(limits.request_timeout_ms);
+    let ops_routes = Router::new()
+        .route("/healthz", get(ops::health::healthz))
+        .route("/readyz", get(ops::health::readyz))
+        .route("/metrics", get(ops::metrics::render));
+    let realtime = shed::bounded(Realtime::routes(), "realtime", limits.max_in_flight, timeout);
+    let admin = shed::bounded(
+        Router::new().nest(
+            "/api/v1",
+            Realtime::admin_routes().layer(axum::middleware::from_fn_with_state(
+                state.clone(),
+                crate::admin::auth::require_admin,
+            )),
+        ),
+        "admin",
+        limits.max_in_flight,
+        timeout,
+    );
+    Router::new()
+        .merge(ops_routes)
+        .merge(realtime)
+        .merge(admin)
+        .fallback(not_found_fallback)
+        .layer(axum::middleware::from_fn(ops::metrics::track))
+        .with_state(state)
+}

@@ -1,0 +1,3 @@
+//! Bounds on work: load shedding per route group, request timeouts, body limits.
+
+pub mod shed;

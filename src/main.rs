@@ -1,0 +1,93 @@
+//! `weir`: parse arguments, load configuration, then serve or run an admin command.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+use weir::config::{Config, Flags, LogFormat};
+
+#[derive(Parser)]
+#[command(name = "weir", version, about = "Surge gateway: waiting rooms + Pusher-protocol realtime")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server.
+    Serve {
+        /// TOML configuration file.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Listen address (default 127.0.0.1:8080).
+        #[arg(long)]
+        listen: Option<String>,
+        /// Data directory for the embedded store and secrets (default ./weir-data).
+        #[arg(long)]
+        data_dir: Option<String>,
+    },
+    #[command(flatten)]
+    Admin(weir::admin::cli::AdminCommand),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve { config, listen, data_dir } => serve(config, Flags { listen, data_dir }),
+        Command::Admin(cmd) => weir::admin::cli::main(cmd),
+    }
+}
+
+fn serve(file: Option<PathBuf>, flags: Flags) -> std::process::ExitCode {
+    let env: HashMap<String, String> = std::env::vars().collect();
+    let config = match Config::load(file.as_deref(), &env, &flags) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("weir: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    init_logging(config.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("weir: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result: anyhow::Result<()> = runtime.block_on(async move {
+        let shutdown = CancellationToken::new();
+        weir::ops::shutdown::cancel_on_signal(shutdown.clone());
+        let data_dir = config.data_dir.clone();
+        let server = weir::Server::start(config, weir::clock::system(), shutdown).await?;
+        if let Some(key) = &server.generated_admin_key {
+            println!(
+                "weir: generated admin key {key}\nweir: stored in {} (shown only this once; set WEIR_ADMIN_KEY to choose your own)",
+                data_dir.join("admin.key").display()
+            );
+        }
+        println!("weir: listening on http://{}", server.local_addr());
+        tracing::info!(addr = %server.local_addr(), "ready");
+        server.run().await?;
+        Ok(())
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("weir: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("WEIR_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}

@@ -1,0 +1,20 @@
+//! `/healthz` (the process answers) and `/readyz` (the store is open and we are not draining).
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::Json;
+use serde_json::json;
+
+use crate::http::AppState;
+
+pub async fn healthz() -> Json<serde_json::Value> {
+    Json(json!({"status": "ok"}))
+}
+
+pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<serde_json::Value>) {
+    let store = state.store.is_ready();
+    let draining = state.shutdown.is_cancelled();
+    let ready = store && !draining;
+    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, Json(json!({"ready": ready, "store": store, "draining": draining})))
+}

@@ -1,0 +1,86 @@
+//! The only door to durable state. [`Store`] has two kinds of method: a small keyed document
+//! store (rooms, apps, secrets, serialized by their owners) and one method per queue step that
+//! must be atomic across a cluster (issue a ticket, advance the serving counter).
+//!
+//! `redb.rs` is the default, embedded implementation. A Redis implementation plugs in behind the
+//! same trait; the room and realtime logic never see which one runs.
+
+pub mod redb;
+
+use async_trait::async_trait;
+
+/// Document namespaces. Keys inside a namespace are the owner's ids.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Table {
+    /// Generated secrets and other process-wide settings.
+    Meta,
+    /// Room definitions (JSON owned by `room::model`).
+    Rooms,
+    /// Pusher apps created through the API (JSON owned by `realtime::app`).
+    Apps,
+}
+
+impl Table {
+    pub fn name(self) -> &'static str {
+        match self {
+            Table::Meta => "meta",
+            Table::Rooms => "rooms",
+            Table::Apps => "apps",
+        }
+    }
+}
+
+/// A room's durable queue position.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueueCounters {
+    /// The highest ticket issued so far (0 = none yet). Tickets start at 1.
+    pub last_ticket: u64,
+    /// Tickets at or below this number are admitted.
+    pub serving: u64,
+}
+
+/// What is recorded with each ticket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TicketEntry {
+    pub visitor: [u8; 16],
+    /// Wall-clock entry time, milliseconds since the Unix epoch.
+    pub entered_at_ms: i64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("storage backend: {0}")]
+    Backend(String),
+    #[error("storage is shutting down")]
+    Closed,
+    #[error("stored value is corrupt: {0}")]
+    Corrupt(String),
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    async fn get(&self, table: Table, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
+    async fn put(&self, table: Table, key: &str, value: Vec<u8>) -> Result<(), StoreError>;
+    /// Inserts only when `key` is absent; returns `false` if it already existed.
+    async fn insert_new(&self, table: Table, key: &str, value: Vec<u8>) -> Result<bool, StoreError>;
+    /// Returns whether the key existed.
+    async fn delete(&self, table: Table, key: &str) -> Result<bool, StoreError>;
+    async fn list(&self, table: Table) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
+
+    /// Durably issues the next ticket of `room` (1, 2, 3, …) and records `entry` with it.
+    /// Returns only once the ticket would survive a crash.
+    async fn issue_ticket(&self, room: &str, entry: TicketEntry) -> Result<u64, StoreError>;
+    /// Reads one recorded ticket.
+    async fn ticket(&self, room: &str, ticket: u64) -> Result<Option<TicketEntry>, StoreError>;
+    async fn counters(&self, room: &str) -> Result<QueueCounters, StoreError>;
+    /// Raises each room's serving counter to the given value (never lowers it, never past the
+    /// last issued ticket) in one durable step. Returns the stored values.
+    async fn advance_serving(&self, updates: &[(String, u64)]) -> Result<Vec<u64>, StoreError>;
+    /// Removes a room's counters and tickets.
+    async fn delete_queue(&self, room: &str) -> Result<(), StoreError>;
+
+    /// Whether the store can serve requests now.
+    fn is_ready(&self) -> bool;
+    /// Makes everything acknowledged so far durable and stops background writers.
+    async fn close(&self) -> Result<(), StoreError>;
+}

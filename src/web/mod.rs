@@ -1,0 +1,1 @@
+//! Server-rendered visitor pages: minijinja templates compiled into the binary.
