@@ -17,12 +17,49 @@ use crate::realtime::Realtime;
 
 /// 100 ms: ten small steps a second keep admission smooth while costing nothing when idle.
 pub const TICK: Duration = Duration::from_millis(100);
+/// Counter publishes per room are at least this far apart (at most 4 a second, however many
+/// wait): one broadcast serves every waiting page, which computes its own position.
+pub const PUBLISH_EVERY: Duration = Duration::from_millis(250);
+/// An unchanged counter is re-published this often, so a page that subscribed just after the
+/// last change (or missed it) catches up without polling.
+pub const REPUBLISH_EVERY: Duration = Duration::from_secs(5);
+
+/// What was last published per room, to coalesce counter updates.
+#[derive(Default)]
+pub struct Coalescer {
+    last: std::collections::HashMap<String, (Instant, u64, f64)>,
+}
+
+impl Coalescer {
+    /// Publishes `room`'s counters if they changed and [`PUBLISH_EVERY`] has passed, or if
+    /// [`REPUBLISH_EVERY`] has passed.
+    fn publish(&mut self, realtime: &Realtime, room: &Room, now: Instant) {
+        let (serving, rate) = (room.serving(), room.spec().rate_per_minute);
+        let due = match self.last.get(&room.id) {
+            None => serving > 0,
+            Some((at, s, r)) => {
+                let since = now.saturating_duration_since(*at);
+                ((*s != serving || *r != rate) && since >= PUBLISH_EVERY) || since >= REPUBLISH_EVERY
+            }
+        };
+        if due {
+            self.last.insert(room.id.clone(), (now, serving, rate));
+            publish_counter(realtime, room);
+        }
+    }
+
+    fn forget_deleted(&mut self, rooms: &Rooms) {
+        self.last.retain(|id, _| rooms.get(id).is_some());
+    }
+}
 
 pub fn spawn(rooms: Arc<Rooms>, realtime: Arc<Realtime>, shutdown: CancellationToken) {
     tokio::spawn(async move {
         let mut interval = tokio::time::interval(TICK);
         interval.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut last = Instant::now();
+        let mut coalescer = Coalescer::default();
+        let mut ticks: u64 = 0;
         loop {
             tokio::select! {
                 _ = interval.tick() => {}
@@ -33,6 +70,13 @@ pub fn spawn(rooms: Arc<Rooms>, realtime: Arc<Realtime>, shutdown: CancellationT
             last = now;
             if let Err(e) = tick(&rooms, &realtime, elapsed).await {
                 tracing::warn!(error = %e, "admission tick failed; will retry");
+            }
+            for room in rooms.all() {
+                coalescer.publish(&realtime, &room, now);
+            }
+            ticks += 1;
+            if ticks % 600 == 0 {
+                coalescer.forget_deleted(&rooms);
             }
         }
     });
@@ -79,7 +123,6 @@ pub async fn tick(rooms: &Rooms, realtime: &Realtime, elapsed: Duration) -> Resu
         if admitted > 0 {
             room.admitted_window.lock().add(now_s, admitted);
             metrics::counter!("weir_room_admitted_total", "room" => room.id.clone()).increment(admitted);
-            publish_counter(realtime, room);
         }
     }
     Ok(())

@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
+use super::branding::Branding;
 use crate::error::ApiError;
 
 /// Highest admission rate accepted (visitors per minute); far above what one origin serves,
@@ -37,6 +38,17 @@ impl RoomState {
     }
 }
 
+/// How admitted visitors reach the origin.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RoomMode {
+    /// Sent to the origin with a token; the origin (or its proxy) checks it.
+    #[default]
+    Redirect,
+    /// weir proxies `/p/{room}/...` to the origin for visitors holding a valid token.
+    Proxy,
+}
+
 /// A stored room definition.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct RoomSpec {
@@ -51,6 +63,12 @@ pub struct RoomSpec {
     /// Creation time (ms since epoch). Also the room's generation: visitor cookies carry it so
     /// a cookie from a deleted room of the same id is not honoured by its successor.
     pub created_at_ms: i64,
+    /// Page look (issue 6).
+    #[serde(default)]
+    pub branding: Branding,
+    /// `redirect` (default) or `proxy` (issue 6).
+    #[serde(default)]
+    pub mode: RoomMode,
 }
 
 /// `POST /api/v1/rooms` body.
@@ -63,6 +81,10 @@ pub struct NewRoom {
     pub rate_per_minute: f64,
     pub state: Option<RoomState>,
     pub starts_at: Option<String>,
+    #[serde(default)]
+    pub branding: Branding,
+    #[serde(default)]
+    pub mode: RoomMode,
 }
 
 /// `PATCH /api/v1/rooms/{id}` body: every field optional; `starts_at: null` clears it.
@@ -75,6 +97,9 @@ pub struct RoomPatch {
     pub state: Option<RoomState>,
     #[serde(default, deserialize_with = "double_option")]
     pub starts_at: Option<Option<String>>,
+    /// Replaces the branding (a stored custom template is kept).
+    pub branding: Option<Branding>,
+    pub mode: Option<RoomMode>,
 }
 
 fn double_option<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<String>>, D::Error> {
@@ -142,6 +167,8 @@ impl RoomSpec {
             state: input.state.unwrap_or(if input.starts_at.is_some() { RoomState::Scheduled } else { RoomState::Open }),
             starts_at: input.starts_at,
             created_at_ms: now_ms,
+            branding: input.branding,
+            mode: input.mode,
         };
         spec.validate()?;
         Ok(spec)
@@ -164,6 +191,12 @@ impl RoomSpec {
         if let Some(v) = patch.state {
             next.state = v;
         }
+        if let Some(v) = patch.branding {
+            next.branding = self.branding.patched(v);
+        }
+        if let Some(v) = patch.mode {
+            next.mode = v;
+        }
         next.validate()?;
         Ok(next)
     }
@@ -179,6 +212,11 @@ impl RoomSpec {
         if self.state == RoomState::Scheduled && self.starts_at.is_none() {
             return Err(ApiError::invalid_field("starts_at", "is required when state is scheduled"));
         }
+        if self.mode == RoomMode::Proxy && !self.origin.starts_with("http://") {
+            // The proxy client speaks plain HTTP to an origin on the private side; TLS ends at weir.
+            return Err(ApiError::invalid_field("mode", "proxy needs an http:// origin (weir terminates TLS in front of it)"));
+        }
+        self.branding.validate()?;
         Ok(())
     }
 
@@ -203,7 +241,7 @@ mod tests {
 
     #[test]
     fn create_validates_each_field() {
-        let base = || NewRoom { id: "r".into(), name: None, origin: "https://shop.example".into(), rate_per_minute: 60.0, state: None, starts_at: None };
+        let base = || NewRoom { id: "r".into(), name: None, origin: "https://shop.example".into(), rate_per_minute: 60.0, state: None, starts_at: None, branding: Default::default(), mode: Default::default() };
         assert!(RoomSpec::create(base(), 0).is_ok());
         let e = RoomSpec::create(NewRoom { origin: "/relative".into(), ..base() }, 0).unwrap_err();
         assert!(e.message.starts_with("origin"));
