@@ -207,6 +207,7 @@ describe('private, presence and encrypted channels; client events', () => {
     // the plain-secret SDK-signed auth (no shared_secret) proves what is on the wire.
     const { default: WebSocket } = await import('ws');
     const ws = new WebSocket(`ws://127.0.0.1:${weir.port}/app/${app.key}?protocol=7`);
+    ws.on('error', () => { /* reported by the waits below */ });
     try {
       const frames = [];
       ws.on('message', (m) => frames.push(JSON.parse(m.toString())));

@@ -8,6 +8,14 @@ import {
   startWeir, connected, subscribed, once, collect, barrier, disconnectAll, uniq, waitFor,
 } from './support/weir.mjs';
 
+/** A raw `ws` socket whose 'error' events are recorded instead of crashing the test process. */
+function rawSocket(url) {
+  const ws = new WebSocket(url);
+  ws.errors = [];
+  ws.on('error', (e) => ws.errors.push(e));
+  return ws;
+}
+
 describe('public channels with pusher-js and the npm pusher SDK', () => {
   let weir, app, sdk;
   const clients = [];
@@ -33,7 +41,7 @@ describe('public channels with pusher-js and the npm pusher SDK', () => {
   });
 
   it('sends pusher:connection_established with socket_id and activity_timeout (raw frame)', async () => {
-    const ws = new WebSocket(`ws://127.0.0.1:${weir.port}/app/${app.key}?protocol=7&client=js&version=8.6.0`);
+    const ws = rawSocket(`ws://127.0.0.1:${weir.port}/app/${app.key}?protocol=7&client=js&version=8.6.0`);
     try {
       const frame = await once((h) => ws.on('message', (m) => h(m.toString())), 'connection_established frame');
       const msg = JSON.parse(frame);
@@ -49,7 +57,7 @@ describe('public channels with pusher-js and the npm pusher SDK', () => {
   });
 
   it('answers pusher:ping with pusher:pong (raw frame)', async () => {
-    const ws = new WebSocket(`ws://127.0.0.1:${weir.port}/app/${app.key}?protocol=7`);
+    const ws = rawSocket(`ws://127.0.0.1:${weir.port}/app/${app.key}?protocol=7`);
     try {
       const frames = [];
       const pong = once((h) => ws.on('message', (m) => {
@@ -66,10 +74,14 @@ describe('public channels with pusher-js and the npm pusher SDK', () => {
   });
 
   it('refuses an unknown app key with close code 4001', async () => {
-    const ws = new WebSocket(`ws://127.0.0.1:${weir.port}/app/no-such-key-${Date.now()}?protocol=7`);
+    const ws = rawSocket(`ws://127.0.0.1:${weir.port}/app/no-such-key-${Date.now()}?protocol=7`);
     const events = [];
     ws.on('message', (m) => events.push(JSON.parse(m.toString())));
-    const [code] = await once((h) => ws.on('close', (c, r) => h(c, r)), 'close of unknown-key connection');
+    const [code] = await once((h) => {
+      ws.on('close', (c, r) => h(c, r));
+      // Pusher upgrades the connection and then refuses; an HTTP error instead is a failure.
+      ws.on('unexpected-response', (_req, res) => h(`HTTP ${res.statusCode} instead of a WebSocket upgrade`, ''));
+    }, 'close of unknown-key connection');
     // Pusher either sends pusher:error {code:4001} then closes with 4001, or closes with 4001 directly.
     assert.equal(code, 4001, `close code ${code}, frames ${JSON.stringify(events)}`);
     for (const e of events) {

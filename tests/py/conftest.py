@@ -155,6 +155,8 @@ class RawClient:
 
     def __init__(self, url: str):
         self.ws = websocket.create_connection(url, timeout=DEADLINE_S)
+        # The reader thread blocks in recv for as long as the connection lives.
+        self.ws.settimeout(None)
         self.frames: list[dict] = []
         self.close_code: int | None = None
         self.closed = threading.Event()
@@ -220,8 +222,13 @@ class RawClient:
                     f"barrier on {channel}")
 
     def close(self):
+        """Sends a close frame and drops the TCP connection (the reader thread owns recv)."""
         try:
-            self.ws.close()
+            self.ws.send_close()
+        except Exception:  # noqa: BLE001
+            pass
+        try:
+            self.ws.shutdown()
         except Exception:  # noqa: BLE001
             pass
 
