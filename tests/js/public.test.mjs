@@ -77,10 +77,10 @@ describe('public channels with pusher-js and the npm pusher SDK', () => {
     const ws = rawSocket(`ws://127.0.0.1:${weir.port}/app/no-such-key-${Date.now()}?protocol=7`);
     const events = [];
     ws.on('message', (m) => events.push(JSON.parse(m.toString())));
-    const [code] = await once((h) => {
-      ws.on('close', (c, r) => h(c, r));
+    const code = await once((h) => {
+      ws.on('close', (c) => h(c));
       // Pusher upgrades the connection and then refuses; an HTTP error instead is a failure.
-      ws.on('unexpected-response', (_req, res) => h(`HTTP ${res.statusCode} instead of a WebSocket upgrade`, ''));
+      ws.on('unexpected-response', (_req, res) => h(`HTTP ${res.statusCode} instead of a WebSocket upgrade`));
     }, 'close of unknown-key connection');
     // Pusher either sends pusher:error {code:4001} then closes with 4001, or closes with 4001 directly.
     assert.equal(code, 4001, `close code ${code}, frames ${JSON.stringify(events)}`);

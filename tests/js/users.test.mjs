@@ -56,10 +56,10 @@ describe('user sign-in and user connections', () => {
     await signIn(c);
     // pusher-js subscribes to #server-to-user-<id> after sign-in; wait for the server to confirm.
     const ch = await waitFor(() => {
-      const x = c.channel('#server-to-user-user-send');
+      const x = c.user.serverToUserChannel;
       return x && x.subscribed && x;
     }, 'the #server-to-user-user-send subscription to succeed');
-    assert.ok(ch);
+    assert.equal(ch.name, '#server-to-user-user-send');
     const got = once((h) => c.user.bind('notice', h), 'notice for user-send');
     await sdk.sendToUser('user-send', 'notice', { hello: 'you' });
     assert.deepEqual(await got, { hello: 'you' });

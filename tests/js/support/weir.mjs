@@ -206,16 +206,16 @@ export async function waitFor(cond, what, timeoutMs = DEADLINE_MS) {
   }
 }
 
-/** Resolves with the first call of `subscribe(handler)`'s handler, or rejects after the deadline. */
+/** Resolves with the first argument of the first call of `subscribe(handler)`'s handler, or rejects after the deadline. */
 export function once(subscribe, what, timeoutMs = DEADLINE_MS) {
   return new Promise((resolve, reject) => {
     const timer = setTimeout(() => reject(new Error(`timed out after ${timeoutMs} ms waiting for ${what}`)), timeoutMs);
     let done = false;
-    subscribe((...args) => {
+    subscribe((value) => {
       if (done) return;
       done = true;
       clearTimeout(timer);
-      resolve(args.length > 1 ? args : args[0]);
+      resolve(value);
     });
   });
 }
