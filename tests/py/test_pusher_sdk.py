@@ -172,6 +172,9 @@ def test_signin_bad_signature_refused(weir, app, raw_clients):
 
 
 def test_terminate_user_connections(weir, app, sdk, raw_clients):
+    """pusher 3.3.4's terminate_user_connections POSTs to `/users/{id}/terminate_connections`
+    (no `/apps/{app_id}` prefix; signed over that path). A drop-in server must accept the
+    SDK's real request, identifying the app by `auth_key`."""
     victims = [client(weir, app, raw_clients) for _ in range(2)]
     bystander = client(weir, app, raw_clients)
     for c, uid in ((victims[0], "py-victim"), (victims[1], "py-victim"), (bystander, "py-bystander")):
