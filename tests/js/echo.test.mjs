@@ -88,6 +88,20 @@ describe('Laravel Echo over pusher-js', () => {
     assert.deepEqual(await got, { text: 'hi' });
   });
 
+  it('listens on an encrypted private channel (SDK encrypts, Echo + pusher-js decrypt)', async () => {
+    const { randomBytes } = await import('node:crypto');
+    const encSdk = weir.server(app, { encryptionMasterKeyBase64: randomBytes(32).toString('base64') });
+    const client = weir.client(app, { sdk: encSdk });
+    const echo = new Echo({ broadcaster: 'pusher', client, withoutInterceptors: true });
+    echos.push(echo);
+    const name = uniq('vault.');
+    const chan = echo.encryptedPrivate(name);
+    const got = once((h) => chan.listen('.sealed', h), 'decrypted sealed event');
+    await subscribedVia(chan);
+    await encSdk.trigger(`private-encrypted-${name}`, 'sealed', { code: 'x1' });
+    assert.deepEqual(await got, { code: 'x1' });
+  });
+
   it('reports here / joining / leaving on a presence channel and relays whispers', async () => {
     const room = uniq('chat.');
     const alice = echoWithOptions({ id: 'alice', name: 'Alice' });

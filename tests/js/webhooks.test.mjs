@@ -10,7 +10,7 @@ import {
 
 // Pusher batches webhooks and may delay channel_vacated a little; allow for it.
 const HOOK_DEADLINE_MS = 20_000;
-const EVENT_TYPES = ['channel_occupied', 'channel_vacated', 'member_added', 'member_removed', 'client_event'];
+const EVENT_TYPES = ['channel_occupied', 'channel_vacated', 'member_added', 'member_removed', 'client_event', 'cache_miss'];
 
 describe('webhooks validated with the SDK helper', () => {
   let weir, app, sdk, hooks;
@@ -63,6 +63,13 @@ describe('webhooks validated with the SDK helper', () => {
     assert.deepEqual(data, { n: 5 });
   });
 
+  it('sends cache_miss when a cache channel without an event is subscribed', async () => {
+    const name = uniq('cache-hooked-');
+    const c = client();
+    c.subscribe(name);
+    await findEvent((e) => e.name === 'cache_miss' && e.channel === name, `cache_miss for ${name}`);
+  });
+
   it('every delivery is a JSON body {time_ms, events} signed for this app (SDK isValid)', async () => {
     await waitFor(() => hooks.deliveries.length > 0, 'at least one webhook delivery', HOOK_DEADLINE_MS);
     for (const d of hooks.deliveries) {
@@ -85,5 +92,34 @@ describe('webhooks validated with the SDK helper', () => {
     const tampered = d.rawBody.replace(/"time_ms":\s*(\d)/, (_, digit) => `"time_ms":${(Number(digit) + 1) % 10}`);
     assert.notEqual(tampered, d.rawBody);
     assert.equal(sdk.webhook({ headers: d.headers, rawBody: tampered }).isValid(), false);
+  });
+});
+
+describe('webhook delivery is retried after a failure', () => {
+  let weir, app, hooks, c;
+  let refusals = 0;
+
+  before(async () => {
+    // The receiver refuses the first two deliveries with 503, then accepts.
+    hooks = await webhookReceiver({ respond: () => (refusals++ < 2 ? 503 : 200) });
+    weir = await startWeir();
+    app = await weir.createApp(webhookSettings(hooks.url, ['channel_occupied']));
+  });
+  after(async () => {
+    if (c) disconnectAll(c);
+    await weir?.stop();
+    await hooks?.close();
+  });
+
+  it('delivers the same signed event again until the receiver accepts it', async () => {
+    const name = uniq('retried-');
+    c = weir.client(app);
+    await subscribed(c, name);
+    const forName = () => hooks.deliveries.filter((d) => (d.body?.events || []).some((e) => e.name === 'channel_occupied' && e.channel === name));
+    await waitFor(() => forName().length >= 3, `three deliveries of channel_occupied for ${name} (2 refused, 1 accepted)`, HOOK_DEADLINE_MS);
+    const sdk = weir.server(app);
+    for (const d of forName()) {
+      assert.equal(sdk.webhook({ headers: d.headers, rawBody: d.rawBody }).isValid(), true);
+    }
   });
 });
