@@ -30,6 +30,7 @@ const TEMPLATES: &[(&str, &str)] = &[
     ("closed.html", include_str!("templates/closed.html")),
     ("passthrough.html", include_str!("templates/passthrough.html")),
     ("error.html", include_str!("templates/error.html")),
+    ("pow.html", include_str!("templates/pow.html")),
 ];
 
 /// Name of a room's uploaded template inside its sandbox environment.
@@ -181,6 +182,7 @@ struct ScriptConfig<'a> {
     status_url: String,
     state: &'static str,
     ticket: u64,
+    rank: u64,
     serving: u64,
     rate: f64,
     starts_at_ms: Option<i64>,
@@ -193,6 +195,9 @@ struct ScriptConfig<'a> {
 pub struct RoomPage<'a> {
     pub spec: &'a RoomSpec,
     pub status: &'a VisitorStatus,
+    /// The visitor's place in line (its ticket, unless a pre-queue was shuffled).
+    pub rank: u64,
+    /// The room's serving counter (a rank: every rank at or below it has had its turn).
     pub serving: u64,
     pub now_ms: i64,
     pub headers: &'a HeaderMap,
@@ -230,7 +235,7 @@ impl RoomPage<'_> {
         let page = self.page();
         let position = status.position.unwrap_or(0);
         let ticket = status.ticket.unwrap_or(0);
-        let progress = if ticket > 0 { 100u64.saturating_sub(position.saturating_mul(100) / ticket) } else { 0 };
+        let progress = if self.rank > 0 { 100u64.saturating_sub(position.saturating_mul(100) / self.rank) } else { 0 };
         let starts_at_ms = spec.starts_at_ms();
         let remaining_s = starts_at_ms.map(|s| ((s - self.now_ms).max(0) as u64).div_ceil(1000)).unwrap_or(0);
         let starts_at_text = spec
@@ -246,6 +251,7 @@ impl RoomPage<'_> {
             status_url: format!("/r/{}/status", spec.id),
             state: status.state.as_str(),
             ticket,
+            rank: self.rank,
             serving: self.serving,
             rate: spec.rate_per_minute,
             starts_at_ms,

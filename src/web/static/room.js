@@ -30,13 +30,13 @@
     setText('position', position);
     setText('eta', eta == null ? t.eta_unknown : duration(eta));
     var p = $('progress');
-    if (p && c.ticket > 0) p.value = Math.max(0, Math.min(100, 100 - Math.floor(position * 100 / c.ticket)));
+    if (p && c.rank > 0) p.value = Math.max(0, Math.min(100, 100 - Math.floor(position * 100 / c.rank)));
   }
-  // Same arithmetic as room::queue::{position, eta_seconds}.
+  // Same arithmetic as room::queue::position, on the visitor's rank (place in line).
   function fromCounter() {
-    if (state !== 'open' || !c.ticket) return;
-    if (c.ticket <= serving) return admit();
-    var pos = c.ticket - serving - 1;
+    if (state !== 'open' || !c.rank) return;
+    if (c.rank <= serving) return admit();
+    var pos = c.rank - serving - 1;
     show(pos, rate > 0 ? Math.ceil(pos * 60 / rate) : null);
   }
 
@@ -45,7 +45,7 @@
     if (s.admitted && s.redirect_url) return go(s.redirect_url);
     if (s.state !== state) return reload();
     if (s.position != null) show(s.position, s.eta_seconds);
-    if (state === 'open' && c.ticket && c.ticket <= serving) setTimeout(admit, jitter(1000));
+    if (state === 'open' && c.rank && c.rank <= serving) setTimeout(admit, jitter(1000));
   }
   function fetchStatus() {
     return fetch(c.status_url, { credentials: 'same-origin', cache: 'no-store', headers: { Accept: 'application/json' } })
