@@ -37,6 +37,7 @@ pub fn spawn(rooms: Arc<Rooms>, realtime: Arc<Realtime>, shutdown: CancellationT
         interval.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut last = Instant::now();
         let mut n: u64 = 0;
+        let mut quiet = std::collections::HashMap::new();
         loop {
             tokio::select! {
                 _ = interval.tick() => {}
@@ -52,7 +53,7 @@ pub fn spawn(rooms: Arc<Rooms>, realtime: Arc<Realtime>, shutdown: CancellationT
                 tracing::warn!(error = %e, "admission tick failed; will retry");
             }
             if n % REPUBLISH_EVERY == REPUBLISH_EVERY - 1 {
-                republish(&rooms, &realtime);
+                republish(&rooms, &realtime, &mut quiet);
             }
             n += 1;
         }
@@ -231,10 +232,16 @@ pub fn room_channel(room: &str) -> String {
     format!("room-{room}")
 }
 
-/// Re-announces the counter of every room a page may be waiting in.
-fn republish(rooms: &Rooms, realtime: &Realtime) {
-    for room in rooms.all() {
-        if room.last_ticket() > 0 && matches!(room.spec().state, RoomState::Open | RoomState::Paused | RoomState::Scheduled) {
+/// Re-announces the counter of every room a page may be waiting in whose counter did not move
+/// since the last call (a moving counter is announced by `tick` anyway). `last` remembers the
+/// counters seen; it holds one entry per room.
+fn republish(rooms: &Rooms, realtime: &Realtime, last: &mut std::collections::HashMap<String, u64>) {
+    let all = rooms.all();
+    last.retain(|id, _| all.iter().any(|r| &r.id == id));
+    for room in all {
+        let serving = room.serving();
+        let moved = last.insert(room.id.clone(), serving).is_some_and(|before| before != serving);
+        if !moved && room.last_ticket() > 0 && matches!(room.spec().state, RoomState::Open | RoomState::Paused | RoomState::Scheduled) {
             publish_counter(realtime, &room);
         }
     }

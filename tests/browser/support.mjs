@@ -166,7 +166,13 @@ export async function visitor(browser, url, { block_websockets = false, ...ctxOp
   page.on('request', (r) => {
     if (new URL(r.url()).pathname.endsWith('/status')) {
       const socketUp = log.sockets.some((s) => s.frames.some((f) => f.payload.includes('subscription_succeeded')) && !s.closed);
-      log.statusRequests.push({ at: Date.now(), socketUp, position: log.positions.at(-1) });
+      // The serving counter last broadcast to this page when it asked for its status.
+      let serving = null;
+      for (const s of log.sockets) for (const f of s.frames) {
+        const m = f.payload.match(/"event":"weir:counter".*?\\"serving\\":(\d+)/) || f.payload.match(/\\"serving\\":(\d+).*"event":"weir:counter"/);
+        if (m) serving = Number(m[1]);
+      }
+      log.statusRequests.push({ at: Date.now(), socketUp, serving, position: log.positions.at(-1) });
     }
   });
   page.on('framenavigated', (f) => { if (f === page.mainFrame()) log.navigations.push(f.url()); });

@@ -27,6 +27,8 @@ test('visitors see their positions move live over the WebSocket and reach the or
   // Each page shows its own position (tickets 1..4, nobody admitted yet).
   for (const [i, v] of visitors.entries()) {
     assert.equal((await v.page.textContent('#position')).trim(), String(i));
+    v.rank = await v.page.evaluate(() => JSON.parse(document.getElementById('weir-config').textContent).rank);
+    assert.equal(v.rank, i + 1);
   }
   // Every page holds one subscribed socket to weir's internal app before the queue moves.
   for (const v of visitors) {
@@ -44,7 +46,11 @@ test('visitors see their positions move live over the WebSocket and reach the or
   assert.deepEqual(origin.visits.map((v) => v.ticket).sort(), [1, 2, 3, 4]);
   const last = visitors[3];
   const seen = [...new Set(last.log.positions.map((p) => p.trim()))];
-  assert.deepEqual(seen.slice(0, 3), ['3', '2', '1'], `live positions on the last page: ${seen}`);
+  // It started at 3 and counted down live (the admission pace decides which values show).
+  const nums = seen.map(Number);
+  assert.equal(nums[0], 3, `live positions on the last page: ${seen}`);
+  assert.ok(nums.length >= 2, `position never changed live: ${seen}`);
+  for (let i = 1; i < nums.length; i++) assert.ok(nums[i] < nums[i - 1], `positions only go down: ${seen}`);
   for (const v of visitors) {
     // One page load in the room, then the origin: positions changed without a reload.
     assert.equal(v.log.navigations.filter((u) => u.includes('/r/live')).length, 1, `navigations: ${v.log.navigations}`);
@@ -52,7 +58,9 @@ test('visitors see their positions move live over the WebSocket and reach the or
     // made when the counter passed its ticket (a retry at most).
     const whileUp = v.log.statusRequests.filter((r) => r.socketUp);
     assert.ok(whileUp.length <= 2, `status requests while the socket was up: ${JSON.stringify(v.log.statusRequests)}`);
-    for (const r of whileUp) assert.equal(String(r.position).trim(), '0', 'status fetched only at the front of the queue');
+    for (const r of whileUp) {
+      assert.ok(r.serving !== null && r.serving >= v.rank, `status fetched only once the broadcast counter passed the page's place: ${JSON.stringify(r)} rank ${v.rank}`);
+    }
     await v.context.close();
   }
   await origin.close();
