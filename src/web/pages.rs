@@ -102,8 +102,11 @@ fn sample_context(page: &str) -> Value {
     }
 }
 
+/// Compiled custom templates by room id, with the hash of the source they were built from.
+type CustomCache = Mutex<HashMap<String, (u64, Arc<Environment<'static>>)>>;
+
 fn custom_env(room: &str, source: &str) -> Option<Arc<Environment<'static>>> {
-    static CACHE: OnceLock<Mutex<HashMap<String, (u64, Arc<Environment<'static>>)>>> = OnceLock::new();
+    static CACHE: OnceLock<CustomCache> = OnceLock::new();
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
     source.hash(&mut hasher);
     let hash = hasher.finish();
@@ -235,7 +238,7 @@ impl RoomPage<'_> {
         let page = self.page();
         let position = status.position.unwrap_or(0);
         let ticket = status.ticket.unwrap_or(0);
-        let progress = if self.rank > 0 { 100u64.saturating_sub(position.saturating_mul(100) / self.rank) } else { 0 };
+        let progress = position.saturating_mul(100).checked_div(self.rank).map_or(0, |p| 100u64.saturating_sub(p));
         let starts_at_ms = spec.starts_at_ms();
         let remaining_s = starts_at_ms.map(|s| ((s - self.now_ms).max(0) as u64).div_ceil(1000)).unwrap_or(0);
         let starts_at_text = spec
