@@ -108,6 +108,24 @@ fn cli_drives_the_admin_api() {
     let out = cli(base, &["room", "show", "launch", "--json"]);
     assert_eq!(serde_json::from_slice::<Value>(&out.stdout).unwrap()["rate_per_minute"], 120.0);
 
+    // Policies through the CLI.
+    let out = cli(base, &[
+        "room", "set", "launch", "--max-active-users", "50", "--abandon-after-seconds", "90", "--pow-difficulty", "4",
+        "--safety-net", "true", "--per-ip-entries-per-minute", "10",
+        "--adaptive", r#"{"probe_url":"http://127.0.0.1:9/health","target_latency_ms":300,"min_per_minute":10,"max_per_minute":500}"#,
+        "--bypass", r#"{"cidrs":["10.0.0.0/8"]}"#, "--json",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let room: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((room["max_active_users"].as_u64(), room["pow_difficulty"].as_u64(), room["safety_net"].as_bool()), (Some(50), Some(4), Some(true)));
+    assert_eq!(room["adaptive"]["max_per_minute"], 500.0);
+    let out = cli(base, &["room", "show", "launch"]);
+    let details = String::from_utf8_lossy(&out.stdout);
+    assert!(details.contains("stats.active_users") && details.contains("stats.live_waiters"), "{details}");
+    let out = cli(base, &["room", "set", "launch", "--adaptive", "null", "--bypass", "null", "--json"]);
+    let room: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(room.get("adaptive").is_none() && room.get("bypass").is_none());
+
     // Failing calls print the server's message and exit non-zero.
     let out = cli(base, &["room", "create", "launch", "--origin", "https://o.example", "--rate", "1"]);
     assert!(!out.status.success());
