@@ -1,6 +1,8 @@
 //! Realtime HTTP side: the admin apps API, the signed Pusher HTTP API, history/resume and
 //! webhooks.
 
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
 mod support;
 #[path = "support/realtime.rs"]
 mod rt;

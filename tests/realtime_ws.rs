@@ -1,6 +1,8 @@
 //! Realtime WebSocket behaviour with a raw client: the frames pusher-js relies on and the error
 //! cases the libraries hide.
 
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
 mod support;
 #[path = "support/realtime.rs"]
 mod rt;
