@@ -155,17 +155,13 @@ impl Room {
     pub fn eta_seconds(&self, position: u64, now_ms: i64) -> Option<u64> {
         let state = self.effective_state(now_ms);
         let census = *self.census.lock();
-        let live_fraction = if census.waiting > 0 { census.live as f64 / census.waiting as f64 } else { 1.0 };
-        let live_ahead = (position as f64 * live_fraction).round() as u64;
-        let rate = match self.engine.lock().measured_per_minute() {
-            Some(m) if m > 0.0 && state == RoomState::Open => m,
-            _ => self.effective_rate(),
-        };
+        let measured = if state == RoomState::Open { self.engine.lock().measured_per_minute() } else { None };
+        let eta = policy::engine::eta_seconds(position, &census, measured, self.effective_rate());
         match state {
-            RoomState::Open => queue::eta_seconds(live_ahead, rate),
+            RoomState::Open => eta,
             RoomState::Scheduled => {
                 let start = self.spec().starts_at_ms()?;
-                queue::eta_seconds(live_ahead, rate).map(|e| e + ((start - now_ms).max(0) as u64).div_ceil(1000))
+                eta.map(|e| e + ((start - now_ms).max(0) as u64).div_ceil(1000))
             }
             _ => None,
         }

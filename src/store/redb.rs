@@ -42,6 +42,8 @@ pub struct RedbStore {
     db: Arc<Database>,
     writer: mpsc::Sender<WriteOp>,
     open: Arc<AtomicBool>,
+    /// Joined on close, so the database file is released when `close` returns.
+    writer_thread: parking_lot::Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 fn backend(e: impl std::fmt::Display) -> StoreError {
@@ -63,11 +65,11 @@ impl RedbStore {
         let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
         let open = Arc::new(AtomicBool::new(true));
         let writer_db = db.clone();
-        std::thread::Builder::new()
+        let handle = std::thread::Builder::new()
             .name("weir-store-writer".into())
             .spawn(move || writer_loop(&writer_db, rx))
             .map_err(backend)?;
-        Ok(Self { db, writer: tx, open })
+        Ok(Self { db, writer: tx, open, writer_thread: parking_lot::Mutex::new(Some(handle)) })
     }
 
     async fn write<T>(&self, op: impl FnOnce(Reply<T>) -> WriteOp) -> Result<T, StoreError> {
@@ -339,6 +341,10 @@ impl Store for RedbStore {
     async fn close(&self) -> Result<(), StoreError> {
         let result = self.write(|reply| WriteOp::Close { reply }).await;
         self.open.store(false, Ordering::Relaxed);
+        let handle = self.writer_thread.lock().take();
+        if let Some(handle) = handle {
+            let _ = tokio::task::spawn_blocking(move || handle.join()).await;
+        }
         result
     }
 }

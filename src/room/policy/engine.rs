@@ -342,6 +342,18 @@ impl Engine {
     }
 }
 
+/// Honest wait for a visitor `position` places back: only the live share of the line ahead
+/// counts, at the measured admission rate when there is one (the effective rate until then).
+pub fn eta_seconds(position: u64, census: &Census, measured_per_minute: Option<f64>, effective_rate: f64) -> Option<u64> {
+    let live_fraction = if census.waiting > 0 { census.live as f64 / census.waiting as f64 } else { 1.0 };
+    let live_ahead = (position as f64 * live_fraction).round() as u64;
+    let rate = match measured_per_minute {
+        Some(m) if m > 0.0 => m,
+        _ => effective_rate,
+    };
+    crate::room::queue::eta_seconds(live_ahead, rate)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
