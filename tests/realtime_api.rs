@@ -56,6 +56,8 @@ async fn admin_apps_crud_and_persistence() {
     let app = TestApp::builder().data_dir(dir).start().await;
     let shown: Value = app.admin(reqwest::Method::GET, &format!("/apps/{id}")).send().await.unwrap().json().await.unwrap();
     assert_eq!(shown["client_events"], true);
+    assert_eq!(shown["source"], "api");
+    assert_eq!(shown["stats"]["connections"], 0);
     assert_eq!(shown["key"], created["key"]);
     let r = app.admin(reqwest::Method::GET, &format!("/apps/{}", doomed.id)).send().await.unwrap();
     assert_eq!(r.status(), 404);

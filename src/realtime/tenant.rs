@@ -422,6 +422,19 @@ impl Tenant {
         channels.map.get(name).map(|ch| ch.presence.ids().cloned().collect()).unwrap_or_default()
     }
 
+    /// Live numbers for the admin API: connections, occupied channels, subscriptions, history bytes.
+    pub fn stats(&self) -> Value {
+        let guard = self.channels.lock();
+        let occupied = guard.map.values().filter(|c| !c.subscribers.is_empty()).count();
+        let subscriptions: usize = guard.map.values().map(|c| c.subscribers.len()).sum();
+        json!({
+            "connections": self.connection_count(),
+            "occupied_channels": occupied,
+            "subscriptions": subscriptions,
+            "history_bytes": guard.bytes,
+        })
+    }
+
     /// Expires history and cache entries and forgets channels with nothing left to serve.
     pub fn sweep(&self) {
         let spec = self.spec();
