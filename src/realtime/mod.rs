@@ -153,6 +153,7 @@ impl Realtime {
             .route("/apps/{app_id}/channels/{channel}", get(http_api::channel))
             .route("/apps/{app_id}/channels/{channel}/users", get(http_api::users))
             .route("/apps/{app_id}/users/{user_id}/terminate_connections", post(http_api::terminate))
+            .route("/users/{user_id}/terminate_connections", post(http_api::terminate_by_key))
     }
 
     /// `/api/v1/apps...`, mounted behind the admin key check.
