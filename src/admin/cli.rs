@@ -35,6 +35,13 @@ pub enum AdminCommand {
         #[command(subcommand)]
         command: RoomCommand,
     },
+    /// Manage Pusher apps (realtime tenants).
+    App {
+        #[command(flatten)]
+        common: Common,
+        #[command(subcommand)]
+        command: crate::admin::cli_app::AppCommand,
+    },
     /// Manage admission-token signing keys.
     Keys {
         #[command(flatten)]
@@ -302,6 +309,11 @@ async fn run(command: AdminCommand) -> Result<(), CliError> {
         AdminCommand::Room { common, command } => {
             let client = AdminClient::new(common);
             let out = run_room(&client, command).await?;
+            (client, out)
+        }
+        AdminCommand::App { common, command } => {
+            let client = AdminClient::new(common);
+            let out = crate::admin::cli_app::run_app(&client, command).await?;
             (client, out)
         }
         AdminCommand::Keys { common, command: KeysCommand::Rotate } => {
