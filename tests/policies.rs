@@ -237,3 +237,42 @@ async fn adaptive_rate_against_a_real_slow_origin() {
     let r = app.admin(Method::PATCH, "/rooms/ad").json(&json!({"adaptive": {"probe_url": "http://x/", "target_latency_ms": 10, "min_per_minute": 10, "max_per_minute": 5}})).send().await.unwrap();
     assert_eq!(r.status(), 400);
 }
+
+#[tokio::test]
+async fn an_open_waiting_page_socket_counts_as_presence() {
+    use futures_util::StreamExt;
+    let clock = ManualClock::at(1_900_000_000_000);
+    let app = TestApp::builder().manual_clock(clock.clone()).start().await;
+    app.create_room(json!({"id": "ws", "origin": ORIGIN, "rate_per_minute": 0, "abandon_after_seconds": 60})).await;
+    let mut v = app.visitor();
+    v.enter("ws").await;
+    let (mut socket, _) = tokio_tungstenite::connect_async(format!("ws://{}/app/weir-internal?protocol=7", app.addr)).await.unwrap();
+    let hello = socket.next().await.unwrap().unwrap().into_text().unwrap();
+    let frame: Value = serde_json::from_str(&hello).unwrap();
+    let data: Value = serde_json::from_str(frame["data"].as_str().unwrap()).unwrap();
+    let socket_id = data["socket_id"].as_str().unwrap().to_string();
+
+    let register = |id: String| {
+        let v = v.clone();
+        async move {
+            let cookie = format!("weir_v_ws={}", v.cookie("weir_v_ws").unwrap());
+            v.http.post(format!("{}/r/ws/socket", v.base)).header("cookie", cookie).json(&json!({"socket_id": id})).send().await.unwrap().status()
+        }
+    };
+    assert_eq!(register("1.2".into()).await, 400, "not a live connection");
+    assert_eq!(register("abc".into()).await, 400);
+    assert_eq!(app.http.post(app.url("/r/ws/socket")).json(&json!({"socket_id": socket_id})).send().await.unwrap().status(), 401);
+    assert_eq!(register(socket_id.clone()).await, 204);
+
+    // Two minutes without a single status call: the open socket keeps the visitor present.
+    clock.advance_ms(120_000);
+    eventually(Duration::from_secs(10), || async {
+        let s = app.room("ws").await["stats"].clone();
+        (s["live_waiters"] == 1).then_some(())
+    })
+    .await;
+    patch(&app, "ws", json!({"rate_per_minute": 600000})).await;
+    eventually(Duration::from_secs(10), || async { (app.room("ws").await["stats"]["serving"] == 1).then_some(()) }).await;
+    assert_eq!(app.room("ws").await["stats"]["abandoned"], 0);
+    assert_eq!(v.status("ws").await["admitted"], true, "admitted, not skipped");
+}

@@ -189,6 +189,11 @@ impl Realtime {
         self.next_conn.fetch_add(1, Ordering::Relaxed)
     }
 
+    /// Whether `socket_id` is a live connection to weir's internal app (a waiting page).
+    pub fn internal_socket_connected(&self, socket_id: &str) -> bool {
+        self.tenant_by_key(INTERNAL_APP_KEY).is_some_and(|t| t.conn_id_of(socket_id).is_some())
+    }
+
     pub fn tenant_by_key(&self, key: &str) -> Option<Arc<Tenant>> {
         self.registry.read().by_key.get(key).cloned()
     }
