@@ -232,7 +232,9 @@ async fn adaptive_rate_against_a_real_slow_origin() {
     assert_eq!(slowed["stats"]["target_per_minute"], slowed["stats"]["adaptive_rate"], "admission uses the adaptive rate");
     // Metrics show it too.
     let text = app.http.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
-    assert!(text.contains("weir_room_adaptive_rate{room=\"ad\"}"));
+    for gauge in ["adaptive_rate", "probe_latency_seconds", "live_waiters", "abandoned", "active_users", "target_per_minute", "measured_per_minute"] {
+        assert!(text.contains(&format!("weir_room_{gauge}{{room=\"ad\"}}")), "metrics lack weir_room_{gauge}");
+    }
     // Bad adaptive settings are refused.
     let r = app.admin(Method::PATCH, "/rooms/ad").json(&json!({"adaptive": {"probe_url": "http://x/", "target_latency_ms": 10, "min_per_minute": 10, "max_per_minute": 5}})).send().await.unwrap();
     assert_eq!(r.status(), 400);

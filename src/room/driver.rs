@@ -159,6 +159,12 @@ fn census(rooms: &Rooms, realtime: &Realtime) {
         let active = room.engine.lock().active_users(now_ms, spec.session_seconds);
         metrics::gauge!("weir_room_active_users", "room" => room.id.clone()).set(active as f64);
         metrics::gauge!("weir_room_target_per_minute", "room" => room.id.clone()).set(room.effective_rate());
+        let stats = room.stats(now_ms);
+        metrics::gauge!("weir_room_measured_per_minute", "room" => room.id.clone()).set(stats.measured_per_minute.unwrap_or(0.0));
+        metrics::gauge!("weir_room_admitted_last_minute", "room" => room.id.clone()).set(stats.admitted_last_minute as f64);
+        if let Some(eta) = stats.eta_last_ticket_seconds {
+            metrics::gauge!("weir_room_eta_last_ticket_seconds", "room" => room.id.clone()).set(eta as f64);
+        }
     }
 }
 
