@@ -231,7 +231,12 @@ async fn adaptive_rate_against_a_real_slow_origin() {
     assert!(rate(&slowed) >= 60.0, "never below min");
     assert_eq!(slowed["stats"]["target_per_minute"], slowed["stats"]["adaptive_rate"], "admission uses the adaptive rate");
     // Metrics show it too.
-    let text = app.http.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    // Gauges are refreshed by the census every 2 s.
+    let text = eventually(Duration::from_secs(10), || async {
+        let t = app.http.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
+        t.contains("weir_room_measured_per_minute{room=\"ad\"}").then_some(t)
+    })
+    .await;
     for gauge in ["adaptive_rate", "probe_latency_seconds", "live_waiters", "abandoned", "active_users", "target_per_minute", "measured_per_minute"] {
         assert!(text.contains(&format!("weir_room_{gauge}{{room=\"ad\"}}")), "metrics lack weir_room_{gauge}");
     }
