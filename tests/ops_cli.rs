@@ -1,6 +1,8 @@
 //! Operations and the command line: health, readiness, metrics, zero-config first start,
 //! graceful SIGTERM, invalid configuration, and the admin CLI against a live server.
 
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
 mod support;
 
 use std::process::Command;

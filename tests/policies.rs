@@ -1,5 +1,7 @@
 //! Admission policies and abuse resistance through the real HTTP routes.
 
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
 mod support;
 
 use std::sync::atomic::{AtomicU64, Ordering};

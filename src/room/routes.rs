@@ -246,7 +246,7 @@ fn page(state: &AppState, room: &Room, status: &VisitorStatus) -> Response {
     // a quarter of the wait, between 5 and 30 seconds.
     let refresh_seconds = eta.map(|e| (e / 4).clamp(5, 30)).unwrap_or(15);
     let ticket = status.ticket.unwrap_or(0);
-    let progress = if ticket > 0 { (100 - position.saturating_mul(100) / ticket).min(100) } else { 0 };
+    let progress = 100u64.saturating_sub(position.saturating_mul(100) / ticket.max(1));
     match status.state {
         RoomState::Scheduled => {
             let remaining_s = room
