@@ -33,20 +33,26 @@ async fn health_ready_and_metrics() {
     }
 }
 
-#[test]
-fn zero_config_first_start_generates_and_persists_secrets_and_sigterm_is_graceful() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
+/// `weir serve` with no admin key configured; returns the child and its stdout lines.
+fn zero_config_serve(data: &std::path::Path) -> (std::process::Child, std::io::Lines<std::io::BufReader<std::process::ChildStdout>>) {
+    use std::io::BufRead;
     let mut child = Command::new(weir_bin())
         .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(&data)
+        .arg(data)
         .env_remove("WEIR_ADMIN_KEY")
         .env("WEIR_LOG", "warn")
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    use std::io::BufRead;
-    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    (child, lines)
+}
+
+#[test]
+fn zero_config_first_start_generates_and_persists_secrets_and_sigterm_is_graceful() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let (mut child, mut lines) = zero_config_serve(&data);
     let first = lines.next().unwrap().unwrap();
     let key = first.strip_prefix("weir: generated admin key ").expect("admin key printed at first start").to_string();
     let second = lines.next().unwrap().unwrap();
@@ -57,15 +63,7 @@ fn zero_config_first_start_generates_and_persists_secrets_and_sigterm_is_gracefu
     assert!(child.wait().unwrap().success(), "SIGTERM exits cleanly");
 
     // Second start: no new key printed, same key kept.
-    let mut child = Command::new(weir_bin())
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(&data)
-        .env_remove("WEIR_ADMIN_KEY")
-        .env("WEIR_LOG", "warn")
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let (mut child, mut lines) = zero_config_serve(&data);
     assert!(lines.next().unwrap().unwrap().starts_with("weir: listening on"), "key is printed only once");
     Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
     assert!(child.wait().unwrap().success());
