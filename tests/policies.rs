@@ -285,3 +285,39 @@ async fn an_open_waiting_page_socket_counts_as_presence() {
     assert_eq!(app.room("ws").await["stats"]["abandoned"], 0);
     assert_eq!(v.status("ws").await["admitted"], true, "admitted, not skipped");
 }
+
+#[tokio::test]
+async fn prequeue_is_shuffled_once_and_survives_restart() {
+    let clock = ManualClock::at(1_900_000_000_000);
+    let app = TestApp::builder().manual_clock(clock.clone()).start().await;
+    // Starts 20 s after "now"; rate 0 so nobody moves while we look.
+    app.create_room(json!({"id": "drop", "origin": ORIGIN, "rate_per_minute": 0, "starts_at": "2030-03-17T17:47:00Z"})).await;
+    let mut early = Vec::new();
+    for _ in 0..30 {
+        let mut v = app.visitor();
+        v.enter("drop").await;
+        early.push(v);
+    }
+    clock.advance_ms(21_000);
+    eventually(Duration::from_secs(10), || async { (app.room("drop").await["state"] == "open").then_some(()) }).await;
+    let mut late = app.visitor();
+    assert_eq!(late.enter("drop").await["position"], 30, "later arrivals queue behind the whole pre-queue");
+    let mut positions = Vec::new();
+    for v in early.iter_mut() {
+        positions.push(v.status("drop").await["position"].as_u64().unwrap());
+    }
+    let mut sorted = positions.clone();
+    sorted.sort();
+    assert_eq!(sorted, (0..30).collect::<Vec<u64>>(), "the pre-queue is a permutation of places 0..30");
+    assert_ne!(positions, (0..30).collect::<Vec<u64>>(), "shuffled, not FIFO (1 in 30! chance of a false alarm)");
+    // Opening another tab (same cookie) changes nothing.
+    assert_eq!(early[0].enter("drop").await["position"].as_u64(), Some(positions[0]));
+
+    // Restart on the same data directory: the same order, no reshuffle.
+    let dir = app.stop().await;
+    let app = TestApp::builder().manual_clock(clock.clone()).data_dir(dir).start().await;
+    for (v, before) in early.iter_mut().zip(&positions) {
+        v.base = app.base.clone();
+        assert_eq!(v.status("drop").await["position"].as_u64(), Some(*before), "place changed across restart");
+    }
+}
