@@ -183,6 +183,7 @@ struct ScriptConfig<'a> {
     key: &'static str,
     channel: String,
     status_url: String,
+    socket_url: String,
     state: &'static str,
     ticket: u64,
     rank: u64,
@@ -252,6 +253,7 @@ impl RoomPage<'_> {
             key: crate::realtime::INTERNAL_APP_KEY,
             channel: crate::room::driver::room_channel(&spec.id),
             status_url: format!("/r/{}/status", spec.id),
+            socket_url: format!("/r/{}/socket", spec.id),
             state: status.state.as_str(),
             ticket,
             rank: self.rank,
@@ -322,6 +324,16 @@ fn html_escape(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pow_page_renders_its_script() {
+        let r = super::env()
+            .get_template("pow.html")
+            .unwrap()
+            .render(minijinja::context! { name => "n", room => "r", challenge => "c.1", difficulty => 8, to => "/x" })
+            .unwrap();
+        assert!(r.contains(r#"const challenge = "c.1";"#), "{r}");
+    }
 
     #[test]
     fn templates_compile() {

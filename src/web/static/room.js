@@ -114,6 +114,12 @@
         case 'pusher:connection_established':
           activity = Math.max(10, Math.min(120, (d && d.activity_timeout) || 120));
           send({ event: 'pusher:subscribe', data: { channel: c.channel } });
+          // Tell weir this socket is ours: while it stays open we count as present.
+          if (d && d.socket_id && c.ticket) {
+            fetch(c.socket_url, { method: 'POST', credentials: 'same-origin',
+              headers: { 'Content-Type': 'application/json' }, body: JSON.stringify({ socket_id: d.socket_id }) })
+              .catch(function () { /* presence falls back to status requests */ });
+          }
           break;
         case 'pusher_internal:subscription_succeeded': socketUp(); break;
         case 'pusher:ping': send({ event: 'pusher:pong', data: {} }); break;
