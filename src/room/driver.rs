@@ -25,7 +25,7 @@ pub const TICK: Duration = Duration::from_millis(100);
 const CENSUS_EVERY: u64 = 20;
 /// Counter broadcasts per room are coalesced to at most one per this many ticks (4 per second).
 const PUBLISH_EVERY: u64 = 2;
-/// Ticks between re-announcements of every room's counter (5 s), so a waiting page that
+/// Ticks between re-announcements of an unchanged counter (5 s), so a waiting page that
 /// subscribed just after the last change (or missed it) catches up without polling.
 const REPUBLISH_EVERY: u64 = 50;
 
@@ -37,7 +37,7 @@ pub fn spawn(rooms: Arc<Rooms>, realtime: Arc<Realtime>, shutdown: CancellationT
         interval.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut last = Instant::now();
         let mut n: u64 = 0;
-        let mut quiet = std::collections::HashMap::new();
+        let mut announced = std::collections::HashMap::new();
         loop {
             tokio::select! {
                 _ = interval.tick() => {}
@@ -49,11 +49,13 @@ pub fn spawn(rooms: Arc<Rooms>, realtime: Arc<Realtime>, shutdown: CancellationT
             if n % CENSUS_EVERY == 0 {
                 census(&rooms, &realtime);
             }
-            if let Err(e) = tick(&rooms, &realtime, elapsed, n % PUBLISH_EVERY == 0).await {
+            // Counters are announced below, not by `tick`: a change made on a tick between two
+            // announcements must still go out (trailing edge), not wait for the next change.
+            if let Err(e) = tick(&rooms, &realtime, elapsed, false).await {
                 tracing::warn!(error = %e, "admission tick failed; will retry");
             }
-            if n % REPUBLISH_EVERY == REPUBLISH_EVERY - 1 {
-                republish(&rooms, &realtime, &mut quiet);
+            if n % PUBLISH_EVERY == 0 {
+                announce(&rooms, &realtime, &mut announced, n % REPUBLISH_EVERY == 0);
             }
             n += 1;
         }
@@ -243,16 +245,17 @@ pub fn room_channel(room: &str) -> String {
     format!("room-{room}")
 }
 
-/// Re-announces the counter of every room a page may be waiting in whose counter did not move
-/// since the last call (a moving counter is announced by `tick` anyway). `last` remembers the
-/// counters seen; it holds one entry per room.
-fn republish(rooms: &Rooms, realtime: &Realtime, last: &mut std::collections::HashMap<String, u64>) {
+/// Publishes each room's counter if it (or the effective rate) changed since the last
+/// announcement, and, when `heartbeat`, every room a page may be waiting in. `last` holds one
+/// entry per room.
+fn announce(rooms: &Rooms, realtime: &Realtime, last: &mut std::collections::HashMap<String, (u64, f64)>, heartbeat: bool) {
     let all = rooms.all();
     last.retain(|id, _| all.iter().any(|r| &r.id == id));
     for room in all {
-        let serving = room.serving();
-        let moved = last.insert(room.id.clone(), serving).is_some_and(|before| before != serving);
-        if !moved && room.last_ticket() > 0 && matches!(room.spec().state, RoomState::Open | RoomState::Paused | RoomState::Scheduled) {
+        let now = (room.serving(), room.effective_rate());
+        let changed = last.insert(room.id.clone(), now).is_none_or(|before| before != now);
+        let waiting = room.last_ticket() > 0 && matches!(room.spec().state, RoomState::Open | RoomState::Paused | RoomState::Scheduled);
+        if (changed && now.0 > 0) || (heartbeat && waiting) {
             publish_counter(realtime, &room);
         }
     }

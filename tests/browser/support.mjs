@@ -155,7 +155,8 @@ export async function visitor(browser, url, { block_websockets = false, ...ctxOp
   const context = await browser.newContext({ ...DESKTOP, ...ctxOpts });
   if (block_websockets) await context.routeWebSocket(/\/app\//, (ws) => ws.close());
   const page = await context.newPage();
-  const log = { sockets: [], statusRequests: [], navigations: [], positions: [] };
+  const log = { sockets: [], statusRequests: [], navigations: [], positions: [], socketRegistrations: [] };
+  page.on('response', (r) => { if (new URL(r.url()).pathname.endsWith('/socket')) log.socketRegistrations.push(r.status()); });
   page.on('websocket', (ws) => {
     const s = { url: ws.url(), subscribed: false, closed: false, frames: [] };
     ws.on('framesent', (f) => { if (String(f.payload).includes('pusher:subscribe')) s.subscribed = true; });

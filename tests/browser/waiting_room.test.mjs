@@ -35,22 +35,27 @@ test('visitors see their positions move live over the WebSocket and reach the or
     await eventually(() => v.log.sockets.some((s) => s.subscribed && s.frames.some((f) => f.payload.includes('subscription_succeeded'))),
       10000, 'socket subscribed');
     assert.match(v.log.sockets[0].url, /\/app\/weir-internal\?protocol=7/);
+    // The page told weir which socket is its own (presence for abandonment detection).
+    await eventually(() => v.log.socketRegistrations.includes(204), 10000, 'socket registered');
   }
-  // Admit one visitor every 1.5 s: the last page must see its position count down without reloads.
-  await weir.patchRoom('live', { rate_per_minute: 40 });
+  // Admit one visitor every 2 s: the last page must see its position count down without reloads.
+  await weir.patchRoom('live', { rate_per_minute: 30 });
   for (const v of visitors) {
     await eventually(() => v.page.url().startsWith(origin.base), 30000, 'redirected to the origin');
     await v.page.waitForSelector('#verified');
   }
   assert.equal(origin.visits.length, 4, 'each visitor verified once by the origin');
   assert.deepEqual(origin.visits.map((v) => v.ticket).sort(), [1, 2, 3, 4]);
-  const last = visitors[3];
-  const seen = [...new Set(last.log.positions.map((p) => p.trim()))];
-  // It started at 3 and counted down live (the admission pace decides which values show).
-  const nums = seen.map(Number);
-  assert.equal(nums[0], 3, `live positions on the last page: ${seen}`);
-  assert.ok(nums.length >= 2, `position never changed live: ${seen}`);
-  for (let i = 1; i < nums.length; i++) assert.ok(nums[i] < nums[i - 1], `positions only go down: ${seen}`);
+  // Each page started at its position and counted down live, never up (the admission pace
+  // decides which values show; on a loaded machine one step may cover two places).
+  let movedLive = 0;
+  for (const [i, v] of visitors.entries()) {
+    const seen = [...new Set(v.log.positions.map((p) => p.trim()))].map(Number);
+    assert.equal(seen[0], i, `first position on page ${i}: ${seen}`);
+    for (let k = 1; k < seen.length; k++) assert.ok(seen[k] < seen[k - 1], `positions only go down: ${seen}`);
+    if (seen.length >= 2) movedLive++;
+  }
+  assert.equal(movedLive, 3, 'positions moved live on every page behind the first');
   for (const v of visitors) {
     // One page load in the room, then the origin: positions changed without a reload.
     assert.equal(v.log.navigations.filter((u) => u.includes('/r/live')).length, 1, `navigations: ${v.log.navigations}`);
