@@ -2,6 +2,8 @@
 //! fallback), the page script's caching and compression, and coalesced counter publishes on
 //! the room channel of weir's internal realtime app.
 
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
 mod support;
 
 use std::time::Duration;

@@ -2,6 +2,8 @@
 //! bodies, `X-Forwarded-*`, WebSocket upgrades), sends everyone else to the room, and shows a
 //! clear 502 page when the origin is down.
 
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
 mod support;
 
 use std::net::SocketAddr;

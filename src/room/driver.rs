@@ -51,7 +51,7 @@ pub fn spawn(rooms: Arc<Rooms>, realtime: Arc<Realtime>, shutdown: CancellationT
             }
             // Counters are announced below, not by `tick`: a change made on a tick between two
             // announcements must still go out (trailing edge), not wait for the next change.
-            if let Err(e) = tick(&rooms, &realtime, elapsed, false).await {
+            if let Err(e) = tick(&rooms, &realtime, elapsed).await {
                 tracing::warn!(error = %e, "admission tick failed; will retry");
             }
             if n % PUBLISH_EVERY == 0 {
@@ -76,8 +76,8 @@ fn inputs(room: &Room, now_ms: i64, elapsed: Duration) -> Inputs {
     }
 }
 
-/// One admission step for every room. `announce` lets counter broadcasts through (coalescing).
-pub async fn tick(rooms: &Rooms, realtime: &Realtime, elapsed: Duration, announce: bool) -> Result<(), ApiError> {
+/// One admission step for every room (broadcasts are left to `announce`, which coalesces them).
+pub async fn tick(rooms: &Rooms, realtime: &Realtime, elapsed: Duration) -> Result<(), ApiError> {
     let now_ms = rooms.clock.now_ms();
     let mut planned: Vec<(Arc<Room>, tokio::sync::OwnedMutexGuard<()>, Inputs, Step)> = Vec::new();
     for room in rooms.all() {
@@ -120,9 +120,6 @@ pub async fn tick(rooms: &Rooms, realtime: &Realtime, elapsed: Duration, announc
         }
         if skipped > 0 {
             metrics::counter!("weir_room_skipped_total", "room" => room.id.clone()).increment(skipped);
-        }
-        if announce && admitted + skipped > 0 {
-            publish_counter(realtime, &room);
         }
     }
     Ok(())
