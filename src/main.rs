@@ -63,7 +63,11 @@ fn serve(file: Option<PathBuf>, flags: Flags) -> std::process::ExitCode {
         let shutdown = CancellationToken::new();
         weir::ops::shutdown::cancel_on_signal(shutdown.clone());
         let data_dir = config.data_dir.clone();
-        let server = weir::Server::start(config, weir::clock::system(), shutdown).await?;
+        // A signal during start-up (before the server loop watches the token) still stops us.
+        let server = tokio::select! {
+            server = weir::Server::start(config, weir::clock::system(), shutdown.clone()) => server?,
+            _ = shutdown.cancelled() => return Ok(()),
+        };
         if let Some(key) = &server.generated_admin_key {
             println!(
                 "weir: generated admin key {key}\nweir: stored in {} (shown only this once; set WEIR_ADMIN_KEY to choose your own)",
