@@ -145,9 +145,8 @@ impl Config {
         if let Some(dir) = &flags.data_dir {
             set_path(&mut table, &["data_dir"], toml::Value::String(dir.clone()));
         }
-        let config: Config = toml::Value::Table(table)
-            .try_into()
-            .map_err(|e: toml::de::Error| ConfigError(vec![describe_toml_error(&e)]))?;
+        let config: Config = serde_path_to_error::deserialize(toml::Value::Table(table))
+            .map_err(|e| ConfigError(vec![format!("{}: {}", e.path(), e.inner().message().trim())]))?;
         config.validate()?;
         Ok(config)
     }
@@ -231,10 +230,6 @@ fn env_value(path: &[&str], raw: &str) -> toml::Value {
         }
     }
     toml::Value::String(raw.to_string())
-}
-
-fn describe_toml_error(e: &toml::de::Error) -> String {
-    e.message().trim().to_string()
 }
 
 #[cfg(test)]

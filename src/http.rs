@@ -51,7 +51,10 @@ pub fn router(state: AppState) -> Router {
     let admin = shed::bounded(
         Router::new().nest(
             "/api/v1",
-            Realtime::admin_routes().layer(axum::middleware::from_fn_with_state(
+            Realtime::admin_routes()
+                .merge(crate::admin::rooms::routes())
+                .layer(axum::extract::DefaultBodyLimit::max(limits.admin_body_bytes))
+                .layer(axum::middleware::from_fn_with_state(
                 state.clone(),
                 crate::admin::auth::require_admin,
             )),
@@ -60,8 +63,16 @@ pub fn router(state: AppState) -> Router {
         limits.max_in_flight,
         timeout,
     );
+    // Visitors are the flood: their group is bounded separately so admin and health stay up.
+    let visitors = shed::bounded(
+        crate::room::routes::routes().merge(crate::gateway::routes()),
+        "visitors",
+        limits.max_in_flight,
+        timeout,
+    );
     Router::new()
         .merge(ops_routes)
+        .merge(visitors)
         .merge(realtime)
         .merge(admin)
         .fallback(not_found_fallback)

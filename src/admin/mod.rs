@@ -2,4 +2,5 @@
 //! (`weir room|app|keys …`) that drives it over HTTP.
 
 pub mod auth;
+pub mod rooms;
 pub mod cli;

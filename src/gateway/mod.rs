@@ -1,2 +1,18 @@
-//! How an origin checks that a visitor came through the queue: online verification
-//! (`POST /api/v1/verify`) and forward auth for reverse proxies (`GET /auth/{room}`).
+//! How an origin checks that a visitor came through the queue: the JWKS for offline checks,
+//! online verification (`POST /api/v1/verify`) and forward auth for reverse proxies
+//! (`GET /auth/{room}`: nginx `auth_request`, Traefik ForwardAuth, Caddy `forward_auth`).
+
+pub mod forward_auth;
+pub mod verify;
+
+use axum::routing::{get, post};
+use axum::Router;
+
+use crate::http::AppState;
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/.well-known/jwks.json", get(verify::jwks))
+        .route("/api/v1/verify", post(verify::verify))
+        .route("/auth/{room}", get(forward_auth::check))
+}

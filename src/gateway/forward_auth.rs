@@ -1,0 +1,78 @@
+//! `GET /auth/{room}` for reverse proxies. The token is read from, in order:
+//! `Authorization: Bearer`, the `weir_token` cookie, or `weir_token` in the original URI
+//! (`X-Original-URI` from nginx, `X-Forwarded-Uri` from Traefik/Caddy).
+//! 204 when valid for that room, 401 otherwise (an unknown room is also 401: proxies treat
+//! anything but 2xx/401/403 as a server error). `?redirect=1` turns 401 into a 302 to the room
+//! for proxies that pass the auth response through.
+
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+
+use crate::error::ApiError;
+use crate::http::AppState;
+use crate::web::cookies;
+
+#[derive(Deserialize)]
+pub struct AuthQuery {
+    redirect: Option<String>,
+}
+
+fn token_from(headers: &HeaderMap) -> Option<String> {
+    if let Some(t) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+    {
+        return Some(t.trim().to_string());
+    }
+    if let Some(t) = cookies::get(headers, "weir_token") {
+        return Some(t.to_string());
+    }
+    ["x-original-uri", "x-forwarded-uri"].iter().find_map(|name| {
+        let uri = headers.get(*name)?.to_str().ok()?;
+        let query = uri.split_once('?')?.1;
+        url::form_urlencoded::parse(query.as_bytes())
+            .find(|(k, _)| k == "weir_token")
+            .map(|(_, v)| v.into_owned())
+    })
+}
+
+pub async fn check(
+    State(state): State<AppState>,
+    Path(room): Path<String>,
+    query: Result<Query<AuthQuery>, axum::extract::rejection::QueryRejection>,
+    headers: HeaderMap,
+) -> Response {
+    let redirect = query.ok().and_then(|Query(q)| q.redirect).is_some_and(|v| v == "1" || v == "true");
+    let outcome = match (state.rooms.get(&room), token_from(&headers)) {
+        (None, _) => Err("unknown room".to_string()),
+        (Some(_), None) => Err("no admission token".to_string()),
+        (Some(_), Some(token)) => state.rooms.keys.verify(&token, Some(&room)).map_err(|r| format!("token refused: {}", r.as_str())),
+    };
+    match outcome {
+        Ok(claims) => {
+            metrics::counter!("weir_forward_auth_total", "result" => "allowed").increment(1);
+            let mut r = StatusCode::NO_CONTENT.into_response();
+            if let Ok(v) = HeaderValue::from_str(&claims.sub) {
+                r.headers_mut().insert("x-weir-visitor", v);
+            }
+            r.headers_mut().insert("x-weir-ticket", HeaderValue::from(claims.ticket));
+            r
+        }
+        Err(message) => {
+            metrics::counter!("weir_forward_auth_total", "result" => "refused").increment(1);
+            if redirect && crate::room::model::validate_room_id(&room).is_ok() {
+                let location = format!("{}/r/{room}", state.rooms.public_url);
+                let mut r = StatusCode::FOUND.into_response();
+                if let Ok(v) = HeaderValue::from_str(&location) {
+                    r.headers_mut().insert(header::LOCATION, v);
+                }
+                r
+            } else {
+                ApiError::unauthorized(message).into_response()
+            }
+        }
+    }
+}
