@@ -75,6 +75,9 @@ fn ratio(a: Option<f64>, b: Option<f64>) -> (String, Option<f64>) {
 }
 
 fn http_row(rows: &mut Vec<Row>, res: &Value, name: &str, goal_ratio: f64) {
+    if res["scenarios"][name].is_null() {
+        return;
+    }
     let w = &res["scenarios"][name]["weir"];
     let h = &res["scenarios"]["hello"];
     let wv = f(&w["ok_per_sec"]).filter(|x| *x > 0.0);

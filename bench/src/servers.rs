@@ -85,8 +85,15 @@ fn spawn_announcing(name: &str, mut cmd: Command, logs: &Path, timeout: Duration
         }
         Err(_) => {
             let _ = child.kill();
-            let _ = child.wait();
-            Err(format!("{name}: not ready within {timeout:?} (see {}/{name}.log)", logs.display()))
+            let status = child.wait().map(|s| s.to_string()).unwrap_or_default();
+            let tail: String = std::fs::read_to_string(logs.join(format!("{name}.log")))
+                .unwrap_or_default()
+                .lines()
+                .rev()
+                .take(3)
+                .collect::<Vec<_>>()
+                .join(" / ");
+            Err(format!("{name}: no \"listening\" line within {timeout:?} ({status}; log: {tail})"))
         }
     }
 }
