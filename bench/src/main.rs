@@ -179,7 +179,8 @@ fn run(args: RunArgs) -> std::process::ExitCode {
         .iter()
         .map(|s| match s.as_str() {
             "entry" => 2,
-            "status" | "overload" => 1,
+            "status" => 1,
+            "overload" => 2,
             "verify" => 2,
             "fanout" => rt_servers * (1 + ctx.params.fanout_subs.len()),
             "connections" => rt_servers,

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use crate::pusher::App;
 
 pub struct Server {
+    #[allow(dead_code)] // kept for debugging output
     pub name: String,
     pub pid: u32,
     pub addr: SocketAddr,
