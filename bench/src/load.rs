@@ -23,6 +23,8 @@ pub struct Tally {
     pub refused: u64,
     pub refused_with_retry_after: u64,
     pub refused_hist: Hist,
+    /// Open loop: scheduled requests never sent because the connection was still busy at the end.
+    pub missed: u64,
 }
 
 pub struct LoadResult {
@@ -50,6 +52,8 @@ impl LoadResult {
             "refused": self.tally.refused,
             "refused_with_retry_after": self.tally.refused_with_retry_after,
             "refused_latency": self.tally.refused_hist.summary_ms(),
+            "missed": self.tally.missed,
+            "ok_per_server_cpu_sec": self.server_cpu.filter(|c| *c > 0.0).map(|c| (self.rps() / c).round()),
             "client_cpu_share": (self.client_cpu * 1000.0).round() / 1000.0,
             "server_cpu_share": self.server_cpu.map(|c| (c * 1000.0).round() / 1000.0),
         })
@@ -174,6 +178,13 @@ pub async fn open_loop(
                 if scheduled >= end {
                     break;
                 }
+                if Instant::now() >= end {
+                    // Slots this connection could not even send in time count as missed, not as
+                    // late sends after the window (which would overstate the answered rate).
+                    let left = (end - scheduled).as_secs_f64() / per_conn_interval.as_secs_f64();
+                    tally.borrow_mut().missed += 1 + left as u64;
+                    break;
+                }
                 tokio::time::sleep_until(scheduled.into()).await;
                 let req = &reqs[(c + k as usize) % reqs.len()];
                 let sent = Instant::now();
@@ -197,6 +208,8 @@ pub async fn open_loop(
         let _ = t.await;
     }
     let (client_cpu, server_cpu) = meter.stop();
+    // Responses still arriving after the window stretch it: rates use the real span.
+    let elapsed = t0.elapsed().max(duration);
     let tally = Rc::try_unwrap(tally).ok().expect("tasks done").into_inner();
-    LoadResult { tally, elapsed: duration, client_cpu, server_cpu }
+    LoadResult { tally, elapsed, client_cpu, server_cpu }
 }

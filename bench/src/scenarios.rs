@@ -443,7 +443,7 @@ pub async fn overload(ctx: &mut Ctx, capacity: Option<f64>) -> Value {
     v["capacity_at_64_per_sec"] = json!(capacity.map(|c| round(c, 1)));
     v["capacity_at_256_per_sec"] = json!(round(cap256, 1));
     v["offered_per_sec"] = json!(round(cap * 3.0, 1));
-    v["answered_per_sec"] = json!(round(answered as f64 / dur.as_secs_f64(), 1));
+    v["answered_per_sec"] = json!(round(answered as f64 / r.elapsed.as_secs_f64(), 1));
     v["goodput_ratio"] = json!(round(r.rps() / cap, 3));
     v["connections"] = json!(oconns);
     v

@@ -228,6 +228,13 @@ impl Server {
     }
 
     fn stop_inner(&mut self, grace: Duration) {
+        // bench/profile runs servers under valgrind, which needs longer to shut down and dump.
+        let grace = std::env::var("WEIR_BENCH_STOP_GRACE_SECS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .map(Duration::from_secs)
+            .unwrap_or(grace)
+            .max(grace);
         if let Ok(Some(_)) = self.child.try_wait() {
             return;
         }
