@@ -35,6 +35,10 @@ pub struct Config {
     pub shutdown_grace_seconds: u64,
     /// Resource bounds; see [`Limits`].
     pub limits: Limits,
+    /// `WEIR_TRUSTED_PROXIES`: CIDR ranges of reverse proxies whose client-IP header is believed.
+    pub trusted_proxies: Vec<String>,
+    /// `WEIR_CLIENT_IP_HEADER`: the header trusted proxies put the client address in.
+    pub client_ip_header: String,
     /// Pusher apps defined in the file (apps created through the API live in the store).
     pub apps: Vec<AppSpec>,
 }
@@ -83,6 +87,8 @@ impl Default for Config {
             log_format: LogFormat::Text,
             shutdown_grace_seconds: 10,
             limits: Limits::default(),
+            trusted_proxies: Vec::new(),
+            client_ip_header: "x-forwarded-for".into(),
             apps: Vec::new(),
         }
     }
@@ -97,6 +103,7 @@ pub const ENV_FIELDS: &[(&str, &[&str])] = &[
     ("WEIR_TOKEN_TTL_SECONDS", &["token_ttl_seconds"]),
     ("WEIR_LOG_FORMAT", &["log_format"]),
     ("WEIR_SHUTDOWN_GRACE_SECONDS", &["shutdown_grace_seconds"]),
+    ("WEIR_CLIENT_IP_HEADER", &["client_ip_header"]),
     ("WEIR_LIMITS_MAX_IN_FLIGHT", &["limits", "max_in_flight"]),
     ("WEIR_LIMITS_REQUEST_TIMEOUT_MS", &["limits", "request_timeout_ms"]),
     ("WEIR_LIMITS_ADMIN_BODY_BYTES", &["limits", "admin_body_bytes"]),
@@ -138,6 +145,10 @@ impl Config {
             if let Some(raw) = env.get(*var) {
                 set_path(&mut table, path, env_value(path, raw));
             }
+        }
+        if let Some(raw) = env.get("WEIR_TRUSTED_PROXIES") {
+            let list = raw.split(',').map(|s| toml::Value::String(s.trim().to_string())).collect();
+            set_path(&mut table, &["trusted_proxies"], toml::Value::Array(list));
         }
         if let Some(listen) = &flags.listen {
             set_path(&mut table, &["listen"], toml::Value::String(listen.clone()));
@@ -181,6 +192,11 @@ impl Config {
         }
         if self.limits.request_timeout_ms == 0 {
             problems.push("limits.request_timeout_ms: must be at least 1".into());
+        }
+        for c in &self.trusted_proxies {
+            if crate::room::policy::abuse::Cidr::parse(c).is_none() {
+                problems.push(format!("trusted_proxies: {c:?} is not a CIDR range"));
+            }
         }
         for (i, app) in self.apps.iter().enumerate() {
             if let Err(e) = app.validate() {

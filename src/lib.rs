@@ -92,6 +92,15 @@ impl Server {
         clock: Arc<dyn Clock>,
         shutdown: CancellationToken,
     ) -> Result<Server, RunError> {
+        let mut config = config;
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| RunError::Bind { addr: config.listen, source })?;
+        if config.public_url.is_none() {
+            // With port 0 only the bound socket knows the real port.
+            let addr = listener.local_addr().unwrap_or(config.listen);
+            config.public_url = Some(format!("http://{addr}"));
+        }
         let store: Arc<dyn Store> = Arc::new(store::redb::RedbStore::open(&config.data_dir)?);
         let secrets = secrets::Secrets::load_or_generate(&config, store.as_ref()).await?;
         let generated_admin_key = secrets.generated_admin_key.clone();
@@ -99,9 +108,6 @@ impl Server {
         let realtime = realtime::Realtime::start(&config, store.clone(), shutdown.clone()).await?;
         let rooms = room::Rooms::load(store.clone(), clock.clone(), &secrets, &config).await?;
         room::driver::spawn(rooms.clone(), realtime.clone(), shutdown.clone());
-        let listener = TcpListener::bind(config.listen)
-            .await
-            .map_err(|source| RunError::Bind { addr: config.listen, source })?;
         let state = http::AppState {
             config,
             store,

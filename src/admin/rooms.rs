@@ -28,7 +28,7 @@ pub struct RoomView {
 
 fn view(state: &AppState, room: &Room) -> RoomView {
     let spec = (*room.spec()).clone();
-    RoomView { created_at: format_time_ms(spec.created_at_ms), spec, stats: room.stats(state.clock.now_secs()) }
+    RoomView { created_at: format_time_ms(spec.created_at_ms), spec, stats: room.stats(state.clock.now_ms()) }
 }
 
 async fn create(State(state): State<AppState>, ApiJson(input): ApiJson<NewRoom>) -> Result<(StatusCode, Json<RoomView>), ApiError> {

@@ -49,7 +49,14 @@ pub async fn check(
     let outcome = match (state.rooms.get(&room), token_from(&headers)) {
         (None, _) => Err("unknown room".to_string()),
         (Some(_), None) => Err("no admission token".to_string()),
-        (Some(_), Some(token)) => state.rooms.keys.verify(&token, Some(&room)).map_err(|r| format!("token refused: {}", r.as_str())),
+        (Some(r), Some(token)) => {
+            let verdict = state.rooms.keys.verify(&token, Some(&room)).map_err(|r| format!("token refused: {}", r.as_str()));
+            if let Ok(claims) = &verdict {
+                // A checked request is activity: it keeps the visitor's session (and slot) alive.
+                state.rooms.activity(&r, claims.ticket);
+            }
+            verdict
+        }
     };
     match outcome {
         Ok(claims) => {

@@ -14,5 +14,6 @@ pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/.well-known/jwks.json", get(verify::jwks))
         .route("/api/v1/verify", post(verify::verify))
+        .route("/api/v1/sessions/end", post(verify::end_session))
         .route("/auth/{room}", get(forward_auth::check))
 }

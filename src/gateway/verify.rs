@@ -33,3 +33,22 @@ pub async fn verify(State(state): State<AppState>, ApiJson(req): ApiJson<VerifyR
         Err(reason) => json!({"valid": false, "reason": reason.as_str()}),
     }))
 }
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndSession {
+    token: String,
+}
+
+/// `POST /api/v1/sessions/end {token}`: the origin says this visitor is done (checkout,
+/// logout); its active-user slot frees at once. The token is the credential.
+pub async fn end_session(State(state): State<AppState>, ApiJson(req): ApiJson<EndSession>) -> Result<Json<serde_json::Value>, ApiError> {
+    let claims = state
+        .rooms
+        .keys
+        .verify(&req.token, None)
+        .map_err(|r| ApiError::unauthorized(format!("token refused: {}", r.as_str())))?;
+    let room = state.rooms.require(&claims.room)?;
+    let ended = state.rooms.end_session(&room, claims.ticket).await?;
+    Ok(Json(json!({"ended": ended})))
+}

@@ -1,10 +1,10 @@
-//! The admission loop: every [`TICK`] it advances each admitting room's serving counter,
-//! persists all changed counters in one durable store call, and only then publishes them in
-//! memory (so a status answer never reports an admission a crash could undo).
+//! The admission loop: every [`TICK`] each room's engine plans a step (who goes in, who is
+//! skipped); all steps are persisted in one durable store call, and only then committed in
+//! memory and announced, so a status answer never reports an admission a crash could undo.
 //!
-//! A scheduled room whose start has passed is switched to `open` here, durably.
+//! Also here: the scheduled start (pre-queue shuffle persisted once, then `open`), the
+//! periodic census of live waiters, and the adaptive-rate prober.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,17 +12,28 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
 use super::model::RoomState;
+use super::policy::adaptive::ProbeResult;
+use super::policy::engine::{Inputs, Step};
 use super::{Room, Rooms};
+use crate::error::ApiError;
 use crate::realtime::Realtime;
+use crate::store::{order_key, AdmissionRecord, Table};
 
 /// 100 ms: ten small steps a second keep admission smooth while costing nothing when idle.
 pub const TICK: Duration = Duration::from_millis(100);
+/// Ticks between censuses of the waiting line (2 s): the scan is O(waiting).
+const CENSUS_EVERY: u64 = 20;
+/// Counter broadcasts per room are coalesced to at most one per this many ticks (4 per second).
+const PUBLISH_EVERY: u64 = 2;
 
 pub fn spawn(rooms: Arc<Rooms>, realtime: Arc<Realtime>, shutdown: CancellationToken) {
+    let prober_rooms = rooms.clone();
+    let prober_shutdown = shutdown.clone();
     tokio::spawn(async move {
         let mut interval = tokio::time::interval(TICK);
         interval.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut last = Instant::now();
+        let mut n: u64 = 0;
         loop {
             tokio::select! {
                 _ = interval.tick() => {}
@@ -31,58 +42,182 @@ pub fn spawn(rooms: Arc<Rooms>, realtime: Arc<Realtime>, shutdown: CancellationT
             let now = Instant::now();
             let elapsed = now - last;
             last = now;
-            if let Err(e) = tick(&rooms, &realtime, elapsed).await {
+            if n % CENSUS_EVERY == 0 {
+                census(&rooms);
+            }
+            if let Err(e) = tick(&rooms, &realtime, elapsed, n % PUBLISH_EVERY == 0).await {
                 tracing::warn!(error = %e, "admission tick failed; will retry");
             }
+            n += 1;
         }
     });
+    tokio::spawn(prober(prober_rooms, prober_shutdown));
 }
 
-/// One admission step for every room.
-pub async fn tick(rooms: &Rooms, realtime: &Realtime, elapsed: Duration) -> Result<(), crate::error::ApiError> {
+fn inputs(room: &Room, now_ms: i64, elapsed: Duration) -> Inputs {
+    let spec = room.spec();
+    Inputs {
+        now_ms,
+        elapsed,
+        rate_per_minute: room.effective_rate(),
+        admitting: room.effective_state(now_ms) == RoomState::Open,
+        max_active_users: spec.max_active_users,
+        session_seconds: spec.session_seconds,
+        abandon_after_seconds: spec.abandon_after_seconds,
+    }
+}
+
+/// One admission step for every room. `announce` lets counter broadcasts through (coalescing).
+pub async fn tick(rooms: &Rooms, realtime: &Realtime, elapsed: Duration, announce: bool) -> Result<(), ApiError> {
     let now_ms = rooms.clock.now_ms();
-    let mut planned: Vec<(Arc<Room>, u64)> = Vec::new();
+    let mut planned: Vec<(Arc<Room>, tokio::sync::OwnedMutexGuard<()>, Inputs, Step)> = Vec::new();
     for room in rooms.all() {
-        let spec = room.spec();
-        if spec.state == RoomState::Scheduled && room.effective_state(now_ms) == RoomState::Open {
-            let mut opened = (*spec).clone();
-            opened.state = RoomState::Open;
-            rooms.update(&room, opened).await?;
-            publish_state(realtime, &room);
-        }
-        let serving = room.serving();
-        let target = {
-            let mut admission = room.admission.lock();
-            match room.effective_state(now_ms) {
-                RoomState::Open => admission.advance(serving, room.last_ticket(), spec.rate_per_minute, elapsed),
-                _ => {
-                    admission.hold();
-                    serving
-                }
-            }
-        };
-        metrics::gauge!("weir_room_queue_length", "room" => room.id.clone())
-            .set(room.last_ticket().saturating_sub(serving) as f64);
-        if target > serving {
-            planned.push((room, target));
+        start_if_due(rooms, realtime, &room, now_ms).await?;
+        let guard = room.stepping.clone().lock_owned().await;
+        let input = inputs(&room, now_ms, elapsed);
+        let step = room.engine.lock().plan(&input);
+        metrics::gauge!("weir_room_queue_length", "room" => room.id.clone()).set(room.engine.lock().queue_length() as f64);
+        if step.is_empty() {
+            room.engine.lock().commit(step, &input);
+        } else {
+            planned.push((room, guard, input, step));
         }
     }
     if planned.is_empty() {
         return Ok(());
     }
-    let updates: Vec<(String, u64)> = planned.iter().map(|(r, t)| (r.id.clone(), *t)).collect();
-    let stored = rooms.store.advance_serving(&updates).await?;
+    let records: Vec<AdmissionRecord> = planned
+        .iter()
+        .map(|(room, _, input, step)| {
+            let sessions = room.engine.lock().sessions_after(step, input);
+            AdmissionRecord {
+                room: room.id.clone(),
+                serving: step.serving,
+                skipped: step.skipped.clone(),
+                unskipped: step.readmitted.clone(),
+                sessions: Some(sessions),
+            }
+        })
+        .collect();
+    rooms.store.record_admissions(&records).await?;
     let now_s = now_ms.div_euclid(1000);
-    for ((room, _), serving) in planned.iter().zip(stored) {
-        let before = room.serving.fetch_max(serving, Ordering::AcqRel);
-        let admitted = serving.saturating_sub(before);
+    for (room, _guard, input, step) in planned {
+        let admitted = step.admissions() as u64;
+        let skipped = step.skipped.len() as u64;
+        room.engine.lock().commit(step, &input);
         if admitted > 0 {
-            room.admitted_window.lock().add(now_s, admitted);
+            room.record_admitted(now_s, admitted);
             metrics::counter!("weir_room_admitted_total", "room" => room.id.clone()).increment(admitted);
-            publish_counter(realtime, room);
+        }
+        if skipped > 0 {
+            metrics::counter!("weir_room_skipped_total", "room" => room.id.clone()).increment(skipped);
+        }
+        if announce && admitted + skipped > 0 {
+            publish_counter(realtime, &room);
         }
     }
     Ok(())
+}
+
+/// Opens a scheduled room once its start has passed: the pre-queue is shuffled and persisted
+/// exactly once (a restart finds the stored order and does not reshuffle), then the state.
+async fn start_if_due(rooms: &Rooms, realtime: &Realtime, room: &Room, now_ms: i64) -> Result<(), ApiError> {
+    let spec = room.spec();
+    if spec.state != RoomState::Scheduled || room.effective_state(now_ms) != RoomState::Open {
+        return Ok(());
+    }
+    let _guard = room.stepping.lock().await;
+    let needs_order = { !room.engine.lock().has_order() && room.serving() == 0 };
+    if needs_order && rooms.store.get(Table::Meta, &order_key(&room.id)).await?.is_none() {
+        let order = room.engine.lock().shuffled_prequeue();
+        if !order.is_empty() {
+            let bytes: Vec<u8> = order.iter().flat_map(|t| t.to_le_bytes()).collect();
+            rooms.store.put(Table::Meta, &order_key(&room.id), bytes).await?;
+            room.engine.lock().install_order(order);
+        }
+    }
+    let mut opened = (*spec).clone();
+    opened.state = RoomState::Open;
+    rooms.update(room, opened).await?;
+    publish_state(realtime, room);
+    Ok(())
+}
+
+fn census(rooms: &Rooms) {
+    let now_ms = rooms.clock.now_ms();
+    for room in rooms.all() {
+        let spec = room.spec();
+        let c = room.engine.lock().census(now_ms, spec.abandon_after_seconds);
+        *room.census.lock() = c;
+        metrics::gauge!("weir_room_live_waiters", "room" => room.id.clone()).set(c.live as f64);
+        metrics::gauge!("weir_room_abandoned", "room" => room.id.clone()).set(c.abandoned as f64);
+        let active = room.engine.lock().active_users(now_ms, spec.session_seconds);
+        metrics::gauge!("weir_room_active_users", "room" => room.id.clone()).set(active as f64);
+        metrics::gauge!("weir_room_target_per_minute", "room" => room.id.clone()).set(room.effective_rate());
+    }
+}
+
+/// Probes each adaptive room's origin every `interval_seconds` and feeds the controller.
+async fn prober(rooms: Arc<Rooms>, shutdown: CancellationToken) {
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Empty<bytes::Bytes>>();
+    let mut next_due: std::collections::HashMap<String, Instant> = std::collections::HashMap::new();
+    let mut in_flight = tokio::task::JoinSet::new();
+    let mut interval = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tokio::select! {
+            _ = interval.tick() => {}
+            _ = shutdown.cancelled() => return,
+        }
+        while in_flight.try_join_next().is_some() {}
+        let now = Instant::now();
+        for room in rooms.all() {
+            let Some(policy) = room.spec().adaptive.clone() else { continue };
+            let due = next_due.entry(room.id.clone()).or_insert(now);
+            if *due > now {
+                continue;
+            }
+            *due = now + Duration::from_secs(policy.interval_seconds);
+            let client = client.clone();
+            in_flight.spawn(async move {
+                let result = probe(&client, &policy.probe_url, probe_timeout(&policy)).await;
+                let rate = room.adaptive.lock().as_mut().map(|c| c.on_probe(result, &policy));
+                if let Some(rate) = rate {
+                    metrics::gauge!("weir_room_adaptive_rate", "room" => room.id.clone()).set(rate);
+                }
+                if let ProbeResult::Ok { latency_ms, .. } = result {
+                    metrics::gauge!("weir_room_probe_latency_seconds", "room" => room.id.clone()).set(latency_ms / 1000.0);
+                }
+            });
+        }
+        next_due.retain(|id, _| rooms.get(id).is_some());
+    }
+}
+
+/// Four times the target latency, at least a second, at most the probe interval.
+fn probe_timeout(policy: &super::policy::Adaptive) -> Duration {
+    let ms = (policy.target_latency_ms * 4).max(1000).min(policy.interval_seconds * 1000);
+    Duration::from_millis(ms)
+}
+
+async fn probe(
+    client: &hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, http_body_util::Empty<bytes::Bytes>>,
+    url: &str,
+    timeout: Duration,
+) -> ProbeResult {
+    let Ok(uri) = url.parse::<hyper::Uri>() else { return ProbeResult::Failed };
+    let started = Instant::now();
+    let request = async {
+        let response = client.get(uri).await.ok()?;
+        let status = response.status().as_u16();
+        // Read the body so latency covers the whole answer.
+        http_body_util::BodyExt::collect(response.into_body()).await.ok()?;
+        Some(status)
+    };
+    match tokio::time::timeout(timeout, request).await {
+        Ok(Some(status)) => ProbeResult::Ok { latency_ms: started.elapsed().as_secs_f64() * 1000.0, status },
+        _ => ProbeResult::Failed,
+    }
 }
 
 /// Channel on weir's internal realtime app carrying a room's live counters.
@@ -91,11 +226,10 @@ pub fn room_channel(room: &str) -> String {
 }
 
 fn publish_counter(realtime: &Realtime, room: &Room) {
-    let spec = room.spec();
     let data = serde_json::json!({
         "serving": room.serving(),
         "last_ticket": room.last_ticket(),
-        "rate_per_minute": spec.rate_per_minute,
+        "rate_per_minute": room.effective_rate(),
     });
     realtime.publish_internal(&room_channel(&room.id), "weir:counter", &data.to_string());
 }

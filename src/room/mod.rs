@@ -7,13 +7,13 @@
 
 pub mod driver;
 pub mod model;
+pub mod policy;
 pub mod queue;
 pub mod routes;
 pub mod token;
 pub mod visitor;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
@@ -23,10 +23,12 @@ use crate::clock::Clock;
 use crate::config::Config;
 use crate::error::ApiError;
 use crate::secrets::Secrets;
-use crate::store::{Store, StoreError, Table, TicketEntry};
+use crate::store::{order_key, sessions_key, Store, StoreError, Table, TicketEntry};
 
 use model::{RoomSpec, RoomState};
-use queue::Admission;
+use policy::abuse::PerIpLimiter;
+use policy::adaptive::Controller;
+use policy::engine::{Census, Engine};
 use token::KeyRing;
 use visitor::{CookieSigner, VisitorCookie};
 
@@ -59,36 +61,56 @@ impl MinuteWindow {
     }
 }
 
-/// A room as served: its definition plus live counters.
+/// A room as served: its definition plus its admission engine and live measurements.
 pub struct Room {
     pub id: String,
     spec: RwLock<Arc<RoomSpec>>,
-    last_ticket: AtomicU64,
-    serving: AtomicU64,
-    admission: Mutex<Admission>,
+    pub(crate) engine: Mutex<Engine>,
+    /// Serializes admission steps (plan → persist → commit), which span an await on the store;
+    /// an async mutex is the point here, and no sync lock is held across that await.
+    pub(crate) stepping: Arc<tokio::sync::Mutex<()>>,
+    pub(crate) adaptive: Mutex<Option<Controller>>,
+    pub(crate) census: Mutex<Census>,
+    pub(crate) per_ip: PerIpLimiter,
     admitted_window: Mutex<MinuteWindow>,
     entries_window: Mutex<MinuteWindow>,
 }
 
-/// Live statistics reported by the admin API and metrics.
+/// Live statistics reported by the admin API, the CLI and metrics.
 #[derive(Debug, Clone, Serialize)]
 pub struct RoomStats {
     pub queue_length: u64,
     pub next_ticket: u64,
     pub last_ticket: u64,
     pub serving: u64,
+    pub live_waiters: u64,
+    pub abandoned: u64,
+    /// The rate the policy aims for now (configured, or the adaptive controller's).
+    pub target_per_minute: f64,
+    /// Measured admissions per minute (moving average).
+    pub measured_per_minute: Option<f64>,
     pub admitted_last_minute: u64,
     pub entries_last_minute: u64,
+    pub active_users: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub adaptive_rate: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub probe_latency_ms: Option<f64>,
+    /// Estimated wait of the last ticket in line.
+    pub eta_last_ticket_seconds: Option<u64>,
 }
 
 impl Room {
-    fn new(spec: RoomSpec, last_ticket: u64, serving: u64) -> Self {
+    fn new(spec: RoomSpec, engine: Engine) -> Self {
+        let adaptive = spec.adaptive.as_ref().map(|a| Controller::new(spec.rate_per_minute, a));
         Room {
             id: spec.id.clone(),
             spec: RwLock::new(Arc::new(spec)),
-            last_ticket: AtomicU64::new(last_ticket),
-            serving: AtomicU64::new(serving),
-            admission: Mutex::new(Admission::default()),
+            engine: Mutex::new(engine),
+            stepping: Arc::new(tokio::sync::Mutex::new(())),
+            adaptive: Mutex::new(adaptive),
+            census: Mutex::new(Census::default()),
+            per_ip: PerIpLimiter::default(),
             admitted_window: Mutex::new(MinuteWindow::default()),
             entries_window: Mutex::new(MinuteWindow::default()),
         }
@@ -99,11 +121,11 @@ impl Room {
     }
 
     pub fn serving(&self) -> u64 {
-        self.serving.load(Ordering::Acquire)
+        self.engine.lock().serving()
     }
 
     pub fn last_ticket(&self) -> u64 {
-        self.last_ticket.load(Ordering::Acquire)
+        self.engine.lock().last_ticket()
     }
 
     /// The state in force at `now_ms`: a scheduled room whose start has passed is open.
@@ -115,15 +137,63 @@ impl Room {
         }
     }
 
-    pub fn stats(&self, now_s: i64) -> RoomStats {
-        let (last, serving) = (self.last_ticket(), self.serving());
+    /// The rate the room admits at now: the adaptive controller's when configured.
+    pub fn effective_rate(&self) -> f64 {
+        let spec = self.spec();
+        match (&spec.adaptive, self.adaptive.lock().as_ref()) {
+            (Some(_), Some(c)) => c.rate,
+            _ => spec.rate_per_minute,
+        }
+    }
+
+    pub(crate) fn record_admitted(&self, now_s: i64, n: u64) {
+        self.admitted_window.lock().add(now_s, n);
+    }
+
+    /// Honest wait for someone `position` places back: only live visitors ahead count, at the
+    /// measured admission rate (the configured one until there is a measurement).
+    pub fn eta_seconds(&self, position: u64, now_ms: i64) -> Option<u64> {
+        let state = self.effective_state(now_ms);
+        let census = *self.census.lock();
+        let measured = if state == RoomState::Open { self.engine.lock().measured_per_minute() } else { None };
+        let eta = policy::engine::eta_seconds(position, &census, measured, self.effective_rate());
+        match state {
+            RoomState::Open => eta,
+            RoomState::Scheduled => {
+                let start = self.spec().starts_at_ms()?;
+                eta.map(|e| e + ((start - now_ms).max(0) as u64).div_ceil(1000))
+            }
+            _ => None,
+        }
+    }
+
+    pub fn stats(&self, now_ms: i64) -> RoomStats {
+        let spec = self.spec();
+        let now_s = now_ms.div_euclid(1000);
+        let census = *self.census.lock();
+        let (last, serving, queue_length, measured, active) = {
+            let e = self.engine.lock();
+            (e.last_ticket(), e.serving(), e.queue_length(), e.measured_per_minute(), e.active_users(now_ms, spec.session_seconds))
+        };
+        let (adaptive_rate, probe_latency_ms) = match self.adaptive.lock().as_ref() {
+            Some(c) if spec.adaptive.is_some() => (Some(c.rate), c.last_latency_ms),
+            _ => (None, None),
+        };
         RoomStats {
-            queue_length: last.saturating_sub(serving),
+            queue_length,
             next_ticket: last + 1,
             last_ticket: last,
             serving,
+            live_waiters: census.live,
+            abandoned: census.abandoned,
+            target_per_minute: self.effective_rate(),
+            measured_per_minute: measured,
             admitted_last_minute: self.admitted_window.lock().last_minute(now_s),
             entries_last_minute: self.entries_window.lock().last_minute(now_s),
+            active_users: active,
+            adaptive_rate,
+            probe_latency_ms,
+            eta_last_ticket_seconds: self.eta_seconds(queue_length.saturating_sub(1), now_ms),
         }
     }
 }
@@ -156,7 +226,11 @@ pub struct Rooms {
     pub clock: Arc<dyn Clock>,
     pub keys: KeyRing,
     pub cookies: CookieSigner,
+    pub pow: policy::pow::Pow,
     pub public_url: String,
+    /// Proxies whose client-IP header is believed (`trusted_proxies` in the config).
+    pub trusted_proxies: Vec<policy::abuse::Cidr>,
+    pub client_ip_header: String,
 }
 
 impl Rooms {
@@ -165,8 +239,8 @@ impl Rooms {
         let mut rooms = HashMap::new();
         for (id, bytes) in store.list(Table::Rooms).await? {
             let spec: RoomSpec = serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt(format!("room {id}: {e}")))?;
-            let counters = store.counters(&id).await?;
-            rooms.insert(id, Arc::new(Room::new(spec, counters.last_ticket, counters.serving)));
+            let engine = restore_engine(store.as_ref(), &id, clock.now_ms()).await?;
+            rooms.insert(id, Arc::new(Room::new(spec, engine)));
         }
         Ok(Arc::new(Rooms {
             rooms: RwLock::new(rooms),
@@ -174,7 +248,10 @@ impl Rooms {
             clock,
             keys,
             cookies: CookieSigner::new(&secrets.cookie_key),
+            pow: policy::pow::Pow::new(&secrets.cookie_key),
             public_url: config.public_url(),
+            trusted_proxies: config.trusted_proxies.iter().filter_map(|c| policy::abuse::Cidr::parse(c)).collect(),
+            client_ip_header: config.client_ip_header.to_ascii_lowercase(),
         }))
     }
 
@@ -199,7 +276,7 @@ impl Rooms {
         }
         // A previous room of this id may have left a queue behind.
         self.store.delete_queue(&spec.id).await?;
-        let room = Arc::new(Room::new(spec, 0, 0));
+        let room = Arc::new(Room::new(spec, Engine::default()));
         self.rooms.write().insert(room.id.clone(), room.clone());
         Ok(room)
     }
@@ -207,6 +284,14 @@ impl Rooms {
     pub async fn update(&self, room: &Room, spec: RoomSpec) -> Result<(), ApiError> {
         let bytes = serde_json::to_vec(&spec).map_err(|e| ApiError::internal(e.to_string()))?;
         self.store.put(Table::Rooms, &spec.id, bytes).await?;
+        {
+            let mut adaptive = room.adaptive.lock();
+            match (&spec.adaptive, adaptive.as_ref()) {
+                (Some(a), None) => *adaptive = Some(Controller::new(spec.rate_per_minute, a)),
+                (None, Some(_)) => *adaptive = None,
+                _ => {}
+            }
+        }
         *room.spec.write() = Arc::new(spec);
         Ok(())
     }
@@ -228,16 +313,75 @@ impl Rooms {
         hex::decode_to_slice(&visitor, &mut id).map_err(|e| ApiError::internal(e.to_string()))?;
         let now = self.clock.now_ms();
         let ticket = self.store.issue_ticket(&room.id, TicketEntry { visitor: id, entered_at_ms: now }).await?;
-        room.last_ticket.fetch_max(ticket, Ordering::AcqRel);
+        room.engine.lock().on_entry(ticket, now);
         room.entries_window.lock().add(now.div_euclid(1000), 1);
         metrics::counter!("weir_room_entries_total", "room" => room.id.clone()).increment(1);
         Ok(VisitorCookie { generation: room.spec().created_at_ms, ticket, visitor, deep_link })
     }
 
+    /// Safety net: admits `ticket` at once when nobody is waiting and the room's measured
+    /// arrivals and active users are within its policy; otherwise it stays queued.
+    pub async fn admit_if_within_policy(&self, room: &Room, ticket: u64) -> Result<bool, ApiError> {
+        let spec = room.spec();
+        let now = self.clock.now_ms();
+        let arrivals = room.entries_window.lock().last_minute(now.div_euclid(1000));
+        let within_rate = (arrivals as f64) <= room.effective_rate();
+        let active = room.engine.lock().active_users(now, spec.session_seconds);
+        let within_cap = spec.max_active_users.is_none_or(|m| active < m);
+        if !(within_rate && within_cap) {
+            return Ok(false);
+        }
+        let _guard = room.stepping.lock().await;
+        let Some(step) = room.engine.lock().plan_immediate(ticket) else { return Ok(false) };
+        let input = policy::engine::Inputs {
+            now_ms: now,
+            elapsed: std::time::Duration::ZERO,
+            rate_per_minute: room.effective_rate(),
+            admitting: true,
+            max_active_users: spec.max_active_users,
+            session_seconds: spec.session_seconds,
+            abandon_after_seconds: spec.abandon_after_seconds,
+        };
+        let sessions = room.engine.lock().sessions_after(&step, &input);
+        self.store
+            .record_admissions(&[crate::store::AdmissionRecord {
+                room: room.id.clone(),
+                serving: step.serving,
+                sessions: Some(sessions),
+                ..Default::default()
+            }])
+            .await?;
+        room.engine.lock().commit(step, &input);
+        room.record_admitted(now.div_euclid(1000), 1);
+        metrics::counter!("weir_room_admitted_total", "room" => room.id.clone()).increment(1);
+        metrics::counter!("weir_room_safety_net_passed_total", "room" => room.id.clone()).increment(1);
+        Ok(true)
+    }
+
+    /// An admitted visitor was active (forward auth, proxied request): extends its session.
+    pub fn activity(&self, room: &Room, ticket: u64) {
+        room.engine.lock().activity(ticket, self.clock.now_ms());
+    }
+
+    /// Ends the session of the visitor holding `ticket` (the origin's checkout/logout), durably.
+    pub async fn end_session(&self, room: &Room, ticket: u64) -> Result<bool, ApiError> {
+        let _guard = room.stepping.lock().await;
+        if !room.engine.lock().end_session(ticket) {
+            return Ok(false);
+        }
+        let sessions = room.engine.lock().session_tickets();
+        let serving = room.serving();
+        self.store
+            .record_admissions(&[crate::store::AdmissionRecord { room: room.id.clone(), serving, sessions: Some(sessions), ..Default::default() }])
+            .await?;
+        Ok(true)
+    }
+
     /// The visitor's cookie for `room`, if present and genuine for this generation of the room.
     pub fn recognise(&self, room: &Room, raw: Option<&str>) -> Option<VisitorCookie> {
         let cookie = self.cookies.decode(&room.id, raw?)?;
-        (cookie.generation == room.spec().created_at_ms && cookie.ticket <= room.last_ticket()).then_some(cookie)
+        (cookie.generation == room.spec().created_at_ms && cookie.ticket >= 1 && cookie.ticket <= room.last_ticket())
+            .then_some(cookie)
     }
 
     /// Where an admitted visitor goes: the origin (plus deep link) with the token appended.
@@ -255,31 +399,26 @@ impl Rooms {
         url.into()
     }
 
-    /// Computes what a visitor holding `cookie` (or, in passthrough, nobody in particular) sees.
+    /// Computes what a visitor holding `cookie` (or, in passthrough, nobody in particular) sees,
+    /// and counts the call as a sign of life.
     pub fn status(&self, room: &Room, cookie: Option<&VisitorCookie>) -> VisitorStatus {
         let spec = room.spec();
         let now = self.clock.now_ms();
         let state = room.effective_state(now);
-        let serving = room.serving();
         let ticket = cookie.map(|c| c.ticket);
-        let admitted = match (state, cookie) {
-            (RoomState::Passthrough, _) => true,
-            (_, Some(c)) => c.ticket <= serving,
-            _ => false,
+        let (admitted, position) = match (state, ticket) {
+            (RoomState::Passthrough, _) => (true, None),
+            (_, Some(t)) => {
+                let mut engine = room.engine.lock();
+                engine.seen(t, now);
+                (engine.is_admitted(t), engine.position(t))
+            }
+            _ => (false, None),
         };
-        let position = if admitted { None } else { ticket.and_then(|t| queue::position(t, serving)) };
-        let eta_seconds = match (state, position) {
-            (RoomState::Open, Some(p)) => queue::eta_seconds(p, spec.rate_per_minute),
-            (RoomState::Scheduled, Some(p)) => spec.starts_at_ms().and_then(|start| {
-                queue::eta_seconds(p, spec.rate_per_minute).map(|e| e + ((start - now).max(0) as u64).div_ceil(1000))
-            }),
-            _ => None,
-        };
+        let eta_seconds = if admitted { None } else { position.and_then(|p| room.eta_seconds(p, now)) };
         let (token, redirect_url) = if admitted {
             let visitor = cookie.map(|c| c.visitor.clone()).unwrap_or_else(visitor::new_visitor_id);
-            let token = self.keys.issue(&room.id, &spec.origin, &visitor, ticket.unwrap_or(0));
-            let url = Self::redirect_url(&spec, cookie.and_then(|c| c.deep_link.as_deref()), &token);
-            (Some(token), Some(url))
+            self.token_redirect(room, &visitor, ticket.unwrap_or(0), cookie.and_then(|c| c.deep_link.as_deref()))
         } else {
             (None, None)
         };
@@ -287,7 +426,7 @@ impl Rooms {
             room: room.id.clone(),
             state,
             ticket,
-            position,
+            position: if admitted { None } else { position },
             eta_seconds,
             admitted,
             redirect_url,
@@ -296,4 +435,29 @@ impl Rooms {
             token,
         }
     }
+
+    /// A token for `visitor` and the origin URL carrying it.
+    pub fn token_redirect(&self, room: &Room, visitor: &str, ticket: u64, deep_link: Option<&str>) -> (Option<String>, Option<String>) {
+        let spec = room.spec();
+        let token = self.keys.issue(&room.id, &spec.origin, visitor, ticket);
+        let url = Self::redirect_url(&spec, deep_link, &token);
+        (Some(token), Some(url))
+    }
+}
+
+/// Rebuilds a room's engine from the store: counters, pre-queue order, skips, sessions.
+async fn restore_engine(store: &dyn Store, room: &str, now_ms: i64) -> Result<Engine, StoreError> {
+    let counters = store.counters(room).await?;
+    let order: Vec<u32> = store
+        .get(Table::Meta, &order_key(room))
+        .await?
+        .map(|b| b.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+        .unwrap_or_default();
+    let sessions: Vec<u64> = store
+        .get(Table::Meta, &sessions_key(room))
+        .await?
+        .map(|b| b.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).collect())
+        .unwrap_or_default();
+    let skipped = store.skipped(room).await?;
+    Ok(Engine::restore(counters.last_ticket, counters.serving, order, skipped, sessions, now_ms))
 }

@@ -6,6 +6,7 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
 use crate::error::ApiError;
+pub use crate::room::policy::{Adaptive, Bypass};
 
 /// Highest admission rate accepted (visitors per minute); far above what one origin serves,
 /// low enough that the fractional arithmetic stays exact.
@@ -51,6 +52,30 @@ pub struct RoomSpec {
     /// Creation time (ms since epoch). Also the room's generation: visitor cookies carry it so
     /// a cookie from a deleted room of the same id is not honoured by its successor.
     pub created_at_ms: i64,
+    /// At most this many admitted visitors active at once (see `session_seconds`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_active_users: Option<u64>,
+    /// An admitted visitor stays active this long after its last seen activity.
+    #[serde(default = "default_session_seconds")]
+    pub session_seconds: u64,
+    /// Rate follows origin health, within [min, max].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adaptive: Option<Adaptive>,
+    /// Waiting visitors unseen this long are skipped when their turn comes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub abandon_after_seconds: Option<u64>,
+    /// Queue only while arrivals or active users exceed the policy.
+    #[serde(default)]
+    pub safety_net: bool,
+    /// Who skips the queue.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bypass: Option<Bypass>,
+    /// New tickets per client IP per minute.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_ip_entries_per_minute: Option<u32>,
+    /// Leading zero bits of the proof-of-work a new visitor must find (0 = off).
+    #[serde(default)]
+    pub pow_difficulty: u8,
 }
 
 /// `POST /api/v1/rooms` body.
@@ -63,6 +88,14 @@ pub struct NewRoom {
     pub rate_per_minute: f64,
     pub state: Option<RoomState>,
     pub starts_at: Option<String>,
+    pub max_active_users: Option<u64>,
+    pub session_seconds: Option<u64>,
+    pub adaptive: Option<Adaptive>,
+    pub abandon_after_seconds: Option<u64>,
+    pub safety_net: Option<bool>,
+    pub bypass: Option<Bypass>,
+    pub per_ip_entries_per_minute: Option<u32>,
+    pub pow_difficulty: Option<u8>,
 }
 
 /// `PATCH /api/v1/rooms/{id}` body: every field optional; `starts_at: null` clears it.
@@ -75,10 +108,28 @@ pub struct RoomPatch {
     pub state: Option<RoomState>,
     #[serde(default, deserialize_with = "double_option")]
     pub starts_at: Option<Option<String>>,
+    #[serde(default, deserialize_with = "double_option")]
+    pub max_active_users: Option<Option<u64>>,
+    pub session_seconds: Option<u64>,
+    #[serde(default, deserialize_with = "double_option")]
+    pub adaptive: Option<Option<Adaptive>>,
+    #[serde(default, deserialize_with = "double_option")]
+    pub abandon_after_seconds: Option<Option<u64>>,
+    pub safety_net: Option<bool>,
+    #[serde(default, deserialize_with = "double_option")]
+    pub bypass: Option<Option<Bypass>>,
+    #[serde(default, deserialize_with = "double_option")]
+    pub per_ip_entries_per_minute: Option<Option<u32>>,
+    pub pow_difficulty: Option<u8>,
 }
 
-fn double_option<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<String>>, D::Error> {
-    Option::<String>::deserialize(d).map(Some)
+/// Distinguishes an absent field (`None`) from an explicit `null` (`Some(None)`).
+fn double_option<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<Option<T>>, D::Error> {
+    Option::<T>::deserialize(d).map(Some)
+}
+
+fn default_session_seconds() -> u64 {
+    600
 }
 
 pub fn validate_room_id(id: &str) -> Result<(), ApiError> {
@@ -142,6 +193,14 @@ impl RoomSpec {
             state: input.state.unwrap_or(if input.starts_at.is_some() { RoomState::Scheduled } else { RoomState::Open }),
             starts_at: input.starts_at,
             created_at_ms: now_ms,
+            max_active_users: input.max_active_users,
+            session_seconds: input.session_seconds.unwrap_or_else(default_session_seconds),
+            adaptive: input.adaptive,
+            abandon_after_seconds: input.abandon_after_seconds,
+            safety_net: input.safety_net.unwrap_or(false),
+            bypass: input.bypass,
+            per_ip_entries_per_minute: input.per_ip_entries_per_minute,
+            pow_difficulty: input.pow_difficulty.unwrap_or(0),
         };
         spec.validate()?;
         Ok(spec)
@@ -164,6 +223,30 @@ impl RoomSpec {
         if let Some(v) = patch.state {
             next.state = v;
         }
+        if let Some(v) = patch.max_active_users {
+            next.max_active_users = v;
+        }
+        if let Some(v) = patch.session_seconds {
+            next.session_seconds = v;
+        }
+        if let Some(v) = patch.adaptive {
+            next.adaptive = v;
+        }
+        if let Some(v) = patch.abandon_after_seconds {
+            next.abandon_after_seconds = v;
+        }
+        if let Some(v) = patch.safety_net {
+            next.safety_net = v;
+        }
+        if let Some(v) = patch.bypass {
+            next.bypass = v;
+        }
+        if let Some(v) = patch.per_ip_entries_per_minute {
+            next.per_ip_entries_per_minute = v;
+        }
+        if let Some(v) = patch.pow_difficulty {
+            next.pow_difficulty = v;
+        }
         next.validate()?;
         Ok(next)
     }
@@ -176,6 +259,7 @@ impl RoomSpec {
         if let Some(s) = &self.starts_at {
             parse_time_ms("starts_at", s)?;
         }
+        crate::room::policy::validate(self)?;
         if self.state == RoomState::Scheduled && self.starts_at.is_none() {
             return Err(ApiError::invalid_field("starts_at", "is required when state is scheduled"));
         }
@@ -203,7 +287,22 @@ mod tests {
 
     #[test]
     fn create_validates_each_field() {
-        let base = || NewRoom { id: "r".into(), name: None, origin: "https://shop.example".into(), rate_per_minute: 60.0, state: None, starts_at: None };
+        let base = || NewRoom {
+            id: "r".into(),
+            name: None,
+            origin: "https://shop.example".into(),
+            rate_per_minute: 60.0,
+            state: None,
+            starts_at: None,
+            max_active_users: None,
+            session_seconds: None,
+            adaptive: None,
+            abandon_after_seconds: None,
+            safety_net: None,
+            bypass: None,
+            per_ip_entries_per_minute: None,
+            pow_difficulty: None,
+        };
         assert!(RoomSpec::create(base(), 0).is_ok());
         let e = RoomSpec::create(NewRoom { origin: "/relative".into(), ..base() }, 0).unwrap_err();
         assert!(e.message.starts_with("origin"));

@@ -38,6 +38,13 @@ impl Admission {
         serving + admit
     }
 
+    /// Gives back `slots` unused this tick, keeping at most `cap` in hand.
+    pub fn refund(&mut self, slots: u64, cap: f64) {
+        if slots > 0 {
+            self.credit = (self.credit + slots as f64).min(cap.max(self.credit));
+        }
+    }
+
     /// Called while the room is not admitting (paused, closed, before its start).
     pub fn hold(&mut self) {
         self.credit = 0.0;

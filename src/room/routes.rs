@@ -1,6 +1,9 @@
 //! Visitor routes: `GET /r/{room}` (entry and waiting page) and `GET /r/{room}/status` (JSON).
 
-use axum::extract::{Path, Query, State};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -8,7 +11,8 @@ use axum::{Json, Router};
 use serde::Deserialize;
 
 use super::model::RoomState;
-use super::visitor::{cookie_name, safe_deep_link};
+use super::policy::abuse;
+use super::visitor::{cookie_name, safe_deep_link, VisitorCookie};
 use super::{Room, VisitorStatus};
 use crate::error::ApiError;
 use crate::http::AppState;
@@ -24,12 +28,15 @@ pub fn routes() -> Router<AppState> {
 #[derive(Deserialize)]
 struct EntryQuery {
     to: Option<String>,
+    /// `challenge:solution` of the proof-of-work, when the room asks for one.
+    pow: Option<String>,
 }
 
 async fn entry(
     State(state): State<AppState>,
     Path(room_id): Path<String>,
     query: Result<Query<EntryQuery>, axum::extract::rejection::QueryRejection>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
 ) -> Response {
     let json = cookies::wants_json(&headers);
@@ -37,7 +44,8 @@ async fn entry(
         return no_such_room(json, &room_id);
     };
     let rooms = &state.rooms;
-    let deep_link = query.ok().and_then(|Query(q)| q.to).and_then(|to| safe_deep_link(&to));
+    let (to, pow) = query.map(|Query(q)| (q.to, q.pow)).unwrap_or_default();
+    let deep_link = to.and_then(|to| safe_deep_link(&to));
     let existing = rooms.recognise(&room, cookies::get(&headers, &cookie_name(&room.id)));
     let mut set_cookies = Vec::new();
     let cookie = match existing {
@@ -51,17 +59,102 @@ async fn entry(
         None => match room.effective_state(state.clock.now_ms()) {
             RoomState::Closed => return closed(json, &room, rooms.status(&room, None)),
             RoomState::Passthrough => None,
-            _ => match rooms.enter(&room, deep_link).await {
-                Ok(c) => {
-                    set_cookies.push(visitor_cookie(&state, &room, &c));
-                    Some(c)
+            _ => {
+                let ip = abuse::client_ip(peer.ip(), &headers, &rooms.trusted_proxies, &rooms.client_ip_header);
+                match admit_new_visitor(&state, &room, ip, &headers, deep_link, pow.as_deref(), json).await {
+                    Ok(NewVisitor::Bypass(response)) | Err(response) => return response,
+                    Ok(NewVisitor::Ticket(c)) => {
+                        set_cookies.push(visitor_cookie(&state, &room, &c));
+                        Some(c)
+                    }
                 }
-                Err(e) => return e.into_response(),
-            },
+            }
         },
     };
     let status = rooms.status(&room, cookie.as_ref());
     respond(&state, json, &room, status, set_cookies)
+}
+
+enum NewVisitor {
+    Ticket(VisitorCookie),
+    /// Skips the queue: the redirect to the origin.
+    Bypass(Response),
+}
+
+/// The gate before a new ticket: bypass rules, proof-of-work, the per-IP limit; then the
+/// durable ticket and, in a safety-net room with no queue, immediate admission.
+async fn admit_new_visitor(
+    state: &AppState,
+    room: &Arc<Room>,
+    ip: IpAddr,
+    headers: &HeaderMap,
+    deep_link: Option<String>,
+    pow: Option<&str>,
+    json: bool,
+) -> Result<NewVisitor, Response> {
+    let rooms = &state.rooms;
+    let spec = room.spec();
+    let now_ms = state.clock.now_ms();
+    if spec.bypass.as_ref().is_some_and(|b| abuse::bypasses(b, ip, headers)) {
+        metrics::counter!("weir_room_bypassed_total", "room" => room.id.clone()).increment(1);
+        let mut status = rooms.status(room, None);
+        let (token, url) = rooms.token_redirect(room, &super::visitor::new_visitor_id(), 0, deep_link.as_deref());
+        (status.admitted, status.token, status.redirect_url, status.position) = (true, token, url, None);
+        return Ok(NewVisitor::Bypass(respond(state, json, room, status, Vec::new())));
+    }
+    if spec.pow_difficulty > 0 {
+        let verdict = pow.map(|p| rooms.pow.verify(&room.id, spec.pow_difficulty, p, now_ms / 1000));
+        if let Some(Ok(())) = verdict {
+            metrics::counter!("weir_room_pow_total", "room" => room.id.clone(), "result" => "ok").increment(1);
+        } else {
+            if let Some(Err(e)) = verdict {
+                metrics::counter!("weir_room_pow_total", "room" => room.id.clone(), "result" => e.as_str()).increment(1);
+            }
+            let challenge = rooms.pow.challenge(&room.id, spec.pow_difficulty, now_ms / 1000);
+            let reason = verdict.and_then(|v| v.err()).map(|e| e.as_str());
+            return Err(pow_challenge(json, room, &challenge, spec.pow_difficulty, reason, deep_link.as_deref()));
+        }
+    }
+    if let Some(limit) = spec.per_ip_entries_per_minute {
+        if let Err(retry_after) = room.per_ip.check(ip, now_ms / 1000, limit) {
+            metrics::counter!("weir_room_per_ip_refused_total", "room" => room.id.clone()).increment(1);
+            return Err(too_many_entries(json, retry_after));
+        }
+    }
+    let cookie = rooms.enter(room, deep_link).await.map_err(IntoResponse::into_response)?;
+    if spec.safety_net && room.effective_state(now_ms) == RoomState::Open {
+        rooms.admit_if_within_policy(room, cookie.ticket).await.map_err(IntoResponse::into_response)?;
+    }
+    Ok(NewVisitor::Ticket(cookie))
+}
+
+fn pow_challenge(json: bool, room: &Room, challenge: &str, difficulty: u8, reason: Option<&str>, to: Option<&str>) -> Response {
+    if json {
+        let body = serde_json::json!({
+            "error": {"code": "pow_required", "message": match reason {
+                Some(r) => format!("proof of work refused ({r}); solve the new challenge"),
+                None => "solve the proof-of-work challenge, then retry with ?pow=<challenge>:<solution>".to_string(),
+            }},
+            "pow": {"challenge": challenge, "difficulty": difficulty, "algorithm": "sha256-leading-zero-bits"},
+        });
+        return (StatusCode::PRECONDITION_REQUIRED, Json(body)).into_response();
+    }
+    pages::render(
+        StatusCode::OK,
+        "pow.html",
+        minijinja::context! { name => room.spec().name.clone(), room => room.id.clone(), challenge, difficulty, to },
+    )
+}
+
+fn too_many_entries(json: bool, retry_after: u64) -> Response {
+    let message = "Too many new visitors from your network right now. Please try again in a minute.";
+    let mut response = if json {
+        ApiError::too_many_requests(message, retry_after).into_response()
+    } else {
+        pages::error_page(StatusCode::TOO_MANY_REQUESTS, "Please wait a moment", message)
+    };
+    response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(retry_after.max(1)));
+    response
 }
 
 async fn status(State(state): State<AppState>, Path(room_id): Path<String>, headers: HeaderMap) -> Response {

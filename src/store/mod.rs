@@ -47,6 +47,27 @@ pub struct TicketEntry {
     pub entered_at_ms: i64,
 }
 
+/// One room's admission step, as persisted by [`Store::record_admissions`].
+#[derive(Debug, Clone, Default)]
+pub struct AdmissionRecord {
+    pub room: String,
+    pub serving: u64,
+    pub skipped: Vec<u64>,
+    pub unskipped: Vec<u64>,
+    /// Tickets with an active session, when they changed.
+    pub sessions: Option<Vec<u64>>,
+}
+
+/// Meta-table key of a room's persisted pre-queue order.
+pub fn order_key(room: &str) -> String {
+    format!("order/{room}")
+}
+
+/// Meta-table key of a room's active sessions.
+pub fn sessions_key(room: &str) -> String {
+    format!("sessions/{room}")
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("storage backend: {0}")]
@@ -73,10 +94,13 @@ pub trait Store: Send + Sync + 'static {
     /// Reads one recorded ticket.
     async fn ticket(&self, room: &str, ticket: u64) -> Result<Option<TicketEntry>, StoreError>;
     async fn counters(&self, room: &str) -> Result<QueueCounters, StoreError>;
-    /// Raises each room's serving counter to the given value (never lowers it, never past the
-    /// last issued ticket) in one durable step. Returns the stored values.
-    async fn advance_serving(&self, updates: &[(String, u64)]) -> Result<Vec<u64>, StoreError>;
-    /// Removes a room's counters and tickets.
+    /// Records admission steps of several rooms in one durable write: each raises its room's
+    /// serving counter (never lowers it, never past the last issued ticket), adds skipped
+    /// tickets, removes re-admitted ones and replaces the active-session list.
+    async fn record_admissions(&self, records: &[AdmissionRecord]) -> Result<(), StoreError>;
+    /// Tickets of `room` currently skipped (their turn passed while they were away).
+    async fn skipped(&self, room: &str) -> Result<Vec<u64>, StoreError>;
+    /// Removes a room's counters, tickets, skips and admission documents.
     async fn delete_queue(&self, room: &str) -> Result<(), StoreError>;
 
     /// Whether the store can serve requests now.

@@ -14,11 +14,12 @@ use async_trait::async_trait;
 use redb::{Database, ReadableTable, TableDefinition};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{QueueCounters, Store, StoreError, Table, TicketEntry};
+use super::{order_key, sessions_key, AdmissionRecord, QueueCounters, Store, StoreError, Table, TicketEntry};
 
 const DOCS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("docs");
 const COUNTERS: TableDefinition<&str, (u64, u64)> = TableDefinition::new("counters");
 const TICKETS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("tickets");
+const SKIPPED: TableDefinition<(&str, u64), ()> = TableDefinition::new("skipped");
 
 /// Most operations folded into one transaction; bounds the latency a batch adds to its first member.
 const MAX_BATCH: usize = 2048;
@@ -32,7 +33,7 @@ enum WriteOp {
     InsertNew { table: Table, key: String, value: Vec<u8>, reply: Reply<bool> },
     Delete { table: Table, key: String, reply: Reply<bool> },
     IssueTicket { room: String, entry: TicketEntry, reply: Reply<u64> },
-    AdvanceServing { updates: Vec<(String, u64)>, reply: Reply<Vec<u64>> },
+    RecordAdmissions { records: Vec<AdmissionRecord>, reply: Reply<()> },
     DeleteQueue { room: String, reply: Reply<()> },
     Close { reply: Reply<()> },
 }
@@ -41,6 +42,8 @@ pub struct RedbStore {
     db: Arc<Database>,
     writer: mpsc::Sender<WriteOp>,
     open: Arc<AtomicBool>,
+    /// Joined on close, so the database file is released when `close` returns.
+    writer_thread: parking_lot::Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 fn backend(e: impl std::fmt::Display) -> StoreError {
@@ -56,16 +59,17 @@ impl RedbStore {
         txn.open_table(DOCS).map_err(backend)?;
         txn.open_table(COUNTERS).map_err(backend)?;
         txn.open_table(TICKETS).map_err(backend)?;
+        txn.open_table(SKIPPED).map_err(backend)?;
         txn.commit().map_err(backend)?;
         let db = Arc::new(db);
         let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
         let open = Arc::new(AtomicBool::new(true));
         let writer_db = db.clone();
-        std::thread::Builder::new()
+        let handle = std::thread::Builder::new()
             .name("weir-store-writer".into())
             .spawn(move || writer_loop(&writer_db, rx))
             .map_err(backend)?;
-        Ok(Self { db, writer: tx, open })
+        Ok(Self { db, writer: tx, open, writer_thread: parking_lot::Mutex::new(Some(handle)) })
     }
 
     async fn write<T>(&self, op: impl FnOnce(Reply<T>) -> WriteOp) -> Result<T, StoreError> {
@@ -133,6 +137,7 @@ fn apply_batch(db: &Database, batch: &mut Vec<WriteOp>) {
             let mut docs = txn.open_table(DOCS).map_err(backend)?;
             let mut counters = txn.open_table(COUNTERS).map_err(backend)?;
             let mut tickets = txn.open_table(TICKETS).map_err(backend)?;
+            let mut skipped = txn.open_table(SKIPPED).map_err(backend)?;
             for op in batch.drain(..) {
                 match op {
                     WriteOp::Put { table, key, value, reply } => {
@@ -169,27 +174,39 @@ fn apply_batch(db: &Database, batch: &mut Vec<WriteOp>) {
                         })();
                         deferred.push(defer(reply, r));
                     }
-                    WriteOp::AdvanceServing { updates, reply } => {
-                        let r = updates
-                            .iter()
-                            .map(|(room, target)| {
-                                let (last, serving) = counters
-                                    .get(room.as_str())
-                                    .map_err(backend)?
-                                    .map(|g| g.value())
-                                    .unwrap_or((0, 0));
-                                let next = serving.max((*target).min(last));
-                                if next != serving {
-                                    counters.insert(room.as_str(), (last, next)).map_err(backend)?;
-                                }
-                                Ok(next)
-                            })
-                            .collect::<Result<Vec<u64>, StoreError>>();
+                    WriteOp::RecordAdmissions { records, reply } => {
+                        let r = records.iter().try_for_each(|rec| {
+                            let room = rec.room.as_str();
+                            let (last, serving) =
+                                counters.get(room).map_err(backend)?.map(|g| g.value()).unwrap_or((0, 0));
+                            let next = serving.max(rec.serving.min(last));
+                            if next != serving {
+                                counters.insert(room, (last, next)).map_err(backend)?;
+                            }
+                            for t in &rec.skipped {
+                                skipped.insert((room, *t), ()).map_err(backend)?;
+                            }
+                            for t in &rec.unskipped {
+                                skipped.remove((room, *t)).map_err(backend)?;
+                            }
+                            if let Some(sessions) = &rec.sessions {
+                                let bytes: Vec<u8> = sessions.iter().flat_map(|t| t.to_le_bytes()).collect();
+                                docs.insert((Table::Meta.name(), sessions_key(room).as_str()), bytes.as_slice())
+                                    .map_err(backend)?;
+                            }
+                            Ok::<(), StoreError>(())
+                        });
                         deferred.push(defer(reply, r));
                     }
                     WriteOp::DeleteQueue { room, reply } => {
                         let r = (|| {
                             counters.remove(room.as_str()).map_err(backend)?;
+                            skipped
+                                .retain_in((room.as_str(), 0)..=(room.as_str(), u64::MAX), |_, _| false)
+                                .map_err(backend)?;
+                            for key in [order_key(&room), sessions_key(&room)] {
+                                docs.remove((Table::Meta.name(), key.as_str())).map_err(backend)?;
+                            }
                             tickets
                                 .retain_in((room.as_str(), 0)..=(room.as_str(), u64::MAX), |_, _| false)
                                 .map_err(backend)?;
@@ -293,9 +310,23 @@ impl Store for RedbStore {
         .await
     }
 
-    async fn advance_serving(&self, updates: &[(String, u64)]) -> Result<Vec<u64>, StoreError> {
-        let updates = updates.to_vec();
-        self.write(|reply| WriteOp::AdvanceServing { updates, reply }).await
+    async fn record_admissions(&self, records: &[AdmissionRecord]) -> Result<(), StoreError> {
+        let records = records.to_vec();
+        self.write(|reply| WriteOp::RecordAdmissions { records, reply }).await
+    }
+
+    async fn skipped(&self, room: &str) -> Result<Vec<u64>, StoreError> {
+        let room = room.to_string();
+        self.read(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let t = txn.open_table(SKIPPED).map_err(backend)?;
+            let mut out = Vec::new();
+            for item in t.range((room.as_str(), 0)..=(room.as_str(), u64::MAX)).map_err(backend)? {
+                out.push(item.map_err(backend)?.0.value().1);
+            }
+            Ok(out)
+        })
+        .await
     }
 
     async fn delete_queue(&self, room: &str) -> Result<(), StoreError> {
@@ -310,6 +341,10 @@ impl Store for RedbStore {
     async fn close(&self) -> Result<(), StoreError> {
         let result = self.write(|reply| WriteOp::Close { reply }).await;
         self.open.store(false, Ordering::Relaxed);
+        let handle = self.writer_thread.lock().take();
+        if let Some(handle) = handle {
+            let _ = tokio::task::spawn_blocking(move || handle.join()).await;
+        }
         result
     }
 }
@@ -339,8 +374,11 @@ mod tests {
             }
             tickets.sort();
             assert_eq!(tickets, (1..=50).collect::<Vec<_>>());
-            assert_eq!(store.advance_serving(&[("a".into(), 80)]).await.unwrap(), vec![50]);
-            assert_eq!(store.advance_serving(&[("a".into(), 10)]).await.unwrap(), vec![50]);
+            let rec = |serving| AdmissionRecord { room: "a".into(), serving, skipped: vec![3, 4], unskipped: vec![4], sessions: Some(vec![1, 2]) };
+            store.record_admissions(&[rec(80)]).await.unwrap();
+            store.record_admissions(&[rec(10)]).await.unwrap();
+            assert_eq!(store.counters("a").await.unwrap().serving, 50, "never past the last ticket, never lowered");
+            assert_eq!(store.skipped("a").await.unwrap(), vec![3]);
             store.close().await.unwrap();
         }
         let store = RedbStore::open(dir.path()).unwrap();
@@ -349,6 +387,8 @@ mod tests {
         store.delete_queue("a").await.unwrap();
         assert_eq!(store.counters("a").await.unwrap(), QueueCounters::default());
         assert!(store.ticket("a", 7).await.unwrap().is_none());
+        assert!(store.skipped("a").await.unwrap().is_empty());
+        assert!(store.get(Table::Meta, &sessions_key("a")).await.unwrap().is_none());
     }
 
     #[tokio::test]

@@ -15,6 +15,7 @@ const TEMPLATES: &[(&str, &str)] = &[
     ("paused.html", include_str!("templates/paused.html")),
     ("closed.html", include_str!("templates/closed.html")),
     ("error.html", include_str!("templates/error.html")),
+    ("pow.html", include_str!("templates/pow.html")),
 ];
 
 fn env() -> &'static Environment<'static> {

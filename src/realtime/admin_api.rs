@@ -1,0 +1,163 @@
+//! `/api/v1/apps`: create, list, show, change and delete Pusher apps (behind the admin key,
+//! checked by `admin::auth` where the routes are mounted). API-created apps are persisted in
+//! the store (`Table::Apps`, JSON `AppSpec`); apps from the config file are shown but read-only.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::{json, Value};
+
+use super::app::AppSpec;
+use super::tenant::Tenant;
+use super::{Realtime, INTERNAL_APP_KEY};
+use crate::error::{ApiError, ApiPath};
+use crate::http::AppState;
+use crate::store::Table;
+
+/// An app definition is well under 8 KiB; 64 KiB leaves room for webhooks lists.
+const BODY_LIMIT: usize = 64 * 1024;
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/apps", get(list).post(create))
+        .route("/apps/{id}", get(show).patch(patch).delete(delete))
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+}
+
+fn parse_object(body: &Bytes) -> Result<serde_json::Map<String, Value>, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(serde_json::Map::new());
+    }
+    match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(m)) => Ok(m),
+        Ok(_) => Err(ApiError::bad_request("body must be a JSON object")),
+        Err(e) => Err(ApiError::bad_request(format!("invalid JSON: {e}"))),
+    }
+}
+
+fn to_spec(v: Value) -> Result<AppSpec, ApiError> {
+    let spec: AppSpec = serde_json::from_value(v).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_field", e.to_string()))?;
+    spec.validate().map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_field", e))?;
+    Ok(spec)
+}
+
+fn random_hex(bytes: usize) -> String {
+    let raw: Vec<u8> = (0..bytes).map(|_| rand::random::<u8>()).collect();
+    hex::encode(raw)
+}
+
+/// `POST /api/v1/apps` with optional settings (and optionally `id`, `key`, `secret`).
+/// 201 with the whole app, credentials included.
+async fn create(State(state): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
+    let mut obj = parse_object(&body)?;
+    if let Some(Value::Number(n)) = obj.get("id") {
+        let s = n.to_string();
+        obj.insert("id".into(), Value::String(s));
+    }
+    let rt = &state.realtime;
+    if !obj.contains_key("id") {
+        let id = loop {
+            let candidate = rand::random_range(100_000u32..1_000_000_000).to_string();
+            if rt.tenant_by_id(&candidate).is_none() {
+                break candidate;
+            }
+        };
+        obj.insert("id".into(), Value::String(id));
+    }
+    obj.entry("key").or_insert_with(|| Value::String(random_hex(10)));
+    obj.entry("secret").or_insert_with(|| Value::String(random_hex(10)));
+    let spec = to_spec(Value::Object(obj))?;
+    rt.create_app(spec.clone()).await?;
+    Ok((StatusCode::CREATED, Json(spec)).into_response())
+}
+
+/// `GET /api/v1/apps` → `{"apps": [...]}` ordered by id.
+async fn list(State(state): State<AppState>) -> Json<Value> {
+    let mut apps: Vec<AppSpec> = state.realtime.registry.read().by_id.values().map(|t| (*t.spec()).clone()).collect();
+    apps.sort_by(|a, b| (a.id.len(), &a.id).cmp(&(b.id.len(), &b.id)));
+    Json(json!({ "apps": apps }))
+}
+
+fn find(rt: &Realtime, id: &str) -> Result<Arc<Tenant>, ApiError> {
+    rt.tenant_by_id(id).ok_or_else(|| ApiError::not_found(format!("no app with id {id:?}")))
+}
+
+async fn show(State(state): State<AppState>, ApiPath(id): ApiPath<String>) -> Result<Json<AppSpec>, ApiError> {
+    Ok(Json((*find(&state.realtime, &id)?.spec()).clone()))
+}
+
+/// `PATCH /api/v1/apps/{id}`: changes the given settings (and `secret`); `id` and `key` are fixed.
+async fn patch(State(state): State<AppState>, ApiPath(id): ApiPath<String>, body: Bytes) -> Result<Json<AppSpec>, ApiError> {
+    let changes = parse_object(&body)?;
+    let rt = &state.realtime;
+    let _guard = rt.admin_lock.lock().await;
+    let tenant = find(rt, &id)?;
+    if rt.config_ids.contains(&id) {
+        return Err(ApiError::conflict(format!("app {id} is defined in the config file; change it there")));
+    }
+    let current = tenant.spec();
+    let mut merged = serde_json::to_value(&*current).map_err(|e| ApiError::internal(e.to_string()))?;
+    for (k, v) in changes {
+        let unchanged = merged.get(&k) == Some(&v);
+        if (k == "id" || k == "key") && !unchanged {
+            return Err(ApiError::invalid_field(&k, "cannot be changed; create a new app instead"));
+        }
+        merged[k.as_str()] = v;
+    }
+    let spec = to_spec(merged)?;
+    let raw = serde_json::to_vec(&spec).map_err(|e| ApiError::internal(e.to_string()))?;
+    rt.store.put(Table::Apps, &id, raw).await?;
+    tenant.update(spec.clone(), &rt.hooks);
+    Ok(Json(spec))
+}
+
+/// `DELETE /api/v1/apps/{id}`: 204; its connections are closed with 4001.
+async fn delete(State(state): State<AppState>, ApiPath(id): ApiPath<String>) -> Result<StatusCode, ApiError> {
+    let rt = &state.realtime;
+    let _guard = rt.admin_lock.lock().await;
+    let tenant = find(rt, &id)?;
+    if rt.config_ids.contains(&id) {
+        return Err(ApiError::conflict(format!("app {id} is defined in the config file; remove it there")));
+    }
+    rt.store.delete(Table::Apps, &id).await?;
+    {
+        let mut reg = rt.registry.write();
+        reg.by_id.remove(&id);
+        reg.by_key.remove(&tenant.spec().key);
+    }
+    tenant.close_all(super::protocol::code::APP_NOT_FOUND, "app deleted");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+impl Realtime {
+    /// Persists and registers a new app; 409 when its id or key is taken.
+    pub async fn create_app(&self, spec: AppSpec) -> Result<(), ApiError> {
+        let _guard = self.admin_lock.lock().await;
+        if spec.key == INTERNAL_APP_KEY {
+            return Err(ApiError::conflict(format!("key {INTERNAL_APP_KEY:?} is reserved for weir's internal app")));
+        }
+        {
+            let reg = self.registry.read();
+            if reg.by_id.contains_key(&spec.id) {
+                return Err(ApiError::conflict(format!("an app with id {} exists", spec.id)));
+            }
+            if reg.by_key.contains_key(&spec.key) {
+                return Err(ApiError::conflict("an app with this key exists"));
+            }
+        }
+        let raw = serde_json::to_vec(&spec).map_err(|e| ApiError::internal(e.to_string()))?;
+        if !self.store.insert_new(Table::Apps, &spec.id, raw).await? {
+            return Err(ApiError::conflict(format!("an app with id {} exists", spec.id)));
+        }
+        let t = Tenant::new(spec.clone(), false, self.serials.clone(), &self.hooks);
+        let mut reg = self.registry.write();
+        reg.by_id.insert(spec.id.clone(), t.clone());
+        reg.by_key.insert(spec.key.clone(), t);
+        Ok(())
+    }
+}

@@ -1,0 +1,321 @@
+//! The Pusher HTTP API under `/apps/{app_id}/`, signed as Pusher signs it: trigger events
+//! (one event to up to 100 channels, or batches of up to 10), query channels and presence users,
+//! and terminate a user's connections. Success bodies look like Pusher's (`{}` after a trigger);
+//! failures use weir's JSON error shape with Pusher's statuses (401 names the failing auth part,
+//! 400, 403 disabled app, 404 unknown app, 413, 429 with `Retry-After`).
+
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{OriginalUri, Path, State};
+use axum::http::Method;
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+
+use super::protocol::{self, ChannelKind, ChannelType};
+use super::signature;
+use super::tenant::Tenant;
+use crate::error::ApiError;
+use crate::http::AppState;
+
+/// Channels one trigger may address (Pusher: 100).
+pub const MAX_TRIGGER_CHANNELS: usize = 100;
+/// Events one batch may carry (Pusher: 10).
+pub const MAX_BATCH_EVENTS: usize = 10;
+
+/// Looks up the app, reads the body (bounded by the app's limits) and checks the signature.
+async fn authorize(
+    state: &AppState,
+    app_id: &str,
+    method: &Method,
+    uri: &axum::http::Uri,
+    body: Body,
+) -> Result<(Arc<Tenant>, Bytes), ApiError> {
+    let tenant = state
+        .realtime
+        .tenant_by_id(app_id)
+        .ok_or_else(|| ApiError::not_found(format!("unknown app {app_id:?}")))?;
+    let spec = tenant.spec();
+    // A full batch: 10 events of max size, each escaped (×2 worst case for JSON in JSON),
+    // plus channel lists. Anything larger cannot be valid.
+    let limit = spec.max_message_bytes * MAX_BATCH_EVENTS * 2 + 64 * 1024;
+    let body = axum::body::to_bytes(body, limit)
+        .await
+        .map_err(|_| ApiError::payload_too_large(format!("request body over {limit} bytes")))?;
+    let params: Vec<(String, String)> =
+        url::form_urlencoded::parse(uri.query().unwrap_or("").as_bytes()).into_owned().collect();
+    signature::verify_api_request(&spec.key, &spec.secret, method.as_str(), uri.path(), &params, &body, state.clock.now_secs())
+        .map_err(|e| ApiError::unauthorized(e.to_string()))?;
+    if !spec.enabled {
+        return Err(ApiError::forbidden("app is disabled"));
+    }
+    Ok((tenant, body))
+}
+
+fn query_param(uri: &axum::http::Uri, name: &str) -> Option<String> {
+    url::form_urlencoded::parse(uri.query().unwrap_or("").as_bytes())
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.into_owned())
+}
+
+#[derive(Deserialize)]
+struct TriggerBody {
+    name: String,
+    data: Value,
+    #[serde(default)]
+    channels: Option<Vec<String>>,
+    #[serde(default)]
+    channel: Option<String>,
+    #[serde(default)]
+    socket_id: Option<String>,
+    #[serde(default)]
+    info: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct BatchBody {
+    batch: Vec<TriggerBody>,
+}
+
+/// A trigger after validation.
+struct Event {
+    name: String,
+    data: String,
+    channels: Vec<String>,
+    socket_id: Option<String>,
+    info: Info,
+}
+
+#[derive(Default, Clone, Copy)]
+struct Info {
+    user_count: bool,
+    subscription_count: bool,
+}
+
+fn parse_info(raw: Option<&str>) -> Result<Info, ApiError> {
+    let mut info = Info::default();
+    for attr in raw.unwrap_or("").split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        match attr {
+            "user_count" => info.user_count = true,
+            "subscription_count" => info.subscription_count = true,
+            other => return Err(ApiError::invalid_field("info", format!("unknown attribute {other:?}"))),
+        }
+    }
+    Ok(info)
+}
+
+fn validate_socket_id(s: &str) -> bool {
+    let mut parts = s.split('.');
+    let ok = |p: Option<&str>| p.is_some_and(|p| !p.is_empty() && p.len() <= 20 && p.bytes().all(|b| b.is_ascii_digit()));
+    ok(parts.next()) && ok(parts.next()) && parts.next().is_none()
+}
+
+fn validate(body: TriggerBody, max_data: usize, max_channels: usize) -> Result<Event, ApiError> {
+    protocol::validate_event_name(&body.name).map_err(|e| ApiError::invalid_field("name", e))?;
+    let channels = match (body.channels, body.channel) {
+        (Some(c), None) => c,
+        (None, Some(c)) => vec![c],
+        (Some(mut c), Some(one)) => {
+            c.push(one);
+            c
+        }
+        (None, None) => return Err(ApiError::invalid_field("channels", "missing")),
+    };
+    if channels.is_empty() || channels.len() > max_channels {
+        return Err(ApiError::invalid_field("channels", format!("must list 1-{max_channels} channels")));
+    }
+    for c in &channels {
+        ChannelType::parse(c).map_err(|e| ApiError::invalid_field("channels", e))?;
+    }
+    let data = match body.data {
+        Value::String(s) => s,
+        other => other.to_string(),
+    };
+    if data.len() > max_data {
+        return Err(ApiError::payload_too_large(format!(
+            "data: {} bytes is over the app's limit of {max_data} bytes",
+            data.len()
+        )));
+    }
+    if let Some(s) = &body.socket_id {
+        if !validate_socket_id(s) {
+            return Err(ApiError::invalid_field("socket_id", "must look like 1234.5678"));
+        }
+    }
+    let info = parse_info(body.info.as_deref())?;
+    Ok(Event { name: body.name, data, channels, socket_id: body.socket_id, info })
+}
+
+fn parse_body<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("invalid body: {e}")))
+}
+
+fn publish(tenant: &Tenant, event: &Event) {
+    let exclude = event.socket_id.as_deref().and_then(|s| tenant.conn_id_of(s));
+    for channel in &event.channels {
+        tenant.publish(channel, &event.name, &event.data, exclude, None);
+    }
+}
+
+fn channel_info(tenant: &Tenant, channel: &str, info: Info) -> Value {
+    let stats = tenant.channel(channel);
+    let mut v = Map::new();
+    if info.subscription_count {
+        v.insert("subscription_count".into(), json!(stats.as_ref().map_or(0, |s| s.subscription_count)));
+    }
+    if info.user_count {
+        v.insert("user_count".into(), json!(stats.as_ref().and_then(|s| s.user_count).unwrap_or(0)));
+    }
+    Value::Object(v)
+}
+
+fn take_budget(tenant: &Tenant, n: usize) -> Result<(), ApiError> {
+    tenant
+        .take_publish_budget(n as u32)
+        .map_err(|wait| ApiError::too_many_requests("over the app's publish rate limit", wait))
+}
+
+/// `POST /apps/{app_id}/events`
+pub async fn trigger(
+    State(state): State<AppState>,
+    Path(app_id): Path<String>,
+    method: Method,
+    OriginalUri(uri): OriginalUri,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
+    let (tenant, body) = authorize(&state, &app_id, &method, &uri, body).await?;
+    let spec = tenant.spec();
+    let event = validate(parse_body(&body)?, spec.max_message_bytes, MAX_TRIGGER_CHANNELS)?;
+    if event.info.user_count && event.channels.iter().any(|c| !c.starts_with("presence-")) {
+        return Err(ApiError::invalid_field("info", "user_count is only available for presence channels"));
+    }
+    take_budget(&tenant, event.channels.len())?;
+    publish(&tenant, &event);
+    if !event.info.user_count && !event.info.subscription_count {
+        return Ok(Json(json!({})));
+    }
+    let channels: Map<String, Value> =
+        event.channels.iter().map(|c| (c.clone(), channel_info(&tenant, c, event.info))).collect();
+    Ok(Json(json!({ "channels": channels })))
+}
+
+/// `POST /apps/{app_id}/batch_events`
+pub async fn batch(
+    State(state): State<AppState>,
+    Path(app_id): Path<String>,
+    method: Method,
+    OriginalUri(uri): OriginalUri,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
+    let (tenant, body) = authorize(&state, &app_id, &method, &uri, body).await?;
+    let spec = tenant.spec();
+    let parsed: BatchBody = parse_body(&body)?;
+    if parsed.batch.is_empty() || parsed.batch.len() > MAX_BATCH_EVENTS {
+        return Err(ApiError::invalid_field("batch", format!("must hold 1-{MAX_BATCH_EVENTS} events")));
+    }
+    let events = parsed
+        .batch
+        .into_iter()
+        .enumerate()
+        .map(|(i, b)| {
+            validate(b, spec.max_message_bytes, 1).map_err(|mut e| {
+                e.message = format!("batch[{i}].{}", e.message);
+                e
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    take_budget(&tenant, events.len())?;
+    for e in &events {
+        publish(&tenant, e);
+    }
+    if events.iter().all(|e| !e.info.user_count && !e.info.subscription_count) {
+        return Ok(Json(json!({})));
+    }
+    let infos: Vec<Value> = events.iter().map(|e| channel_info(&tenant, &e.channels[0], e.info)).collect();
+    Ok(Json(json!({ "batch": infos })))
+}
+
+/// `GET /apps/{app_id}/channels?filter_by_prefix=&info=user_count,subscription_count`
+pub async fn channels(
+    State(state): State<AppState>,
+    Path(app_id): Path<String>,
+    method: Method,
+    OriginalUri(uri): OriginalUri,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
+    let (tenant, _) = authorize(&state, &app_id, &method, &uri, body).await?;
+    let prefix = query_param(&uri, "filter_by_prefix").unwrap_or_default();
+    let info = parse_info(query_param(&uri, "info").as_deref())?;
+    if info.user_count && !prefix.starts_with("presence-") {
+        return Err(ApiError::invalid_field("info", "user_count needs filter_by_prefix=presence-"));
+    }
+    let mut out = Map::new();
+    for s in tenant.channels(&prefix) {
+        let mut v = Map::new();
+        if info.user_count {
+            v.insert("user_count".into(), json!(s.user_count.unwrap_or(0)));
+        }
+        if info.subscription_count {
+            v.insert("subscription_count".into(), json!(s.subscription_count));
+        }
+        out.insert(s.name, Value::Object(v));
+    }
+    Ok(Json(json!({ "channels": out })))
+}
+
+/// `GET /apps/{app_id}/channels/{channel}?info=user_count,subscription_count`
+pub async fn channel(
+    State(state): State<AppState>,
+    Path((app_id, channel)): Path<(String, String)>,
+    method: Method,
+    OriginalUri(uri): OriginalUri,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
+    let (tenant, _) = authorize(&state, &app_id, &method, &uri, body).await?;
+    let ty = ChannelType::parse(&channel).map_err(|e| ApiError::invalid_field("channel", e))?;
+    let info = parse_info(query_param(&uri, "info").as_deref())?;
+    if info.user_count && ty.kind != ChannelKind::Presence {
+        return Err(ApiError::invalid_field("info", "user_count is only available for presence channels"));
+    }
+    let stats = tenant.channel(&channel);
+    let mut v = Map::new();
+    v.insert("occupied".into(), json!(stats.is_some()));
+    if info.user_count {
+        v.insert("user_count".into(), json!(stats.as_ref().and_then(|s| s.user_count).unwrap_or(0)));
+    }
+    if info.subscription_count {
+        v.insert("subscription_count".into(), json!(stats.as_ref().map_or(0, |s| s.subscription_count)));
+    }
+    Ok(Json(Value::Object(v)))
+}
+
+/// `GET /apps/{app_id}/channels/{channel}/users` (presence channels only)
+pub async fn users(
+    State(state): State<AppState>,
+    Path((app_id, channel)): Path<(String, String)>,
+    method: Method,
+    OriginalUri(uri): OriginalUri,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
+    let (tenant, _) = authorize(&state, &app_id, &method, &uri, body).await?;
+    let ty = ChannelType::parse(&channel).map_err(|e| ApiError::invalid_field("channel", e))?;
+    if ty.kind != ChannelKind::Presence {
+        return Err(ApiError::invalid_field("channel", "users are only listed for presence channels"));
+    }
+    let users: Vec<Value> = tenant.channel_users(&channel).into_iter().map(|id| json!({ "id": id })).collect();
+    Ok(Json(json!({ "users": users })))
+}
+
+/// `POST /apps/{app_id}/users/{user_id}/terminate_connections`
+pub async fn terminate(
+    State(state): State<AppState>,
+    Path((app_id, user_id)): Path<(String, String)>,
+    method: Method,
+    OriginalUri(uri): OriginalUri,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
+    let (tenant, _) = authorize(&state, &app_id, &method, &uri, body).await?;
+    tenant.terminate_user(&user_id);
+    Ok(Json(json!({})))
+}

@@ -1,0 +1,487 @@
+//! One running app: its settings, connections, signed-in users, channels (subscribers, presence,
+//! history, cache) and the fan-out of events to subscribers.
+//!
+//! Fan-out holds the app's channel lock while it `try_send`s one shared frame to each
+//! subscriber's bounded queue: each push is a few atomic operations, never an await, and holding
+//! the lock keeps every subscriber's view in serial order (a resume replays exactly what a live
+//! subscriber would have seen). A full queue closes that subscriber (slow consumer), never the
+//! publisher. Webhook events leave through `webhook` queues that never block either.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::Utf8Bytes;
+use parking_lot::{Mutex, RwLock};
+use serde_json::{json, Value};
+use tokio::time::Instant;
+
+use super::app::AppSpec;
+use super::connection::Conn;
+use super::history::History;
+use super::presence::Presence;
+use super::protocol::{self, code, ChannelKind, ChannelType};
+use super::webhook::{self, WebhookTargets};
+
+/// Channels an app may keep in memory without subscribers (for history). Bounds what a
+/// publisher spraying random channel names can make the server remember.
+const MAX_IDLE_CHANNELS: usize = 100_000;
+/// How long a `cache-` channel's last event stays replayable (Pusher: 30 minutes).
+const CACHE_TTL: Duration = Duration::from_secs(30 * 60);
+
+/// Per-app metric handles, resolved once (never a label lookup on the hot path).
+pub struct AppMetrics {
+    pub connections: metrics::Gauge,
+    pub subscriptions: metrics::Gauge,
+    pub messages_in: metrics::Counter,
+    pub messages_out: metrics::Counter,
+    pub bytes_in: metrics::Counter,
+    pub bytes_out: metrics::Counter,
+    pub slow_consumers: metrics::Counter,
+    pub publishes: metrics::Counter,
+}
+
+impl AppMetrics {
+    fn new(app: &str) -> Self {
+        let a = app.to_string();
+        Self {
+            connections: metrics::gauge!("weir_realtime_connections", "app" => a.clone()),
+            subscriptions: metrics::gauge!("weir_realtime_subscriptions", "app" => a.clone()),
+            messages_in: metrics::counter!("weir_realtime_messages_in_total", "app" => a.clone()),
+            messages_out: metrics::counter!("weir_realtime_messages_out_total", "app" => a.clone()),
+            bytes_in: metrics::counter!("weir_realtime_bytes_in_total", "app" => a.clone()),
+            bytes_out: metrics::counter!("weir_realtime_bytes_out_total", "app" => a.clone()),
+            slow_consumers: metrics::counter!("weir_realtime_slow_consumer_disconnects_total", "app" => a.clone()),
+            publishes: metrics::counter!("weir_realtime_publishes_total", "app" => a),
+        }
+    }
+}
+
+struct Subscriber {
+    conn: Arc<Conn>,
+    /// The presence user this subscription counts for.
+    user_id: Option<String>,
+}
+
+struct Channel {
+    ty: ChannelType,
+    subscribers: HashMap<u64, Subscriber>,
+    presence: Presence,
+    history: History,
+    cache: Option<(Instant, Utf8Bytes)>,
+    last_active: Instant,
+}
+
+/// A presence member joining with a subscription.
+pub struct Member {
+    pub user_id: String,
+    pub info: Value,
+}
+
+/// Why a subscription was refused after its auth succeeded.
+pub enum SubscribeError {
+    PresenceFull(usize),
+}
+
+/// A channel as the HTTP API reports it.
+pub struct ChannelStats {
+    pub name: String,
+    pub subscription_count: usize,
+    pub user_count: Option<usize>,
+}
+
+pub struct Tenant {
+    spec: RwLock<Arc<AppSpec>>,
+    /// weir's internal app: not listed or managed through the admin API.
+    pub internal: bool,
+    channels: Mutex<HashMap<String, Channel>>,
+    conns: Mutex<HashMap<String, Arc<Conn>>>,
+    users: Mutex<HashMap<String, Vec<Arc<Conn>>>>,
+    conn_count: AtomicUsize,
+    publish_bucket: Mutex<Bucket>,
+    webhooks: RwLock<WebhookTargets>,
+    pub metrics: AppMetrics,
+    serials: Arc<AtomicU64>,
+}
+
+impl Tenant {
+    pub fn new(spec: AppSpec, internal: bool, serials: Arc<AtomicU64>, hooks: &webhook::Deliverer) -> Arc<Self> {
+        let spec = Arc::new(spec);
+        let metrics = AppMetrics::new(&spec.id);
+        let webhooks = hooks.targets_for(&spec);
+        Arc::new(Self {
+            publish_bucket: Mutex::new(Bucket::new(spec.max_publish_per_second)),
+            spec: RwLock::new(spec),
+            internal,
+            channels: Mutex::new(HashMap::new()),
+            conns: Mutex::new(HashMap::new()),
+            users: Mutex::new(HashMap::new()),
+            conn_count: AtomicUsize::new(0),
+            webhooks: RwLock::new(webhooks),
+            metrics,
+            serials,
+        })
+    }
+
+    pub fn spec(&self) -> Arc<AppSpec> {
+        self.spec.read().clone()
+    }
+
+    /// Applies new settings; connections of a disabled app are closed.
+    pub fn update(&self, spec: AppSpec, hooks: &webhook::Deliverer) {
+        let enabled = spec.enabled;
+        *self.publish_bucket.lock() = Bucket::new(spec.max_publish_per_second);
+        *self.webhooks.write() = hooks.targets_for(&spec);
+        *self.spec.write() = Arc::new(spec);
+        if !enabled {
+            self.close_all(code::APP_DISABLED, "app disabled");
+        }
+    }
+
+    pub fn connection_count(&self) -> usize {
+        self.conn_count.load(Ordering::Relaxed)
+    }
+
+    /// Registers a connection unless the app is at its connection limit.
+    pub fn add_conn(&self, conn: &Arc<Conn>, max: u32) -> bool {
+        let mut conns = self.conns.lock();
+        if max > 0 && conns.len() >= max as usize {
+            return false;
+        }
+        conns.insert(conn.socket_id.clone(), conn.clone());
+        self.conn_count.store(conns.len(), Ordering::Relaxed);
+        self.metrics.connections.increment(1.0);
+        true
+    }
+
+    /// Forgets a connection: unsubscribes it everywhere and signs it out.
+    pub fn remove_conn(&self, conn: &Arc<Conn>, channels: impl IntoIterator<Item = String>, user_id: Option<&str>) {
+        for channel in channels {
+            self.unsubscribe(conn, &channel);
+        }
+        if let Some(user) = user_id {
+            let mut users = self.users.lock();
+            if let Some(list) = users.get_mut(user) {
+                list.retain(|c| c.id != conn.id);
+                if list.is_empty() {
+                    users.remove(user);
+                }
+            }
+        }
+        let mut conns = self.conns.lock();
+        if conns.remove(&conn.socket_id).is_some() {
+            self.metrics.connections.decrement(1.0);
+        }
+        self.conn_count.store(conns.len(), Ordering::Relaxed);
+    }
+
+    pub fn conn_id_of(&self, socket_id: &str) -> Option<u64> {
+        self.conns.lock().get(socket_id).map(|c| c.id)
+    }
+
+    pub fn sign_in(&self, conn: &Arc<Conn>, user_id: &str) {
+        self.users.lock().entry(user_id.to_string()).or_default().push(conn.clone());
+    }
+
+    /// Closes every connection of a signed-in user (`terminate_connections`).
+    pub fn terminate_user(&self, user_id: &str) -> usize {
+        let conns = self.users.lock().get(user_id).cloned().unwrap_or_default();
+        for c in &conns {
+            c.close(code::UNAUTHORIZED, "connection terminated by the server");
+        }
+        conns.len()
+    }
+
+    pub fn close_all(&self, close_code: u16, reason: &str) {
+        let conns: Vec<Arc<Conn>> = self.conns.lock().values().cloned().collect();
+        for c in conns {
+            c.close(close_code, reason);
+        }
+    }
+
+    /// Subscribes `conn` and queues, in order: `subscription_succeeded` (with the channel's
+    /// current serial), then either the resumed events and `weir:resume_succeeded` /
+    /// `weir:resume_failed`, or for a cache channel its last event / `pusher:cache_miss`.
+    pub fn subscribe(
+        &self,
+        conn: &Arc<Conn>,
+        name: &str,
+        ty: ChannelType,
+        member: Option<Member>,
+        resume_from: Option<u64>,
+    ) -> Result<(), SubscribeError> {
+        let spec = self.spec();
+        let now = Instant::now();
+        let mut hooks: Vec<Value> = Vec::new();
+        {
+            let mut channels = self.channels.lock();
+            let serials = &self.serials;
+            let ch = channels.entry(name.to_string()).or_insert_with(|| Channel::new(ty.clone(), serials.load(Ordering::SeqCst), now));
+            if let Some(m) = &member {
+                if !ch.presence.contains(&m.user_id) && ch.presence.len() >= spec.max_presence_members {
+                    return Err(SubscribeError::PresenceFull(spec.max_presence_members));
+                }
+            }
+            if ch.subscribers.is_empty() {
+                hooks.push(json!({ "name": "channel_occupied", "channel": name }));
+            }
+            let user_id = member.as_ref().map(|m| m.user_id.clone());
+            if ch.subscribers.insert(conn.id, Subscriber { conn: conn.clone(), user_id }).is_none() {
+                self.metrics.subscriptions.increment(1.0);
+            }
+            ch.last_active = now;
+            let succeeded_data = match &member {
+                Some(m) => {
+                    if ch.presence.add(&m.user_id, m.info.clone()) {
+                        let added = protocol::json_string_event(
+                            "pusher_internal:member_added",
+                            Some(name),
+                            &json!({ "user_id": m.user_id, "user_info": m.info }),
+                        );
+                        for (id, sub) in &ch.subscribers {
+                            if *id != conn.id {
+                                sub.conn.send(&added);
+                            }
+                        }
+                        hooks.push(json!({ "name": "member_added", "channel": name, "user_id": m.user_id }));
+                    }
+                    ch.presence.snapshot().to_string()
+                }
+                None => "{}".to_string(),
+            };
+            let serial = ch.history.last_serial();
+            conn.send(&protocol::frame(
+                "pusher_internal:subscription_succeeded",
+                Some(name),
+                protocol::Data::Str(&succeeded_data),
+                None,
+                Some(serial),
+            ));
+            ch.history.expire(now, Duration::from_secs(spec.history_ttl_s));
+            if let Some(from) = resume_from {
+                match ch.history.since(from) {
+                    Ok(frames) => {
+                        let mut count = 0u64;
+                        for f in frames {
+                            conn.send(f);
+                            count += 1;
+                        }
+                        conn.send(&protocol::json_string_event(
+                            "weir:resume_succeeded",
+                            Some(name),
+                            &json!({ "resume_from": from, "replayed": count, "serial": serial }),
+                        ));
+                    }
+                    Err(too_old) => {
+                        conn.send(&protocol::json_string_event(
+                            "weir:resume_failed",
+                            Some(name),
+                            &json!({ "resume_from": from, "earliest": too_old.earliest, "serial": serial,
+                                     "reason": "history no longer reaches back to resume_from" }),
+                        ));
+                    }
+                }
+            } else if ch.ty.cache {
+                match &ch.cache {
+                    Some((at, frame)) if now.saturating_duration_since(*at) < CACHE_TTL => {
+                        conn.send(frame);
+                    }
+                    _ => {
+                        conn.send(&protocol::json_string_event("pusher:cache_miss", Some(name), &json!({})));
+                        hooks.push(json!({ "name": "cache_miss", "channel": name }));
+                    }
+                }
+            }
+        }
+        self.webhook_all(hooks);
+        Ok(())
+    }
+
+    /// Removes `conn` from `name`, announcing a presence departure and a vacated channel.
+    pub fn unsubscribe(&self, conn: &Arc<Conn>, name: &str) {
+        let mut hooks = Vec::new();
+        {
+            let mut channels = self.channels.lock();
+            let Some(ch) = channels.get_mut(name) else { return };
+            let Some(sub) = ch.subscribers.remove(&conn.id) else { return };
+            self.metrics.subscriptions.decrement(1.0);
+            ch.last_active = Instant::now();
+            if let Some(user) = sub.user_id {
+                if ch.presence.remove(&user) {
+                    let removed = protocol::json_string_event(
+                        "pusher_internal:member_removed",
+                        Some(name),
+                        &json!({ "user_id": user }),
+                    );
+                    for s in ch.subscribers.values() {
+                        s.conn.send(&removed);
+                    }
+                    hooks.push(json!({ "name": "member_removed", "channel": name, "user_id": user }));
+                }
+            }
+            if ch.subscribers.is_empty() {
+                hooks.push(json!({ "name": "channel_vacated", "channel": name }));
+                if ch.history.is_empty() && ch.cache.is_none() && self.spec().history_len == 0 {
+                    channels.remove(name);
+                }
+            }
+        }
+        self.webhook_all(hooks);
+    }
+
+    /// Publishes one event: serializes it once with a fresh serial, records it in the
+    /// channel's history (and cache), and queues it to every subscriber except `exclude`.
+    /// Returns the number of recipients.
+    pub fn publish(&self, name: &str, event: &str, data: &str, exclude: Option<u64>, user_id: Option<&str>) -> usize {
+        let spec = self.spec();
+        let now = Instant::now();
+        let mut channels = self.channels.lock();
+        if !channels.contains_key(name) {
+            let Ok(ty) = ChannelType::parse(name) else { return 0 };
+            if (spec.history_len == 0 && !ty.cache) || channels.len() >= MAX_IDLE_CHANNELS {
+                self.metrics.publishes.increment(1);
+                return 0;
+            }
+            let floor = self.serials.load(Ordering::SeqCst);
+            channels.insert(name.to_string(), Channel::new(ty, floor, now));
+        }
+        let Some(ch) = channels.get_mut(name) else { return 0 };
+        let serial = self.serials.fetch_add(1, Ordering::SeqCst) + 1;
+        let frame = protocol::channel_event(event, name, data, user_id, Some(serial));
+        ch.history.push(serial, now, frame.clone(), spec.history_len);
+        if ch.ty.cache {
+            ch.cache = Some((now, frame.clone()));
+        }
+        ch.last_active = now;
+        let mut sent = 0usize;
+        for (id, sub) in &ch.subscribers {
+            if Some(*id) != exclude && sub.conn.send(&frame) {
+                sent += 1;
+            }
+        }
+        drop(channels);
+        self.metrics.publishes.increment(1);
+        self.metrics.messages_out.increment(sent as u64);
+        self.metrics.bytes_out.increment((sent * frame.as_str().len()) as u64);
+        sent
+    }
+
+    /// Takes `n` publishes from the app's rate budget; `Err(seconds)` to wait when over it.
+    pub fn take_publish_budget(&self, n: u32) -> Result<(), u64> {
+        self.publish_bucket.lock().take(n, Instant::now())
+    }
+
+    /// Occupied channels whose names start with `prefix`.
+    pub fn channels(&self, prefix: &str) -> Vec<ChannelStats> {
+        let channels = self.channels.lock();
+        channels
+            .iter()
+            .filter(|(name, ch)| !ch.subscribers.is_empty() && name.starts_with(prefix))
+            .map(|(name, ch)| ch.stats(name))
+            .collect()
+    }
+
+    pub fn channel(&self, name: &str) -> Option<ChannelStats> {
+        let channels = self.channels.lock();
+        channels.get(name).filter(|ch| !ch.subscribers.is_empty()).map(|ch| ch.stats(name))
+    }
+
+    /// User ids in a presence channel.
+    pub fn channel_users(&self, name: &str) -> Vec<String> {
+        let channels = self.channels.lock();
+        channels.get(name).map(|ch| ch.presence.ids().cloned().collect()).unwrap_or_default()
+    }
+
+    /// Expires history and cache entries and forgets channels with nothing left to serve.
+    pub fn sweep(&self) {
+        let spec = self.spec();
+        let now = Instant::now();
+        let ttl = Duration::from_secs(spec.history_ttl_s);
+        let mut channels = self.channels.lock();
+        channels.retain(|_, ch| {
+            ch.history.expire(now, ttl);
+            if ch.cache.as_ref().is_some_and(|(at, _)| now.saturating_duration_since(*at) >= CACHE_TTL) {
+                ch.cache = None;
+            }
+            // An empty channel is kept for one history TTL after its last activity, so a client
+            // that saw its current serial can still resume from it.
+            !ch.subscribers.is_empty()
+                || !ch.history.is_empty()
+                || ch.cache.is_some()
+                || now.saturating_duration_since(ch.last_active) < ttl
+        });
+    }
+
+    /// Queues webhook events (never blocks; drops are counted by the queue).
+    pub fn webhook_all(&self, events: Vec<Value>) {
+        if events.is_empty() {
+            return;
+        }
+        let targets = self.webhooks.read();
+        for e in events {
+            targets.enqueue(e);
+        }
+    }
+
+    pub fn webhook(&self, event: Value) {
+        self.webhooks.read().enqueue(event);
+    }
+
+    pub fn is_presence_subscriber(&self, name: &str, conn_id: u64) -> bool {
+        self.channels
+            .lock()
+            .get(name)
+            .is_some_and(|ch| ch.ty.kind == ChannelKind::Presence && ch.subscribers.contains_key(&conn_id))
+    }
+}
+
+impl Channel {
+    fn new(ty: ChannelType, floor: u64, now: Instant) -> Self {
+        Self {
+            ty,
+            subscribers: HashMap::new(),
+            presence: Presence::default(),
+            history: History::new(floor),
+            cache: None,
+            last_active: now,
+        }
+    }
+
+    fn stats(&self, name: &str) -> ChannelStats {
+        ChannelStats {
+            name: name.to_string(),
+            subscription_count: self.subscribers.len(),
+            user_count: (self.ty.kind == ChannelKind::Presence).then(|| self.presence.len()),
+        }
+    }
+}
+
+/// A token bucket: `rate` per second, burst of one second's worth; rate 0 means unlimited.
+pub struct Bucket {
+    rate: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl Bucket {
+    pub fn new(rate: u32) -> Self {
+        Self { rate: rate as f64, tokens: rate as f64, last: Instant::now() }
+    }
+
+    pub fn take(&mut self, n: u32, now: Instant) -> Result<(), u64> {
+        if self.rate <= 0.0 {
+            return Ok(());
+        }
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.rate);
+        let need = n as f64;
+        if self.tokens >= need {
+            self.tokens -= need;
+            Ok(())
+        } else {
+            Err(((need - self.tokens) / self.rate).ceil().max(1.0) as u64)
+        }
+    }
+}

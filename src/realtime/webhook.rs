@@ -1,0 +1,196 @@
+//! Webhooks: `channel_occupied`, `channel_vacated`, `member_added`, `member_removed`,
+//! `client_event` and `cache_miss`, batched per app and endpoint, signed as Pusher signs them
+//! (`X-Pusher-Key`, `X-Pusher-Signature` = hex HMAC-SHA256 of the body with the app secret).
+//!
+//! Each endpoint has its own bounded queue and worker, so a slow or dead endpoint delays only
+//! its own webhooks: publishers `try_send` and a full queue drops the event (counted). A batch
+//! is retried with exponential backoff and jitter, each attempt under a timeout, and dropped
+//! (counted) after [`MAX_ATTEMPTS`] or [`MAX_AGE`]. Only `http://` endpoints are supported
+//! (no TLS client is linked in).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use rand::Rng;
+use serde_json::Value;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::app::AppSpec;
+use super::signature;
+use crate::clock::Clock;
+
+/// Events waiting per endpoint; beyond this new events are dropped (and counted).
+pub const QUEUE_CAPACITY: usize = 10_000;
+/// Events per POST (Pusher batches several events in one request).
+pub const MAX_BATCH: usize = 100;
+/// How long the first event of a batch waits for company.
+pub const BATCH_WINDOW: Duration = Duration::from_millis(100);
+/// One delivery attempt's deadline.
+pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
+pub const MAX_ATTEMPTS: u32 = 6;
+/// A batch older than this is dropped rather than retried.
+pub const MAX_AGE: Duration = Duration::from_secs(5 * 60);
+/// First retry delay; doubled per attempt up to [`MAX_BACKOFF`], times a random 0.5-1.0.
+pub const BASE_BACKOFF: Duration = Duration::from_millis(500);
+pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+/// Spawns endpoint workers; shared by every app.
+#[derive(Clone)]
+pub struct Deliverer {
+    client: HttpClient,
+    shutdown: CancellationToken,
+}
+
+impl Deliverer {
+    pub fn new(shutdown: CancellationToken) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(ATTEMPT_TIMEOUT));
+        let client = Client::builder(TokioExecutor::new()).build(connector);
+        Self { client, shutdown }
+    }
+
+    /// Starts one worker per configured endpoint. Workers stop when the returned targets are
+    /// dropped (settings replaced, app deleted) and their queue is drained, or at shutdown.
+    pub fn targets_for(&self, spec: &AppSpec) -> WebhookTargets {
+        let app = spec.id.clone();
+        let depth = metrics::gauge!("weir_realtime_webhook_queue_depth", "app" => app.clone());
+        let dropped_full = metrics::counter!("weir_realtime_webhook_dropped_total", "app" => app.clone(), "reason" => "queue_full");
+        let targets = spec
+            .webhooks
+            .iter()
+            .filter_map(|w| {
+                let uri: hyper::Uri = w.url.parse().ok()?;
+                let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
+                let worker = Worker {
+                    client: self.client.clone(),
+                    uri,
+                    key: spec.key.clone(),
+                    secret: spec.secret.clone(),
+                    depth: depth.clone(),
+                    delivered: metrics::counter!("weir_realtime_webhook_delivered_total", "app" => app.clone()),
+                    dropped_failed: metrics::counter!("weir_realtime_webhook_dropped_total", "app" => app.clone(), "reason" => "failed"),
+                    shutdown: self.shutdown.clone(),
+                };
+                tokio::spawn(worker.run(rx));
+                Some(Target { types: w.event_types.clone(), tx })
+            })
+            .collect();
+        WebhookTargets { targets, depth, dropped_full }
+    }
+}
+
+struct Target {
+    types: Vec<String>,
+    tx: mpsc::Sender<Value>,
+}
+
+/// An app's endpoints. Dropping it lets the workers finish and stop.
+pub struct WebhookTargets {
+    targets: Vec<Target>,
+    depth: metrics::Gauge,
+    dropped_full: metrics::Counter,
+}
+
+impl WebhookTargets {
+    /// Queues `event` for every endpoint that wants its type; never waits.
+    pub fn enqueue(&self, event: Value) {
+        let name = event.get("name").and_then(Value::as_str).unwrap_or_default();
+        for t in &self.targets {
+            if !t.types.is_empty() && !t.types.iter().any(|ty| ty == name) {
+                continue;
+            }
+            match t.tx.try_send(event.clone()) {
+                Ok(()) => self.depth.increment(1.0),
+                Err(_) => self.dropped_full.increment(1),
+            }
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.targets.is_empty()
+    }
+}
+
+struct Worker {
+    client: HttpClient,
+    uri: hyper::Uri,
+    key: String,
+    secret: String,
+    depth: metrics::Gauge,
+    delivered: metrics::Counter,
+    dropped_failed: metrics::Counter,
+    shutdown: CancellationToken,
+}
+
+impl Worker {
+    async fn run(self, mut rx: mpsc::Receiver<Value>) {
+        loop {
+            let first = tokio::select! {
+                e = rx.recv() => match e { Some(e) => e, None => return },
+                _ = self.shutdown.cancelled() => return,
+            };
+            let mut batch = vec![first];
+            let window = Instant::now() + BATCH_WINDOW;
+            while batch.len() < MAX_BATCH {
+                tokio::select! {
+                    e = rx.recv() => match e { Some(e) => batch.push(e), None => break },
+                    _ = tokio::time::sleep_until(window) => break,
+                }
+            }
+            self.depth.decrement(batch.len() as f64);
+            let n = batch.len() as u64;
+            if self.deliver(batch).await {
+                self.delivered.increment(n);
+            } else {
+                self.dropped_failed.increment(n);
+            }
+        }
+    }
+
+    /// Delivers one batch with retries; false when it was given up.
+    async fn deliver(&self, events: Vec<Value>) -> bool {
+        let started = Instant::now();
+        let body = serde_json::json!({ "time_ms": crate::clock::SystemClock.now_ms(), "events": events }).to_string();
+        let signature = signature::hmac_hex(&self.secret, &body);
+        let body = Bytes::from(body);
+        for attempt in 0..MAX_ATTEMPTS {
+            if attempt > 0 {
+                let exp = BASE_BACKOFF.saturating_mul(1 << (attempt - 1).min(16)).min(MAX_BACKOFF);
+                let delay = exp.mul_f64(rand::rng().random_range(0.5..=1.0));
+                if started.elapsed() + delay > MAX_AGE {
+                    break;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = self.shutdown.cancelled() => return false,
+                }
+            }
+            let request = hyper::Request::post(self.uri.clone())
+                .header(hyper::header::CONTENT_TYPE, "application/json")
+                .header("X-Pusher-Key", &self.key)
+                .header("X-Pusher-Signature", &signature)
+                .body(Full::new(body.clone()));
+            let Ok(request) = request else { return false };
+            match tokio::time::timeout(ATTEMPT_TIMEOUT, self.client.request(request)).await {
+                Ok(Ok(resp)) if resp.status().is_success() => return true,
+                Ok(Ok(resp)) => tracing::debug!(uri = %self.uri, status = %resp.status(), attempt, "webhook refused"),
+                Ok(Err(e)) => tracing::debug!(uri = %self.uri, error = %e, attempt, "webhook failed"),
+                Err(_) => tracing::debug!(uri = %self.uri, attempt, "webhook timed out"),
+            }
+        }
+        tracing::warn!(uri = %self.uri, "webhook batch dropped after retries");
+        false
+    }
+}
+
+/// Shared handle type the registry passes around.
+pub type SharedDeliverer = Arc<Deliverer>;

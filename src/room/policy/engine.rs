@@ -1,0 +1,421 @@
+//! The admission engine of one room: which ticket goes in next, and who counts as admitted.
+//!
+//! Tickets are numbers fixed at entry; the engine admits *ranks*. A rank is a ticket's place
+//! in line: the ticket itself, except for a scheduled room's pre-queue, whose tickets are
+//! shuffled once at the start (CSPRNG Fisher–Yates) and placed ahead of later arrivals.
+//! The serving counter is a rank: every rank at or below it has had its turn. A visitor
+//! whose turn came while it was away (not seen for `abandon_after_seconds`) is *skipped*:
+//! the turn passes without using a slot. When it comes back it is queued as a *returner* and
+//! admitted at the next tick, ahead of everyone still waiting.
+//!
+//! Each tick is planned ([`Engine::plan`]) from explicit inputs, persisted by the caller, then
+//! committed ([`Engine::commit`]), so nothing is announced before it is durable.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::time::Duration;
+
+use rand::seq::SliceRandom;
+
+use crate::room::queue::Admission;
+
+/// Most skips per tick: bounds the work of one tick when a long stretch of the line has left.
+pub const MAX_SKIPS_PER_TICK: usize = 10_000;
+/// Time constant of the measured admission rate (moving average), seconds.
+const METER_WINDOW_S: f64 = 60.0;
+
+/// What the engine needs to know about the room's policy at this tick.
+#[derive(Debug, Clone, Copy)]
+pub struct Inputs {
+    pub now_ms: i64,
+    pub elapsed: Duration,
+    /// Effective rate (configured, or the adaptive controller's).
+    pub rate_per_minute: f64,
+    /// False while paused, closed or before a scheduled start.
+    pub admitting: bool,
+    pub max_active_users: Option<u64>,
+    pub session_seconds: u64,
+    pub abandon_after_seconds: Option<u64>,
+}
+
+/// One tick's decisions, to persist before [`Engine::commit`].
+#[derive(Debug, Clone, Default)]
+pub struct Step {
+    pub serving: u64,
+    /// Tickets whose turn passed while they were away.
+    pub skipped: Vec<u64>,
+    /// Returners admitted this tick (no longer skipped).
+    pub readmitted: Vec<u64>,
+    /// Tickets admitted in line this tick.
+    pub admitted: Vec<u64>,
+    credit: Admission,
+    expired_sessions: Vec<u64>,
+}
+
+impl Step {
+    pub fn is_empty(&self) -> bool {
+        self.skipped.is_empty() && self.readmitted.is_empty() && self.admitted.is_empty() && self.expired_sessions.is_empty()
+    }
+    pub fn admissions(&self) -> usize {
+        self.admitted.len() + self.readmitted.len()
+    }
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct Engine {
+    /// Pre-queue order: `order[i]` is the ticket at rank `i + 1` (tickets `1..=order.len()`).
+    order: Vec<u32>,
+    /// `rank_of[t - 1]` is the rank of pre-queue ticket `t`.
+    rank_of: Vec<u32>,
+    serving: u64,
+    last_ticket: u64,
+    skipped: HashSet<u64>,
+    returners: VecDeque<u64>,
+    /// Per ticket (index `t - 1`): last seen, seconds since the Unix epoch.
+    last_seen: Vec<u32>,
+    /// Admitted ticket → last activity (ms).
+    sessions: HashMap<u64, i64>,
+    admission: Admission,
+    /// Moving average of admissions per minute.
+    measured_per_minute: f64,
+    metered: bool,
+}
+
+/// A census of the waiting line (computed by a scan every few seconds, not per request).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Census {
+    pub waiting: u64,
+    pub live: u64,
+    pub abandoned: u64,
+}
+
+impl Engine {
+    /// Rebuilds the engine from durable state.
+    pub fn restore(last_ticket: u64, serving: u64, order: Vec<u32>, skipped: Vec<u64>, sessions: Vec<u64>, now_ms: i64) -> Self {
+        let mut e = Engine { last_ticket, serving, ..Default::default() };
+        e.set_order(order);
+        e.skipped = skipped.into_iter().collect();
+        // After a restart nobody has been seen yet: everyone gets a fresh grace period, and every
+        // recorded session counts as active for a full session (never above the cap).
+        let now_s = (now_ms / 1000) as u32;
+        e.last_seen = vec![now_s; last_ticket as usize];
+        e.sessions = sessions.into_iter().map(|t| (t, now_ms)).collect();
+        e
+    }
+
+    fn set_order(&mut self, order: Vec<u32>) {
+        let mut rank_of = vec![0u32; order.len()];
+        for (i, t) in order.iter().enumerate() {
+            rank_of[(*t - 1) as usize] = i as u32 + 1;
+        }
+        self.order = order;
+        self.rank_of = rank_of;
+    }
+
+    /// Shuffles tickets `1..=last_ticket` (the pre-queue) with a cryptographically secure RNG.
+    /// Returns the order to persist; [`Engine::install_order`] applies it.
+    pub fn shuffled_prequeue(&self) -> Vec<u32> {
+        let mut order: Vec<u32> = (1..=self.last_ticket.min(u32::MAX as u64) as u32).collect();
+        // ThreadRng is a CSPRNG (ChaCha, seeded from the OS).
+        order.shuffle(&mut rand::rng());
+        order
+    }
+
+    pub fn install_order(&mut self, order: Vec<u32>) {
+        if self.order.is_empty() && self.serving == 0 {
+            self.set_order(order);
+        }
+    }
+
+    pub fn has_order(&self) -> bool {
+        !self.order.is_empty()
+    }
+
+    pub fn rank(&self, ticket: u64) -> u64 {
+        match self.rank_of.get((ticket as usize).wrapping_sub(1)) {
+            Some(r) if ticket >= 1 => *r as u64,
+            _ => ticket,
+        }
+    }
+
+    pub fn ticket_at(&self, rank: u64) -> u64 {
+        match self.order.get((rank as usize).wrapping_sub(1)) {
+            Some(t) if rank >= 1 => *t as u64,
+            _ => rank,
+        }
+    }
+
+    pub fn serving(&self) -> u64 {
+        self.serving
+    }
+
+    pub fn last_ticket(&self) -> u64 {
+        self.last_ticket
+    }
+
+    pub fn queue_length(&self) -> u64 {
+        self.last_ticket.saturating_sub(self.serving) + self.returners.len() as u64
+    }
+
+    pub fn skipped_count(&self) -> usize {
+        self.skipped.len()
+    }
+
+    pub fn measured_per_minute(&self) -> Option<f64> {
+        self.metered.then_some(self.measured_per_minute)
+    }
+
+    pub fn is_admitted(&self, ticket: u64) -> bool {
+        ticket >= 1 && ticket <= self.last_ticket && self.rank(ticket) <= self.serving && !self.skipped.contains(&ticket)
+    }
+
+    /// Tickets ahead that are not yet admitted; `None` once admitted. A skipped visitor who
+    /// came back is next (0).
+    pub fn position(&self, ticket: u64) -> Option<u64> {
+        if self.is_admitted(ticket) {
+            return None;
+        }
+        if self.skipped.contains(&ticket) {
+            return Some(self.returners.iter().position(|t| *t == ticket).unwrap_or(self.returners.len()) as u64);
+        }
+        let rank = self.rank(ticket);
+        Some(rank.saturating_sub(self.serving + 1) + self.returners.len() as u64)
+    }
+
+    /// A new ticket was issued (durably) at `now_ms`.
+    pub fn on_entry(&mut self, ticket: u64, now_ms: i64) {
+        self.last_ticket = self.last_ticket.max(ticket);
+        if self.last_seen.len() < self.last_ticket as usize {
+            self.last_seen.resize(self.last_ticket as usize, 0);
+        }
+        self.seen(ticket, now_ms);
+    }
+
+    /// The visitor holding `ticket` showed it is still there (status call, open connection).
+    pub fn seen(&mut self, ticket: u64, now_ms: i64) {
+        if let Some(slot) = self.last_seen.get_mut((ticket as usize).wrapping_sub(1)) {
+            *slot = (now_ms / 1000).max(0) as u32;
+        }
+        if self.skipped.contains(&ticket) && !self.returners.contains(&ticket) {
+            self.returners.push_back(ticket);
+        }
+    }
+
+    fn is_live(&self, ticket: u64, now_ms: i64, abandon_after_s: u64) -> bool {
+        let seen = self.last_seen.get((ticket as usize).wrapping_sub(1)).copied().unwrap_or(0) as i64;
+        now_ms / 1000 - seen <= abandon_after_s as i64
+    }
+
+    /// Activity of an admitted visitor (forward-auth check, proxied request): extends its session.
+    pub fn activity(&mut self, ticket: u64, now_ms: i64) {
+        if self.is_admitted(ticket) {
+            self.sessions.insert(ticket, now_ms);
+        }
+    }
+
+    /// The origin ended this visitor's session: its slot frees now. Returns whether it existed.
+    pub fn end_session(&mut self, ticket: u64) -> bool {
+        self.sessions.remove(&ticket).is_some()
+    }
+
+    pub fn active_users(&self, now_ms: i64, session_seconds: u64) -> u64 {
+        let horizon = now_ms - session_seconds as i64 * 1000;
+        self.sessions.values().filter(|t| **t > horizon).count() as u64
+    }
+
+    /// Tickets with a session that has not lapsed (persisted so a restart never exceeds the cap).
+    pub fn session_tickets(&self) -> Vec<u64> {
+        let mut v: Vec<u64> = self.sessions.keys().copied().collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// The session list as it will be once `step` is committed (for persisting first).
+    pub fn sessions_after(&self, step: &Step, _input: &Inputs) -> Vec<u64> {
+        let mut v: Vec<u64> = self
+            .sessions
+            .keys()
+            .filter(|t| !step.expired_sessions.contains(t))
+            .chain(step.admitted.iter())
+            .chain(step.readmitted.iter())
+            .copied()
+            .collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+
+    /// Decides this tick's admissions without changing anything.
+    pub fn plan(&self, input: &Inputs) -> Step {
+        let horizon = input.now_ms - input.session_seconds as i64 * 1000;
+        let expired_sessions: Vec<u64> = self.sessions.iter().filter(|(_, t)| **t <= horizon).map(|(k, _)| *k).collect();
+        let mut step = Step { serving: self.serving, credit: self.admission.clone(), expired_sessions, ..Default::default() };
+        if !input.admitting {
+            step.credit.hold();
+            return step;
+        }
+        let active = self.sessions.len() as u64 - step.expired_sessions.len() as u64;
+        let capacity = input.max_active_users.map(|m| m.saturating_sub(active)).unwrap_or(u64::MAX);
+        let waiting = self.queue_length();
+        let granted = step.credit.advance(0, waiting, input.rate_per_minute, input.elapsed);
+        let mut slots = granted.min(capacity);
+        // Slots the cap withheld are returned, up to one second's worth, so freed places are
+        // filled at once without ever exceeding the rate by more than a second's flow.
+        step.credit.refund(granted - slots, (input.rate_per_minute / 60.0).max(1.0));
+
+        for t in self.returners.iter().take(slots as usize) {
+            step.readmitted.push(*t);
+        }
+        slots -= step.readmitted.len() as u64;
+        let mut skips = 0;
+        while slots > 0 && step.serving < self.last_ticket && skips < MAX_SKIPS_PER_TICK {
+            let rank = step.serving + 1;
+            let ticket = self.ticket_at(rank);
+            step.serving = rank;
+            match input.abandon_after_seconds {
+                Some(after) if !self.is_live(ticket, input.now_ms, after) => {
+                    step.skipped.push(ticket);
+                    skips += 1;
+                }
+                _ => {
+                    step.admitted.push(ticket);
+                    slots -= 1;
+                }
+            }
+        }
+        // Skips used no slot; any slot left unused goes back as credit (capped as above).
+        step.credit.refund(slots, (input.rate_per_minute / 60.0).max(1.0));
+        step
+    }
+
+    /// Applies a planned (and persisted) step.
+    pub fn commit(&mut self, step: Step, input: &Inputs) {
+        self.serving = self.serving.max(step.serving);
+        for t in &step.expired_sessions {
+            self.sessions.remove(t);
+        }
+        for t in &step.skipped {
+            self.skipped.insert(*t);
+        }
+        for t in &step.readmitted {
+            self.skipped.remove(t);
+            self.returners.retain(|r| r != t);
+        }
+        for t in step.admitted.iter().chain(&step.readmitted) {
+            self.sessions.insert(*t, input.now_ms);
+        }
+        let admitted = step.admissions() as f64;
+        self.admission = step.credit;
+        let dt = input.elapsed.as_secs_f64();
+        if input.admitting && dt > 0.0 {
+            let instant = admitted * 60.0 / dt;
+            let w = (dt / METER_WINDOW_S).min(1.0);
+            if self.metered {
+                self.measured_per_minute += w * (instant - self.measured_per_minute);
+            } else {
+                self.measured_per_minute = instant;
+                self.metered = true;
+            }
+        }
+    }
+
+    /// Admits `ticket` at once if it is next in line and nobody else is waiting (safety net).
+    /// Returns the step to persist, or `None`.
+    pub fn plan_immediate(&self, ticket: u64) -> Option<Step> {
+        (self.returners.is_empty() && self.rank(ticket) == self.serving + 1 && ticket == self.last_ticket).then(|| Step {
+            serving: self.serving + 1,
+            admitted: vec![ticket],
+            credit: self.admission.clone(),
+            ..Default::default()
+        })
+    }
+
+    /// Counts live and abandoned visitors among those waiting (O(waiting); run every few seconds).
+    pub fn census(&self, now_ms: i64, abandon_after_seconds: Option<u64>) -> Census {
+        let waiting = self.last_ticket.saturating_sub(self.serving);
+        let live = match abandon_after_seconds {
+            None => waiting,
+            Some(after) => ((self.serving + 1)..=self.last_ticket)
+                .filter(|r| self.is_live(self.ticket_at(*r), now_ms, after))
+                .count() as u64,
+        };
+        Census { waiting, live, abandoned: self.skipped.len() as u64 - self.returners.len() as u64 + (waiting - live) }
+    }
+}
+
+/// Honest wait for a visitor `position` places back: only the live share of the line ahead
+/// counts, at the measured admission rate when there is one (the effective rate until then).
+pub fn eta_seconds(position: u64, census: &Census, measured_per_minute: Option<f64>, effective_rate: f64) -> Option<u64> {
+    let live_fraction = if census.waiting > 0 { census.live as f64 / census.waiting as f64 } else { 1.0 };
+    let live_ahead = (position as f64 * live_fraction).round() as u64;
+    let rate = match measured_per_minute {
+        Some(m) if m > 0.0 => m,
+        _ => effective_rate,
+    };
+    crate::room::queue::eta_seconds(live_ahead, rate)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TICK: Duration = Duration::from_millis(100);
+
+    fn inputs(now_ms: i64, rate: f64) -> Inputs {
+        Inputs {
+            now_ms,
+            elapsed: TICK,
+            rate_per_minute: rate,
+            admitting: true,
+            max_active_users: None,
+            session_seconds: 600,
+            abandon_after_seconds: None,
+        }
+    }
+
+    fn tick(e: &mut Engine, input: Inputs) -> Step {
+        let step = e.plan(&input);
+        e.commit(step.clone(), &input);
+        step
+    }
+
+    #[test]
+    fn fifo_by_default() {
+        let mut e = Engine::default();
+        for t in 1..=5 {
+            e.on_entry(t, 0);
+        }
+        let mut order = Vec::new();
+        for i in 0..100 {
+            order.extend(tick(&mut e, inputs(i * 100, 600.0)).admitted);
+        }
+        assert_eq!(order, vec![1, 2, 3, 4, 5]);
+        assert!((1..=5).all(|t| e.is_admitted(t)));
+    }
+
+    #[test]
+    fn shuffle_is_a_permutation_placed_ahead_of_later_arrivals() {
+        let mut e = Engine::default();
+        for t in 1..=50 {
+            e.on_entry(t, 0);
+        }
+        let order = e.shuffled_prequeue();
+        let mut sorted = order.clone();
+        sorted.sort();
+        assert_eq!(sorted, (1..=50).collect::<Vec<u32>>());
+        e.install_order(order.clone());
+        for t in 51..=60 {
+            e.on_entry(t, 0);
+        }
+        let mut admitted = Vec::new();
+        for i in 0..200 {
+            admitted.extend(tick(&mut e, inputs(i * 100, 600.0)).admitted);
+        }
+        let expected: Vec<u64> = order.iter().map(|t| *t as u64).chain(51..=60).collect();
+        assert_eq!(admitted, expected);
+        // Positions agree with ranks.
+        let e2 = Engine::restore(60, 0, order.clone(), vec![], vec![], 0);
+        assert_eq!(e2.position(order[0] as u64), Some(0));
+        assert_eq!(e2.position(order[49] as u64), Some(49));
+        assert_eq!(e2.position(51), Some(50));
+    }
+}
