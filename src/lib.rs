@@ -9,7 +9,9 @@
 //! - [`error`]: `ApiError`, the single JSON error shape, and extractors that keep it.
 //! - [`store`]: the `Store` trait, the only door to durable state; `store::redb` embeds it.
 //! - [`secrets`]: admin key and cookie key, generated on first start and persisted.
-//! - [`room`]: rooms, the durable FIFO queue, the admission driver, visitor cookies, tokens.
+//! - [`room`]: rooms, the durable queue, the admission driver, visitor cookies, tokens;
+//!   `room::policy` holds the admission engine (ranks, skips, sessions, pre-queue shuffle),
+//!   the adaptive-rate controller and abuse resistance (bypass, per-IP limit, proof-of-work).
 //! - [`gateway`]: how an origin checks a visitor: `/api/v1/verify` and forward auth.
 //! - [`web`]: server-rendered pages (minijinja templates compiled into the binary).
 //! - [`realtime`]: the Pusher-protocol server (apps, WebSocket, channels, HTTP API, webhooks).
@@ -23,11 +25,14 @@
 //!    asks `store::issue_ticket` for the next ticket; the store's writer thread group-commits
 //!    tickets (one fsync for many visitors) and only then does the response leave, with a signed
 //!    HttpOnly cookie `{room, ticket, visitor}`.
-//! 2. `room::driver` ticks every 100 ms: for each open room it advances the serving counter by
-//!    `rate_per_minute × elapsed` (fractions carried over, never past the last ticket), writes
-//!    the new counters in one durable batch, and only then publishes them in memory.
-//! 3. The waiting page (and `GET /r/{room}/status`) compares the cookie's ticket with the
-//!    serving counter: position = tickets ahead not yet admitted; ETA = position ÷ rate.
+//! 2. `room::driver` ticks every 100 ms: each open room's engine plans a step — slots from
+//!    `rate × elapsed` (fractions carried over), limited by the active-user cap; returners
+//!    first, then ranks in order, skipping visitors unseen for `abandon_after_seconds`. All
+//!    steps are written in one durable batch and only then committed in memory and broadcast
+//!    on the room's realtime channel.
+//! 3. The waiting page (and `GET /r/{room}/status`) asks the engine about the cookie's ticket:
+//!    admitted when its rank is at or below the serving counter and it was not skipped;
+//!    position = places ahead; ETA = live share of them ÷ measured admission rate.
 //! 4. Once admitted, `room::token` signs an ES256 JWT (`kid`, `iss`, `aud`, `sub`, `room`,
 //!    `ticket`, `iat`, `exp`); the visitor is redirected to the origin with `?weir_token=` and a
 //!    `weir_token` cookie.

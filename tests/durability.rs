@@ -2,6 +2,8 @@
 //! data directory, repeated. Every acknowledged ticket, cookie, admission and token survives;
 //! no ticket is issued twice.
 
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
 mod support;
 
 use std::collections::HashMap;

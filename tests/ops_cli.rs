@@ -1,6 +1,8 @@
 //! Operations and the command line: health, readiness, metrics, zero-config first start,
 //! graceful SIGTERM, invalid configuration, and the admin CLI against a live server.
 
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
 mod support;
 
 use std::process::Command;
@@ -31,20 +33,26 @@ async fn health_ready_and_metrics() {
     }
 }
 
-#[test]
-fn zero_config_first_start_generates_and_persists_secrets_and_sigterm_is_graceful() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
+/// `weir serve` with no admin key configured; returns the child and its stdout lines.
+fn zero_config_serve(data: &std::path::Path) -> (std::process::Child, std::io::Lines<std::io::BufReader<std::process::ChildStdout>>) {
+    use std::io::BufRead;
     let mut child = Command::new(weir_bin())
         .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(&data)
+        .arg(data)
         .env_remove("WEIR_ADMIN_KEY")
         .env("WEIR_LOG", "warn")
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    use std::io::BufRead;
-    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    (child, lines)
+}
+
+#[test]
+fn zero_config_first_start_generates_and_persists_secrets_and_sigterm_is_graceful() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let (mut child, mut lines) = zero_config_serve(&data);
     let first = lines.next().unwrap().unwrap();
     let key = first.strip_prefix("weir: generated admin key ").expect("admin key printed at first start").to_string();
     let second = lines.next().unwrap().unwrap();
@@ -55,15 +63,7 @@ fn zero_config_first_start_generates_and_persists_secrets_and_sigterm_is_gracefu
     assert!(child.wait().unwrap().success(), "SIGTERM exits cleanly");
 
     // Second start: no new key printed, same key kept.
-    let mut child = Command::new(weir_bin())
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(&data)
-        .env_remove("WEIR_ADMIN_KEY")
-        .env("WEIR_LOG", "warn")
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let (mut child, mut lines) = zero_config_serve(&data);
     assert!(lines.next().unwrap().unwrap().starts_with("weir: listening on"), "key is printed only once");
     Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
     assert!(child.wait().unwrap().success());
@@ -107,6 +107,24 @@ fn cli_drives_the_admin_api() {
     assert_eq!(shown["state"], "paused");
     let out = cli(base, &["room", "show", "launch", "--json"]);
     assert_eq!(serde_json::from_slice::<Value>(&out.stdout).unwrap()["rate_per_minute"], 120.0);
+
+    // Policies through the CLI.
+    let out = cli(base, &[
+        "room", "set", "launch", "--max-active-users", "50", "--abandon-after-seconds", "90", "--pow-difficulty", "4",
+        "--safety-net", "true", "--per-ip-entries-per-minute", "10",
+        "--adaptive", r#"{"probe_url":"http://127.0.0.1:9/health","target_latency_ms":300,"min_per_minute":10,"max_per_minute":500}"#,
+        "--bypass", r#"{"cidrs":["10.0.0.0/8"]}"#, "--json",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let room: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((room["max_active_users"].as_u64(), room["pow_difficulty"].as_u64(), room["safety_net"].as_bool()), (Some(50), Some(4), Some(true)));
+    assert_eq!(room["adaptive"]["max_per_minute"], 500.0);
+    let out = cli(base, &["room", "show", "launch"]);
+    let details = String::from_utf8_lossy(&out.stdout);
+    assert!(details.contains("stats.active_users") && details.contains("stats.live_waiters"), "{details}");
+    let out = cli(base, &["room", "set", "launch", "--adaptive", "null", "--bypass", "null", "--json"]);
+    let room: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(room.get("adaptive").is_none() && room.get("bypass").is_none());
 
     // Failing calls print the server's message and exit non-zero.
     let out = cli(base, &["room", "create", "launch", "--origin", "https://o.example", "--rate", "1"]);

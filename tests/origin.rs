@@ -1,6 +1,8 @@
 //! How an origin checks visitors: JWKS, /api/v1/verify, forward auth — including forged,
 //! expired, foreign-room tokens and key rotation.
 
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
 mod support;
 
 use std::time::Duration;

@@ -2,6 +2,8 @@
 //! engine and the adaptive controller are driven tick by tick (100 ms) through an hour of
 //! arrivals, leavers, returners, sessions and a slow origin, in well under a second of CPU.
 
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
 use std::collections::{HashMap, HashSet};
 
 use std::time::Duration;

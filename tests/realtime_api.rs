@@ -1,6 +1,8 @@
 //! Realtime HTTP side: the admin apps API, the signed Pusher HTTP API, history/resume and
 //! webhooks.
 
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
 mod support;
 #[path = "support/realtime.rs"]
 mod rt;
@@ -54,6 +56,8 @@ async fn admin_apps_crud_and_persistence() {
     let app = TestApp::builder().data_dir(dir).start().await;
     let shown: Value = app.admin(reqwest::Method::GET, &format!("/apps/{id}")).send().await.unwrap().json().await.unwrap();
     assert_eq!(shown["client_events"], true);
+    assert_eq!(shown["source"], "api");
+    assert_eq!(shown["stats"]["connections"], 0);
     assert_eq!(shown["key"], created["key"]);
     let r = app.admin(reqwest::Method::GET, &format!("/apps/{}", doomed.id)).send().await.unwrap();
     assert_eq!(r.status(), 404);

@@ -1,6 +1,8 @@
 //! Realtime WebSocket behaviour with a raw client: the frames pusher-js relies on and the error
 //! cases the libraries hide.
 
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
 mod support;
 #[path = "support/realtime.rs"]
 mod rt;
@@ -343,6 +345,10 @@ async fn terminate_connections_closes_every_socket_of_the_user() {
     assert_eq!(a2.expect_close().await.0, Some(4009));
     b.send(json!({"event": "pusher:ping", "data": {}})).await;
     b.recv_event("pusher:pong").await;
+    // The PyPI SDK's path without the /apps/{id} prefix works too (app found by auth_key).
+    let r = Api::new(&app, &c).post("/users/bob/terminate_connections", &json!({})).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(b.expect_close().await.0, Some(4009));
 }
 
 #[tokio::test]

@@ -1,5 +1,7 @@
 //! Admin API for rooms: CRUD, statistics, and one test per bad-input class.
 
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
 mod support;
 
 use reqwest::Method;

@@ -1,6 +1,8 @@
 //! Visitor flow through the real routes: tickets, cookies, deep links, each room state,
 //! admission order and redirects.
 
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
 mod support;
 
 use std::collections::HashSet;

@@ -35,6 +35,13 @@ pub enum AdminCommand {
         #[command(subcommand)]
         command: RoomCommand,
     },
+    /// Manage Pusher apps (realtime tenants).
+    App {
+        #[command(flatten)]
+        common: Common,
+        #[command(subcommand)]
+        command: crate::admin::cli_app::AppCommand,
+    },
     /// Manage admission-token signing keys.
     Keys {
         #[command(flatten)]
@@ -61,6 +68,34 @@ pub struct RoomFields {
     /// Start of a scheduled room (RFC 3339).
     #[arg(long)]
     starts_at: Option<String>,
+    /// At most this many admitted visitors active at once.
+    #[arg(long)]
+    max_active_users: Option<u64>,
+    /// Session length after the last activity, seconds.
+    #[arg(long)]
+    session_seconds: Option<u64>,
+    /// Skip waiting visitors unseen this long, seconds.
+    #[arg(long)]
+    abandon_after_seconds: Option<u64>,
+    /// Queue only when traffic exceeds the policy (true/false).
+    #[arg(long)]
+    safety_net: Option<bool>,
+    /// New tickets per client IP per minute.
+    #[arg(long)]
+    per_ip_entries_per_minute: Option<u32>,
+    /// Proof-of-work difficulty in leading zero bits (0 = off).
+    #[arg(long)]
+    pow_difficulty: Option<u8>,
+    /// Adaptive policy as JSON, e.g. '{"probe_url":"http://origin/health","target_latency_ms":300,"min_per_minute":60,"max_per_minute":1200}', or null.
+    #[arg(long, value_parser = parse_json)]
+    adaptive: Option<Value>,
+    /// Bypass rules as JSON, e.g. '{"cidrs":["10.0.0.0/8"],"header_value":"…"}', or null.
+    #[arg(long, value_parser = parse_json)]
+    bypass: Option<Value>,
+}
+
+fn parse_json(s: &str) -> Result<Value, String> {
+    serde_json::from_str(s).map_err(|e| format!("not JSON: {e}"))
 }
 
 impl RoomFields {
@@ -76,6 +111,14 @@ impl RoomFields {
         put("rate_per_minute", self.rate_per_minute.map(Value::from));
         put("state", self.state.clone().map(Value::from));
         put("starts_at", self.starts_at.clone().map(Value::from));
+        put("max_active_users", self.max_active_users.map(Value::from));
+        put("session_seconds", self.session_seconds.map(Value::from));
+        put("abandon_after_seconds", self.abandon_after_seconds.map(Value::from));
+        put("safety_net", self.safety_net.map(Value::from));
+        put("per_ip_entries_per_minute", self.per_ip_entries_per_minute.map(Value::from));
+        put("pow_difficulty", self.pow_difficulty.map(Value::from));
+        put("adaptive", self.adaptive.clone());
+        put("bypass", self.bypass.clone());
         m
     }
 }
@@ -210,6 +253,22 @@ fn print_rooms(rooms: &[Value]) {
     print_table(&["id", "state", "rate/min", "queue", "serving", "last ticket", "admitted/min", "origin"], &rows);
 }
 
+/// One room in full: its settings, then its live statistics.
+fn print_details(room: &Value) {
+    let mut rows: Vec<Vec<String>> = Vec::new();
+    if let Some(fields) = room.as_object() {
+        for (k, v) in fields.iter().filter(|(k, _)| *k != "stats") {
+            rows.push(vec![k.clone(), cell(v)]);
+        }
+    }
+    if let Some(stats) = room["stats"].as_object() {
+        for (k, v) in stats {
+            rows.push(vec![format!("stats.{k}"), cell(v)]);
+        }
+    }
+    print_table(&["field", "value"], &rows);
+}
+
 async fn run_room(client: &AdminClient, command: RoomCommand) -> Result<Value, CliError> {
     let out = match command {
         RoomCommand::Create { id, fields } => {
@@ -218,7 +277,13 @@ async fn run_room(client: &AdminClient, command: RoomCommand) -> Result<Value, C
             client.call(Method::POST, "/rooms", Some(Value::Object(body))).await?
         }
         RoomCommand::List => client.call(Method::GET, "/rooms", None).await?,
-        RoomCommand::Show { id } => client.call(Method::GET, &format!("/rooms/{id}"), None).await?,
+        RoomCommand::Show { id } => {
+            let room = client.call(Method::GET, &format!("/rooms/{id}"), None).await?;
+            if !client.json_output() {
+                print_details(&room);
+            }
+            return Ok(room);
+        }
         RoomCommand::Set { id, fields } => {
             client.call(Method::PATCH, &format!("/rooms/{id}"), Some(Value::Object(fields.to_json()))).await?
         }
@@ -244,6 +309,11 @@ async fn run(command: AdminCommand) -> Result<(), CliError> {
         AdminCommand::Room { common, command } => {
             let client = AdminClient::new(common);
             let out = run_room(&client, command).await?;
+            (client, out)
+        }
+        AdminCommand::App { common, command } => {
+            let client = AdminClient::new(common);
+            let out = crate::admin::cli_app::run_app(&client, command).await?;
             (client, out)
         }
         AdminCommand::Keys { common, command: KeysCommand::Rotate } => {

@@ -4,3 +4,4 @@
 pub mod auth;
 pub mod rooms;
 pub mod cli;
+pub mod cli_app;

@@ -76,10 +76,24 @@ async fn create(State(state): State<AppState>, body: Bytes) -> Result<Response, 
     Ok((StatusCode::CREATED, Json(spec)).into_response())
 }
 
-/// `GET /api/v1/apps` → `{"apps": [...]}` ordered by id.
+/// An app's settings plus `source` (`config` or `api`) and live `stats`.
+fn describe(rt: &Realtime, t: &Tenant) -> Value {
+    let spec = t.spec();
+    let mut v = serde_json::to_value(&*spec).unwrap_or_else(|_| json!({}));
+    v["source"] = json!(if rt.config_ids.contains(&spec.id) { "config" } else { "api" });
+    v["stats"] = t.stats();
+    v
+}
+
+/// `GET /api/v1/apps` → `{"apps": [...]}` ordered by id, each with `source` and `stats`.
 async fn list(State(state): State<AppState>) -> Json<Value> {
-    let mut apps: Vec<AppSpec> = state.realtime.registry.read().by_id.values().map(|t| (*t.spec()).clone()).collect();
-    apps.sort_by(|a, b| (a.id.len(), &a.id).cmp(&(b.id.len(), &b.id)));
+    let rt = &state.realtime;
+    let mut tenants: Vec<Arc<Tenant>> = rt.registry.read().by_id.values().cloned().collect();
+    tenants.sort_by_key(|t| {
+        let id = t.spec().id.clone();
+        (id.len(), id)
+    });
+    let apps: Vec<Value> = tenants.iter().map(|t| describe(rt, t)).collect();
     Json(json!({ "apps": apps }))
 }
 
@@ -87,8 +101,9 @@ fn find(rt: &Realtime, id: &str) -> Result<Arc<Tenant>, ApiError> {
     rt.tenant_by_id(id).ok_or_else(|| ApiError::not_found(format!("no app with id {id:?}")))
 }
 
-async fn show(State(state): State<AppState>, ApiPath(id): ApiPath<String>) -> Result<Json<AppSpec>, ApiError> {
-    Ok(Json((*find(&state.realtime, &id)?.spec()).clone()))
+async fn show(State(state): State<AppState>, ApiPath(id): ApiPath<String>) -> Result<Json<Value>, ApiError> {
+    let t = find(&state.realtime, &id)?;
+    Ok(Json(describe(&state.realtime, &t)))
 }
 
 /// `PATCH /api/v1/apps/{id}`: changes the given settings (and `secret`); `id` and `key` are fixed.
@@ -103,6 +118,9 @@ async fn patch(State(state): State<AppState>, ApiPath(id): ApiPath<String>, body
     let current = tenant.spec();
     let mut merged = serde_json::to_value(&*current).map_err(|e| ApiError::internal(e.to_string()))?;
     for (k, v) in changes {
+        if k == "source" || k == "stats" {
+            continue; // read-only fields of GET, tolerated when a client sends them back
+        }
         let unchanged = merged.get(&k) == Some(&v);
         if (k == "id" || k == "key") && !unchanged {
             return Err(ApiError::invalid_field(&k, "cannot be changed; create a new app instead"));

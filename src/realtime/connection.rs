@@ -215,7 +215,8 @@ async fn write_loop(
         }
     }
     let reason = conn.close_reason.lock().clone();
-    if let Some((code, message)) = reason {
+    // 1006 (abnormal closure) must never be sent on the wire: the socket is already broken.
+    if let Some((code, message)) = reason.filter(|(code, _)| *code != 1006) {
         let _ = tokio::time::timeout(CLOSE_GRACE, async {
             if code >= 4000 {
                 sink.send(Message::Text(protocol::error(code, &message))).await?;

@@ -16,6 +16,8 @@ pub struct History {
     events: VecDeque<Entry>,
     floor: u64,
     last: u64,
+    /// Bytes of the frames held, for the app-wide history budget.
+    bytes: usize,
 }
 
 struct Entry {
@@ -34,7 +36,7 @@ pub struct TooOld {
 impl History {
     /// A ring for a channel first seen when the global counter stood at `floor`.
     pub fn new(floor: u64) -> Self {
-        Self { events: VecDeque::new(), floor, last: floor }
+        Self { events: VecDeque::new(), floor, last: floor, bytes: 0 }
     }
 
     /// The newest serial covered: a client that has seen it has seen everything.
@@ -50,6 +52,17 @@ impl History {
         self.events.len()
     }
 
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Records that event `serial` happened but is not kept (over a memory budget): a resume
+    /// from before it then fails instead of silently missing it.
+    pub fn skip(&mut self, serial: u64) {
+        self.last = serial;
+        self.floor = serial;
+    }
+
     /// Appends an event, evicting the oldest beyond `capacity`.
     pub fn push(&mut self, serial: u64, at: Instant, frame: Utf8Bytes, capacity: usize) {
         self.last = serial;
@@ -60,8 +73,10 @@ impl History {
         while self.events.len() >= capacity {
             if let Some(old) = self.events.pop_front() {
                 self.floor = old.serial;
+                self.bytes -= old.frame.as_str().len();
             }
         }
+        self.bytes += frame.as_str().len();
         self.events.push_back(Entry { serial, at, frame });
     }
 
@@ -72,6 +87,7 @@ impl History {
                 break;
             }
             self.floor = front.serial;
+            self.bytes -= front.frame.as_str().len();
             self.events.pop_front();
         }
     }

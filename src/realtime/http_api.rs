@@ -319,3 +319,23 @@ pub async fn terminate(
     tenant.terminate_user(&user_id);
     Ok(Json(json!({})))
 }
+
+/// `POST /users/{user_id}/terminate_connections` (no `/apps/{id}` prefix): the path the PyPI
+/// `pusher` SDK (3.3.x) uses for `terminate_user_connections()`. The app is found by `auth_key`;
+/// the request is verified exactly as on the documented path.
+pub async fn terminate_by_key(
+    State(state): State<AppState>,
+    Path(user_id): Path<String>,
+    method: Method,
+    OriginalUri(uri): OriginalUri,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
+    let key = query_param(&uri, "auth_key").ok_or_else(|| ApiError::unauthorized("auth_key: missing"))?;
+    let app_id = match state.realtime.tenant_by_key(&key) {
+        Some(t) if !t.internal => t.spec().id.clone(),
+        _ => return Err(ApiError::unauthorized("auth_key: no app has this key")),
+    };
+    let (tenant, _) = authorize(&state, &app_id, &method, &uri, body).await?;
+    tenant.terminate_user(&user_id);
+    Ok(Json(json!({})))
+}

@@ -153,6 +153,7 @@ impl Realtime {
             .route("/apps/{app_id}/channels/{channel}", get(http_api::channel))
             .route("/apps/{app_id}/channels/{channel}/users", get(http_api::users))
             .route("/apps/{app_id}/users/{user_id}/terminate_connections", post(http_api::terminate))
+            .route("/users/{user_id}/terminate_connections", post(http_api::terminate_by_key))
     }
 
     /// `/api/v1/apps...`, mounted behind the admin key check.
@@ -186,6 +187,11 @@ impl Realtime {
 
     pub(crate) fn next_conn_id(&self) -> u64 {
         self.next_conn.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Whether `socket_id` is a live connection to weir's internal app (a waiting page).
+    pub fn internal_socket_connected(&self, socket_id: &str) -> bool {
+        self.tenant_by_key(INTERNAL_APP_KEY).is_some_and(|t| t.conn_id_of(socket_id).is_some())
     }
 
     pub fn tenant_by_key(&self, key: &str) -> Option<Arc<Tenant>> {

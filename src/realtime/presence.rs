@@ -20,6 +20,10 @@ impl Presence {
         self.members.len()
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.members.is_empty()
+    }
+
     pub fn contains(&self, user_id: &str) -> bool {
         self.members.contains_key(user_id)
     }

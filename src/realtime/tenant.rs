@@ -27,6 +27,11 @@ use super::webhook::{self, WebhookTargets};
 /// Channels an app may keep in memory without subscribers (for history). Bounds what a
 /// publisher spraying random channel names can make the server remember.
 const MAX_IDLE_CHANNELS: usize = 100_000;
+/// Memory one app may spend on history rings and cache-channel frames together. Over it, new
+/// events are delivered live but not kept (resumes across them fail with `weir:resume_failed`,
+/// cache channels answer `pusher:cache_miss`), so a publisher cannot grow memory without bound:
+/// 100 000 channels × 100 events × 10 KB would otherwise be 100 GB.
+pub const MAX_HISTORY_BYTES: usize = 64 * 1024 * 1024;
 /// How long a `cache-` channel's last event stays replayable (Pusher: 30 minutes).
 const CACHE_TTL: Duration = Duration::from_secs(30 * 60);
 
@@ -40,6 +45,7 @@ pub struct AppMetrics {
     pub bytes_out: metrics::Counter,
     pub slow_consumers: metrics::Counter,
     pub publishes: metrics::Counter,
+    pub history_bytes: metrics::Gauge,
 }
 
 impl AppMetrics {
@@ -53,7 +59,8 @@ impl AppMetrics {
             bytes_in: metrics::counter!("weir_realtime_bytes_in_total", "app" => a.clone()),
             bytes_out: metrics::counter!("weir_realtime_bytes_out_total", "app" => a.clone()),
             slow_consumers: metrics::counter!("weir_realtime_slow_consumer_disconnects_total", "app" => a.clone()),
-            publishes: metrics::counter!("weir_realtime_publishes_total", "app" => a),
+            publishes: metrics::counter!("weir_realtime_publishes_total", "app" => a.clone()),
+            history_bytes: metrics::gauge!("weir_realtime_history_bytes", "app" => a),
         }
     }
 }
@@ -62,6 +69,13 @@ struct Subscriber {
     conn: Arc<Conn>,
     /// The presence user this subscription counts for.
     user_id: Option<String>,
+}
+
+/// An app's channels and the bytes their history and cache frames hold.
+#[derive(Default)]
+struct Channels {
+    map: HashMap<String, Channel>,
+    bytes: usize,
 }
 
 struct Channel {
@@ -95,7 +109,7 @@ pub struct Tenant {
     spec: RwLock<Arc<AppSpec>>,
     /// weir's internal app: not listed or managed through the admin API.
     pub internal: bool,
-    channels: Mutex<HashMap<String, Channel>>,
+    channels: Mutex<Channels>,
     conns: Mutex<HashMap<String, Arc<Conn>>>,
     users: Mutex<HashMap<String, Vec<Arc<Conn>>>>,
     conn_count: AtomicUsize,
@@ -114,7 +128,7 @@ impl Tenant {
             publish_bucket: Mutex::new(Bucket::new(spec.max_publish_per_second)),
             spec: RwLock::new(spec),
             internal,
-            channels: Mutex::new(HashMap::new()),
+            channels: Mutex::new(Channels::default()),
             conns: Mutex::new(HashMap::new()),
             users: Mutex::new(HashMap::new()),
             conn_count: AtomicUsize::new(0),
@@ -215,9 +229,10 @@ impl Tenant {
         let now = Instant::now();
         let mut hooks: Vec<Value> = Vec::new();
         {
-            let mut channels = self.channels.lock();
+            let mut guard = self.channels.lock();
+            let Channels { map, bytes } = &mut *guard;
             let serials = &self.serials;
-            let ch = channels.entry(name.to_string()).or_insert_with(|| Channel::new(ty.clone(), serials.load(Ordering::SeqCst), now));
+            let ch = map.entry(name.to_string()).or_insert_with(|| Channel::new(ty.clone(), serials.load(Ordering::SeqCst), now));
             if let Some(m) = &member {
                 if !ch.presence.contains(&m.user_id) && ch.presence.len() >= spec.max_presence_members {
                     return Err(SubscribeError::PresenceFull(spec.max_presence_members));
@@ -258,7 +273,10 @@ impl Tenant {
                 None,
                 Some(serial),
             ));
+            let held = ch.held_bytes();
             ch.history.expire(now, Duration::from_secs(spec.history_ttl_s));
+            *bytes = bytes.saturating_sub(held - ch.held_bytes());
+            self.metrics.history_bytes.set(*bytes as f64);
             if let Some(from) = resume_from {
                 match ch.history.since(from) {
                     Ok(frames) => {
@@ -303,7 +321,7 @@ impl Tenant {
         let mut hooks = Vec::new();
         {
             let mut channels = self.channels.lock();
-            let Some(ch) = channels.get_mut(name) else { return };
+            let Some(ch) = channels.map.get_mut(name) else { return };
             let Some(sub) = ch.subscribers.remove(&conn.id) else { return };
             self.metrics.subscriptions.decrement(1.0);
             ch.last_active = Instant::now();
@@ -323,7 +341,7 @@ impl Tenant {
             if ch.subscribers.is_empty() {
                 hooks.push(json!({ "name": "channel_vacated", "channel": name }));
                 if ch.history.is_empty() && ch.cache.is_none() && self.spec().history_len == 0 {
-                    channels.remove(name);
+                    channels.map.remove(name);
                 }
             }
         }
@@ -336,23 +354,33 @@ impl Tenant {
     pub fn publish(&self, name: &str, event: &str, data: &str, exclude: Option<u64>, user_id: Option<&str>) -> usize {
         let spec = self.spec();
         let now = Instant::now();
-        let mut channels = self.channels.lock();
-        if !channels.contains_key(name) {
+        let mut guard = self.channels.lock();
+        let Channels { map, bytes } = &mut *guard;
+        if !map.contains_key(name) {
             let Ok(ty) = ChannelType::parse(name) else { return 0 };
-            if (spec.history_len == 0 && !ty.cache) || channels.len() >= MAX_IDLE_CHANNELS {
+            if (spec.history_len == 0 && !ty.cache) || map.len() >= MAX_IDLE_CHANNELS {
                 self.metrics.publishes.increment(1);
                 return 0;
             }
             let floor = self.serials.load(Ordering::SeqCst);
-            channels.insert(name.to_string(), Channel::new(ty, floor, now));
+            map.insert(name.to_string(), Channel::new(ty, floor, now));
         }
-        let Some(ch) = channels.get_mut(name) else { return 0 };
+        let Some(ch) = map.get_mut(name) else { return 0 };
         let serial = self.serials.fetch_add(1, Ordering::SeqCst) + 1;
         let frame = protocol::channel_event(event, name, data, user_id, Some(serial));
-        ch.history.push(serial, now, frame.clone(), spec.history_len);
-        if ch.ty.cache {
-            ch.cache = Some((now, frame.clone()));
+        let held = ch.held_bytes();
+        let len = frame.as_str().len();
+        let over_budget = *bytes + len * (1 + usize::from(ch.ty.cache)) > MAX_HISTORY_BYTES;
+        if over_budget {
+            ch.history.skip(serial);
+        } else {
+            ch.history.push(serial, now, frame.clone(), spec.history_len);
         }
+        if ch.ty.cache {
+            ch.cache = (!over_budget).then(|| (now, frame.clone()));
+        }
+        *bytes = (*bytes + ch.held_bytes()).saturating_sub(held);
+        self.metrics.history_bytes.set(*bytes as f64);
         ch.last_active = now;
         let mut sent = 0usize;
         for (id, sub) in &ch.subscribers {
@@ -360,7 +388,7 @@ impl Tenant {
                 sent += 1;
             }
         }
-        drop(channels);
+        drop(guard);
         self.metrics.publishes.increment(1);
         self.metrics.messages_out.increment(sent as u64);
         self.metrics.bytes_out.increment((sent * frame.as_str().len()) as u64);
@@ -376,6 +404,7 @@ impl Tenant {
     pub fn channels(&self, prefix: &str) -> Vec<ChannelStats> {
         let channels = self.channels.lock();
         channels
+            .map
             .iter()
             .filter(|(name, ch)| !ch.subscribers.is_empty() && name.starts_with(prefix))
             .map(|(name, ch)| ch.stats(name))
@@ -384,13 +413,26 @@ impl Tenant {
 
     pub fn channel(&self, name: &str) -> Option<ChannelStats> {
         let channels = self.channels.lock();
-        channels.get(name).filter(|ch| !ch.subscribers.is_empty()).map(|ch| ch.stats(name))
+        channels.map.get(name).filter(|ch| !ch.subscribers.is_empty()).map(|ch| ch.stats(name))
     }
 
     /// User ids in a presence channel.
     pub fn channel_users(&self, name: &str) -> Vec<String> {
         let channels = self.channels.lock();
-        channels.get(name).map(|ch| ch.presence.ids().cloned().collect()).unwrap_or_default()
+        channels.map.get(name).map(|ch| ch.presence.ids().cloned().collect()).unwrap_or_default()
+    }
+
+    /// Live numbers for the admin API: connections, occupied channels, subscriptions, history bytes.
+    pub fn stats(&self) -> Value {
+        let guard = self.channels.lock();
+        let occupied = guard.map.values().filter(|c| !c.subscribers.is_empty()).count();
+        let subscriptions: usize = guard.map.values().map(|c| c.subscribers.len()).sum();
+        json!({
+            "connections": self.connection_count(),
+            "occupied_channels": occupied,
+            "subscriptions": subscriptions,
+            "history_bytes": guard.bytes,
+        })
     }
 
     /// Expires history and cache entries and forgets channels with nothing left to serve.
@@ -398,12 +440,15 @@ impl Tenant {
         let spec = self.spec();
         let now = Instant::now();
         let ttl = Duration::from_secs(spec.history_ttl_s);
-        let mut channels = self.channels.lock();
-        channels.retain(|_, ch| {
+        let mut guard = self.channels.lock();
+        let Channels { map, bytes } = &mut *guard;
+        map.retain(|_, ch| {
+            let held = ch.held_bytes();
             ch.history.expire(now, ttl);
             if ch.cache.as_ref().is_some_and(|(at, _)| now.saturating_duration_since(*at) >= CACHE_TTL) {
                 ch.cache = None;
             }
+            *bytes = bytes.saturating_sub(held - ch.held_bytes());
             // An empty channel is kept for one history TTL after its last activity, so a client
             // that saw its current serial can still resume from it.
             !ch.subscribers.is_empty()
@@ -411,6 +456,7 @@ impl Tenant {
                 || ch.cache.is_some()
                 || now.saturating_duration_since(ch.last_active) < ttl
         });
+        self.metrics.history_bytes.set(*bytes as f64);
     }
 
     /// Queues webhook events (never blocks; drops are counted by the queue).
@@ -427,13 +473,6 @@ impl Tenant {
     pub fn webhook(&self, event: Value) {
         self.webhooks.read().enqueue(event);
     }
-
-    pub fn is_presence_subscriber(&self, name: &str, conn_id: u64) -> bool {
-        self.channels
-            .lock()
-            .get(name)
-            .is_some_and(|ch| ch.ty.kind == ChannelKind::Presence && ch.subscribers.contains_key(&conn_id))
-    }
 }
 
 impl Channel {
@@ -446,6 +485,11 @@ impl Channel {
             cache: None,
             last_active: now,
         }
+    }
+
+    /// Bytes held by this channel's history and cache frame.
+    fn held_bytes(&self) -> usize {
+        self.history.bytes() + self.cache.as_ref().map_or(0, |(_, f)| f.as_str().len())
     }
 
     fn stats(&self, name: &str) -> ChannelStats {
@@ -483,5 +527,26 @@ impl Bucket {
         } else {
             Err(((need - self.tokens) / self.rate).ceil().max(1.0) as u64)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn history_memory_is_bounded_per_app() {
+        let hooks = webhook::Deliverer::new(tokio_util::sync::CancellationToken::new());
+        let spec = AppSpec::new("1".into(), "k".into(), "secret-secret".into());
+        let t = Tenant::new(spec, false, Arc::new(AtomicU64::new(0)), &hooks);
+        let data = "x".repeat(10_000);
+        // 80 channels × 100 events × 10 KB = 80 MB of history wanted; the budget is 64 MB.
+        for i in 0..8_000 {
+            t.publish(&format!("c{}", i % 80), "e", &data, None, None);
+        }
+        let guard = t.channels.lock();
+        let sum: usize = guard.map.values().map(Channel::held_bytes).sum();
+        assert_eq!(sum, guard.bytes);
+        assert!(guard.bytes <= MAX_HISTORY_BYTES && guard.bytes > MAX_HISTORY_BYTES / 2, "{}", guard.bytes);
     }
 }

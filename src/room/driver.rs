@@ -43,7 +43,7 @@ pub fn spawn(rooms: Arc<Rooms>, realtime: Arc<Realtime>, shutdown: CancellationT
             let elapsed = now - last;
             last = now;
             if n % CENSUS_EVERY == 0 {
-                census(&rooms);
+                census(&rooms, &realtime);
             }
             if let Err(e) = tick(&rooms, &realtime, elapsed, n % PUBLISH_EVERY == 0).await {
                 tracing::warn!(error = %e, "admission tick failed; will retry");
@@ -143,17 +143,28 @@ async fn start_if_due(rooms: &Rooms, realtime: &Realtime, room: &Room, now_ms: i
     Ok(())
 }
 
-fn census(rooms: &Rooms) {
+fn census(rooms: &Rooms, realtime: &Realtime) {
     let now_ms = rooms.clock.now_ms();
     for room in rooms.all() {
         let spec = room.spec();
-        let c = room.engine.lock().census(now_ms, spec.abandon_after_seconds);
+        let c = {
+            let mut engine = room.engine.lock();
+            engine.refresh_sockets(now_ms, |s| realtime.internal_socket_connected(s));
+            metrics::gauge!("weir_room_watched_sockets", "room" => room.id.clone()).set(engine.watched_sockets() as f64);
+            engine.census(now_ms, spec.abandon_after_seconds)
+        };
         *room.census.lock() = c;
         metrics::gauge!("weir_room_live_waiters", "room" => room.id.clone()).set(c.live as f64);
         metrics::gauge!("weir_room_abandoned", "room" => room.id.clone()).set(c.abandoned as f64);
         let active = room.engine.lock().active_users(now_ms, spec.session_seconds);
         metrics::gauge!("weir_room_active_users", "room" => room.id.clone()).set(active as f64);
         metrics::gauge!("weir_room_target_per_minute", "room" => room.id.clone()).set(room.effective_rate());
+        let stats = room.stats(now_ms);
+        metrics::gauge!("weir_room_measured_per_minute", "room" => room.id.clone()).set(stats.measured_per_minute.unwrap_or(0.0));
+        metrics::gauge!("weir_room_admitted_last_minute", "room" => room.id.clone()).set(stats.admitted_last_minute as f64);
+        if let Some(eta) = stats.eta_last_ticket_seconds {
+            metrics::gauge!("weir_room_eta_last_ticket_seconds", "room" => room.id.clone()).set(eta as f64);
+        }
     }
 }
 

@@ -22,7 +22,10 @@ use crate::web::{cookies, pages};
 const VISITOR_COOKIE_MAX_AGE_S: u64 = 7 * 24 * 3600;
 
 pub fn routes() -> Router<AppState> {
-    Router::new().route("/r/{room}", get(entry)).route("/r/{room}/status", get(status))
+    Router::new()
+        .route("/r/{room}", get(entry))
+        .route("/r/{room}/status", get(status))
+        .route("/r/{room}/socket", axum::routing::post(register_socket))
 }
 
 #[derive(Deserialize)]
@@ -169,6 +172,39 @@ async fn status(State(state): State<AppState>, Path(room_id): Path<String>, head
     respond(&state, true, &room, status, Vec::new())
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SocketRegistration {
+    socket_id: String,
+}
+
+/// `POST /r/{room}/socket {socket_id}`: the waiting page says which realtime connection is
+/// its own, so an open socket keeps the visitor counted as present (abandonment) without any
+/// polling. The socket must be connected to weir's internal app.
+async fn register_socket(
+    State(state): State<AppState>,
+    Path(room_id): Path<String>,
+    headers: HeaderMap,
+    crate::error::ApiJson(body): crate::error::ApiJson<SocketRegistration>,
+) -> Result<StatusCode, ApiError> {
+    let room = state.rooms.require(&room_id)?;
+    let cookie = state
+        .rooms
+        .recognise(&room, cookies::get(&headers, &cookie_name(&room.id)))
+        .ok_or_else(|| ApiError::unauthorized(format!("no ticket for this room: enter at /r/{room_id} first")))?;
+    let id = &body.socket_id;
+    let well_formed = id.len() <= 41
+        && id.split_once('.').is_some_and(|(a, b)| !a.is_empty() && !b.is_empty() && a.bytes().chain(b.bytes()).all(|c| c.is_ascii_digit()));
+    if !well_formed {
+        return Err(ApiError::invalid_field("socket_id", "must look like 123.456"));
+    }
+    if !state.realtime.internal_socket_connected(id) {
+        return Err(ApiError::invalid_field("socket_id", "is not a connection to this server's internal app"));
+    }
+    room.engine.lock().watch_socket(cookie.ticket, body.socket_id, state.clock.now_ms());
+    Ok(StatusCode::NO_CONTENT)
+}
+
 fn visitor_cookie(state: &AppState, room: &Room, c: &super::visitor::VisitorCookie) -> String {
     let value = state.rooms.cookies.encode(&room.id, c);
     cookies::set(&cookie_name(&room.id), &value, VISITOR_COOKIE_MAX_AGE_S, secure(state))
@@ -210,7 +246,7 @@ fn page(state: &AppState, room: &Room, status: &VisitorStatus) -> Response {
     // a quarter of the wait, between 5 and 30 seconds.
     let refresh_seconds = eta.map(|e| (e / 4).clamp(5, 30)).unwrap_or(15);
     let ticket = status.ticket.unwrap_or(0);
-    let progress = if ticket > 0 { (100 - position.saturating_mul(100) / ticket).min(100) } else { 0 };
+    let progress = 100u64.saturating_sub(position.saturating_mul(100) / ticket.max(1));
     match status.state {
         RoomState::Scheduled => {
             let remaining_s = room

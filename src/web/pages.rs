@@ -50,6 +50,16 @@ pub fn error_page(status: StatusCode, title: &str, message: &str) -> Response {
 #[cfg(test)]
 mod tests {
     #[test]
+    fn pow_page_renders_its_script() {
+        let r = super::env()
+            .get_template("pow.html")
+            .unwrap()
+            .render(minijinja::context! { name => "n", room => "r", challenge => "c.1", difficulty => 8, to => "/x" })
+            .unwrap();
+        assert!(r.contains(r#"const challenge = "c.1";"#), "{r}");
+    }
+
+    #[test]
     fn templates_compile() {
         for (name, _) in super::TEMPLATES {
             assert!(super::env().get_template(name).is_ok(), "{name}");

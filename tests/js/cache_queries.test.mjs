@@ -4,25 +4,13 @@
 import { describe, it, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import {
-  startWeir, subscribed, once, collect, barrier, disconnectAll, uniq, waitFor,
-} from './support/weir.mjs';
+  startWeir, subscribed, once, collect, barrier, disconnectAll, uniq, waitFor, withWeirAndApp } from './support/weir.mjs';
 
 const member = (id, name) => ({ user_id: id, user_info: { name } });
 
 describe('cache channels', () => {
   let weir, app, sdk;
-  const clients = [];
-  const client = (opts) => { const c = weir.client(app, opts); clients.push(c); return c; };
-
-  before(async () => {
-    weir = await startWeir();
-    app = await weir.createApp();
-    sdk = weir.server(app);
-  });
-  after(async () => {
-    disconnectAll(...clients);
-    await weir?.stop();
-  });
+  const client = withWeirAndApp((s) => ({ weir, app, sdk } = s));
 
   for (const prefix of ['cache-', 'private-cache-', 'presence-cache-']) {
     it(`replays the last event to a new ${prefix} subscriber`, async () => {
@@ -67,18 +55,7 @@ describe('cache channels', () => {
 
 describe('channel queries through the SDK', () => {
   let weir, app, sdk;
-  const clients = [];
-  const client = (opts) => { const c = weir.client(app, opts); clients.push(c); return c; };
-
-  before(async () => {
-    weir = await startWeir();
-    app = await weir.createApp();
-    sdk = weir.server(app);
-  });
-  after(async () => {
-    disconnectAll(...clients);
-    await weir?.stop();
-  });
+  const client = withWeirAndApp((s) => ({ weir, app, sdk } = s));
 
   const get = async (p, params) => {
     const res = await sdk.get({ path: p, params });

@@ -5,8 +5,7 @@ import { describe, it, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import WebSocket from 'ws';
 import {
-  startWeir, connected, subscribed, once, collect, barrier, disconnectAll, uniq, waitFor,
-} from './support/weir.mjs';
+  startWeir, connected, subscribed, once, collect, barrier, disconnectAll, uniq, waitFor, withWeirAndApp } from './support/weir.mjs';
 
 /** A raw `ws` socket whose 'error' events are recorded instead of crashing the test process. */
 function rawSocket(url) {
@@ -18,18 +17,7 @@ function rawSocket(url) {
 
 describe('public channels with pusher-js and the npm pusher SDK', () => {
   let weir, app, sdk;
-  const clients = [];
-  const client = (opts) => { const c = weir.client(app, opts); clients.push(c); return c; };
-
-  before(async () => {
-    weir = await startWeir();
-    app = await weir.createApp();
-    sdk = weir.server(app);
-  });
-  after(async () => {
-    disconnectAll(...clients);
-    await weir?.stop();
-  });
+  const client = withWeirAndApp((s) => ({ weir, app, sdk } = s));
 
   it('connects and gets a socket_id of the form digits.digits, unique per connection', async () => {
     const a = client();

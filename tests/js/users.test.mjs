@@ -4,23 +4,11 @@
 import { describe, it, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import {
-  startWeir, connected, subscribed, once, barrier, disconnectAll, uniq, waitFor,
-} from './support/weir.mjs';
+  startWeir, connected, subscribed, once, barrier, disconnectAll, uniq, waitFor, withWeirAndApp } from './support/weir.mjs';
 
 describe('user sign-in and user connections', () => {
   let weir, app, sdk;
-  const clients = [];
-  const client = (opts) => { const c = weir.client(app, opts); clients.push(c); return c; };
-
-  before(async () => {
-    weir = await startWeir();
-    app = await weir.createApp();
-    sdk = weir.server(app);
-  });
-  after(async () => {
-    disconnectAll(...clients);
-    await weir?.stop();
-  });
+  const client = withWeirAndApp((s) => ({ weir, app, sdk } = s));
 
   /** Signs in and resolves with the pusher:signin_success data seen by pusher-js. */
   async function signIn(c) {

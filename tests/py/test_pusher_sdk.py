@@ -201,13 +201,9 @@ def test_terminate_user_connections(weir, app, sdk, raw_clients):
     _assert_terminated(sdk, victims, bystander, ch)
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "pusher 3.3.4's terminate_user_connections() POSTs to /users/{id}/terminate_connections "
-    "(no /apps/{app_id} prefix, signed over that path); weir serves only the documented "
-    "/apps/{id}/users/{id}/terminate_connections"))
 def test_terminate_user_connections_sdk_method(weir, app, sdk, raw_clients):
-    """The SDK method itself: a drop-in server would accept the SDK's real request,
-    identifying the app by `auth_key`."""
+    """The SDK method itself: pusher 3.3.4 POSTs to /users/{id}/terminate_connections (no
+    /apps/{app_id} prefix); weir accepts it, identifying the app by `auth_key`."""
     victims, bystander, ch = _signed_in_victims_and_bystander(weir, app, sdk, raw_clients, "py-victim2")
     sdk.terminate_user_connections("py-victim2")
     _assert_terminated(sdk, victims, bystander, ch)

@@ -33,10 +33,12 @@ pub struct TestAppBuilder {
 
 impl TestApp {
     pub fn builder() -> TestAppBuilder {
-        let mut config = Config::default();
-        config.listen = "127.0.0.1:0".parse().unwrap();
-        config.admin_key = Some(ADMIN_KEY.into());
-        config.shutdown_grace_seconds = 2;
+        let config = Config {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            admin_key: Some(ADMIN_KEY.into()),
+            shutdown_grace_seconds: 2,
+            ..Config::default()
+        };
         TestAppBuilder { config, clock: None, data_dir: None }
     }
 

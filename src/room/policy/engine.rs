@@ -74,6 +74,8 @@ pub struct Engine {
     last_seen: Vec<u32>,
     /// Admitted ticket → last activity (ms).
     sessions: HashMap<u64, i64>,
+    /// Waiting ticket → its page's realtime socket id: an open socket counts as being seen.
+    sockets: HashMap<u64, String>,
     admission: Admission,
     /// Moving average of admissions per minute.
     measured_per_minute: f64,
@@ -203,6 +205,30 @@ impl Engine {
     fn is_live(&self, ticket: u64, now_ms: i64, abandon_after_s: u64) -> bool {
         let seen = self.last_seen.get((ticket as usize).wrapping_sub(1)).copied().unwrap_or(0) as i64;
         now_ms / 1000 - seen <= abandon_after_s as i64
+    }
+
+    /// The waiting page of `ticket` holds realtime socket `socket_id` (one per ticket).
+    pub fn watch_socket(&mut self, ticket: u64, socket_id: String, now_ms: i64) {
+        if ticket >= 1 && ticket <= self.last_ticket && !self.is_admitted(ticket) {
+            self.sockets.insert(ticket, socket_id);
+            self.seen(ticket, now_ms);
+        }
+    }
+
+    /// Marks every ticket whose socket is still open as seen; forgets closed sockets and
+    /// admitted tickets. `connected` answers for one socket id.
+    pub fn refresh_sockets(&mut self, now_ms: i64, connected: impl Fn(&str) -> bool) {
+        let mut sockets = std::mem::take(&mut self.sockets);
+        sockets.retain(|t, s| self.rank(*t) > self.serving && connected(s));
+        let live: Vec<u64> = sockets.keys().copied().collect();
+        self.sockets = sockets;
+        for t in live {
+            self.seen(t, now_ms);
+        }
+    }
+
+    pub fn watched_sockets(&self) -> usize {
+        self.sockets.len()
     }
 
     /// Activity of an admitted visitor (forward-auth check, proxied request): extends its session.

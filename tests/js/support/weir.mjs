@@ -12,6 +12,7 @@ import path from 'node:path';
 import http from 'node:http';
 import { fileURLToPath } from 'node:url';
 import { createRequire } from 'node:module';
+import { before, after } from 'node:test';
 
 const require = createRequire(import.meta.url);
 // pusher-js's Node build bundles tweetnacl, so private-encrypted channels work.
@@ -273,6 +274,31 @@ export function reachesState(client, states, timeoutMs = DEADLINE_MS) {
 }
 
 /** Disconnects every given pusher-js client (ignores errors). */
+/**
+ * Registers the usual suite hooks: start weir and create an app before the tests, disconnect
+ * every client made through the returned factory and stop weir after them. `assign` receives
+ * `{weir, app, sdk}` once they exist.
+ */
+export function withWeirAndApp(assign, appSettings = {}) {
+  const clients = [];
+  let ctx;
+  before(async () => {
+    const weir = await startWeir();
+    const app = await weir.createApp(appSettings);
+    ctx = { weir, app, sdk: weir.server(app) };
+    assign(ctx);
+  });
+  after(async () => {
+    disconnectAll(...clients);
+    await ctx?.weir?.stop();
+  });
+  return (opts) => {
+    const c = ctx.weir.client(ctx.app, opts);
+    clients.push(c);
+    return c;
+  };
+}
+
 export function disconnectAll(...clients) {
   for (const c of clients) {
     try { c.disconnect(); } catch { /* ignore */ }
