@@ -56,6 +56,7 @@ impl Hist {
         self.min = self.min.min(nanos);
     }
 
+    #[allow(dead_code)] // for callers that shard recording across tasks
     pub fn merge(&mut self, other: &Hist) {
         for (a, b) in self.counts.iter_mut().zip(&other.counts) {
             *a += *b;
@@ -66,6 +67,7 @@ impl Hist {
         self.min = self.min.min(other.min);
     }
 
+    #[allow(dead_code)]
     pub fn count(&self) -> u64 {
         self.total
     }
