@@ -170,6 +170,7 @@ pub fn start_sockudo(bins: &Bins, pin: &Pinning, logs: &Path, max_conns: usize) 
         ("SOCKUDO_DEFAULT_APP_MAX_READ_REQUESTS_PER_SECOND", "100000000".into()),
         ("SOCKUDO_MAX_CONNECTIONS", (max_conns * 2).to_string()),
         ("RATE_LIMITER_ENABLED", "false".into()),
+        ("RATE_LIMITER_DRIVER", "memory".into()),
         ("ADAPTER_DRIVER", "local".into()),
         ("APP_MANAGER_DRIVER", "memory".into()),
         ("CACHE_DRIVER", "memory".into()),
