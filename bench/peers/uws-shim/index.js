@@ -7,7 +7,12 @@ const fs = require('fs');
 const name = `uws_${process.platform}_${process.arch}_${process.versions.modules}.node`;
 const roots = [];
 if (process.env.WEIR_UWS_PACK_DIR) roots.push(process.env.WEIR_UWS_PACK_DIR);
-for (const p of [...((require.main && require.main.paths) || []), ...module.paths]) {
+const searchPaths = [
+  ...((require.main && require.main.paths) || []),
+  path.join(process.cwd(), 'node_modules'),
+  ...module.paths,
+];
+for (const p of searchPaths) {
   roots.push(path.join(p, 'uws-pack'));
 }
 let found = null;
