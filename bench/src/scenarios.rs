@@ -96,7 +96,7 @@ impl Ctx {
             pin,
             work,
             params,
-            admin_key: format!("bench-admin-{}", std::process::id()),
+            admin_key: format!("weir-bench-admin-key-{:08}", std::process::id()),
             peers,
             hello: None,
             weir: None,
