@@ -39,7 +39,7 @@ impl Params {
             Params {
                 conns: 16,
                 warmup: Duration::from_millis(200),
-                duration: Duration::from_millis(1500),
+                duration: Duration::from_millis(1000),
                 fanout_subs: vec![50],
                 fanout_window: 4,
                 idle_conns: 200,
@@ -777,11 +777,13 @@ async fn connections_one(ctx: &Ctx, server: &Server, app: &App, n: usize) -> Val
         }
     }
     let connect_secs = t0.elapsed().as_secs_f64();
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    let quick = ctx.params.idle_conns < 1_000;
+    tokio::time::sleep(Duration::from_millis(if quick { 300 } else { 1_000 })).await;
     let rss1 = server.rss().unwrap_or(0);
     let cpu0 = crate::sys::proc_cpu(server.pid);
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let idle_cpu = cpu0.and_then(|c0| crate::sys::proc_cpu(server.pid).map(|c1| (c1 - c0).as_secs_f64() / 2.0));
+    let idle_window = Duration::from_millis(if quick { 500 } else { 2_000 });
+    tokio::time::sleep(idle_window).await;
+    let idle_cpu = cpu0.and_then(|c0| crate::sys::proc_cpu(server.pid).map(|c1| (c1 - c0).as_secs_f64() / idle_window.as_secs_f64()));
     for mut c in children {
         drop(c.stdin.take());
         let _ = c.wait();
