@@ -53,6 +53,7 @@ pub fn router(state: AppState) -> Router {
             "/api/v1",
             Realtime::admin_routes()
                 .merge(crate::admin::rooms::routes())
+                .merge(crate::web::template_api::admin_routes())
                 .layer(axum::extract::DefaultBodyLimit::max(limits.admin_body_bytes))
                 .layer(axum::middleware::from_fn_with_state(
                 state.clone(),
@@ -64,15 +65,23 @@ pub fn router(state: AppState) -> Router {
         timeout,
     );
     // Visitors are the flood: their group is bounded separately so admin and health stay up.
+    // Pages, status JSON and the page script are gzip-compressed when the client accepts it.
     let visitors = shed::bounded(
-        crate::room::routes::routes().merge(crate::gateway::routes()),
+        crate::room::routes::routes()
+            .merge(crate::gateway::routes())
+            .merge(crate::web::assets::routes())
+            .layer(tower_http::compression::CompressionLayer::new()),
         "visitors",
         limits.max_in_flight,
         timeout,
     );
+    // Reverse-proxy mode bounds its own origin requests and times (`gateway::proxy`): bodies
+    // stream for longer than the request timeout, and WebSocket upgrades live on.
+    let proxied = crate::gateway::proxy::routes();
     Router::new()
         .merge(ops_routes)
         .merge(visitors)
+        .merge(proxied)
         .merge(realtime)
         .merge(admin)
         .fallback(not_found_fallback)

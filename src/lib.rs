@@ -12,8 +12,12 @@
 //! - [`room`]: rooms, the durable queue, the admission driver, visitor cookies, tokens;
 //!   `room::policy` holds the admission engine (ranks, skips, sessions, pre-queue shuffle),
 //!   the adaptive-rate controller and abuse resistance (bypass, per-IP limit, proof-of-work).
-//! - [`gateway`]: how an origin checks a visitor: `/api/v1/verify` and forward auth.
-//! - [`web`]: server-rendered pages (minijinja templates compiled into the binary).
+//! - [`gateway`]: how an origin checks a visitor: `/api/v1/verify`, forward auth, and
+//!   `gateway::proxy`, weir itself as the reverse proxy in front of the origin (`mode: proxy`).
+//! - [`web`]: server-rendered pages (minijinja templates compiled into the binary), branding
+//!   and languages (`web::i18n`), custom room templates (`web::template_api`) and the page
+//!   script and its caching (`web::assets`). The waiting page is a realtime client: it
+//!   subscribes to `room-{id}` on the internal app and computes its position locally.
 //! - [`realtime`]: the Pusher-protocol server (apps, WebSocket, channels, HTTP API, webhooks).
 //! - [`admin`]: the `/api/v1` admin API (bearer admin key) and the `weir` CLI that drives it.
 //! - [`limits`]: load shedding, timeouts, body limits; [`ops`]: metrics, health, shutdown.

@@ -1,8 +1,10 @@
 //! How an origin checks that a visitor came through the queue: the JWKS for offline checks,
 //! online verification (`POST /api/v1/verify`) and forward auth for reverse proxies
-//! (`GET /auth/{room}`: nginx `auth_request`, Traefik ForwardAuth, Caddy `forward_auth`).
+//! (`GET /auth/{room}`: nginx `auth_request`, Traefik ForwardAuth, Caddy `forward_auth`), and
+//! reverse-proxy mode ([`proxy`], `/p/{room}/...`) where weir forwards admitted visitors itself.
 
 pub mod forward_auth;
+pub mod proxy;
 pub mod verify;
 
 use axum::routing::{get, post};

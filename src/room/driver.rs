@@ -25,6 +25,9 @@ pub const TICK: Duration = Duration::from_millis(100);
 const CENSUS_EVERY: u64 = 20;
 /// Counter broadcasts per room are coalesced to at most one per this many ticks (4 per second).
 const PUBLISH_EVERY: u64 = 2;
+/// Ticks between re-announcements of an unchanged counter (5 s), so a waiting page that
+/// subscribed just after the last change (or missed it) catches up without polling.
+const REPUBLISH_EVERY: u64 = 50;
 
 pub fn spawn(rooms: Arc<Rooms>, realtime: Arc<Realtime>, shutdown: CancellationToken) {
     let prober_rooms = rooms.clone();
@@ -34,6 +37,7 @@ pub fn spawn(rooms: Arc<Rooms>, realtime: Arc<Realtime>, shutdown: CancellationT
         interval.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut last = Instant::now();
         let mut n: u64 = 0;
+        let mut announced = std::collections::HashMap::new();
         loop {
             tokio::select! {
                 _ = interval.tick() => {}
@@ -45,8 +49,13 @@ pub fn spawn(rooms: Arc<Rooms>, realtime: Arc<Realtime>, shutdown: CancellationT
             if n % CENSUS_EVERY == 0 {
                 census(&rooms, &realtime);
             }
-            if let Err(e) = tick(&rooms, &realtime, elapsed, n % PUBLISH_EVERY == 0).await {
+            // Counters are announced below, not by `tick`: a change made on a tick between two
+            // announcements must still go out (trailing edge), not wait for the next change.
+            if let Err(e) = tick(&rooms, &realtime, elapsed).await {
                 tracing::warn!(error = %e, "admission tick failed; will retry");
+            }
+            if n % PUBLISH_EVERY == 0 {
+                announce(&rooms, &realtime, &mut announced, n % REPUBLISH_EVERY == 0);
             }
             n += 1;
         }
@@ -67,8 +76,8 @@ fn inputs(room: &Room, now_ms: i64, elapsed: Duration) -> Inputs {
     }
 }
 
-/// One admission step for every room. `announce` lets counter broadcasts through (coalescing).
-pub async fn tick(rooms: &Rooms, realtime: &Realtime, elapsed: Duration, announce: bool) -> Result<(), ApiError> {
+/// One admission step for every room (broadcasts are left to `announce`, which coalesces them).
+pub async fn tick(rooms: &Rooms, realtime: &Realtime, elapsed: Duration) -> Result<(), ApiError> {
     let now_ms = rooms.clock.now_ms();
     let mut planned: Vec<(Arc<Room>, tokio::sync::OwnedMutexGuard<()>, Inputs, Step)> = Vec::new();
     for room in rooms.all() {
@@ -111,9 +120,6 @@ pub async fn tick(rooms: &Rooms, realtime: &Realtime, elapsed: Duration, announc
         }
         if skipped > 0 {
             metrics::counter!("weir_room_skipped_total", "room" => room.id.clone()).increment(skipped);
-        }
-        if announce && admitted + skipped > 0 {
-            publish_counter(realtime, &room);
         }
     }
     Ok(())
@@ -234,6 +240,22 @@ async fn probe(
 /// Channel on weir's internal realtime app carrying a room's live counters.
 pub fn room_channel(room: &str) -> String {
     format!("room-{room}")
+}
+
+/// Publishes each room's counter if it (or the effective rate) changed since the last
+/// announcement, and, when `heartbeat`, every room a page may be waiting in. `last` holds one
+/// entry per room.
+fn announce(rooms: &Rooms, realtime: &Realtime, last: &mut std::collections::HashMap<String, (u64, f64)>, heartbeat: bool) {
+    let all = rooms.all();
+    last.retain(|id, _| all.iter().any(|r| &r.id == id));
+    for room in all {
+        let now = (room.serving(), room.effective_rate());
+        let changed = last.insert(room.id.clone(), now).is_none_or(|before| before != now);
+        let waiting = room.last_ticket() > 0 && matches!(room.spec().state, RoomState::Open | RoomState::Paused | RoomState::Scheduled);
+        if (changed && now.0 > 0) || (heartbeat && waiting) {
+            publish_counter(realtime, &room);
+        }
+    }
 }
 
 fn publish_counter(realtime: &Realtime, room: &Room) {

@@ -5,6 +5,7 @@
 //! A live [`Room`] keeps its counters in atomics so visitor requests read them without locks;
 //! only the driver writes the serving counter, and only after the store has made it durable.
 
+pub mod branding;
 pub mod driver;
 pub mod model;
 pub mod policy;
@@ -399,6 +400,18 @@ impl Rooms {
         url.into()
     }
 
+    /// In proxy mode the visitor goes to weir's own `/p/{room}{deep link}` (`gateway::proxy`).
+    fn proxy_redirect_url(&self, spec: &RoomSpec, deep_link: Option<&str>, token: &str) -> String {
+        let base = format!("{}/p/{}{}", self.public_url.trim_end_matches('/'), spec.id, deep_link.unwrap_or("/"));
+        match url::Url::parse(&base) {
+            Ok(mut url) => {
+                url.query_pairs_mut().append_pair("weir_token", token);
+                url.into()
+            }
+            Err(_) => base,
+        }
+    }
+
     /// Computes what a visitor holding `cookie` (or, in passthrough, nobody in particular) sees,
     /// and counts the call as a sign of life.
     pub fn status(&self, room: &Room, cookie: Option<&VisitorCookie>) -> VisitorStatus {
@@ -440,7 +453,10 @@ impl Rooms {
     pub fn token_redirect(&self, room: &Room, visitor: &str, ticket: u64, deep_link: Option<&str>) -> (Option<String>, Option<String>) {
         let spec = room.spec();
         let token = self.keys.issue(&room.id, &spec.origin, visitor, ticket);
-        let url = Self::redirect_url(&spec, deep_link, &token);
+        let url = match spec.mode {
+            model::RoomMode::Redirect => Self::redirect_url(&spec, deep_link, &token),
+            model::RoomMode::Proxy => self.proxy_redirect_url(&spec, deep_link, &token),
+        };
         (Some(token), Some(url))
     }
 }

@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
+use super::branding::Branding;
 use crate::error::ApiError;
 pub use crate::room::policy::{Adaptive, Bypass};
 
@@ -38,6 +39,17 @@ impl RoomState {
     }
 }
 
+/// How admitted visitors reach the origin.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RoomMode {
+    /// Sent to the origin with a token; the origin (or its proxy) checks it.
+    #[default]
+    Redirect,
+    /// weir proxies `/p/{room}/...` to the origin for visitors holding a valid token.
+    Proxy,
+}
+
 /// A stored room definition.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct RoomSpec {
@@ -52,6 +64,12 @@ pub struct RoomSpec {
     /// Creation time (ms since epoch). Also the room's generation: visitor cookies carry it so
     /// a cookie from a deleted room of the same id is not honoured by its successor.
     pub created_at_ms: i64,
+    /// Page look (issue 6).
+    #[serde(default)]
+    pub branding: Branding,
+    /// `redirect` (default) or `proxy` (issue 6).
+    #[serde(default)]
+    pub mode: RoomMode,
     /// At most this many admitted visitors active at once (see `session_seconds`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_active_users: Option<u64>,
@@ -88,6 +106,10 @@ pub struct NewRoom {
     pub rate_per_minute: f64,
     pub state: Option<RoomState>,
     pub starts_at: Option<String>,
+    #[serde(default)]
+    pub branding: Branding,
+    #[serde(default)]
+    pub mode: RoomMode,
     pub max_active_users: Option<u64>,
     pub session_seconds: Option<u64>,
     pub adaptive: Option<Adaptive>,
@@ -108,6 +130,9 @@ pub struct RoomPatch {
     pub state: Option<RoomState>,
     #[serde(default, deserialize_with = "double_option")]
     pub starts_at: Option<Option<String>>,
+    /// Replaces the branding (a stored custom template is kept).
+    pub branding: Option<Branding>,
+    pub mode: Option<RoomMode>,
     #[serde(default, deserialize_with = "double_option")]
     pub max_active_users: Option<Option<u64>>,
     pub session_seconds: Option<u64>,
@@ -193,6 +218,8 @@ impl RoomSpec {
             state: input.state.unwrap_or(if input.starts_at.is_some() { RoomState::Scheduled } else { RoomState::Open }),
             starts_at: input.starts_at,
             created_at_ms: now_ms,
+            branding: input.branding,
+            mode: input.mode,
             max_active_users: input.max_active_users,
             session_seconds: input.session_seconds.unwrap_or_else(default_session_seconds),
             adaptive: input.adaptive,
@@ -222,6 +249,12 @@ impl RoomSpec {
         }
         if let Some(v) = patch.state {
             next.state = v;
+        }
+        if let Some(v) = patch.branding {
+            next.branding = self.branding.patched(v);
+        }
+        if let Some(v) = patch.mode {
+            next.mode = v;
         }
         if let Some(v) = patch.max_active_users {
             next.max_active_users = v;
@@ -263,6 +296,11 @@ impl RoomSpec {
         if self.state == RoomState::Scheduled && self.starts_at.is_none() {
             return Err(ApiError::invalid_field("starts_at", "is required when state is scheduled"));
         }
+        if self.mode == RoomMode::Proxy && !self.origin.starts_with("http://") {
+            // The proxy client speaks plain HTTP to an origin on the private side; TLS ends at weir.
+            return Err(ApiError::invalid_field("mode", "proxy needs an http:// origin (weir terminates TLS in front of it)"));
+        }
+        self.branding.validate()?;
         Ok(())
     }
 
@@ -302,6 +340,8 @@ mod tests {
             bypass: None,
             per_ip_entries_per_minute: None,
             pow_difficulty: None,
+            branding: Default::default(),
+            mode: Default::default(),
         };
         assert!(RoomSpec::create(base(), 0).is_ok());
         let e = RoomSpec::create(NewRoom { origin: "/relative".into(), ..base() }, 0).unwrap_err();

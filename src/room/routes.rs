@@ -44,7 +44,7 @@ async fn entry(
 ) -> Response {
     let json = cookies::wants_json(&headers);
     let Some(room) = state.rooms.get(&room_id) else {
-        return no_such_room(json, &room_id);
+        return no_such_room(json, &room_id, &headers);
     };
     let rooms = &state.rooms;
     let (to, pow) = query.map(|Query(q)| (q.to, q.pow)).unwrap_or_default();
@@ -60,7 +60,7 @@ async fn entry(
             Some(c)
         }
         None => match room.effective_state(state.clock.now_ms()) {
-            RoomState::Closed => return closed(json, &room, rooms.status(&room, None)),
+            RoomState::Closed => return closed(&state, json, &room, rooms.status(&room, None), &headers),
             RoomState::Passthrough => None,
             _ => {
                 let ip = abuse::client_ip(peer.ip(), &headers, &rooms.trusted_proxies, &rooms.client_ip_header);
@@ -75,7 +75,7 @@ async fn entry(
         },
     };
     let status = rooms.status(&room, cookie.as_ref());
-    respond(&state, json, &room, status, set_cookies)
+    respond(&state, json, &room, status, set_cookies, &headers)
 }
 
 enum NewVisitor {
@@ -103,7 +103,7 @@ async fn admit_new_visitor(
         let mut status = rooms.status(room, None);
         let (token, url) = rooms.token_redirect(room, &super::visitor::new_visitor_id(), 0, deep_link.as_deref());
         (status.admitted, status.token, status.redirect_url, status.position) = (true, token, url, None);
-        return Ok(NewVisitor::Bypass(respond(state, json, room, status, Vec::new())));
+        return Ok(NewVisitor::Bypass(respond(state, json, room, status, Vec::new(), headers)));
     }
     if spec.pow_difficulty > 0 {
         let verdict = pow.map(|p| rooms.pow.verify(&room.id, spec.pow_difficulty, p, now_ms / 1000));
@@ -169,7 +169,7 @@ async fn status(State(state): State<AppState>, Path(room_id): Path<String>, head
         return ApiError::unauthorized(format!("no ticket for this room: enter at /r/{room_id} first")).into_response();
     }
     let status = state.rooms.status(&room, cookie.as_ref());
-    respond(&state, true, &room, status, Vec::new())
+    respond(&state, true, &room, status, Vec::new(), &headers)
 }
 
 #[derive(Deserialize)]
@@ -214,7 +214,14 @@ fn secure(state: &AppState) -> bool {
     state.rooms.public_url.starts_with("https://")
 }
 
-fn respond(state: &AppState, json: bool, room: &Room, status: VisitorStatus, mut set_cookies: Vec<String>) -> Response {
+fn respond(
+    state: &AppState,
+    json: bool,
+    room: &Room,
+    status: VisitorStatus,
+    mut set_cookies: Vec<String>,
+    headers: &HeaderMap,
+) -> Response {
     if let Some(token) = &status.token {
         set_cookies.push(cookies::set("weir_token", token, state.config.token_ttl_seconds, secure(state)));
     }
@@ -223,13 +230,14 @@ fn respond(state: &AppState, json: bool, room: &Room, status: VisitorStatus, mut
         r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         r
     } else if let Some(url) = &status.redirect_url {
-        let mut r = StatusCode::FOUND.into_response();
+        // 302 with a small "continue" page as its body, for clients that do not follow.
+        let mut r = page(state, room, &status, headers, StatusCode::FOUND);
         if let Ok(v) = HeaderValue::from_str(url) {
             r.headers_mut().insert(header::LOCATION, v);
         }
         r
     } else {
-        page(state, room, &status)
+        page(state, room, &status, headers, StatusCode::OK)
     };
     for c in set_cookies {
         if let Ok(v) = HeaderValue::from_str(&c) {
@@ -239,75 +247,25 @@ fn respond(state: &AppState, json: bool, room: &Room, status: VisitorStatus, mut
     response
 }
 
-fn page(state: &AppState, room: &Room, status: &VisitorStatus) -> Response {
-    let position = status.position.unwrap_or(0);
-    let eta = status.eta_seconds;
-    // Refresh often enough to see progress, rarely enough not to load the server:
-    // a quarter of the wait, between 5 and 30 seconds.
-    let refresh_seconds = eta.map(|e| (e / 4).clamp(5, 30)).unwrap_or(15);
-    let ticket = status.ticket.unwrap_or(0);
-    let progress = 100u64.saturating_sub(position.saturating_mul(100) / ticket.max(1));
-    match status.state {
-        RoomState::Scheduled => {
-            let remaining_s = room
-                .spec()
-                .starts_at_ms()
-                .map(|t| ((t - state.clock.now_ms()).max(0) / 1000) as u64)
-                .unwrap_or(0);
-            pages::render(
-                StatusCode::OK,
-                "scheduled.html",
-                minijinja::context! {
-                    name => status.name, starts_at => status.starts_at,
-                    countdown_text => duration_text(remaining_s),
-                    refresh_seconds => remaining_s.clamp(1, 30),
-                },
-            )
-        }
-        RoomState::Paused => pages::render(
-            StatusCode::OK,
-            "paused.html",
-            minijinja::context! { name => status.name, position, refresh_seconds => 15 },
-        ),
-        RoomState::Closed => pages::render(StatusCode::OK, "closed.html", minijinja::context! { name => status.name }),
-        _ => pages::render(
-            StatusCode::OK,
-            "waiting.html",
-            minijinja::context! {
-                name => status.name, position, ticket, eta_seconds => eta,
-                eta_text => eta.map(duration_text), progress, refresh_seconds,
-            },
-        ),
-    }
+fn page(state: &AppState, room: &Room, status: &VisitorStatus, headers: &HeaderMap, code: StatusCode) -> Response {
+    let spec = room.spec();
+    // The page computes its position from its rank (place in line) and the serving counter.
+    let rank = status.ticket.map(|t| room.engine.lock().rank(t)).unwrap_or(0);
+    pages::RoomPage { spec: &spec, status, rank, serving: room.serving(), now_ms: state.clock.now_ms(), headers }.render(code)
 }
 
-fn closed(json: bool, room: &Room, status: VisitorStatus) -> Response {
+fn closed(state: &AppState, json: bool, room: &Room, status: VisitorStatus, headers: &HeaderMap) -> Response {
     if json {
         Json(status).into_response()
     } else {
-        pages::render(StatusCode::OK, "closed.html", minijinja::context! { name => room.spec().name.clone() })
+        page(state, room, &status, headers, StatusCode::OK)
     }
 }
 
-fn no_such_room(json: bool, room_id: &str) -> Response {
+fn no_such_room(json: bool, room_id: &str, headers: &HeaderMap) -> Response {
     if json {
         ApiError::not_found(format!("no room {room_id:?}")).into_response()
     } else {
-        pages::error_page(StatusCode::NOT_FOUND, "No such waiting room", "Check the link you followed.")
-    }
-}
-
-/// "about 3 minutes", "less than a minute", "about 2 hours".
-pub fn duration_text(seconds: u64) -> String {
-    match seconds {
-        0..=59 => "less than a minute".to_string(),
-        60..=5399 => {
-            let m = (seconds + 30) / 60;
-            format!("about {m} minute{}", if m == 1 { "" } else { "s" })
-        }
-        _ => {
-            let h = (seconds + 1800) / 3600;
-            format!("about {h} hour{}", if h == 1 { "" } else { "s" })
-        }
+        pages::error_page_for(StatusCode::NOT_FOUND, headers, |t| t.not_found_title, |t| t.not_found_text)
     }
 }

@@ -11,7 +11,8 @@ use std::sync::Arc;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use base64::Engine;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
+use std::collections::HashMap;
 use ring::rand::SystemRandom;
 use ring::signature::{EcdsaKeyPair, KeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
 use serde::{Deserialize, Serialize};
@@ -102,9 +103,20 @@ impl SigningKey {
     }
 }
 
+/// Tokens remembered as verified (forward auth sees the same token on every request a visitor
+/// makes) and as issued (a waiting page polls its status); beyond this the cache starts over.
+/// ~16 K tokens of ~500 bytes: about 8 MiB at most for each.
+const TOKEN_CACHE_ENTRIES: usize = 16 * 1024;
+
 pub struct KeyRing {
     /// Newest last.
     keys: RwLock<Vec<Arc<SigningKey>>>,
+    /// Token → its claims, for tokens whose signature has been checked. A hit still checks
+    /// expiry and room; cleared whenever the key set changes.
+    verified: RwLock<HashMap<String, Claims>>,
+    /// `room|origin|visitor|ticket` → (token, iat): an admitted visitor asking again within
+    /// half the token lifetime gets the same token instead of a fresh ECDSA signature.
+    issued: Mutex<HashMap<String, (String, i64)>>,
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
     issuer: String,
@@ -113,7 +125,15 @@ pub struct KeyRing {
 
 impl KeyRing {
     pub async fn load(store: Arc<dyn Store>, clock: Arc<dyn Clock>, issuer: String, ttl_seconds: u64) -> Result<Self, StoreError> {
-        let ring = KeyRing { keys: RwLock::new(Vec::new()), store, clock, issuer, ttl_seconds: ttl_seconds as i64 };
+        let ring = KeyRing {
+            keys: RwLock::new(Vec::new()),
+            verified: RwLock::new(HashMap::new()),
+            issued: Mutex::new(HashMap::new()),
+            store,
+            clock,
+            issuer,
+            ttl_seconds: ttl_seconds as i64,
+        };
         ring.reload().await?;
         if ring.keys.read().is_empty() {
             ring.rotate().await?;
@@ -129,6 +149,7 @@ impl KeyRing {
         };
         let keys = stored.into_iter().map(|k| SigningKey::from_stored(k).map(Arc::new)).collect::<Result<Vec<_>, _>>()?;
         *self.keys.write() = keys;
+        self.forget_cached();
         Ok(())
     }
 
@@ -144,7 +165,13 @@ impl KeyRing {
         let bytes = serde_json::to_vec(&stored).map_err(|e| StoreError::Backend(e.to_string()))?;
         self.store.put(Table::Meta, META_KEY, bytes).await?;
         *self.keys.write() = next;
+        self.forget_cached();
         Ok(kid)
+    }
+
+    fn forget_cached(&self) {
+        self.verified.write().clear();
+        self.issued.lock().clear();
     }
 
     pub fn issuer(&self) -> &str {
@@ -157,8 +184,24 @@ impl KeyRing {
 
     /// Signs a token for a visitor admitted to `room` (whose origin is the audience).
     pub fn issue(&self, room: &str, origin: &str, visitor: &str, ticket: u64) -> String {
-        let key = self.keys.read().last().cloned().expect("the key ring always holds a key after load");
         let now = self.clock.now_secs();
+        let cache_key = format!("{room}|{origin}|{visitor}|{ticket}");
+        if let Some((token, iat)) = self.issued.lock().get(&cache_key) {
+            if now - iat < self.ttl_seconds / 2 {
+                return token.clone();
+            }
+        }
+        let token = self.sign(room, origin, visitor, ticket, now);
+        let mut issued = self.issued.lock();
+        if issued.len() >= TOKEN_CACHE_ENTRIES {
+            issued.clear();
+        }
+        issued.insert(cache_key, (token.clone(), now));
+        token
+    }
+
+    fn sign(&self, room: &str, origin: &str, visitor: &str, ticket: u64, now: i64) -> String {
+        let key = self.keys.read().last().cloned().expect("the key ring always holds a key after load");
         let claims = Claims {
             iss: self.issuer.clone(),
             aud: origin.to_string(),
@@ -178,6 +221,30 @@ impl KeyRing {
         if token.len() > 4096 {
             return Err(Rejection::Malformed);
         }
+        let cached = self.verified.read().get(token).cloned();
+        let claims = match cached {
+            Some(claims) => claims,
+            None => {
+                let claims = self.verify_signature(token)?;
+                let mut verified = self.verified.write();
+                if verified.len() >= TOKEN_CACHE_ENTRIES {
+                    verified.clear();
+                }
+                verified.insert(token.to_string(), claims.clone());
+                claims
+            }
+        };
+        if claims.exp <= self.clock.now_secs() {
+            return Err(Rejection::Expired);
+        }
+        if room.is_some_and(|r| r != claims.room) {
+            return Err(Rejection::WrongRoom);
+        }
+        Ok(claims)
+    }
+
+    /// Algorithm, key, signature and issuer: everything about a token that never changes.
+    fn verify_signature(&self, token: &str) -> Result<Claims, Rejection> {
         let header = jsonwebtoken::decode_header(token).map_err(|_| {
             // An algorithm jsonwebtoken doesn't know (e.g. "none") fails header parsing.
             if header_alg(token).is_some_and(|alg| alg != "ES256") {
@@ -202,12 +269,6 @@ impl KeyRing {
         let claims = data.claims;
         if claims.iss != self.issuer {
             return Err(Rejection::WrongIssuer);
-        }
-        if claims.exp <= self.clock.now_secs() {
-            return Err(Rejection::Expired);
-        }
-        if room.is_some_and(|r| r != claims.room) {
-            return Err(Rejection::WrongRoom);
         }
         Ok(claims)
     }
@@ -299,6 +360,30 @@ mod tests {
         .unwrap();
         assert_eq!(ring.verify(&other, None), Err(Rejection::UnknownKey));
         assert_eq!(ring.verify("garbage", None), Err(Rejection::Malformed));
+    }
+
+    #[tokio::test]
+    async fn caches_never_outlive_expiry_or_rotation() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = ManualClock::at(1_000_000_000_000);
+        let ring = ring(dir.path(), clock.clone()).await;
+        let t1 = ring.issue("a", "https://o", "v", 3);
+        assert_eq!(ring.issue("a", "https://o", "v", 3), t1, "re-asking within half the lifetime reuses the token");
+        assert_ne!(ring.issue("a", "https://o", "w", 3), t1, "another visitor gets its own");
+        assert!(ring.verify(&t1, Some("a")).is_ok());
+        assert!(ring.verify(&t1, Some("a")).is_ok(), "cached verification");
+        assert_eq!(ring.verify(&t1, Some("b")), Err(Rejection::WrongRoom), "room is checked on a hit");
+        clock.advance_ms(31_000);
+        let t2 = ring.issue("a", "https://o", "v", 3);
+        assert_ne!(t2, t1, "past half its life a token is re-signed");
+        clock.advance_ms(30_000);
+        assert_eq!(ring.verify(&t1, None), Err(Rejection::Expired), "expiry is checked on a hit");
+        let before = ring.issue("a", "https://o", "v", 3);
+        let kid = ring.rotate().await.unwrap();
+        let after = ring.issue("a", "https://o", "v", 3);
+        assert_ne!(before, after, "rotation signs anew");
+        let header = jsonwebtoken::decode_header(&after).unwrap();
+        assert_eq!(header.kid.as_deref(), Some(kid.as_str()));
     }
 
     #[tokio::test]

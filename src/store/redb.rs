@@ -1,7 +1,7 @@
 //! Embedded, crash-safe store on [redb](https://docs.rs/redb): one file in the data directory.
 //!
 //! Every write goes through one writer thread that drains whatever is queued (up to
-//! [`MAX_BATCH`] operations) into a single write transaction and commits it with an fsync:
+//! `MAX_BATCH` operations) into a single write transaction and commits it with an fsync:
 //! group commit. Under load hundreds of tickets share one fsync; idle, a single ticket pays one.
 //! Callers wait on a oneshot, so a response is sent only after its data is durable.
 //! Reads use redb's MVCC read transactions and never wait for the writer.

@@ -1,0 +1,54 @@
+//! Static assets compiled into the binary (the waiting page's script), served at
+//! `/_weir/static/...` with an ETag and long-lived caching for versioned URLs. Compression is a
+//! layer on the visitor routes (`http::router`), not done here.
+
+use std::hash::{Hash, Hasher};
+use std::sync::LazyLock;
+
+use axum::extract::Query;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use serde::Deserialize;
+
+use crate::http::AppState;
+
+const ROOM_JS: &str = include_str!("static/room.js");
+
+/// A content hash of the script: the `?v=` of its URL and its ETag.
+static ROOM_JS_VERSION: LazyLock<String> = LazyLock::new(|| {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    ROOM_JS.hash(&mut h);
+    format!("{:016x}", h.finish())
+});
+
+/// The versioned URL pages link to; a new build changes it, so it can be cached forever.
+pub static ROOM_JS_PATH: LazyLock<String> = LazyLock::new(|| format!("/_weir/static/room.js?v={}", *ROOM_JS_VERSION));
+
+pub fn routes() -> Router<AppState> {
+    Router::new().route("/_weir/static/room.js", get(room_js))
+}
+
+#[derive(Deserialize)]
+struct Version {
+    v: Option<String>,
+}
+
+async fn room_js(query: Result<Query<Version>, axum::extract::rejection::QueryRejection>, headers: HeaderMap) -> Response {
+    let etag = format!("\"{}\"", *ROOM_JS_VERSION);
+    let versioned = query.ok().and_then(|Query(q)| q.v).is_some_and(|v| v == *ROOM_JS_VERSION);
+    // Versioned: immutable for a year. Unversioned (someone's bookmark): revalidate after 5 min.
+    let cache = if versioned { "public, max-age=31536000, immutable" } else { "public, max-age=300" };
+    let mut response = if headers.get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok()).is_some_and(|v| v.split(',').any(|t| t.trim() == etag)) {
+        StatusCode::NOT_MODIFIED.into_response()
+    } else {
+        ([(header::CONTENT_TYPE, "text/javascript; charset=utf-8")], ROOM_JS).into_response()
+    };
+    let h = response.headers_mut();
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static(cache));
+    if let Ok(v) = HeaderValue::from_str(&etag) {
+        h.insert(header::ETAG, v);
+    }
+    response
+}
