@@ -185,6 +185,10 @@ pub async fn open_loop(
                     tally.borrow_mut().missed += 1 + left as u64;
                     break;
                 }
+                // Behind schedule (the connection was busy past this slot): the wait is the
+                // server's doing and counts. Ahead of it, we sleep, and the timer's lateness (up to
+                // a millisecond) is the client's, so latency then runs from the actual send.
+                let behind = Instant::now() >= scheduled;
                 tokio::time::sleep_until(scheduled.into()).await;
                 let req = &reqs[(c + k as usize) % reqs.len()];
                 let sent = Instant::now();
@@ -196,7 +200,7 @@ pub async fn open_loop(
                         let refused = r.status == 503 || r.status == 429;
                         // Refusals are timed from the actual send (how fast is "no"?); accepted
                         // requests from the schedule (what a user waiting on that slot saw).
-                        let from = if refused { sent } else { scheduled };
+                        let from = if refused || !behind { sent } else { scheduled };
                         count(&mut t, r.status, r.retry_after, (done - from).as_nanos() as u64)
                     }
                     Err(_) => t.errors += 1,
