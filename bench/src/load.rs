@@ -1,0 +1,219 @@
+//! HTTP load: a closed loop (N keep-alive connections, each sending its next request as soon as
+//! the last is answered) and an open loop (a fixed offered rate, latency measured from the
+//! intended send time so a stalled server cannot hide its queueing: no coordinated omission).
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::client::Conn;
+use crate::hist::Hist;
+use crate::sys::CpuMeter;
+
+#[derive(Default)]
+pub struct Tally {
+    pub ok: u64,
+    pub by_status: BTreeMap<u16, u64>,
+    pub errors: u64,
+    pub ok_hist: Hist,
+    pub refused: u64,
+    pub refused_with_retry_after: u64,
+    pub refused_hist: Hist,
+    /// Open loop: scheduled requests never sent because the connection was still busy at the end.
+    pub missed: u64,
+}
+
+pub struct LoadResult {
+    pub tally: Tally,
+    pub elapsed: Duration,
+    pub client_cpu: f64,
+    pub server_cpu: Option<f64>,
+}
+
+impl LoadResult {
+    pub fn rps(&self) -> f64 {
+        self.tally.ok as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+
+    pub fn to_json(&self) -> Value {
+        let statuses: BTreeMap<String, u64> =
+            self.tally.by_status.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+        json!({
+            "ok": self.tally.ok,
+            "ok_per_sec": (self.rps() * 10.0).round() / 10.0,
+            "statuses": statuses,
+            "errors": self.tally.errors,
+            "seconds": self.elapsed.as_secs_f64(),
+            "latency": self.tally.ok_hist.summary_ms(),
+            "refused": self.tally.refused,
+            "refused_with_retry_after": self.tally.refused_with_retry_after,
+            "refused_latency": self.tally.refused_hist.summary_ms(),
+            "missed": self.tally.missed,
+            "ok_per_server_cpu_sec": self.server_cpu.filter(|c| *c > 0.0).map(|c| (self.rps() / c).round()),
+            "client_cpu_share": (self.client_cpu * 1000.0).round() / 1000.0,
+            "server_cpu_share": self.server_cpu.map(|c| (c * 1000.0).round() / 1000.0),
+        })
+    }
+}
+
+fn count(t: &mut Tally, status: u16, retry_after: bool, nanos: u64) {
+    *t.by_status.entry(status).or_default() += 1;
+    if (200..400).contains(&status) {
+        t.ok += 1;
+        t.ok_hist.record(nanos);
+    } else if status == 503 || status == 429 {
+        t.refused += 1;
+        if retry_after {
+            t.refused_with_retry_after += 1;
+        }
+        t.refused_hist.record(nanos);
+    }
+}
+
+/// Closed loop: `conns` connections for `warmup` + `duration`; connection `c` sends
+/// `reqs[(c + k·conns) % len]` for its k-th request. Only the measured window is counted.
+/// Stops early once `max_ok` successful requests were counted (if given).
+pub async fn closed_loop(
+    addr: SocketAddr,
+    conns: usize,
+    reqs: Rc<Vec<Vec<u8>>>,
+    warmup: Duration,
+    duration: Duration,
+    max_ok: Option<u64>,
+    server_pid: Option<u32>,
+) -> LoadResult {
+    let tally = Rc::new(RefCell::new(Tally::default()));
+    let t0 = Instant::now();
+    let measure_from = t0 + warmup;
+    let end = measure_from + duration;
+    let meter = Rc::new(RefCell::new(None::<CpuMeter>));
+    let mut tasks = Vec::new();
+    for c in 0..conns {
+        let reqs = reqs.clone();
+        let tally = tally.clone();
+        let meter = meter.clone();
+        tasks.push(tokio::task::spawn_local(async move {
+            let mut conn = Conn::new(addr);
+            let mut i = c;
+            loop {
+                let now = Instant::now();
+                if now >= end {
+                    break;
+                }
+                if now >= measure_from && meter.borrow().is_none() {
+                    *meter.borrow_mut() = Some(CpuMeter::start(server_pid));
+                }
+                let req = &reqs[i % reqs.len()];
+                i += conns;
+                let sent = Instant::now();
+                let res = conn.send_timeout(req, false, Duration::from_secs(10)).await;
+                let done = Instant::now();
+                if sent < measure_from || done > end {
+                    continue;
+                }
+                let mut t = tally.borrow_mut();
+                match res {
+                    Ok(r) => count(&mut t, r.status, r.retry_after, (done - sent).as_nanos() as u64),
+                    Err(_) => {
+                        t.errors += 1;
+                        drop(t);
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                        continue;
+                    }
+                }
+                if max_ok.is_some_and(|m| t.ok >= m) {
+                    break;
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    let finished = Instant::now().min(end);
+    let (client_cpu, server_cpu) = meter
+        .borrow()
+        .as_ref()
+        .map(|m| m.stop())
+        .unwrap_or((0.0, None));
+    let tally = Rc::try_unwrap(tally).ok().expect("tasks done").into_inner();
+    LoadResult {
+        tally,
+        elapsed: finished.saturating_duration_since(measure_from),
+        client_cpu,
+        server_cpu,
+    }
+}
+
+/// Open loop: offers `rate` requests/s spread evenly over `conns` connections for `duration`.
+/// Latency runs from each request's scheduled time; a connection that falls behind sends at once.
+pub async fn open_loop(
+    addr: SocketAddr,
+    conns: usize,
+    rate: f64,
+    reqs: Rc<Vec<Vec<u8>>>,
+    duration: Duration,
+    server_pid: Option<u32>,
+) -> LoadResult {
+    let tally = Rc::new(RefCell::new(Tally::default()));
+    let t0 = Instant::now() + Duration::from_millis(50);
+    let end = t0 + duration;
+    let per_conn_interval = Duration::from_secs_f64(conns as f64 / rate.max(1.0));
+    let meter = CpuMeter::start(server_pid);
+    let mut tasks = Vec::new();
+    for c in 0..conns {
+        let reqs = reqs.clone();
+        let tally = tally.clone();
+        tasks.push(tokio::task::spawn_local(async move {
+            let mut conn = Conn::new(addr);
+            let offset = per_conn_interval.mul_f64(c as f64 / conns as f64);
+            let mut k: u32 = 0;
+            loop {
+                let scheduled = t0 + offset + per_conn_interval * k;
+                k += 1;
+                if scheduled >= end {
+                    break;
+                }
+                if Instant::now() >= end {
+                    // Slots this connection could not even send in time count as missed, not as
+                    // late sends after the window (which would overstate the answered rate).
+                    let left = (end - scheduled).as_secs_f64() / per_conn_interval.as_secs_f64();
+                    tally.borrow_mut().missed += 1 + left as u64;
+                    break;
+                }
+                // Behind schedule (the connection was busy past this slot): the wait is the
+                // server's doing and counts. Ahead of it, we sleep, and the timer's lateness (up to
+                // a millisecond) is the client's, so latency then runs from the actual send.
+                let behind = Instant::now() >= scheduled;
+                tokio::time::sleep_until(scheduled.into()).await;
+                let req = &reqs[(c + k as usize) % reqs.len()];
+                let sent = Instant::now();
+                let res = conn.send_timeout(req, false, Duration::from_secs(10)).await;
+                let done = Instant::now();
+                let mut t = tally.borrow_mut();
+                match res {
+                    Ok(r) => {
+                        let refused = r.status == 503 || r.status == 429;
+                        // Refusals are timed from the actual send (how fast is "no"?); accepted
+                        // requests from the schedule (what a user waiting on that slot saw).
+                        let from = if refused || !behind { sent } else { scheduled };
+                        count(&mut t, r.status, r.retry_after, (done - from).as_nanos() as u64)
+                    }
+                    Err(_) => t.errors += 1,
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    let (client_cpu, server_cpu) = meter.stop();
+    // Responses still arriving after the window stretch it: rates use the real span.
+    let elapsed = t0.elapsed().max(duration);
+    let tally = Rc::try_unwrap(tally).ok().expect("tasks done").into_inner();
+    LoadResult { tally, elapsed, client_cpu, server_cpu }
+}

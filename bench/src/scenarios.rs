@@ -1,0 +1,930 @@
+//! The scenarios of issue 5, each returning raw JSON. A server that is not installed or fails is
+//! recorded as `{"not_measured": reason}`; nothing is ever filled in.
+
+use std::cell::RefCell;
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::client::{request, Conn};
+use crate::hist::Hist;
+use crate::load::{closed_loop, open_loop};
+use crate::pusher::{self, App, FanoutState};
+use crate::servers::{self, Bins, Pinning, Server};
+use crate::sys::CpuMeter;
+
+pub const ALL: &[&str] = &["entry", "status", "verify", "fanout", "connections", "queue-scale", "overload", "startup"];
+
+pub struct Params {
+    pub conns: usize,
+    pub warmup: Duration,
+    pub duration: Duration,
+    pub fanout_subs: Vec<usize>,
+    pub fanout_window: usize,
+    pub idle_conns: usize,
+    pub queue_visitors: u64,
+    pub overload_conns: usize,
+    pub startup_runs: usize,
+    pub idle_cpu_window: Duration,
+}
+
+impl Params {
+    pub fn new(quick: bool) -> Self {
+        if quick {
+            Params {
+                conns: 16,
+                warmup: Duration::from_millis(200),
+                duration: Duration::from_millis(1000),
+                fanout_subs: vec![50],
+                fanout_window: 4,
+                idle_conns: 200,
+                queue_visitors: 2_000,
+                overload_conns: 128,
+                startup_runs: 1,
+                idle_cpu_window: Duration::from_secs(1),
+            }
+        } else {
+            Params {
+                conns: 64,
+                warmup: Duration::from_secs(2),
+                duration: Duration::from_secs(10),
+                fanout_subs: vec![1_000, 5_000],
+                fanout_window: 8,
+                idle_conns: 19_000,
+                queue_visitors: 1_000_000,
+                overload_conns: 2_048,
+                startup_runs: 3,
+                idle_cpu_window: Duration::from_secs(3),
+            }
+        }
+    }
+}
+
+pub struct Ctx {
+    pub bins: Bins,
+    pub pin: Pinning,
+    pub work: PathBuf,
+    pub params: Params,
+    pub admin_key: String,
+    pub peers: Vec<&'static str>,
+    hello: Option<Server>,
+    weir: Option<Server>,
+    data_dirs: usize,
+    pub step: usize,
+    pub steps: usize,
+    pub t0: Instant,
+}
+
+fn round(x: f64, digits: i32) -> f64 {
+    let f = 10f64.powi(digits);
+    (x * f).round() / f
+}
+
+fn not_measured(why: impl Into<String>) -> Value {
+    json!({ "not_measured": why.into() })
+}
+
+impl Ctx {
+    pub fn new(bins: Bins, pin: Pinning, work: PathBuf, params: Params, peers: Vec<&'static str>) -> Self {
+        Ctx {
+            bins,
+            pin,
+            work,
+            params,
+            admin_key: format!("weir-bench-admin-key-{:08}", std::process::id()),
+            peers,
+            hello: None,
+            weir: None,
+            data_dirs: 0,
+            step: 0,
+            steps: 0,
+            t0: Instant::now(),
+        }
+    }
+
+    pub fn progress(&mut self, what: &str) {
+        self.step += 1;
+        let total = self.steps.max(self.step);
+        let width = 24;
+        let filled = width * self.step.min(total) / total.max(1);
+        eprintln!(
+            "[{}{}] {:>2}/{} {:>5.1}s  {what}",
+            "#".repeat(filled),
+            ".".repeat(width - filled),
+            self.step,
+            total,
+            self.t0.elapsed().as_secs_f64()
+        );
+    }
+
+    fn fresh_dir(&mut self, name: &str) -> PathBuf {
+        self.data_dirs += 1;
+        let d = self.work.join(format!("{name}-{}", self.data_dirs));
+        let _ = std::fs::remove_dir_all(&d);
+        let _ = std::fs::create_dir_all(&d);
+        d
+    }
+
+    fn start_weir_fresh(&mut self, name: &str) -> Result<(Server, PathBuf), String> {
+        let dir = self.fresh_dir(name);
+        let s = servers::start_weir(&self.bins, &self.pin, &dir, &self.admin_key, &self.work)?;
+        Ok((s, dir))
+    }
+
+    fn shared_weir(&mut self) -> Result<&Server, String> {
+        if self.weir.is_none() {
+            let (s, _) = self.start_weir_fresh("weir-http")?;
+            self.weir = Some(s);
+        }
+        Ok(self.weir.as_ref().expect("set"))
+    }
+
+    fn shared_hello(&mut self) -> Result<&Server, String> {
+        if self.hello.is_none() {
+            self.hello = Some(servers::start_hello(&self.bins, &self.pin, &self.work)?);
+        }
+        Ok(self.hello.as_ref().expect("set"))
+    }
+
+    pub fn stop_all(&mut self) {
+        if let Some(s) = self.weir.take() {
+            s.stop(Duration::from_secs(5));
+        }
+        if let Some(s) = self.hello.take() {
+            s.stop(Duration::from_secs(2));
+        }
+    }
+}
+
+// ---------- weir API helpers ----------
+
+async fn call(addr: SocketAddr, method: &str, path: &str, headers: &[String], body: &[u8]) -> Result<crate::client::Resp, String> {
+    let mut c = Conn::new(addr);
+    let req = request(method, path, &addr.to_string(), headers, body);
+    c.send_timeout(&req, true, Duration::from_secs(10)).await.map_err(|e| format!("{method} {path}: {e}"))
+}
+
+async fn admin(addr: SocketAddr, key: &str, method: &str, path: &str, body: Value) -> Result<Value, String> {
+    let b = body.to_string();
+    let r = call(
+        addr,
+        method,
+        path,
+        &[format!("Authorization: Bearer {key}"), "Content-Type: application/json".into(), "Accept: application/json".into()],
+        if method == "GET" { b"" } else { b.as_bytes() },
+    )
+    .await?;
+    if !(200..300).contains(&r.status) {
+        return Err(format!("{method} {path}: HTTP {} {}", r.status, String::from_utf8_lossy(&r.body)));
+    }
+    Ok(serde_json::from_slice(&r.body).unwrap_or(Value::Null))
+}
+
+async fn create_room(s: &Server, key: &str, id: &str, rate: u64) -> Result<(), String> {
+    admin(
+        s.addr,
+        key,
+        "POST",
+        "/api/v1/rooms",
+        json!({"id": id, "name": format!("Bench {id}"), "origin": "http://127.0.0.1:9/", "rate_per_minute": rate}),
+    )
+    .await
+    .map(|_| ())
+}
+
+async fn create_app(s: &Server, key: &str) -> Result<App, String> {
+    let v = admin(s.addr, key, "POST", "/api/v1/apps", json!({})).await?;
+    let get = |k: &str| match &v[k] {
+        Value::String(x) => Some(x.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    };
+    Ok(App {
+        id: get("id").ok_or("apps API: no id")?,
+        key: get("key").ok_or("apps API: no key")?,
+        secret: get("secret").ok_or("apps API: no secret")?,
+    })
+}
+
+fn entry_request(addr: SocketAddr, room: &str) -> Vec<u8> {
+    request("GET", &format!("/r/{room}"), &addr.to_string(), &["Accept: text/html".into()], b"")
+}
+
+/// Enters `room` as a new visitor; returns the `Cookie:` header value.
+async fn enter(addr: SocketAddr, room: &str) -> Result<String, String> {
+    let mut c = Conn::new(addr);
+    let r = c
+        .send_timeout(&entry_request(addr, room), false, Duration::from_secs(10))
+        .await
+        .map_err(|e| format!("GET /r/{room}: {e}"))?;
+    if r.status >= 400 {
+        return Err(format!("GET /r/{room}: HTTP {}", r.status));
+    }
+    let cookies: Vec<&str> = r.set_cookies.iter().filter_map(|c| c.split(';').next()).collect();
+    if cookies.is_empty() {
+        return Err(format!("GET /r/{room}: no visitor cookie"));
+    }
+    Ok(cookies.join("; "))
+}
+
+fn status_request(addr: SocketAddr, room: &str, cookie: &str) -> Vec<u8> {
+    request(
+        "GET",
+        &format!("/r/{room}/status"),
+        &addr.to_string(),
+        &[format!("Cookie: {cookie}"), "Accept: application/json".into()],
+        b"",
+    )
+}
+
+/// Waits until the visitor is admitted; returns the admission token.
+async fn admission_token(addr: SocketAddr, room: &str, cookie: &str) -> Result<String, String> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut c = Conn::new(addr);
+    loop {
+        let r = c
+            .send_timeout(&status_request(addr, room, cookie), true, Duration::from_secs(5))
+            .await
+            .map_err(|e| e.to_string())?;
+        let v: Value = serde_json::from_slice(&r.body).unwrap_or(Value::Null);
+        if v["admitted"] == Value::Bool(true) {
+            let url = v["redirect_url"].as_str().ok_or("admitted without redirect_url")?;
+            let at = url.find("weir_token=").ok_or("redirect_url without weir_token")? + 11;
+            let tok = &url[at..];
+            return Ok(tok[..tok.find('&').unwrap_or(tok.len())].to_string());
+        }
+        if Instant::now() > deadline {
+            return Err(format!("not admitted within 15 s: HTTP {} {}", r.status, v));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn load_json(r: &crate::load::LoadResult) -> Value {
+    r.to_json()
+}
+
+// ---------- HTTP scenarios ----------
+
+pub async fn hello_baseline(ctx: &mut Ctx) -> Value {
+    ctx.progress("hello baseline (bare hyper), closed loop");
+    let p = (ctx.params.conns, ctx.params.warmup, ctx.params.duration);
+    let s = match ctx.shared_hello() {
+        Ok(s) => s,
+        Err(e) => return not_measured(e),
+    };
+    let reqs = Rc::new(vec![request("GET", "/", &s.addr.to_string(), &["Accept: text/html".into()], b"")]);
+    let r = closed_loop(s.addr, p.0, reqs, p.1, p.2, None, Some(s.pid)).await;
+    let mut v = load_json(&r);
+    v["connections"] = json!(p.0);
+    v
+}
+
+async fn weir_http(ctx: &mut Ctx, what: &str, prepare: impl AsyncPrep) -> Value {
+    ctx.progress(&format!("{what} on weir, closed loop"));
+    let key = ctx.admin_key.clone();
+    let p = (ctx.params.conns, ctx.params.warmup, ctx.params.duration);
+    let s = match ctx.shared_weir() {
+        Ok(s) => s,
+        Err(e) => return not_measured(e),
+    };
+    let reqs = match prepare.prep(s, &key).await {
+        Ok(r) => Rc::new(r),
+        Err(e) => return not_measured(format!("weir: {e}")),
+    };
+    let r = closed_loop(s.addr, p.0, reqs, p.1, p.2, None, Some(s.pid)).await;
+    let mut v = load_json(&r);
+    v["connections"] = json!(p.0);
+    v
+}
+
+trait AsyncPrep {
+    async fn prep(self, s: &Server, key: &str) -> Result<Vec<Vec<u8>>, String>;
+}
+
+struct EntryPrep(&'static str);
+impl AsyncPrep for EntryPrep {
+    async fn prep(self, s: &Server, key: &str) -> Result<Vec<Vec<u8>>, String> {
+        create_room(s, key, self.0, 1).await?;
+        enter(s.addr, self.0).await?;
+        Ok(vec![entry_request(s.addr, self.0)])
+    }
+}
+
+struct StatusPrep(usize);
+impl AsyncPrep for StatusPrep {
+    async fn prep(self, s: &Server, key: &str) -> Result<Vec<Vec<u8>>, String> {
+        let room = "bench-status";
+        create_room(s, key, room, 1).await?;
+        let mut reqs = Vec::new();
+        for _ in 0..self.0 {
+            let cookie = enter(s.addr, room).await?;
+            reqs.push(status_request(s.addr, room, &cookie));
+        }
+        // Check one answer is the JSON status.
+        let r = call(s.addr, "GET", &format!("/r/{room}/status"), &[], b"").await;
+        let _ = r;
+        Ok(reqs)
+    }
+}
+
+struct VerifyPrep(usize);
+impl AsyncPrep for VerifyPrep {
+    async fn prep(self, s: &Server, key: &str) -> Result<Vec<Vec<u8>>, String> {
+        let room = "bench-verify";
+        create_room(s, key, room, 600_000).await?;
+        let mut reqs = Vec::new();
+        for _ in 0..self.0 {
+            let cookie = enter(s.addr, room).await?;
+            let token = admission_token(s.addr, room, &cookie).await?;
+            let req = request("GET", &format!("/auth/{room}"), &s.addr.to_string(), &[format!("Authorization: Bearer {token}")], b"");
+            let mut c = Conn::new(s.addr);
+            let r = c.send_timeout(&req, false, Duration::from_secs(5)).await.map_err(|e| e.to_string())?;
+            if !(200..300).contains(&r.status) {
+                return Err(format!("GET /auth/{room} with a fresh token: HTTP {}", r.status));
+            }
+            reqs.push(req);
+        }
+        Ok(reqs)
+    }
+}
+
+pub async fn entry(ctx: &mut Ctx) -> Value {
+    weir_http(ctx, "entry (new visitors GET /r/{room})", EntryPrep("bench-entry")).await
+}
+
+pub async fn status(ctx: &mut Ctx) -> Value {
+    let n = if ctx.params.conns < 64 { 64 } else { 1_000 };
+    weir_http(ctx, "status (returning visitors GET /r/{room}/status)", StatusPrep(n)).await
+}
+
+pub async fn verify(ctx: &mut Ctx) -> Value {
+    let mut v = weir_http(ctx, "verify (GET /auth/{room} with a token)", VerifyPrep(16)).await;
+    let cap = v["ok_per_sec"].as_f64().unwrap_or(0.0);
+    if cap <= 0.0 {
+        return v;
+    }
+    ctx.progress("verify at half load, open loop");
+    let key = ctx.admin_key.clone();
+    let (conns, duration) = (ctx.params.conns, ctx.params.duration);
+    let s = match ctx.shared_weir() {
+        Ok(s) => s,
+        Err(e) => return not_measured(e),
+    };
+    let reqs = match (VerifyPrep(4)).prep_existing(s, &key).await {
+        Ok(r) => Rc::new(r),
+        Err(e) => {
+            v["half_load"] = not_measured(e);
+            return v;
+        }
+    };
+    let r = open_loop(s.addr, conns, cap / 2.0, reqs, duration, Some(s.pid)).await;
+    let mut h = load_json(&r);
+    h["offered_per_sec"] = json!(round(cap / 2.0, 1));
+    v["half_load"] = h;
+    v
+}
+
+impl VerifyPrep {
+    async fn prep_existing(self, s: &Server, _key: &str) -> Result<Vec<Vec<u8>>, String> {
+        let room = "bench-verify";
+        let mut reqs = Vec::new();
+        for _ in 0..self.0 {
+            let cookie = enter(s.addr, room).await?;
+            let token = admission_token(s.addr, room, &cookie).await?;
+            reqs.push(request("GET", &format!("/auth/{room}"), &s.addr.to_string(), &[format!("Authorization: Bearer {token}")], b""));
+        }
+        Ok(reqs)
+    }
+}
+
+pub async fn overload(ctx: &mut Ctx, capacity: Option<f64>) -> Value {
+    let key = ctx.admin_key.clone();
+    let (conns, warm, dur) = (ctx.params.conns, ctx.params.warmup, ctx.params.duration);
+    let oconns = ctx.params.overload_conns;
+    // Peak = the better of `entry` (64 connections) and a closed loop at 256 connections: group
+    // commit makes entry throughput grow with concurrency, and 256 stays under the default
+    // in-flight bound (1,024), so nothing is shed while the peak is measured.
+    ctx.progress("overload: measuring peak entry goodput at 256 connections");
+    let peak_conns = if conns < 64 { 64 } else { 256 };
+    let cap256 = {
+        let s = match ctx.shared_weir() {
+            Ok(s) => s,
+            Err(e) => return not_measured(e),
+        };
+        let reqs = match EntryPrep("bench-capacity").prep(s, &key).await {
+            Ok(r) => Rc::new(r),
+            Err(e) => return not_measured(format!("weir: {e}")),
+        };
+        closed_loop(s.addr, peak_conns, reqs, warm, dur, None, Some(s.pid)).await.rps()
+    };
+    let cap = capacity.unwrap_or(0.0).max(cap256);
+    if cap <= 0.0 {
+        return not_measured("entry capacity is 0");
+    }
+    ctx.progress(&format!("overload: entry offered at 3 x {cap:.0} req/s over {oconns} connections"));
+    let s = match ctx.shared_weir() {
+        Ok(s) => s,
+        Err(e) => return not_measured(e),
+    };
+    let reqs = match EntryPrep("bench-overload").prep(s, &key).await {
+        Ok(r) => Rc::new(r),
+        Err(e) => return not_measured(format!("weir: {e}")),
+    };
+    let r = open_loop(s.addr, oconns, cap * 3.0, reqs, dur, Some(s.pid)).await;
+    let mut v = load_json(&r);
+    let answered: u64 = r.tally.by_status.values().sum();
+    v["capacity_per_sec"] = json!(round(cap, 1));
+    v["capacity_at_64_per_sec"] = json!(capacity.map(|c| round(c, 1)));
+    v["capacity_at_256_per_sec"] = json!(round(cap256, 1));
+    v["offered_per_sec"] = json!(round(cap * 3.0, 1));
+    v["answered_per_sec"] = json!(round(answered as f64 / r.elapsed.as_secs_f64(), 1));
+    v["goodput_ratio"] = json!(round(r.rps() / cap, 3));
+    v["connections"] = json!(oconns);
+    v
+}
+
+// ---------- realtime scenarios ----------
+
+fn start_rt(ctx: &mut Ctx, name: &str, max_conns: usize) -> Option<Result<Server, String>> {
+    match name {
+        "weir" => Some(ctx.start_weir_fresh("weir-rt").map(|(s, _)| s)),
+        "sockudo" => servers::start_sockudo(&ctx.bins, &ctx.pin, &ctx.work, max_conns),
+        "soketi" => servers::start_soketi(&ctx.bins, &ctx.pin, &ctx.work),
+        _ => None,
+    }
+}
+
+async fn app_for(ctx: &Ctx, s: &Server) -> Result<App, String> {
+    match &s.app {
+        Some(a) => Ok(a.clone()),
+        None => create_app(s, &ctx.admin_key).await,
+    }
+}
+
+pub async fn fanout(ctx: &mut Ctx) -> Value {
+    let mut out = serde_json::Map::new();
+    let subs_list = ctx.params.fanout_subs.clone();
+    let max = *subs_list.iter().max().unwrap_or(&1000);
+    let servers_list: Vec<&'static str> = std::iter::once("weir").chain(ctx.peers.iter().copied()).collect();
+    for name in ["weir", "sockudo", "soketi"] {
+        if !servers_list.contains(&name) {
+            for n in &subs_list {
+                out.entry(n.to_string()).or_insert(json!({})).as_object_mut().expect("obj").insert(name.into(), not_measured("not installed (run bench/setup)"));
+            }
+            continue;
+        }
+        ctx.progress(&format!("fanout on {name}: starting"));
+        let started = start_rt(ctx, name, max + 100);
+        let server = match started {
+            Some(Ok(s)) => s,
+            other => {
+                let e = match other {
+                    Some(Err(e)) => e,
+                    _ => "not installed".to_string(),
+                };
+                for n in &subs_list {
+                    out.entry(n.to_string()).or_insert(json!({})).as_object_mut().expect("obj").insert(name.into(), not_measured(e.clone()));
+                }
+                continue;
+            }
+        };
+        let app = match app_for(ctx, &server).await {
+            Ok(a) => a,
+            Err(e) => {
+                for n in &subs_list {
+                    out.entry(n.to_string()).or_insert(json!({})).as_object_mut().expect("obj").insert(name.into(), not_measured(e.clone()));
+                }
+                continue;
+            }
+        };
+        for &n in &subs_list {
+            ctx.progress(&format!("fanout on {name}: {n} subscribers"));
+            let v = fanout_one(&server, &app, n, ctx.params.fanout_window, ctx.params.duration).await;
+            out.entry(n.to_string()).or_insert(json!({})).as_object_mut().expect("obj").insert(name.into(), v);
+        }
+        server.stop(Duration::from_secs(3));
+    }
+    Value::Object(out)
+}
+
+async fn fanout_one(server: &Server, app: &App, n: usize, window: usize, duration: Duration) -> Value {
+    let channel = "bench-fanout";
+    let base = Instant::now();
+    let state = Rc::new(RefCell::new(FanoutState {
+        base,
+        hist: Hist::new(),
+        delivered: 0,
+        per_event: vec![0; 2_000_000],
+        complete_events: 0,
+        subscribers: n as u32,
+        closed: 0,
+        pongs: 0,
+    }));
+    let stop = Rc::new(tokio::sync::Notify::new());
+    // Connect and subscribe, 100 handshakes at a time.
+    let t_conn = Instant::now();
+    let sem = Rc::new(tokio::sync::Semaphore::new(100));
+    let mut joins = Vec::new();
+    for _ in 0..n {
+        let sem = sem.clone();
+        let key = app.key.clone();
+        let addr = server.addr;
+        joins.push(tokio::task::spawn_local(async move {
+            let _p = sem.acquire().await.expect("open");
+            let ws = pusher::connect(addr, None, &key).await?;
+            pusher::subscribe(ws, channel).await
+        }));
+    }
+    let mut receivers = Vec::new();
+    let mut first_err = None;
+    for j in joins {
+        match j.await {
+            Ok(Ok(ws)) => receivers.push(tokio::task::spawn_local(pusher::receive(ws, state.clone(), stop.clone()))),
+            Ok(Err(e)) => {
+                first_err.get_or_insert(e);
+            }
+            Err(e) => {
+                first_err.get_or_insert(e.to_string());
+            }
+        }
+    }
+    let connected = receivers.len();
+    let connect_secs = t_conn.elapsed().as_secs_f64();
+    if connected < n {
+        stop.notify_waiters();
+        return json!({
+            "not_measured": format!("only {connected} of {n} subscribed: {}", first_err.unwrap_or_default()),
+        });
+    }
+    let rss_subscribed = server.rss();
+    // Publishers: `window` events outstanding; each waits for its event to reach everyone (or 2 s).
+    let next = Rc::new(RefCell::new(0usize));
+    let published = Rc::new(RefCell::new(0u64));
+    let publish_errors = Rc::new(RefCell::new(Vec::<String>::new()));
+    let meter = CpuMeter::start(Some(server.pid));
+    let t0 = Instant::now();
+    let end = t0 + duration;
+    let pad = "x".repeat(64);
+    let mut pubs = Vec::new();
+    for _ in 0..window {
+        let (next, published, errs, state, app) = (next.clone(), published.clone(), publish_errors.clone(), state.clone(), app.clone());
+        let addr = server.addr;
+        let pad = pad.clone();
+        pubs.push(tokio::task::spawn_local(async move {
+            let mut conn = Conn::new(addr);
+            while Instant::now() < end {
+                let i = {
+                    let mut n = next.borrow_mut();
+                    *n += 1;
+                    *n - 1
+                };
+                if i >= 2_000_000 {
+                    break;
+                }
+                let ts = (Instant::now() - base).as_nanos() as u64;
+                let data = format!("t={ts} i={i} {pad}");
+                let req = pusher::publish_request(&app, &addr.to_string(), channel, &data);
+                match conn.send_timeout(&req, true, Duration::from_secs(5)).await {
+                    Ok(r) if (200..300).contains(&r.status) => *published.borrow_mut() += 1,
+                    Ok(r) => {
+                        let mut e = errs.borrow_mut();
+                        if e.len() < 3 {
+                            e.push(format!("HTTP {} {}", r.status, String::from_utf8_lossy(&r.body)));
+                        }
+                        state.borrow_mut().per_event[i] = u32::MAX / 2; // never counted complete
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
+                    }
+                    Err(e) => {
+                        errs.borrow_mut().push(e.to_string());
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
+                    }
+                }
+                let wait_until = Instant::now() + Duration::from_secs(2);
+                while state.borrow().per_event[i] < n as u32 && Instant::now() < wait_until {
+                    tokio::time::sleep(Duration::from_micros(200)).await;
+                }
+            }
+        }));
+    }
+    for p in pubs {
+        let _ = p.await;
+    }
+    let published = *published.borrow();
+    let expected = published * n as u64;
+    let drain_until = Instant::now() + Duration::from_secs(3);
+    while state.borrow().delivered < expected && Instant::now() < drain_until {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let elapsed = t0.elapsed();
+    let (client_cpu, server_cpu) = meter.stop();
+    let rss_after = server.rss();
+
+    // Phase 2: the same fixed load for every server (20,000 deliveries/s), so p99 compares
+    // servers at equal work rather than each at its own maximum.
+    let paced = {
+        let (max_hist, max_delivered) = {
+            let mut st = state.borrow_mut();
+            (std::mem::take(&mut st.hist), std::mem::replace(&mut st.delivered, 0))
+        };
+        let events_per_sec = (20_000.0 / n as f64).max(1.0);
+        let interval = Duration::from_secs_f64(1.0 / events_per_sec);
+        let first = *next.borrow();
+        let mut conn = Conn::new(server.addr);
+        let p0 = Instant::now();
+        let mut sent = 0u64;
+        let mut errors = 0u64;
+        let mut k = 0u32;
+        while p0.elapsed() < duration && first + (k as usize) < 2_000_000 {
+            tokio::time::sleep_until((p0 + interval * k).into()).await;
+            let i = first + k as usize;
+            k += 1;
+            let ts = (Instant::now() - base).as_nanos() as u64;
+            let req = pusher::publish_request(app, &server.addr.to_string(), channel, &format!("t={ts} i={i} {pad}"));
+            match conn.send_timeout(&req, false, Duration::from_secs(5)).await {
+                Ok(r) if (200..300).contains(&r.status) => sent += 1,
+                _ => errors += 1,
+            }
+        }
+        let want = sent * n as u64;
+        let until = Instant::now() + Duration::from_secs(3);
+        while state.borrow().delivered < want && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let mut st = state.borrow_mut();
+        let paced_hist = std::mem::replace(&mut st.hist, max_hist);
+        let paced_delivered = std::mem::replace(&mut st.delivered, max_delivered);
+        json!({
+            "target_msg_per_sec": 20_000,
+            "events_per_sec": round(events_per_sec, 2),
+            "published": sent,
+            "publish_errors": errors,
+            "delivered": paced_delivered,
+            "loss": want.saturating_sub(paced_delivered),
+            "latency": paced_hist.summary_ms(),
+        })
+    };
+
+    stop.notify_waiters();
+    for r in receivers {
+        let _ = tokio::time::timeout(Duration::from_secs(2), r).await;
+    }
+    let s = state.borrow();
+    json!({
+        "paced": paced,
+        "subscribers": n,
+        "connect_seconds": round(connect_secs, 3),
+        "published": published,
+        "delivered": s.delivered,
+        "loss": expected.saturating_sub(s.delivered),
+        "disconnected": s.closed,
+        "msg_per_sec": round(s.delivered as f64 / elapsed.as_secs_f64(), 1),
+        "events_per_sec": round(published as f64 / elapsed.as_secs_f64(), 1),
+        "seconds": round(elapsed.as_secs_f64(), 3),
+        "latency": s.hist.summary_ms(),
+        "publish_errors": *publish_errors.borrow(),
+        "client_cpu_share": round(client_cpu, 3),
+        "server_cpu_share": server_cpu.map(|c| round(c, 3)),
+        "rss_subscribed_bytes": rss_subscribed,
+        "rss_after_bytes": rss_after,
+    })
+}
+
+pub async fn connections(ctx: &mut Ctx) -> Value {
+    let mut out = serde_json::Map::new();
+    let n = ctx.params.idle_conns;
+    let servers_list: Vec<&'static str> = std::iter::once("weir").chain(ctx.peers.iter().copied()).collect();
+    for name in ["weir", "sockudo", "soketi"] {
+        if !servers_list.contains(&name) {
+            out.insert(name.into(), not_measured("not installed (run bench/setup)"));
+            continue;
+        }
+        ctx.progress(&format!("connections on {name}: {n} idle WebSockets"));
+        let server = match start_rt(ctx, name, n + 100) {
+            Some(Ok(s)) => s,
+            Some(Err(e)) => {
+                out.insert(name.into(), not_measured(e));
+                continue;
+            }
+            None => {
+                out.insert(name.into(), not_measured("not installed"));
+                continue;
+            }
+        };
+        let v = match app_for(ctx, &server).await {
+            Ok(app) => connections_one(ctx, &server, &app, n).await,
+            Err(e) => not_measured(e),
+        };
+        out.insert(name.into(), v);
+        server.stop(Duration::from_secs(3));
+    }
+    Value::Object(out)
+}
+
+async fn connections_one(ctx: &Ctx, server: &Server, app: &App, n: usize) -> Value {
+    // Warm the server with one connection so lazily built state is in the baseline.
+    if let Ok(ws) = pusher::connect(server.addr, None, &app.key).await {
+        drop(ws);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss0 = server.rss().unwrap_or(0);
+    // Several holder processes, each from its own loopback source address: a process's open
+    // files are capped at 20,000 here, and one source address has ~28k ephemeral ports.
+    let per_proc = 6_000usize;
+    let procs = n.div_ceil(per_proc);
+    let t0 = Instant::now();
+    let mut children = Vec::new();
+    for p in 0..procs {
+        let count = per_proc.min(n - p * per_proc);
+        let mut cmd = Command::new(&ctx.bins.bench);
+        cmd.args(["ws-hold", "--addr", &server.addr.to_string(), "--key", &app.key, "--count", &count.to_string()])
+            .args(["--src", &format!("127.0.0.{}", 2 + p), "--hold-secs", "300"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        match cmd.spawn() {
+            Ok(c) => children.push(c),
+            Err(e) => return not_measured(format!("cannot start ws-hold: {e}")),
+        }
+    }
+    let mut ok = 0usize;
+    let mut failed = 0usize;
+    let mut errs = Vec::new();
+    for c in children.iter_mut() {
+        let out = c.stdout.take().expect("piped");
+        let line = tokio::task::spawn_blocking(move || {
+            let mut l = String::new();
+            let _ = BufReader::new(out).read_line(&mut l);
+            l
+        });
+        let line = tokio::time::timeout(Duration::from_secs(240), line).await.ok().and_then(|r| r.ok()).unwrap_or_default();
+        let mut parts = line.trim().splitn(4, ' ');
+        if parts.next() == Some("ready") {
+            ok += parts.next().and_then(|x| x.parse::<usize>().ok()).unwrap_or(0);
+            failed += parts.next().and_then(|x| x.parse::<usize>().ok()).unwrap_or(0);
+            if let Some(e) = parts.next().filter(|e| !e.is_empty()) {
+                errs.push(e.to_string());
+            }
+        } else {
+            errs.push(format!("holder said {line:?}"));
+        }
+    }
+    let connect_secs = t0.elapsed().as_secs_f64();
+    let quick = ctx.params.idle_conns < 1_000;
+    tokio::time::sleep(Duration::from_millis(if quick { 300 } else { 1_000 })).await;
+    let rss1 = server.rss().unwrap_or(0);
+    let cpu0 = crate::sys::proc_cpu(server.pid);
+    let idle_window = Duration::from_millis(if quick { 500 } else { 2_000 });
+    tokio::time::sleep(idle_window).await;
+    let idle_cpu = cpu0.and_then(|c0| crate::sys::proc_cpu(server.pid).map(|c1| (c1 - c0).as_secs_f64() / idle_window.as_secs_f64()));
+    for mut c in children {
+        drop(c.stdin.take());
+        let _ = c.wait();
+    }
+    let per_conn = if ok > 0 { (rss1.saturating_sub(rss0)) as f64 / ok as f64 } else { 0.0 };
+    let mut v = json!({
+        "target": n,
+        "connected": ok,
+        "failed": failed,
+        "connect_seconds": round(connect_secs, 3),
+        "rss_before_bytes": rss0,
+        "rss_after_bytes": rss1,
+        "bytes_per_connection": round(per_conn, 1),
+        "idle_cpu_share": idle_cpu.map(|c| round(c, 4)),
+        "holder_processes": procs,
+        "errors": errs,
+    });
+    if ok == 0 {
+        v = not_measured(format!("no connection succeeded: {errs:?}"));
+    }
+    v
+}
+
+// ---------- queue scale and startup ----------
+
+fn dir_size(p: &Path) -> u64 {
+    let mut total = 0;
+    if let Ok(rd) = std::fs::read_dir(p) {
+        for e in rd.flatten() {
+            match e.metadata() {
+                Ok(m) if m.is_dir() => total += dir_size(&e.path()),
+                Ok(m) => total += m.len(),
+                Err(_) => {}
+            }
+        }
+    }
+    total
+}
+
+async fn wait_ready(addr: SocketAddr, limit: Duration) -> Option<Duration> {
+    let t0 = Instant::now();
+    let req = request("GET", "/readyz", &addr.to_string(), &[], b"");
+    let mut c = Conn::new(addr);
+    while t0.elapsed() < limit {
+        if let Ok(r) = c.send_timeout(&req, false, Duration::from_secs(1)).await {
+            if r.status == 200 {
+                return Some(t0.elapsed());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    None
+}
+
+pub async fn queue_scale(ctx: &mut Ctx) -> Value {
+    let n = ctx.params.queue_visitors;
+    ctx.progress(&format!("queue-scale: entering {n} visitors into one room"));
+    let (server, dir) = match ctx.start_weir_fresh("weir-queue") {
+        Ok(x) => x,
+        Err(e) => return not_measured(e),
+    };
+    let room = "bench-queue";
+    if let Err(e) = create_room(&server, &ctx.admin_key, room, 1).await {
+        return not_measured(e);
+    }
+    let _ = enter(server.addr, room).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let rss0 = server.rss().unwrap_or(0);
+    let disk0 = dir_size(&dir);
+    let cap = if n >= 100_000 { Duration::from_secs(420) } else { Duration::from_secs(20) };
+    let reqs = Rc::new(vec![entry_request(server.addr, room)]);
+    let r = closed_loop(server.addr, ctx.params.conns, reqs, Duration::ZERO, cap, Some(n), Some(server.pid)).await;
+    let entered = r.tally.ok;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rss1 = server.rss().unwrap_or(0);
+    let disk1 = dir_size(&dir);
+    ctx.progress("queue-scale: restart to ready");
+    let addr_before = server.addr;
+    server.stop(Duration::from_secs(10));
+    let restarted = servers::start_weir(&ctx.bins, &ctx.pin, &dir, &ctx.admin_key, &ctx.work);
+    let (restart_listen, restart_ready, rss_restart) = match &restarted {
+        Ok(s) => {
+            let ready = wait_ready(s.addr, Duration::from_secs(30)).await;
+            (Some(s.ready_after), ready.map(|d| s.ready_after + d), s.rss())
+        }
+        Err(_) => (None, None, None),
+    };
+    drop(restarted);
+    let _ = addr_before;
+    json!({
+        "target": n,
+        "entered": entered,
+        "entries_per_sec": round(r.rps(), 1),
+        "seconds": round(r.elapsed.as_secs_f64(), 2),
+        "statuses": r.to_json()["statuses"].clone(),
+        "rss_before_bytes": rss0,
+        "rss_after_bytes": rss1,
+        "rss_bytes_per_visitor": if entered > 0 { round(rss1.saturating_sub(rss0) as f64 / entered as f64, 1) } else { 0.0 },
+        "disk_bytes_per_visitor": if entered > 0 { round(disk1.saturating_sub(disk0) as f64 / entered as f64, 1) } else { 0.0 },
+        "restart_listening_ms": restart_listen.map(|d| round(d.as_secs_f64() * 1e3, 1)),
+        "restart_ready_ms": restart_ready.map(|d| round(d.as_secs_f64() * 1e3, 1)),
+        "rss_after_restart_bytes": rss_restart,
+        "client_cpu_share": round(r.client_cpu, 3),
+        "server_cpu_share": r.server_cpu.map(|c| round(c, 3)),
+    })
+}
+
+pub async fn startup(ctx: &mut Ctx) -> Value {
+    let mut runs = Vec::new();
+    for i in 0..ctx.params.startup_runs {
+        ctx.progress(&format!("startup: zero-config weir serve, run {}", i + 1));
+        let (server, _) = match ctx.start_weir_fresh("weir-startup") {
+            Ok(x) => x,
+            Err(e) => return not_measured(e),
+        };
+        let ready = wait_ready(server.addr, Duration::from_secs(10)).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let rss = server.rss();
+        let c0 = crate::sys::proc_cpu(server.pid);
+        let w = ctx.params.idle_cpu_window;
+        tokio::time::sleep(w).await;
+        let idle = c0.and_then(|c0| crate::sys::proc_cpu(server.pid).map(|c1| (c1 - c0).as_secs_f64() / w.as_secs_f64()));
+        runs.push(json!({
+            "listening_ms": round(server.ready_after.as_secs_f64() * 1e3, 2),
+            "ready_ms": ready.map(|d| round((server.ready_after + d).as_secs_f64() * 1e3, 2)),
+            "idle_rss_bytes": rss,
+            "idle_cpu_share": idle.map(|c| round(c, 4)),
+        }));
+        server.stop(Duration::from_secs(5));
+    }
+    // Median by ready time.
+    let mut sorted = runs.clone();
+    sorted.sort_by(|a, b| {
+        let k = |v: &Value| v["ready_ms"].as_f64().unwrap_or(f64::MAX);
+        k(a).partial_cmp(&k(b)).unwrap_or(std::cmp::Ordering::Equal)
+    });
+    let mut v = sorted[sorted.len() / 2].clone();
+    v["runs"] = Value::Array(runs);
+    v
+}
+
+pub fn flush() {
+    let _ = std::io::stderr().flush();
+}

@@ -1,0 +1,107 @@
+//! What the operating system tells about a process: CPU time, resident memory, file limits.
+//! The client reports its own CPU share so a reader can see it was not the bottleneck.
+
+use std::time::Duration;
+
+/// CPU time (user + system) this process has used so far.
+pub fn self_cpu() -> Duration {
+    // SAFETY: getrusage writes into the struct we hand it and nothing else.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+fn tv(t: libc::timeval) -> Duration {
+    Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64)
+}
+
+fn clock_ticks() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 { t as u64 } else { 100 }
+}
+
+/// CPU time (user + system, all threads) of process `pid`, from /proc/PID/stat.
+pub fn proc_cpu(pid: u32) -> Option<Duration> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces; fields resume after the last ')'.
+    let rest = &s[s.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // After ')': state is field 3 of the man page, so utime (14) and stime (15) are at 11 and 12.
+    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    Some(Duration::from_nanos(ticks * 1_000_000_000 / clock_ticks()))
+}
+
+/// Resident set size of `pid` in bytes (VmRSS), with its children's if `with_children`.
+pub fn rss_bytes(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Raises the soft open-files limit to the hard one (children inherit it).
+pub fn raise_nofile() -> u64 {
+    // SAFETY: plain get/set of this process's own limit.
+    unsafe {
+        let mut r: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 {
+            r.rlim_cur = r.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+            return r.rlim_cur as u64;
+        }
+    }
+    1024
+}
+
+/// Measures the CPU share of this process and of a server process over one interval.
+pub struct CpuMeter {
+    start: std::time::Instant,
+    self0: Duration,
+    server: Option<(u32, Duration)>,
+}
+
+impl CpuMeter {
+    pub fn start(server_pid: Option<u32>) -> Self {
+        CpuMeter {
+            start: std::time::Instant::now(),
+            self0: self_cpu(),
+            server: server_pid.and_then(|p| proc_cpu(p).map(|c| (p, c))),
+        }
+    }
+
+    /// (client share of one core, server share of one core), e.g. 0.93 = 93 %.
+    pub fn stop(&self) -> (f64, Option<f64>) {
+        let wall = self.start.elapsed().as_secs_f64().max(1e-9);
+        let client = (self_cpu() - self.self0).as_secs_f64() / wall;
+        let server = self
+            .server
+            .and_then(|(p, c0)| proc_cpu(p).map(|c| (c.saturating_sub(c0)).as_secs_f64() / wall));
+        (client, server)
+    }
+}
+
+pub fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
+
+pub fn nproc() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+/// Cores on the machine (not just those this process may run on).
+pub fn nproc_all() -> usize {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .map(|s| s.lines().filter(|l| l.starts_with("processor")).count())
+        .ok()
+        .filter(|n| *n > 0)
+        .unwrap_or_else(nproc)
+}
