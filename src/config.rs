@@ -68,7 +68,7 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Self {
-            max_in_flight: 256,
+            max_in_flight: 1024,
             request_timeout_ms: 10_000,
             admin_body_bytes: 64 * 1024,
             max_connections: 19_000,

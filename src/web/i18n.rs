@@ -169,6 +169,29 @@ pub fn by_code(code: &str) -> Option<&'static Strings> {
 }
 
 /// Longest `Accept-Language` header considered; the rest is ignored (browsers send ~50 bytes).
+/// A language's strings pre-serialized: as JSON for the page script and as a template value.
+/// Built once per language so a page render does not re-serialize thirty strings.
+pub struct Prepared {
+    pub json: Box<serde_json::value::RawValue>,
+    pub value: minijinja::Value,
+}
+
+impl Strings {
+    pub fn prepared(&'static self) -> &'static Prepared {
+        static PREPARED: std::sync::OnceLock<Vec<(&'static str, Prepared)>> = std::sync::OnceLock::new();
+        let all = PREPARED.get_or_init(|| {
+            [&EN, &DE, &FR, &ES]
+                .into_iter()
+                .map(|t| {
+                    let json = serde_json::value::to_raw_value(t).expect("static strings serialize");
+                    (t.lang, Prepared { json, value: minijinja::Value::from_serialize(t) })
+                })
+                .collect()
+        });
+        all.iter().find(|(lang, _)| *lang == self.lang).map(|(_, p)| p).unwrap_or(&all[0].1)
+    }
+}
+
 const MAX_ACCEPT_LANGUAGE: usize = 512;
 
 /// The room's forced language, else the highest-weighted supported `Accept-Language` entry,

@@ -192,7 +192,7 @@ struct ScriptConfig<'a> {
     starts_at_ms: Option<i64>,
     now_ms: i64,
     redirect_url: Option<&'a str>,
-    t: &'static Strings,
+    t: &'static serde_json::value::RawValue,
 }
 
 /// Everything a room page is rendered from.
@@ -262,7 +262,7 @@ impl RoomPage<'_> {
             starts_at_ms,
             now_ms: self.now_ms,
             redirect_url: status.redirect_url.as_deref(),
-            t,
+            t: &t.prepared().json,
         };
         // `<` escaped so the JSON cannot close its script element.
         let json = serde_json::to_string(&config).unwrap_or_else(|_| "{}".into()).replace('<', "\\u003c");
@@ -288,7 +288,7 @@ impl RoomPage<'_> {
             )),
         }
         minijinja::context! {
-            page, state => status.state.as_str(), t,
+            page, state => status.state.as_str(), t => t.prepared().value.clone(),
             name => spec.name.clone(),
             title => b.title.clone().unwrap_or_else(|| spec.name.clone()),
             text => b.text.clone(), logo_url => b.logo_url.clone(),
