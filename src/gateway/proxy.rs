@@ -162,7 +162,11 @@ async fn proxy(State(state): State<AppState>, mut req: Request) -> Response {
         };
     }
     let claims = match cookies::get(req.headers(), "weir_token").map(|t| state.rooms.keys.verify(t, Some(&room_id))) {
-        Some(Ok(c)) => c,
+        Some(Ok(c)) => {
+            // A proxied request is activity: it keeps the visitor's session (and slot) alive.
+            state.rooms.activity(&room, c.ticket);
+            c
+        }
         _ => {
             metrics::counter!("weir_proxy_requests_total", "result" => "refused").increment(1);
             return to_room(&room_id, &rest, &query);
