@@ -1,18 +1,11 @@
 // Screenshots of every page state, desktop and phone, into docs/screenshots/ (looked at by a
 // person; the README shows the waiting page). Each also asserts what the page must contain.
-import { test, before, after } from 'node:test';
+import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { startWeir, launchBrowser, screenshots, DESKTOP, PHONE } from './support.mjs';
+import { withWeirAndBrowser, screenshots, DESKTOP, PHONE } from './support.mjs';
 
 let weir, browser;
-before(async () => {
-  weir = await startWeir();
-  browser = await launchBrowser();
-});
-after(async () => {
-  await browser?.close();
-  await weir?.stop();
-});
+withWeirAndBrowser((s) => ({ weir, browser } = s));
 
 const branding = {
   title: 'Summer sale',

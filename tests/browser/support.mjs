@@ -8,6 +8,7 @@ import path from 'node:path';
 import http from 'node:http';
 import { fileURLToPath } from 'node:url';
 import { createRemoteJWKSet, jwtVerify } from 'jose';
+import { before, after } from 'node:test';
 
 export const ADMIN_KEY = 'browser-test-admin-key-0123456789';
 export const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
@@ -108,6 +109,22 @@ export async function startVerifyingOrigin(weirBase, room) {
   await new Promise((r) => server.listen(0, '127.0.0.1', r));
   base = `http://127.0.0.1:${server.address().port}`;
   return { base, visits, close: () => new Promise((r) => { server.closeAllConnections?.(); server.close(r); }) };
+}
+
+/**
+ * Suite hooks: start weir and a browser before the tests, close both after them. `assign`
+ * receives `{weir, browser}` once they exist.
+ */
+export function withWeirAndBrowser(assign) {
+  let ctx;
+  before(async () => {
+    ctx = { weir: await startWeir(), browser: await launchBrowser() };
+    assign(ctx);
+  });
+  after(async () => {
+    await ctx?.browser?.close();
+    await ctx?.weir?.stop();
+  });
 }
 
 export async function launchBrowser() {

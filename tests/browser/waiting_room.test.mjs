@@ -1,18 +1,11 @@
 // End-to-end: the waiting page in a real browser (Debian chromium via playwright-core) against
 // the real weir binary, with an origin that verifies every admission token with weir's JWKS.
-import { test, before, after } from 'node:test';
+import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { startWeir, startVerifyingOrigin, launchBrowser, visitor, eventually } from './support.mjs';
+import { withWeirAndBrowser, startVerifyingOrigin, visitor, eventually } from './support.mjs';
 
 let weir, browser;
-before(async () => {
-  weir = await startWeir();
-  browser = await launchBrowser();
-});
-after(async () => {
-  await browser?.close();
-  await weir?.stop();
-});
+withWeirAndBrowser((s) => ({ weir, browser } = s));
 
 async function roomWithOrigin(id, spec = {}) {
   const origin = await startVerifyingOrigin(weir.base, id);
