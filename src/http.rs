@@ -17,9 +17,26 @@ use crate::ops;
 use crate::realtime::Realtime;
 use crate::store::Store;
 
-/// What every handler can reach. Each field is owned by its module; this struct only bundles them.
+/// What every handler can reach: one `Arc`, so the per-request clone axum makes is one
+/// reference count, not one per field.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+impl AppState {
+    pub fn new(shared: Shared) -> Self {
+        Self(Arc::new(shared))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+/// Each field is owned by its module; this struct only bundles them.
+pub struct Shared {
     pub config: Arc<Config>,
     pub store: Arc<dyn Store>,
     pub clock: Arc<dyn Clock>,
@@ -65,12 +82,13 @@ pub fn router(state: AppState) -> Router {
         timeout,
     );
     // Visitors are the flood: their group is bounded separately so admin and health stay up.
-    // Pages, status JSON and the page script are gzip-compressed when the client accepts it.
+    // Pages and the page script are gzip-compressed when the client accepts it; the small
+    // JSON answers (status, forward auth) are not worth the work.
+    let pages = crate::room::routes::page_routes()
+        .merge(crate::web::assets::routes())
+        .layer(tower_http::compression::CompressionLayer::new());
     let visitors = shed::bounded(
-        crate::room::routes::routes()
-            .merge(crate::gateway::routes())
-            .merge(crate::web::assets::routes())
-            .layer(tower_http::compression::CompressionLayer::new()),
+        pages.merge(crate::room::routes::api_routes()).merge(crate::gateway::routes()),
         "visitors",
         limits.max_in_flight,
         timeout,
@@ -85,6 +103,6 @@ pub fn router(state: AppState) -> Router {
         .merge(realtime)
         .merge(admin)
         .fallback(not_found_fallback)
-        .layer(axum::middleware::from_fn(ops::metrics::track))
+        .layer(ops::metrics::TrackLayer)
         .with_state(state)
 }

@@ -117,7 +117,7 @@ impl Server {
         let realtime = realtime::Realtime::start(&config, store.clone(), shutdown.clone()).await?;
         let rooms = room::Rooms::load(store.clone(), clock.clone(), &secrets, &config).await?;
         room::driver::spawn(rooms.clone(), realtime.clone(), shutdown.clone());
-        let state = http::AppState {
+        let state = http::AppState::new(http::Shared {
             config,
             store,
             clock,
@@ -126,7 +126,7 @@ impl Server {
             admin_key: Arc::new(secrets.admin_key),
             metrics: ops::metrics::handle(),
             shutdown,
-        };
+        });
         Ok(Server { listener, state, generated_admin_key })
     }
 

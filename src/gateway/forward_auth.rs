@@ -43,10 +43,11 @@ pub async fn check(
     State(state): State<AppState>,
     Path(room): Path<String>,
     query: Result<Query<AuthQuery>, axum::extract::rejection::QueryRejection>,
-    headers: HeaderMap,
+    request: axum::extract::Request,
 ) -> Response {
+    let headers = request.headers();
     let redirect = query.ok().and_then(|Query(q)| q.redirect).is_some_and(|v| v == "1" || v == "true");
-    let outcome = match (state.rooms.get(&room), token_from(&headers)) {
+    let outcome = match (state.rooms.get(&room), token_from(headers)) {
         (None, _) => Err("unknown room".to_string()),
         (Some(_), None) => Err("no admission token".to_string()),
         (Some(r), Some(token)) => {

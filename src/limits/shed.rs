@@ -1,44 +1,169 @@
-//! Load shedding: each route group gets its own concurrency bound; a request over the bound is
+//! Load shedding: each route group gets its own in-flight bound; a request over the bound is
 //! refused at once with 503 and `Retry-After` instead of queueing, so goodput holds under
 //! overload. A request that outlives the timeout is answered 503 as well.
+//!
+//! One hand-written layer instead of tower's timeout → load-shed → concurrency-limit stack:
+//! axum clones a route's service for every request, and that stack costs a semaphore, three
+//! nested futures and an error conversion each time. Here a clone is one `Arc`, the bound is
+//! one atomic, and a refusal is a pre-serialized body — refusing must stay much cheaper than
+//! serving, or the refusals themselves eat the capacity they protect.
 
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use axum::error_handling::HandleErrorLayer;
-use axum::http::StatusCode;
-use axum::response::IntoResponse;
+use axum::body::Body;
+use axum::extract::Request;
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::Router;
-use tower::ServiceBuilder;
+use bytes::Bytes;
+use tower::{Layer, Service};
 
 use crate::error::ApiError;
 
-/// Wraps `router` in timeout → load-shed → concurrency-limit, in that order (outermost first):
-/// the shed check runs before any work, and the timeout covers everything inside.
+/// Wraps every route of `router` in one shared in-flight bound and a timeout.
 pub fn bounded<S: Clone + Send + Sync + 'static>(
     router: Router<S>,
     group: &'static str,
     max_in_flight: usize,
     timeout: Duration,
 ) -> Router<S> {
-    router.layer(
-        ServiceBuilder::new()
-            .layer(HandleErrorLayer::new(move |err: tower::BoxError| async move {
-                refusal(group, &err).into_response()
-            }))
-            .timeout(timeout)
-            .load_shed()
-            .concurrency_limit(max_in_flight),
-    )
+    router.layer(BoundLayer::new(group, max_in_flight, timeout))
 }
 
-fn refusal(group: &'static str, err: &tower::BoxError) -> ApiError {
-    if err.is::<tower::load_shed::error::Overloaded>() {
-        metrics::counter!("weir_shed_total", "group" => group).increment(1);
-        ApiError::unavailable("server is at capacity; retry shortly", 1)
-    } else if err.is::<tower::timeout::error::Elapsed>() {
-        metrics::counter!("weir_timeouts_total", "group" => group).increment(1);
-        ApiError::unavailable("request timed out", 1)
-    } else {
-        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", err.to_string())
+/// The state one route group shares across its routes and every clone of their services.
+struct Bound {
+    in_flight: AtomicUsize,
+    max_in_flight: usize,
+    timeout: Duration,
+    shed: metrics::Counter,
+    timeouts: metrics::Counter,
+}
+
+#[derive(Clone)]
+pub struct BoundLayer {
+    bound: Arc<Bound>,
+}
+
+impl BoundLayer {
+    pub fn new(group: &'static str, max_in_flight: usize, timeout: Duration) -> Self {
+        let bound = Bound {
+            in_flight: AtomicUsize::new(0),
+            max_in_flight,
+            timeout,
+            shed: metrics::counter!("weir_shed_total", "group" => group),
+            timeouts: metrics::counter!("weir_timeouts_total", "group" => group),
+        };
+        metrics::gauge!("weir_in_flight_limit", "group" => group).set(max_in_flight as f64);
+        Self { bound: Arc::new(bound) }
+    }
+}
+
+impl<S> Layer<S> for BoundLayer {
+    type Service = BoundService<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        BoundService { inner, bound: self.bound.clone() }
+    }
+}
+
+#[derive(Clone)]
+pub struct BoundService<S> {
+    inner: S,
+    bound: Arc<Bound>,
+}
+
+/// Releases one in-flight slot when the request finishes, however it finishes.
+struct Slot(Arc<Bound>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl<S> Service<Request> for BoundService<S>
+where
+    S: Service<Request, Response = Response, Error = Infallible> + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request) -> Self::Future {
+        let bound = &self.bound;
+        if bound.in_flight.fetch_add(1, Ordering::AcqRel) >= bound.max_in_flight {
+            bound.in_flight.fetch_sub(1, Ordering::AcqRel);
+            bound.shed.increment(1);
+            return Box::pin(std::future::ready(Ok(at_capacity())));
+        }
+        let slot = Slot(bound.clone());
+        let work = self.inner.call(request);
+        Box::pin(async move {
+            let _slot = slot;
+            match tokio::time::timeout(_slot.0.timeout, work).await {
+                Ok(response) => response,
+                Err(_) => {
+                    _slot.0.timeouts.increment(1);
+                    Ok(ApiError::unavailable("request timed out", 1).into_response())
+                }
+            }
+        })
+    }
+}
+
+/// The refusal: the API's JSON error shape, serialized once.
+pub fn at_capacity() -> Response {
+    static BODY: OnceLock<Bytes> = OnceLock::new();
+    let body = BODY.get_or_init(|| {
+        let error = ApiError::unavailable("server is at capacity; retry shortly", 1);
+        serde_json::to_vec(&serde_json::json!({"error": {"code": error.code, "message": error.message}}))
+            .map(Bytes::from)
+            .unwrap_or_default()
+    });
+    let mut response = Response::new(Body::from(body.clone()));
+    *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::routing::get;
+    use tower::ServiceExt;
+
+    async fn slow() -> &'static str {
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        "late"
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn refuses_over_the_bound_and_times_out() {
+        let app: Router = bounded(Router::new().route("/slow", get(slow)), "test", 1, Duration::from_secs(5));
+        let first = tokio::spawn(app.clone().oneshot(Request::get("/slow").body(Body::empty()).unwrap()));
+        tokio::task::yield_now().await;
+        let refused = app.clone().oneshot(Request::get("/slow").body(Body::empty()).unwrap()).await.unwrap();
+        assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(refused.headers()[header::RETRY_AFTER], "1");
+        let body = axum::body::to_bytes(refused.into_body(), 1024).await.unwrap();
+        let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(json["error"]["code"], "unavailable");
+        let timed_out = first.await.unwrap().unwrap();
+        assert_eq!(timed_out.status(), StatusCode::SERVICE_UNAVAILABLE, "the timeout answers 503");
+        let again = tokio::spawn(app.oneshot(Request::get("/slow").body(Body::empty()).unwrap()));
+        tokio::task::yield_now().await;
+        assert!(!again.is_finished(), "the slot was released: the next request is admitted");
     }
 }

@@ -4,8 +4,11 @@
 //! by every server a process runs (tests run several). Latency histograms use fixed buckets
 //! from 100 µs to 10 s so they aggregate across nodes.
 
-use std::collections::HashMap;
-use std::sync::OnceLock;
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
 
 use axum::http::Method;
 use parking_lot::RwLock;
@@ -13,9 +16,9 @@ use std::time::Duration;
 
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::header;
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tower::{Layer, Service};
 
 use crate::http::AppState;
 
@@ -59,19 +62,51 @@ pub async fn render(State(state): State<AppState>) -> Response {
         .into_response()
 }
 
-/// Metric handles of one route, resolved once: the request path then costs a map lookup by
-/// `&str` and a short scan instead of building label strings for every request.
-#[derive(Default)]
-struct RouteHandles {
-    /// (method, status) → request counter.
-    counters: Vec<(Method, u16, metrics::Counter)>,
-    /// method → latency histogram.
-    histograms: Vec<(Method, metrics::Histogram)>,
+/// Counts requests and records latency per matched route (never the raw path: bounded labels).
+///
+/// A tower layer rather than `from_fn` middleware: axum applies it to each route separately,
+/// so every instance serves one route and keeps that route's metric handles, resolved on its
+/// first request. The request path then costs a short scan, not a label lookup.
+#[derive(Clone, Default)]
+pub struct TrackLayer;
+
+impl<S> Layer<S> for TrackLayer {
+    type Service = Track<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        Track { inner, handles: Arc::default() }
+    }
 }
 
-fn route_handles() -> &'static RwLock<HashMap<String, RouteHandles>> {
-    static HANDLES: OnceLock<RwLock<HashMap<String, RouteHandles>>> = OnceLock::new();
-    HANDLES.get_or_init(Default::default)
+#[derive(Clone)]
+pub struct Track<S> {
+    inner: S,
+    handles: Arc<RouteHandles>,
+}
+
+/// Metric handles of one route, by method and status (both bounded).
+#[derive(Default)]
+struct RouteHandles {
+    counters: RwLock<Vec<(Method, u16, metrics::Counter)>>,
+    histograms: RwLock<Vec<(Method, metrics::Histogram)>>,
+}
+
+impl RouteHandles {
+    fn record(&self, route: &str, method: &Method, status: u16, seconds: f64) {
+        let counter = self.counters.read().iter().find(|(m, s, _)| m == method && *s == status).map(|(_, _, c)| c.clone());
+        let counter = counter.unwrap_or_else(|| {
+            let c = metrics::counter!("weir_http_requests_total", "route" => route.to_owned(), "method" => method.to_string(), "status" => status.to_string());
+            self.counters.write().push((method.clone(), status, c.clone()));
+            c
+        });
+        counter.increment(1);
+        let histogram = self.histograms.read().iter().find(|(m, _)| m == method).map(|(_, h)| h.clone());
+        let histogram = histogram.unwrap_or_else(|| {
+            let h = metrics::histogram!("weir_http_request_duration_seconds", "route" => route.to_owned(), "method" => method.to_string());
+            self.histograms.write().push((method.clone(), h.clone()));
+            h
+        });
+        histogram.record(seconds);
+    }
 }
 
 /// Label-safe method: the standard ones, anything else as `OTHER` (bounded label values).
@@ -82,41 +117,30 @@ fn method_label(method: &Method) -> Method {
     }
 }
 
-fn record(route: &str, method: &Method, status: u16, seconds: f64) {
-    {
-        let handles = route_handles().read();
-        if let Some(h) = handles.get(route) {
-            let counter = h.counters.iter().find(|(m, s, _)| m == method && *s == status).map(|(_, _, c)| c);
-            let histogram = h.histograms.iter().find(|(m, _)| m == method).map(|(_, hist)| hist);
-            if let (Some(c), Some(hist)) = (counter, histogram) {
-                c.increment(1);
-                hist.record(seconds);
-                return;
-            }
-        }
-    }
-    // First request of this kind: resolve the handles (routes, methods and statuses are bounded).
-    let mut handles = route_handles().write();
-    let h = handles.entry(route.to_owned()).or_default();
-    if !h.counters.iter().any(|(m, s, _)| m == method && *s == status) {
-        let c = metrics::counter!("weir_http_requests_total", "route" => route.to_owned(), "method" => method.to_string(), "status" => status.to_string());
-        h.counters.push((method.clone(), status, c));
-    }
-    if !h.histograms.iter().any(|(m, _)| m == method) {
-        let hist = metrics::histogram!("weir_http_request_duration_seconds", "route" => route.to_owned(), "method" => method.to_string());
-        h.histograms.push((method.clone(), hist));
-    }
-    drop(handles);
-    record(route, method, status, seconds);
-}
+impl<S> Service<Request> for Track<S>
+where
+    S: Service<Request, Response = Response, Error = Infallible> + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
 
-/// Counts requests and records latency per matched route (never the raw path: bounded labels).
-pub async fn track(request: Request, next: Next) -> Response {
-    let route = request.extensions().get::<MatchedPath>().cloned();
-    let method = method_label(request.method());
-    let started = tokio::time::Instant::now();
-    let response = next.run(request).await;
-    let route = route.as_ref().map(MatchedPath::as_str).unwrap_or("unmatched");
-    record(route, &method, response.status().as_u16(), started.elapsed().as_secs_f64());
-    response
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request) -> Self::Future {
+        let route = request.extensions().get::<MatchedPath>().cloned();
+        let method = method_label(request.method());
+        let handles = self.handles.clone();
+        let started = tokio::time::Instant::now();
+        let work = self.inner.call(request);
+        Box::pin(async move {
+            let response = work.await?;
+            let route = route.as_ref().map(MatchedPath::as_str).unwrap_or("unmatched");
+            handles.record(route, &method, response.status().as_u16(), started.elapsed().as_secs_f64());
+            Ok(response)
+        })
+    }
 }

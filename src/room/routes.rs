@@ -21,9 +21,14 @@ use crate::web::{cookies, pages};
 /// Cookie lifetime for the visitor's ticket: a week covers any realistic queue.
 const VISITOR_COOKIE_MAX_AGE_S: u64 = 7 * 24 * 3600;
 
-pub fn routes() -> Router<AppState> {
+/// The waiting page (HTML, worth compressing).
+pub fn page_routes() -> Router<AppState> {
+    Router::new().route("/r/{room}", get(entry))
+}
+
+/// The page's small JSON calls.
+pub fn api_routes() -> Router<AppState> {
     Router::new()
-        .route("/r/{room}", get(entry))
         .route("/r/{room}/status", get(status))
         .route("/r/{room}/socket", axum::routing::post(register_socket))
 }
@@ -40,16 +45,17 @@ async fn entry(
     Path(room_id): Path<String>,
     query: Result<Query<EntryQuery>, axum::extract::rejection::QueryRejection>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
+    request: axum::extract::Request,
 ) -> Response {
-    let json = cookies::wants_json(&headers);
+    let headers = request.headers();
+    let json = cookies::wants_json(headers);
     let Some(room) = state.rooms.get(&room_id) else {
-        return no_such_room(json, &room_id, &headers);
+        return no_such_room(json, &room_id, headers);
     };
     let rooms = &state.rooms;
     let (to, pow) = query.map(|Query(q)| (q.to, q.pow)).unwrap_or_default();
     let deep_link = to.and_then(|to| safe_deep_link(&to));
-    let existing = rooms.recognise(&room, cookies::get(&headers, &cookie_name(&room.id)));
+    let existing = rooms.recognise(&room, cookies::get(headers, &cookie_name(&room.id)));
     let mut set_cookies = Vec::new();
     let cookie = match existing {
         Some(mut c) => {
@@ -60,11 +66,11 @@ async fn entry(
             Some(c)
         }
         None => match room.effective_state(state.clock.now_ms()) {
-            RoomState::Closed => return closed(&state, json, &room, rooms.status(&room, None), &headers),
+            RoomState::Closed => return closed(&state, json, &room, rooms.status(&room, None), headers),
             RoomState::Passthrough => None,
             _ => {
-                let ip = abuse::client_ip(peer.ip(), &headers, &rooms.trusted_proxies, &rooms.client_ip_header);
-                match admit_new_visitor(&state, &room, ip, &headers, deep_link, pow.as_deref(), json).await {
+                let ip = abuse::client_ip(peer.ip(), headers, &rooms.trusted_proxies, &rooms.client_ip_header);
+                match admit_new_visitor(&state, &room, ip, headers, deep_link, pow.as_deref(), json).await {
                     Ok(NewVisitor::Bypass(response)) | Err(response) => return response,
                     Ok(NewVisitor::Ticket(c)) => {
                         set_cookies.push(visitor_cookie(&state, &room, &c));
@@ -75,7 +81,7 @@ async fn entry(
         },
     };
     let status = rooms.status(&room, cookie.as_ref());
-    respond(&state, json, &room, status, set_cookies, &headers)
+    respond(&state, json, &room, status, set_cookies, headers)
 }
 
 enum NewVisitor {
@@ -160,16 +166,17 @@ fn too_many_entries(json: bool, retry_after: u64) -> Response {
     response
 }
 
-async fn status(State(state): State<AppState>, Path(room_id): Path<String>, headers: HeaderMap) -> Response {
+async fn status(State(state): State<AppState>, Path(room_id): Path<String>, request: axum::extract::Request) -> Response {
+    let headers = request.headers();
     let Some(room) = state.rooms.get(&room_id) else {
         return ApiError::not_found(format!("no room {room_id:?}")).into_response();
     };
-    let cookie = state.rooms.recognise(&room, cookies::get(&headers, &cookie_name(&room.id)));
+    let cookie = state.rooms.recognise(&room, cookies::get(headers, &cookie_name(&room.id)));
     if cookie.is_none() && room.effective_state(state.clock.now_ms()) != RoomState::Passthrough {
         return ApiError::unauthorized(format!("no ticket for this room: enter at /r/{room_id} first")).into_response();
     }
     let status = state.rooms.status(&room, cookie.as_ref());
-    respond(&state, true, &room, status, Vec::new(), &headers)
+    respond(&state, true, &room, status, Vec::new(), headers)
 }
 
 #[derive(Deserialize)]

@@ -35,36 +35,52 @@ impl CookieSigner {
         Self { key: hmac::Key::new(hmac::HMAC_SHA256, secret) }
     }
 
-    fn payload(room: &str, c: &VisitorCookie, link: &str) -> String {
-        format!("{room}|{}.{}.{}.{link}", c.generation, c.ticket, c.visitor)
+    /// The MAC covers `{room}|` followed by every field of the cookie value before the MAC.
+    fn mac(&self, room: &str, fields: &str) -> hmac::Tag {
+        let mut ctx = hmac::Context::with_key(&self.key);
+        ctx.update(room.as_bytes());
+        ctx.update(b"|");
+        ctx.update(fields.as_bytes());
+        ctx.sign()
     }
 
     pub fn encode(&self, room: &str, cookie: &VisitorCookie) -> String {
-        let link = B64.encode(cookie.deep_link.as_deref().unwrap_or(""));
-        let mac = hmac::sign(&self.key, Self::payload(room, cookie, &link).as_bytes());
-        format!("{}.{}.{}.{link}.{}", cookie.generation, cookie.ticket, cookie.visitor, B64.encode(mac.as_ref()))
+        use std::fmt::Write;
+        let link = cookie.deep_link.as_deref().unwrap_or("");
+        let mut value = String::with_capacity(96 + link.len() * 4 / 3);
+        let _ = write!(value, "{}.{}.{}.", cookie.generation, cookie.ticket, cookie.visitor);
+        B64.encode_string(link, &mut value);
+        let mac = self.mac(room, &value);
+        value.push('.');
+        B64.encode_string(mac.as_ref(), &mut value);
+        value
     }
 
     pub fn decode(&self, room: &str, value: &str) -> Option<VisitorCookie> {
         if value.len() > 2 * MAX_DEEP_LINK + 200 {
             return None;
         }
-        let mut parts = value.split('.');
-        let (generation, ticket, visitor, link, mac) =
-            (parts.next()?, parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+        let (fields, mac) = value.rsplit_once('.')?;
+        let mut tag = [0u8; 33];
+        if B64.decode_slice(mac, &mut tag).ok()? != 32 {
+            return None;
+        }
+        let expected = self.mac(room, fields);
+        if !bool::from(subtle::ConstantTimeEq::ct_eq(expected.as_ref(), &tag[..32])) {
+            return None;
+        }
+        let mut parts = fields.split('.');
+        let (generation, ticket, visitor, link) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
         if parts.next().is_some() || visitor.len() != 32 || !visitor.bytes().all(|b| b.is_ascii_hexdigit()) {
             return None;
         }
-        let cookie = VisitorCookie {
+        let link = if link.is_empty() { None } else { Some(String::from_utf8(B64.decode(link).ok()?).ok()?) };
+        Some(VisitorCookie {
             generation: generation.parse().ok()?,
             ticket: ticket.parse().ok()?,
             visitor: visitor.to_string(),
-            deep_link: None,
-        };
-        let mac = B64.decode(mac).ok()?;
-        hmac::verify(&self.key, Self::payload(room, &cookie, link).as_bytes(), &mac).ok()?;
-        let link = String::from_utf8(B64.decode(link).ok()?).ok()?;
-        Some(VisitorCookie { deep_link: (!link.is_empty()).then_some(link), ..cookie })
+            deep_link: link.filter(|l| !l.is_empty()),
+        })
     }
 }
 

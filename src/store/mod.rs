@@ -6,6 +6,7 @@
 //! same trait; the room and realtime logic never see which one runs.
 
 pub mod redb;
+pub mod ticket_log;
 
 use async_trait::async_trait;
 

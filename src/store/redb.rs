@@ -1,10 +1,12 @@
 //! Embedded, crash-safe store on [redb](https://docs.rs/redb): one file in the data directory.
 //!
 //! Every write goes through one writer thread that drains whatever is queued (up to
-//! `MAX_BATCH` operations) into a single write transaction and commits it with an fsync:
-//! group commit. Under load hundreds of tickets share one fsync; idle, a single ticket pays one.
-//! Callers wait on a oneshot, so a response is sent only after its data is durable.
-//! Reads use redb's MVCC read transactions and never wait for the writer.
+//! `MAX_BATCH` operations) into one durable step: new tickets are appended to their room's
+//! journal (`ticket_log`, one `fdatasync` per room), everything else goes into a single redb
+//! write transaction committed with an fsync — group commit. Under load hundreds of tickets
+//! share one sync; idle, a single ticket pays one. Callers wait on a oneshot, so a response is
+//! sent only after its data is durable. Reads use redb's MVCC read transactions (or read the
+//! immutable journal records) and never wait for the writer.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,10 +16,12 @@ use async_trait::async_trait;
 use redb::{Database, ReadableTable, TableDefinition};
 use tokio::sync::{mpsc, oneshot};
 
+use super::ticket_log::{self, LastTickets, TicketLogs};
 use super::{order_key, sessions_key, AdmissionRecord, QueueCounters, Store, StoreError, Table, TicketEntry};
 
 const DOCS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("docs");
 const COUNTERS: TableDefinition<&str, (u64, u64)> = TableDefinition::new("counters");
+/// Tickets issued before the journals existed (read-only now; see `ticket_log`).
 const TICKETS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("tickets");
 const SKIPPED: TableDefinition<(&str, u64), ()> = TableDefinition::new("skipped");
 
@@ -39,10 +43,15 @@ enum WriteOp {
     RecordAdmissions { records: Vec<AdmissionRecord>, reply: Reply<()> },
     DeleteQueue { room: String, reply: Reply<()> },
     Close { reply: Reply<()> },
+    /// A taken-out op's place while a batch is partitioned.
+    Noop,
 }
 
 pub struct RedbStore {
     db: Arc<Database>,
+    tickets_dir: std::path::PathBuf,
+    /// Durable last ticket per room with a journal, kept by the writer.
+    last_tickets: LastTickets,
     writer: mpsc::Sender<WriteOp>,
     open: Arc<AtomicBool>,
     /// Joined on close, so the database file is released when `close` returns.
@@ -65,14 +74,16 @@ impl RedbStore {
         txn.open_table(SKIPPED).map_err(backend)?;
         txn.commit().map_err(backend)?;
         let db = Arc::new(db);
+        let tickets_dir = dir.join("tickets");
+        let (mut logs, last_tickets) = TicketLogs::open(tickets_dir.clone())?;
         let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
         let open = Arc::new(AtomicBool::new(true));
         let writer_db = db.clone();
         let handle = std::thread::Builder::new()
             .name("weir-store-writer".into())
-            .spawn(move || writer_loop(&writer_db, rx))
+            .spawn(move || writer_loop(&writer_db, &mut logs, rx))
             .map_err(backend)?;
-        Ok(Self { db, writer: tx, open, writer_thread: parking_lot::Mutex::new(Some(handle)) })
+        Ok(Self { db, tickets_dir, last_tickets, writer: tx, open, writer_thread: parking_lot::Mutex::new(Some(handle)) })
     }
 
     async fn write<T>(&self, op: impl FnOnce(Reply<T>) -> WriteOp) -> Result<T, StoreError> {
@@ -92,13 +103,6 @@ impl RedbStore {
     }
 }
 
-fn encode_entry(entry: &TicketEntry) -> [u8; 24] {
-    let mut out = [0u8; 24];
-    out[..16].copy_from_slice(&entry.visitor);
-    out[16..].copy_from_slice(&entry.entered_at_ms.to_le_bytes());
-    out
-}
-
 fn decode_entry(bytes: &[u8]) -> Result<TicketEntry, StoreError> {
     if bytes.len() != 24 {
         return Err(StoreError::Corrupt(format!("ticket entry of {} bytes", bytes.len())));
@@ -110,7 +114,7 @@ fn decode_entry(bytes: &[u8]) -> Result<TicketEntry, StoreError> {
     Ok(TicketEntry { visitor, entered_at_ms: i64::from_le_bytes(at) })
 }
 
-fn writer_loop(db: &Database, mut rx: mpsc::Receiver<WriteOp>) {
+fn writer_loop(db: &Database, logs: &mut TicketLogs, mut rx: mpsc::Receiver<WriteOp>) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while let Some(first) = rx.blocking_recv() {
         batch.push(first);
@@ -122,7 +126,7 @@ fn writer_loop(db: &Database, mut rx: mpsc::Receiver<WriteOp>) {
         }
         metrics::histogram!("weir_store_batch_size").record(batch.len() as f64);
         let closing = batch.iter().any(|op| matches!(op, WriteOp::Close { .. }));
-        apply_batch(db, &mut batch);
+        apply_batch(db, logs, &mut batch);
         if closing {
             rx.close();
         }
@@ -132,7 +136,36 @@ fn writer_loop(db: &Database, mut rx: mpsc::Receiver<WriteOp>) {
 /// Replies deferred until commit: each closure sends its op's answer, or the commit error.
 type Deferred = Box<dyn FnOnce(Result<(), StoreError>)>;
 
-fn apply_batch(db: &Database, batch: &mut Vec<WriteOp>) {
+/// The last ticket redb recorded for `room` (tickets from before its journal existed).
+fn legacy_last_ticket(db: &Database, room: &str) -> Result<u64, StoreError> {
+    let txn = db.begin_read().map_err(backend)?;
+    let counters = txn.open_table(COUNTERS).map_err(backend)?;
+    Ok(counters.get(room).map_err(backend)?.map(|g| g.value().0).unwrap_or(0))
+}
+
+fn apply_batch(db: &Database, logs: &mut TicketLogs, batch: &mut Vec<WriteOp>) {
+    // Tickets first: they only touch the journals, and a batch of nothing but tickets (the
+    // flood) never opens a redb transaction.
+    let mut ticket_replies: Vec<Deferred> = Vec::new();
+    batch.retain_mut(|op| {
+        let WriteOp::IssueTicket { room, entry, .. } = op else { return true };
+        let outcome = logs.append(room, entry, || legacy_last_ticket(db, room));
+        let WriteOp::IssueTicket { reply, .. } = std::mem::replace(op, WriteOp::Noop) else { return false };
+        ticket_replies.push(defer(reply, outcome));
+        false
+    });
+    if !ticket_replies.is_empty() {
+        let committed = logs.commit();
+        if let Err(e) = &committed {
+            tracing::error!(error = %e, "ticket journal write failed");
+        }
+        for reply in ticket_replies {
+            reply(committed.as_ref().map(|_| ()).map_err(|e| StoreError::Backend(e.to_string())));
+        }
+    }
+    if batch.is_empty() {
+        return;
+    }
     let mut deferred: Vec<Deferred> = Vec::with_capacity(batch.len());
     let result = (|| -> Result<(), StoreError> {
         let txn = db.begin_write().map_err(backend)?;
@@ -161,28 +194,17 @@ fn apply_batch(db: &Database, batch: &mut Vec<WriteOp>) {
                         let r = docs.remove((table.name(), key.as_str())).map(|old| old.is_some()).map_err(backend);
                         deferred.push(defer(reply, r));
                     }
-                    WriteOp::IssueTicket { room, entry, reply } => {
-                        let r = (|| {
-                            let (last, serving) = counters
-                                .get(room.as_str())
-                                .map_err(backend)?
-                                .map(|g| g.value())
-                                .unwrap_or((0, 0));
-                            let ticket = last + 1;
-                            counters.insert(room.as_str(), (ticket, serving)).map_err(backend)?;
-                            tickets
-                                .insert((room.as_str(), ticket), encode_entry(&entry).as_slice())
-                                .map_err(backend)?;
-                            Ok(ticket)
-                        })();
-                        deferred.push(defer(reply, r));
+                    WriteOp::IssueTicket { reply, .. } => {
+                        deferred.push(defer(reply, Err(StoreError::Backend("ticket left in a redb batch".into()))));
                     }
+                    WriteOp::Noop => {}
                     WriteOp::RecordAdmissions { records, reply } => {
                         let r = records.iter().try_for_each(|rec| {
                             let room = rec.room.as_str();
                             let (last, serving) =
                                 counters.get(room).map_err(backend)?.map(|g| g.value()).unwrap_or((0, 0));
-                            let next = serving.max(rec.serving.min(last));
+                            let issued = last.max(logs.last_ticket(room).unwrap_or(0));
+                            let next = serving.max(rec.serving.min(issued));
                             if next != serving {
                                 counters.insert(room, (last, next)).map_err(backend)?;
                             }
@@ -203,6 +225,7 @@ fn apply_batch(db: &Database, batch: &mut Vec<WriteOp>) {
                     }
                     WriteOp::DeleteQueue { room, reply } => {
                         let r = (|| {
+                            logs.delete(&room)?;
                             counters.remove(room.as_str()).map_err(backend)?;
                             skipped
                                 .retain_in((room.as_str(), 0)..=(room.as_str(), u64::MAX), |_, _| false)
@@ -290,7 +313,11 @@ impl Store for RedbStore {
 
     async fn ticket(&self, room: &str, ticket: u64) -> Result<Option<TicketEntry>, StoreError> {
         let room = room.to_string();
+        let dir = self.tickets_dir.clone();
         self.read(move |db| {
+            if let Some(entry) = ticket_log::read(&dir, &room, ticket)? {
+                return Ok(Some(entry));
+            }
             let txn = db.begin_read().map_err(backend)?;
             let t = txn.open_table(TICKETS).map_err(backend)?;
             match t.get((room.as_str(), ticket)).map_err(backend)? {
@@ -303,12 +330,14 @@ impl Store for RedbStore {
 
     async fn counters(&self, room: &str) -> Result<QueueCounters, StoreError> {
         let room = room.to_string();
+        let last_tickets = self.last_tickets.clone();
         self.read(move |db| {
             let txn = db.begin_read().map_err(backend)?;
             let t = txn.open_table(COUNTERS).map_err(backend)?;
             let (last_ticket, serving) =
                 t.get(room.as_str()).map_err(backend)?.map(|g| g.value()).unwrap_or((0, 0));
-            Ok(QueueCounters { last_ticket, serving })
+            let journal = last_tickets.read().get(&room).copied().unwrap_or(0);
+            Ok(QueueCounters { last_ticket: last_ticket.max(journal), serving })
         })
         .await
     }

@@ -185,19 +185,19 @@ struct ScriptConfig<'a> {
     status_url: String,
     socket_url: String,
     state: &'static str,
-    ticket: u64,
-    rank: u64,
-    serving: u64,
+    ticket: serde_json::Value,
+    rank: serde_json::Value,
+    serving: serde_json::Value,
     rate: f64,
     starts_at_ms: Option<i64>,
-    now_ms: i64,
+    now_ms: serde_json::Value,
     redirect_url: Option<&'a str>,
     t: &'static serde_json::value::RawValue,
 }
 
 /// Everything a room page is rendered from.
 pub struct RoomPage<'a> {
-    pub spec: &'a RoomSpec,
+    pub spec: &'a Arc<RoomSpec>,
     pub status: &'a VisitorStatus,
     /// The visitor's place in line (its ticket, unless a pre-queue was shuffled).
     pub rank: u64,
@@ -217,6 +217,161 @@ pub fn countdown_text(seconds: u64) -> String {
     }
 }
 
+/// The values of a room page that differ from one visitor (or one second) to the next.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Slot {
+    Position,
+    Ticket,
+    Progress,
+    EtaText,
+    Countdown,
+    RefreshS,
+    RefreshMs,
+    JsonTicket,
+    JsonRank,
+    JsonServing,
+    JsonNowMs,
+}
+
+const SLOTS: [Slot; 11] = [
+    Slot::Position,
+    Slot::Ticket,
+    Slot::Progress,
+    Slot::EtaText,
+    Slot::Countdown,
+    Slot::RefreshS,
+    Slot::RefreshMs,
+    Slot::JsonTicket,
+    Slot::JsonRank,
+    Slot::JsonServing,
+    Slot::JsonNowMs,
+];
+
+/// Marks a slot in a skeleton render: private-use characters that no escaping touches and
+/// that branding text is checked not to contain.
+const MARK_OPEN: char = '\u{E000}';
+const MARK_CLOSE: char = '\u{E001}';
+
+fn marker(slot: Slot) -> String {
+    let index = SLOTS.iter().position(|s| *s == slot).unwrap_or(0);
+    format!("{MARK_OPEN}{}{MARK_CLOSE}", char::from(b'a' + index as u8))
+}
+
+/// A per-visitor value, or (for a skeleton) the marker standing in for it.
+fn value_or_marker<T: Into<Value>>(values: Option<&Dynamic>, slot: Slot, get: impl Fn(&Dynamic) -> T) -> Value {
+    values.map_or_else(|| Value::from(marker(slot)), |v| get(v).into())
+}
+
+/// A built-in page rendered with markers in place of the per-visitor values, split at them.
+struct Skeleton {
+    pieces: Vec<Piece>,
+    len: usize,
+}
+
+enum Piece {
+    Text(Box<str>),
+    Slot(Slot),
+}
+
+impl Skeleton {
+    /// Splits a marked render. `None` if anything looks off (then the page renders in full).
+    fn parse(marked: &str) -> Option<Skeleton> {
+        let mut pieces = Vec::new();
+        let mut rest = marked;
+        while let Some(open) = rest.find(MARK_OPEN) {
+            let after = &rest[open + MARK_OPEN.len_utf8()..];
+            let mut chars = after.chars();
+            let index = chars.next()? as usize;
+            if chars.next()? != MARK_CLOSE {
+                return None;
+            }
+            let slot = *SLOTS.get(index.checked_sub('a' as usize)?)?;
+            let mut text = &rest[..open];
+            let mut next = &after[1 + MARK_CLOSE.len_utf8()..];
+            // JSON numbers were serialized as marked strings: drop their quotes.
+            if matches!(slot, Slot::JsonTicket | Slot::JsonRank | Slot::JsonServing | Slot::JsonNowMs) {
+                text = text.strip_suffix('"')?;
+                next = next.strip_prefix('"')?;
+            }
+            pieces.push(Piece::Text(text.into()));
+            pieces.push(Piece::Slot(slot));
+            rest = next;
+        }
+        if rest.contains(MARK_CLOSE) {
+            return None;
+        }
+        pieces.push(Piece::Text(rest.into()));
+        Some(Skeleton { pieces, len: marked.len() })
+    }
+
+    fn fill(&self, v: &Dynamic) -> String {
+        use std::fmt::Write;
+        let mut out = String::with_capacity(self.len + 64);
+        for piece in &self.pieces {
+            let _ = match piece {
+                Piece::Text(t) => {
+                    out.push_str(t);
+                    Ok(())
+                }
+                Piece::Slot(Slot::Position) => write!(out, "{}", v.position),
+                Piece::Slot(Slot::Ticket | Slot::JsonTicket) => write!(out, "{}", v.ticket),
+                Piece::Slot(Slot::Progress) => write!(out, "{}", v.progress),
+                Piece::Slot(Slot::EtaText) => {
+                    out.push_str(&html_escape(v.eta_text.as_deref().unwrap_or("")));
+                    Ok(())
+                }
+                Piece::Slot(Slot::Countdown) => {
+                    out.push_str(&v.countdown_text);
+                    Ok(())
+                }
+                Piece::Slot(Slot::RefreshS) => write!(out, "{}", v.refresh_s),
+                Piece::Slot(Slot::RefreshMs) => write!(out, "{}", v.refresh_s * 1000),
+                Piece::Slot(Slot::JsonRank) => write!(out, "{}", v.rank),
+                Piece::Slot(Slot::JsonServing) => write!(out, "{}", v.serving),
+                Piece::Slot(Slot::JsonNowMs) => write!(out, "{}", v.now_ms),
+            };
+        }
+        out
+    }
+}
+
+/// What a skeleton depends on besides the room's spec.
+#[derive(PartialEq, Eq, Clone, Copy)]
+struct SkeletonKey {
+    lang: &'static str,
+    page: &'static str,
+    state: &'static str,
+    eta_known: bool,
+}
+
+/// Skeletons of one room, valid for exactly one spec (compared by `Arc` identity: the cache
+/// holds the `Arc`, so its address cannot be reused while cached).
+struct RoomSkeletons {
+    spec: Arc<RoomSpec>,
+    pages: Vec<(SkeletonKey, Option<Arc<Skeleton>>)>,
+}
+
+/// Rooms whose skeletons are cached; cleared past this, like the custom-template cache.
+const MAX_SKELETON_ROOMS: usize = 1024;
+
+fn skeletons() -> &'static Mutex<HashMap<String, RoomSkeletons>> {
+    static CACHE: OnceLock<Mutex<HashMap<String, RoomSkeletons>>> = OnceLock::new();
+    CACHE.get_or_init(Default::default)
+}
+
+/// The per-visitor values of a page.
+struct Dynamic {
+    position: u64,
+    ticket: u64,
+    progress: u64,
+    eta_text: Option<String>,
+    countdown_text: String,
+    refresh_s: u64,
+    rank: u64,
+    serving: u64,
+    now_ms: i64,
+}
+
 impl RoomPage<'_> {
     fn page(&self) -> &'static str {
         if self.status.redirect_url.is_some() {
@@ -231,23 +386,50 @@ impl RoomPage<'_> {
         }
     }
 
-    /// The context every room template (built-in or custom) gets.
-    pub fn context(&self) -> Value {
+    fn strings(&self) -> &'static Strings {
+        i18n::choose(self.spec.branding.language.as_deref(), self.headers)
+    }
+
+    fn dynamic(&self) -> Dynamic {
+        let status = self.status;
+        let t = self.strings();
+        let position = status.position.unwrap_or(0);
+        let remaining_s = self.spec.starts_at_ms().map(|s| ((s - self.now_ms).max(0) as u64).div_ceil(1000)).unwrap_or(0);
+        // Without JavaScript the page refreshes itself: a quarter of the wait, 5-30 s.
+        let refresh_s = match self.page() {
+            "scheduled" => remaining_s.clamp(1, 30),
+            "waiting" => status.eta_seconds.map(|e| (e / 4).clamp(5, 30)).unwrap_or(15),
+            _ => 15,
+        };
+        Dynamic {
+            position,
+            ticket: status.ticket.unwrap_or(0),
+            progress: position.saturating_mul(100).checked_div(self.rank).map_or(0, |p| 100u64.saturating_sub(p)),
+            eta_text: status.eta_seconds.map(|e| i18n::duration(t, e)),
+            countdown_text: countdown_text(remaining_s),
+            refresh_s,
+            rank: self.rank,
+            serving: self.serving,
+            now_ms: self.now_ms,
+        }
+    }
+
+    /// The context every room template (built-in or custom) gets: with `values`, the real
+    /// page; without, a skeleton with markers in place of the per-visitor values.
+    fn context(&self, values: Option<&Dynamic>) -> Value {
         let (spec, status) = (self.spec, self.status);
         let b = &spec.branding;
-        let t = i18n::choose(b.language.as_deref(), self.headers);
+        let t = self.strings();
         let page = self.page();
-        let position = status.position.unwrap_or(0);
-        let ticket = status.ticket.unwrap_or(0);
-        let progress = position.saturating_mul(100).checked_div(self.rank).map_or(0, |p| 100u64.saturating_sub(p));
-        let starts_at_ms = spec.starts_at_ms();
-        let remaining_s = starts_at_ms.map(|s| ((s - self.now_ms).max(0) as u64).div_ceil(1000)).unwrap_or(0);
         let starts_at_text = spec
             .starts_at
             .as_deref()
             .and_then(|s| time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok())
             .and_then(|d| d.to_offset(time::UtcOffset::UTC).format(time::macros::format_description!("[year]-[month]-[day] [hour]:[minute] UTC")).ok())
             .unwrap_or_default();
+        let json_number = |slot, get: fn(&Dynamic) -> i64| -> serde_json::Value {
+            values.map_or_else(|| marker(slot).into(), |v| get(v).into())
+        };
         let config = ScriptConfig {
             room: &spec.id,
             key: crate::realtime::INTERNAL_APP_KEY,
@@ -255,23 +437,17 @@ impl RoomPage<'_> {
             status_url: format!("/r/{}/status", spec.id),
             socket_url: format!("/r/{}/socket", spec.id),
             state: status.state.as_str(),
-            ticket,
-            rank: self.rank,
-            serving: self.serving,
+            ticket: json_number(Slot::JsonTicket, |v| v.ticket as i64),
+            rank: json_number(Slot::JsonRank, |v| v.rank as i64),
+            serving: json_number(Slot::JsonServing, |v| v.serving as i64),
             rate: spec.rate_per_minute,
-            starts_at_ms,
-            now_ms: self.now_ms,
+            starts_at_ms: spec.starts_at_ms(),
+            now_ms: json_number(Slot::JsonNowMs, |v| v.now_ms),
             redirect_url: status.redirect_url.as_deref(),
             t: &t.prepared().json,
         };
         // `<` escaped so the JSON cannot close its script element.
         let json = serde_json::to_string(&config).unwrap_or_else(|_| "{}".into()).replace('<', "\\u003c");
-        // Without JavaScript the page refreshes itself: a quarter of the wait, 5-30 s.
-        let refresh_s = match page {
-            "scheduled" => remaining_s.clamp(1, 30),
-            "waiting" => status.eta_seconds.map(|e| (e / 4).clamp(5, 30)).unwrap_or(15),
-            _ => 15,
-        };
         let mut head = String::new();
         match (page, status.redirect_url.as_deref()) {
             ("passthrough", Some(url)) => {
@@ -282,11 +458,16 @@ impl RoomPage<'_> {
             _ => head.push_str(&format!(
                 "<script type=\"application/json\" id=\"weir-config\">{json}</script>\n\
                  <script src=\"{}\" defer onerror=\"setTimeout(function(){{location.reload()}},{})\"></script>\n\
-                 <noscript><meta http-equiv=\"refresh\" content=\"{refresh_s}\"></noscript>",
+                 <noscript><meta http-equiv=\"refresh\" content=\"{}\"></noscript>",
                 super::assets::ROOM_JS_PATH.as_str(),
-                refresh_s * 1000
+                value_or_marker(values, Slot::RefreshMs, |v| v.refresh_s * 1000),
+                value_or_marker(values, Slot::RefreshS, |v| v.refresh_s),
             )),
         }
+        let eta_text = match values {
+            Some(v) => v.eta_text.clone(),
+            None => status.eta_seconds.map(|_| marker(Slot::EtaText)),
+        };
         minijinja::context! {
             page, state => status.state.as_str(), t => t.prepared().value.clone(),
             name => spec.name.clone(),
@@ -294,17 +475,65 @@ impl RoomPage<'_> {
             text => b.text.clone(), logo_url => b.logo_url.clone(),
             primary_color => b.primary_color.clone().unwrap_or_else(|| DEFAULT_PRIMARY.into()),
             background_color => b.background_color.clone().unwrap_or_else(|| DEFAULT_BACKGROUND.into()),
-            position, ticket, progress, eta_seconds => status.eta_seconds,
-            eta_text => status.eta_seconds.map(|e| i18n::duration(t, e)),
-            starts_at => spec.starts_at.clone(), starts_at_text, countdown_text => countdown_text(remaining_s),
+            position => value_or_marker(values, Slot::Position, |v| v.position),
+            ticket => value_or_marker(values, Slot::Ticket, |v| v.ticket),
+            progress => value_or_marker(values, Slot::Progress, |v| v.progress),
+            eta_seconds => status.eta_seconds, eta_text,
+            starts_at => spec.starts_at.clone(), starts_at_text,
+            countdown_text => value_or_marker(values, Slot::Countdown, |v| v.countdown_text.clone()),
             redirect_url => status.redirect_url.clone(),
             weir_head => Value::from_safe_string(head),
         }
     }
 
+    /// The built-in page from its cached skeleton, when this page can use one: the per-visitor
+    /// values are written into the pre-rendered text instead of running the template again.
+    fn render_from_skeleton(&self, values: &Dynamic) -> Option<String> {
+        let page = self.page();
+        if self.spec.branding.template.is_some() || !matches!(page, "waiting" | "scheduled" | "paused") {
+            return None;
+        }
+        let key = SkeletonKey { lang: self.strings().lang, page, state: self.status.state.as_str(), eta_known: self.status.eta_seconds.is_some() };
+        let cached = {
+            let cache = skeletons().lock();
+            cache.get(&self.spec.id).filter(|r| Arc::ptr_eq(&r.spec, self.spec)).and_then(|r| r.pages.iter().find(|(k, _)| *k == key).map(|(_, s)| s.clone()))
+        };
+        let skeleton = match cached {
+            Some(s) => s,
+            None => {
+                let built = self.build_skeleton(page).map(Arc::new);
+                let mut cache = skeletons().lock();
+                if cache.len() >= MAX_SKELETON_ROOMS && !cache.contains_key(&self.spec.id) {
+                    cache.clear();
+                }
+                let room = cache.entry(self.spec.id.clone()).or_insert_with(|| RoomSkeletons { spec: self.spec.clone(), pages: Vec::new() });
+                if !Arc::ptr_eq(&room.spec, self.spec) {
+                    *room = RoomSkeletons { spec: self.spec.clone(), pages: Vec::new() };
+                }
+                room.pages.push((key, built.clone()));
+                built
+            }
+        };
+        skeleton.map(|s| s.fill(values))
+    }
+
+    fn build_skeleton(&self, page: &str) -> Option<Skeleton> {
+        let b = &self.spec.branding;
+        let branding = [Some(&self.spec.name), b.title.as_ref(), b.text.as_ref(), b.logo_url.as_ref(), b.primary_color.as_ref(), b.background_color.as_ref()];
+        if branding.iter().flatten().any(|s| s.contains([MARK_OPEN, MARK_CLOSE])) {
+            return None;
+        }
+        let marked = env().get_template(&format!("{page}.html")).and_then(|t| t.render(self.context(None))).ok()?;
+        Skeleton::parse(&marked)
+    }
+
     /// Renders the room's custom template if it has one and it works, else the built-in page.
     pub fn render(&self, status: StatusCode) -> Response {
-        let context = self.context();
+        let values = self.dynamic();
+        if let Some(body) = self.render_from_skeleton(&values) {
+            return finish(status, body);
+        }
+        let context = self.context(Some(&values));
         if let Some(source) = &self.spec.branding.template {
             if let Some(env) = custom_env(&self.spec.id, source) {
                 match env.get_template(CUSTOM).and_then(|t| t.render(&context)) {
@@ -314,6 +543,13 @@ impl RoomPage<'_> {
             }
         }
         render(status, &format!("{}.html", self.page()), context)
+    }
+
+    /// The page rendered in full, bypassing the skeleton cache (tests compare the two).
+    #[cfg(test)]
+    fn render_in_full(&self) -> String {
+        let values = self.dynamic();
+        env().get_template(&format!("{}.html", self.page())).and_then(|t| t.render(self.context(Some(&values)))).unwrap_or_default()
     }
 }
 
@@ -352,6 +588,53 @@ mod tests {
         let e = check_custom("{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}").unwrap_err();
         assert!(e.contains("fuel"), "{e}");
         assert!(check_custom("{% include '/etc/passwd' %}").is_err());
+    }
+
+    fn spec(state: &str, branding: serde_json::Value) -> Arc<RoomSpec> {
+        Arc::new(
+            serde_json::from_value(serde_json::json!({
+                "id": "sale", "name": "Sale & <friends>", "origin": "http://o/", "rate_per_minute": 60.0,
+                "state": state, "starts_at": "2030-01-01T00:00:00Z", "created_at_ms": 1, "branding": branding,
+            }))
+            .unwrap(),
+        )
+    }
+
+    #[test]
+    fn skeleton_pages_equal_full_renders() {
+        let branding = serde_json::json!({"title": "Big \"sale\" <b>", "text": "It's on", "primary_color": "#123456"});
+        let mut headers = HeaderMap::new();
+        for (state, lang) in [("open", "en"), ("open", "de"), ("scheduled", "fr"), ("paused", "es")] {
+            let spec = spec(state, branding.clone());
+            headers.insert(header::ACCEPT_LANGUAGE, HeaderValue::from_static(lang));
+            for (ticket, eta) in [(7, Some(95)), (1234, None), (9, Some(0))] {
+                let status = VisitorStatus {
+                    room: "sale".into(), state: spec.state, ticket: Some(ticket), position: Some(ticket / 2),
+                    eta_seconds: eta, admitted: false, redirect_url: None, starts_at: spec.starts_at.clone(),
+                    name: spec.name.clone(), token: None,
+                };
+                let page = RoomPage { spec: &spec, status: &status, rank: ticket, serving: 3, now_ms: 1_893_455_000_123, headers: &headers };
+                let values = page.dynamic();
+                // Twice: the first builds and caches the skeleton, the second uses it.
+                for _ in 0..2 {
+                    let fast = page.render_from_skeleton(&values).expect("these pages have skeletons");
+                    assert_eq!(fast, page.render_in_full(), "{state} {lang} {ticket} {eta:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn branding_with_marker_characters_renders_in_full() {
+        let spec = spec("open", serde_json::json!({"text": "odd \u{E000}a\u{E001} text"}));
+        let status = VisitorStatus {
+            room: "sale".into(), state: spec.state, ticket: Some(5), position: Some(2), eta_seconds: None,
+            admitted: false, redirect_url: None, starts_at: None, name: spec.name.clone(), token: None,
+        };
+        let headers = HeaderMap::new();
+        let page = RoomPage { spec: &spec, status: &status, rank: 5, serving: 3, now_ms: 0, headers: &headers };
+        assert!(page.render_from_skeleton(&page.dynamic()).is_none());
+        assert!(page.render_in_full().contains("odd \u{E000}a\u{E001} text"));
     }
 
     #[test]
