@@ -78,7 +78,7 @@ pub struct BoundService<S> {
 }
 
 /// Releases one in-flight slot when the request finishes, however it finishes.
-struct Slot(Arc<Bound>);
+pub struct Slot(Arc<Bound>);
 
 impl Drop for Slot {
     fn drop(&mut self) {
@@ -88,12 +88,11 @@ impl Drop for Slot {
 
 impl<S> Service<Request> for BoundService<S>
 where
-    S: Service<Request, Response = Response, Error = Infallible> + Send + 'static,
-    S::Future: Send + 'static,
+    S: Service<Request, Response = Response, Error = Infallible>,
 {
     type Response = Response;
     type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
+    type Future = BoundFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         self.inner.poll_ready(cx)
@@ -104,20 +103,38 @@ where
         if bound.in_flight.fetch_add(1, Ordering::AcqRel) >= bound.max_in_flight {
             bound.in_flight.fetch_sub(1, Ordering::AcqRel);
             bound.shed.increment(1);
-            return Box::pin(std::future::ready(Ok(at_capacity())));
+            return BoundFuture::Refused { response: Some(at_capacity()) };
         }
         let slot = Slot(bound.clone());
-        let work = self.inner.call(request);
-        Box::pin(async move {
-            let _slot = slot;
-            match tokio::time::timeout(_slot.0.timeout, work).await {
-                Ok(response) => response,
-                Err(_) => {
-                    _slot.0.timeouts.increment(1);
-                    Ok(ApiError::unavailable("request timed out", 1).into_response())
+        let work = tokio::time::timeout(bound.timeout, self.inner.call(request));
+        BoundFuture::Admitted { work, slot }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The request's work under its timeout, holding its in-flight slot until done.
+    #[project = BoundProj]
+    pub enum BoundFuture<F> {
+        Refused { response: Option<Response> },
+        Admitted { #[pin] work: tokio::time::Timeout<F>, slot: Slot },
+    }
+}
+
+impl<F: Future<Output = Result<Response, Infallible>>> Future for BoundFuture<F> {
+    type Output = Result<Response, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            BoundProj::Refused { response } => Poll::Ready(Ok(response.take().unwrap_or_else(at_capacity))),
+            BoundProj::Admitted { work, slot } => match work.poll(cx) {
+                Poll::Pending => Poll::Pending,
+                Poll::Ready(Ok(response)) => Poll::Ready(response),
+                Poll::Ready(Err(_elapsed)) => {
+                    slot.0.timeouts.increment(1);
+                    Poll::Ready(Ok(ApiError::unavailable("request timed out", 1).into_response()))
                 }
-            }
-        })
+            },
+        }
     }
 }
 

@@ -85,7 +85,7 @@ pub struct Track<S> {
 
 /// Metric handles of one route, by method and status (both bounded).
 #[derive(Default)]
-struct RouteHandles {
+pub struct RouteHandles {
     counters: RwLock<Vec<(Method, u16, metrics::Counter)>>,
     histograms: RwLock<Vec<(Method, metrics::Histogram)>>,
 }
@@ -119,12 +119,11 @@ fn method_label(method: &Method) -> Method {
 
 impl<S> Service<Request> for Track<S>
 where
-    S: Service<Request, Response = Response, Error = Infallible> + Send + 'static,
-    S::Future: Send + 'static,
+    S: Service<Request, Response = Response, Error = Infallible>,
 {
     type Response = Response;
     type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
+    type Future = TrackFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         self.inner.poll_ready(cx)
@@ -133,14 +132,29 @@ where
     fn call(&mut self, request: Request) -> Self::Future {
         let route = request.extensions().get::<MatchedPath>().cloned();
         let method = method_label(request.method());
-        let handles = self.handles.clone();
-        let started = tokio::time::Instant::now();
-        let work = self.inner.call(request);
-        Box::pin(async move {
-            let response = work.await?;
-            let route = route.as_ref().map(MatchedPath::as_str).unwrap_or("unmatched");
-            handles.record(route, &method, response.status().as_u16(), started.elapsed().as_secs_f64());
-            Ok(response)
-        })
+        TrackFuture { work: self.inner.call(request), route, method, handles: self.handles.clone(), started: tokio::time::Instant::now() }
+    }
+}
+
+pin_project_lite::pin_project! {
+    pub struct TrackFuture<F> {
+        #[pin]
+        work: F,
+        route: Option<MatchedPath>,
+        method: Method,
+        handles: Arc<RouteHandles>,
+        started: tokio::time::Instant,
+    }
+}
+
+impl<F: Future<Output = Result<Response, Infallible>>> Future for TrackFuture<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let Poll::Ready(Ok(response)) = this.work.poll(cx) else { return Poll::Pending };
+        let route = this.route.as_ref().map(MatchedPath::as_str).unwrap_or("unmatched");
+        this.handles.record(route, this.method, response.status().as_u16(), this.started.elapsed().as_secs_f64());
+        Poll::Ready(Ok(response))
     }
 }

@@ -19,7 +19,8 @@ use crate::error::ApiError;
 use crate::realtime::Realtime;
 use crate::store::{order_key, AdmissionRecord, Table};
 
-/// 100 ms: ten small steps a second keep admission smooth while costing nothing when idle.
+/// 100 ms: ten small steps a second keep admission smooth. With no rooms at all the driver
+/// parks instead.
 pub const TICK: Duration = Duration::from_millis(100);
 /// Ticks between censuses of the waiting line (2 s): the scan is O(waiting).
 const CENSUS_EVERY: u64 = 20;
@@ -42,6 +43,16 @@ pub fn spawn(rooms: Arc<Rooms>, realtime: Arc<Realtime>, shutdown: CancellationT
             tokio::select! {
                 _ = interval.tick() => {}
                 _ = shutdown.cancelled() => return,
+            }
+            if rooms.is_empty() {
+                // Nothing to admit: park until a room is created, so an idle server
+                // costs no CPU at all.
+                tokio::select! {
+                    _ = rooms.created.notified() => {}
+                    _ = shutdown.cancelled() => return,
+                }
+                interval.reset();
+                last = Instant::now();
             }
             let now = Instant::now();
             let elapsed = now - last;

@@ -223,6 +223,8 @@ pub struct VisitorStatus {
 /// Every live room plus what visitor handling needs (keys, cookie signer, store, clock).
 pub struct Rooms {
     rooms: RwLock<HashMap<String, Arc<Room>>>,
+    /// Wakes the admission driver, which parks while there are no rooms.
+    pub created: tokio::sync::Notify,
     pub store: Arc<dyn Store>,
     pub clock: Arc<dyn Clock>,
     pub keys: KeyRing,
@@ -245,6 +247,7 @@ impl Rooms {
         }
         Ok(Arc::new(Rooms {
             rooms: RwLock::new(rooms),
+            created: tokio::sync::Notify::new(),
             store,
             clock,
             keys,
@@ -258,6 +261,10 @@ impl Rooms {
 
     pub fn get(&self, id: &str) -> Option<Arc<Room>> {
         self.rooms.read().get(id).cloned()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rooms.read().is_empty()
     }
 
     pub fn all(&self) -> Vec<Arc<Room>> {
@@ -279,6 +286,7 @@ impl Rooms {
         self.store.delete_queue(&spec.id).await?;
         let room = Arc::new(Room::new(spec, Engine::default()));
         self.rooms.write().insert(room.id.clone(), room.clone());
+        self.created.notify_one();
         Ok(room)
     }
 
