@@ -115,16 +115,13 @@ pub async fn closed_loop(
                 if sent < measure_from || done > end {
                     continue;
                 }
+                let Ok(r) = res else {
+                    tally.borrow_mut().errors += 1;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    continue;
+                };
                 let mut t = tally.borrow_mut();
-                match res {
-                    Ok(r) => count(&mut t, r.status, r.retry_after, (done - sent).as_nanos() as u64),
-                    Err(_) => {
-                        t.errors += 1;
-                        drop(t);
-                        tokio::time::sleep(Duration::from_millis(5)).await;
-                        continue;
-                    }
-                }
+                count(&mut t, r.status, r.retry_after, (done - sent).as_nanos() as u64);
                 if max_ok.is_some_and(|m| t.ok >= m) {
                     break;
                 }

@@ -144,11 +144,13 @@ fn http_row(rows: &mut Vec<Row>, res: &Value, name: &str, goal_ratio: f64) {
         });
     }
     if let Some(c) = f(&w["client_cpu_share"]) {
-        rows.last_mut().map(|r| r.figure.push_str(&format!(" (client CPU {:.0} %)", c * 100.0)));
+        if let Some(r) = rows.last_mut() {
+            r.figure.push_str(&format!(" (client CPU {:.0} %)", c * 100.0));
+        }
     }
 }
 
-fn best_peer<'a>(m: &'a Value, key: &str, higher_better: bool) -> (Option<f64>, String) {
+fn best_peer(m: &Value, key: &str, higher_better: bool) -> (Option<f64>, String) {
     let mut best: Option<(f64, &str)> = None;
     for p in ["sockudo", "soketi"] {
         if let Some(x) = m[p][key].as_f64() {
