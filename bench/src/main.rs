@@ -7,7 +7,8 @@
 //! - `report`: redraws the table and charts from a raw JSON file.
 //! - `ws-hold`: a helper process holding idle WebSockets (one process is capped at 20,000 files).
 //!
-//! Layout: [`client`] raw HTTP/1.1 keep-alive client; [`load`] closed/open loops; [`hist`]
+//! Layout: [`client`] raw HTTP/1.1 keep-alive client; [`load`] closed/open loops; [`pace`] the
+//! open loop's precise slot clock; [`hist`]
 //! latency histogram; [`ws`] a lean client WebSocket; [`pusher`] signing and Pusher clients;
 //! [`servers`] process control; [`scenarios`] the measurements; [`report`] table and charts;
 //! [`sys`] CPU and memory.
@@ -16,6 +17,7 @@ mod client;
 mod hello;
 mod hist;
 mod load;
+mod pace;
 mod pusher;
 mod report;
 mod scenarios;
