@@ -12,6 +12,7 @@ use serde_json::{json, Value};
 
 use crate::client::Conn;
 use crate::hist::Hist;
+use crate::pace::Slots;
 use crate::sys::CpuMeter;
 
 #[derive(Default)]
@@ -32,6 +33,8 @@ pub struct LoadResult {
     pub elapsed: Duration,
     pub client_cpu: f64,
     pub server_cpu: Option<f64>,
+    /// Open loop: how late the pacer released each send slot.
+    pub pacer_late: Option<Hist>,
 }
 
 impl LoadResult {
@@ -56,6 +59,7 @@ impl LoadResult {
             "ok_per_server_cpu_sec": self.server_cpu.filter(|c| *c > 0.0).map(|c| (self.rps() / c).round()),
             "client_cpu_share": (self.client_cpu * 1000.0).round() / 1000.0,
             "server_cpu_share": self.server_cpu.map(|c| (c * 1000.0).round() / 1000.0),
+            "pacer_lateness": self.pacer_late.as_ref().map(|h| h.summary_ms()),
         })
     }
 }
@@ -115,16 +119,13 @@ pub async fn closed_loop(
                 if sent < measure_from || done > end {
                     continue;
                 }
+                let Ok(r) = res else {
+                    tally.borrow_mut().errors += 1;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    continue;
+                };
                 let mut t = tally.borrow_mut();
-                match res {
-                    Ok(r) => count(&mut t, r.status, r.retry_after, (done - sent).as_nanos() as u64),
-                    Err(_) => {
-                        t.errors += 1;
-                        drop(t);
-                        tokio::time::sleep(Duration::from_millis(5)).await;
-                        continue;
-                    }
-                }
+                count(&mut t, r.status, r.retry_after, (done - sent).as_nanos() as u64);
                 if max_ok.is_some_and(|m| t.ok >= m) {
                     break;
                 }
@@ -146,11 +147,13 @@ pub async fn closed_loop(
         elapsed: finished.saturating_duration_since(measure_from),
         client_cpu,
         server_cpu,
+        pacer_late: None,
     }
 }
 
 /// Open loop: offers `rate` requests/s spread evenly over `conns` connections for `duration`.
 /// Latency runs from each request's scheduled time; a connection that falls behind sends at once.
+/// Slots are released by [`Slots`], to the microsecond, not at tokio's millisecond ticks.
 pub async fn open_loop(
     addr: SocketAddr,
     conns: usize,
@@ -162,18 +165,24 @@ pub async fn open_loop(
     let tally = Rc::new(RefCell::new(Tally::default()));
     let t0 = Instant::now() + Duration::from_millis(50);
     let end = t0 + duration;
-    let per_conn_interval = Duration::from_secs_f64(conns as f64 / rate.max(1.0));
+    let rate = rate.max(1.0);
+    let per_conn_interval = Duration::from_secs_f64(conns as f64 / rate);
+    let slots = Rc::new(Slots::new(t0, rate, conns));
     let meter = CpuMeter::start(server_pid);
+    let pacer = {
+        let slots = slots.clone();
+        tokio::task::spawn_local(async move { slots.run(end).await })
+    };
     let mut tasks = Vec::new();
     for c in 0..conns {
         let reqs = reqs.clone();
         let tally = tally.clone();
+        let slots = slots.clone();
         tasks.push(tokio::task::spawn_local(async move {
             let mut conn = Conn::new(addr);
-            let offset = per_conn_interval.mul_f64(c as f64 / conns as f64);
-            let mut k: u32 = 0;
+            let mut k: u64 = 0;
             loop {
-                let scheduled = t0 + offset + per_conn_interval * k;
+                let scheduled = slots.due(c, k);
                 k += 1;
                 if scheduled >= end {
                     break;
@@ -186,10 +195,12 @@ pub async fn open_loop(
                     break;
                 }
                 // Behind schedule (the connection was busy past this slot): the wait is the
-                // server's doing and counts. Ahead of it, we sleep, and the timer's lateness (up to
-                // a millisecond) is the client's, so latency then runs from the actual send.
+                // server's doing and counts, and we send at once. Ahead of it, we wait for the
+                // pacer, whose lateness (µs) is the client's, so latency runs from the actual send.
                 let behind = Instant::now() >= scheduled;
-                tokio::time::sleep_until(scheduled.into()).await;
+                if !behind {
+                    slots.wait(c, k - 1).await;
+                }
                 let req = &reqs[(c + k as usize) % reqs.len()];
                 let sent = Instant::now();
                 let res = conn.send_timeout(req, false, Duration::from_secs(10)).await;
@@ -211,9 +222,11 @@ pub async fn open_loop(
     for t in tasks {
         let _ = t.await;
     }
+    let _ = pacer.await;
     let (client_cpu, server_cpu) = meter.stop();
     // Responses still arriving after the window stretch it: rates use the real span.
     let elapsed = t0.elapsed().max(duration);
     let tally = Rc::try_unwrap(tally).ok().expect("tasks done").into_inner();
-    LoadResult { tally, elapsed, client_cpu, server_cpu }
+    let pacer_late = Some(slots.late.take());
+    LoadResult { tally, elapsed, client_cpu, server_cpu, pacer_late }
 }

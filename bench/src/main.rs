@@ -7,19 +7,23 @@
 //! - `report`: redraws the table and charts from a raw JSON file.
 //! - `ws-hold`: a helper process holding idle WebSockets (one process is capped at 20,000 files).
 //!
-//! Layout: [`client`] raw HTTP/1.1 keep-alive client; [`load`] closed/open loops; [`hist`]
-//! latency histogram; [`pusher`] signing and WebSocket clients; [`servers`] process control;
-//! [`scenarios`] the measurements; [`report`] table and charts; [`sys`] CPU and memory.
+//! Layout: [`client`] raw HTTP/1.1 keep-alive client; [`load`] closed/open loops; [`pace`] the
+//! open loop's precise slot clock; [`hist`]
+//! latency histogram; [`ws`] a lean client WebSocket; [`pusher`] signing and Pusher clients;
+//! [`servers`] process control; [`scenarios`] the measurements; [`report`] table and charts;
+//! [`sys`] CPU and memory.
 
 mod client;
 mod hello;
 mod hist;
 mod load;
+mod pace;
 mod pusher;
 mod report;
 mod scenarios;
 mod servers;
 mod sys;
+mod ws;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -42,7 +46,7 @@ enum Cmd {
         listen: String,
     },
     /// Run scenarios and write results (normally called by bench/run).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Rewrite BENCHMARKS.md and the charts from a raw results file.
     Report {
         results: PathBuf,
@@ -127,7 +131,7 @@ fn main() -> std::process::ExitCode {
                 std::process::ExitCode::FAILURE
             }
         },
-        Cmd::Run(args) => run(args),
+        Cmd::Run(args) => run(*args),
     }
 }
 

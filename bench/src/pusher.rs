@@ -6,12 +6,11 @@ use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use futures_util::{SinkExt, StreamExt};
 use md5::{Digest, Md5};
 use tokio::net::TcpSocket;
-use tokio_tungstenite::tungstenite::Message;
 
 use crate::hist::Hist;
+use crate::ws::{Msg, WsConn};
 
 #[derive(Clone, Debug)]
 pub struct App {
@@ -44,36 +43,47 @@ pub fn signature(secret: &str, method: &str, path: &str, sorted_query: &str) -> 
     hex::encode(ring::hmac::sign(&key, format!("{method}\n{path}\n{sorted_query}").as_bytes()).as_ref())
 }
 
-pub fn ws_url(addr: SocketAddr, key: &str) -> String {
-    format!("ws://{addr}/app/{key}?protocol=7&client=weir-bench&version=0.1")
+fn ws_path(key: &str) -> String {
+    format!("/app/{key}?protocol=7&client=weir-bench&version=0.1")
 }
 
-type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
+/// True if `needle` occurs in `hay`.
+fn has(hay: &[u8], needle: &str) -> bool {
+    memchr::memmem::find(hay, needle.as_bytes()).is_some()
+}
+
+/// Reads text messages until one contains `want` (`Ok`), a `pusher:error` (`Err`), the end of
+/// the stream or `deadline`.
+async fn wait_for(ws: &mut WsConn, want: &str, deadline: tokio::time::Instant) -> Result<(), String> {
+    loop {
+        let msg = tokio::time::timeout_at(deadline, ws.next())
+            .await
+            .map_err(|_| format!("no {want} within the deadline"))?;
+        match msg {
+            Ok(Some(Msg::Text(t))) if has(t, want) => return Ok(()),
+            Ok(Some(Msg::Text(t))) if has(t, "pusher:error") => return Err(format!("server: {}", String::from_utf8_lossy(t))),
+            Ok(Some(_)) => continue,
+            Ok(None) => return Err(format!("closed before {want}")),
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+}
 
 /// Connects from `src` (a loopback address) and waits for `pusher:connection_established`.
-pub async fn connect(addr: SocketAddr, src: Option<IpAddr>, key: &str) -> Result<Ws, String> {
+pub async fn connect(addr: SocketAddr, src: Option<IpAddr>, key: &str) -> Result<WsConn, String> {
     let sock = TcpSocket::new_v4().map_err(|e| e.to_string())?;
     if let Some(ip) = src {
         sock.bind(SocketAddr::new(ip, 0)).map_err(|e| format!("bind {ip}: {e}"))?;
     }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let stream = sock.connect(addr).await.map_err(|e| format!("connect: {e}"))?;
     let _ = stream.set_nodelay(true);
-    let (mut ws, _) = tokio_tungstenite::client_async(ws_url(addr, key), stream)
+    let mut ws = tokio::time::timeout_at(deadline, WsConn::handshake(stream, &addr.to_string(), &ws_path(key)))
         .await
+        .map_err(|_| "no upgrade within 10 s".to_string())?
         .map_err(|e| format!("handshake: {e}"))?;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let msg = tokio::time::timeout_at(deadline, ws.next())
-            .await
-            .map_err(|_| "no connection_established within 10 s".to_string())?;
-        match msg {
-            Some(Ok(Message::Text(t))) if t.contains("pusher:connection_established") => return Ok(ws),
-            Some(Ok(Message::Text(t))) if t.contains("pusher:error") => return Err(format!("server: {t}")),
-            Some(Ok(_)) => continue,
-            Some(Err(e)) => return Err(e.to_string()),
-            None => return Err("closed before connection_established".into()),
-        }
-    }
+    wait_for(&mut ws, "pusher:connection_established", deadline).await?;
+    Ok(ws)
 }
 
 /// Shared by all subscribers of one fan-out run (single-threaded runtime).
@@ -90,43 +100,52 @@ pub struct FanoutState {
 
 pub type Shared = Rc<RefCell<FanoutState>>;
 
-/// Subscribes `ws` to `channel`, waits for success, then reads events until closed or `stop`.
-pub async fn subscribe(mut ws: Ws, channel: &str) -> Result<Ws, String> {
+/// Subscribes `ws` to `channel` and waits for `pusher_internal:subscription_succeeded`.
+pub async fn subscribe(mut ws: WsConn, channel: &str) -> Result<WsConn, String> {
     let sub = serde_json::json!({"event": "pusher:subscribe", "data": {"channel": channel}}).to_string();
-    ws.send(Message::Text(sub.into())).await.map_err(|e| e.to_string())?;
+    ws.send_text(&sub).await.map_err(|e| e.to_string())?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    loop {
-        let msg = tokio::time::timeout_at(deadline, ws.next())
-            .await
-            .map_err(|_| "no subscription_succeeded within 15 s".to_string())?;
-        match msg {
-            Some(Ok(Message::Text(t))) if t.contains("subscription_succeeded") => return Ok(ws),
-            Some(Ok(Message::Text(t))) if t.contains("pusher:error") => return Err(format!("server: {t}")),
-            Some(Ok(_)) => continue,
-            Some(Err(e)) => return Err(e.to_string()),
-            None => return Err("closed before subscription_succeeded".into()),
-        }
-    }
+    wait_for(&mut ws, "subscription_succeeded", deadline).await?;
+    Ok(ws)
 }
 
-fn field(t: &str, name: &str) -> Option<u64> {
-    let at = t.find(name)? + name.len();
-    let digits: &str = &t[at..];
-    let end = digits.find(|c: char| !c.is_ascii_digit()).unwrap_or(digits.len());
-    digits[..end].parse().ok()
+/// The decimal number right after the first `{name}=` in `t` (what `t.find("t=")` then
+/// `parse::<u64>()` would give), found with one `memchr` pass instead of a JSON parse: the
+/// payload is `t=NANOS i=EVENT xxx…`, quoted inside the Pusher message.
+fn field(t: &[u8], name: u8) -> Option<u64> {
+    let mut from = 0;
+    let at = loop {
+        let eq = from + memchr::memchr(b'=', &t[from..])?;
+        if eq > 0 && t[eq - 1] == name {
+            break eq + 1;
+        }
+        from = eq + 1;
+    };
+    let digits = t[at..].iter().take_while(|c| c.is_ascii_digit());
+    let mut v: u64 = 0;
+    let mut any = false;
+    for c in digits {
+        v = v.checked_mul(10)?.checked_add(u64::from(c - b'0'))?;
+        any = true;
+    }
+    any.then_some(v)
 }
 
 /// Reads events and records their latency until the socket closes or `stop` fires.
-pub async fn receive(mut ws: Ws, state: Shared, stop: Rc<tokio::sync::Notify>) {
+pub async fn receive(mut ws: WsConn, state: Shared, stop: Rc<tokio::sync::Notify>) {
+    // Registered once: a fresh `notified()` per message took and released the Notify's lock twice.
+    let stopped = stop.notified();
+    tokio::pin!(stopped);
     loop {
         let msg = tokio::select! {
+            biased;
             m = ws.next() => m,
-            _ = stop.notified() => break,
+            _ = &mut stopped => break,
         };
         match msg {
-            Some(Ok(Message::Text(t))) => {
+            Ok(Some(Msg::Text(t))) => {
                 let now = Instant::now();
-                if let (Some(ts), Some(i)) = (field(&t, "t="), field(&t, "i=")) {
+                if let (Some(ts), Some(i)) = (field(t, b't'), field(t, b'i')) {
                     let mut s = state.borrow_mut();
                     let lat = (now - s.base).as_nanos() as u64;
                     s.hist.record(lat.saturating_sub(ts));
@@ -138,19 +157,19 @@ pub async fn receive(mut ws: Ws, state: Shared, stop: Rc<tokio::sync::Notify>) {
                             s.complete_events += 1;
                         }
                     }
-                } else if t.contains("pusher:ping") {
-                    let _ = ws.send(Message::Text(r#"{"event":"pusher:pong","data":{}}"#.into())).await;
+                } else if has(t, "pusher:ping") {
+                    let _ = ws.send_text(r#"{"event":"pusher:pong","data":{}}"#).await;
                     state.borrow_mut().pongs += 1;
                 }
             }
-            Some(Ok(Message::Close(_))) | None | Some(Err(_)) => {
+            Ok(Some(Msg::Binary)) => {}
+            Ok(None) | Err(_) => {
                 state.borrow_mut().closed += 1;
-                break;
+                return;
             }
-            Some(Ok(_)) => {}
         }
     }
-    let _ = ws.close(None).await;
+    ws.close().await;
 }
 
 /// `weir-bench ws-hold`: opens `count` idle connections from `src`, prints `ready OK FAILED`,
@@ -220,7 +239,9 @@ mod tests {
     #[test]
     fn fields_parse_from_a_frame() {
         let frame = r#"{"event":"bench","channel":"c","data":"t=12345 i=7 xxxx"}"#;
-        assert_eq!(field(frame, "t="), Some(12345));
-        assert_eq!(field(frame, "i="), Some(7));
+        assert_eq!(field(frame.as_bytes(), b't'), Some(12345));
+        assert_eq!(field(frame.as_bytes(), b'i'), Some(7));
+        assert_eq!(field(br#"{"a=1","data":"t= i=2"}"#, b't'), None);
+        assert_eq!(field(b"t=99999999999999999999", b't'), None);
     }
 }

@@ -143,12 +143,20 @@ fn http_row(rows: &mut Vec<Row>, res: &Value, name: &str, goal_ratio: f64) {
             verdict: verdict(p.map(|x| x < 2.0)),
         });
     }
-    if let Some(c) = f(&w["client_cpu_share"]) {
-        rows.last_mut().map(|r| r.figure.push_str(&format!(" (client CPU {:.0} %)", c * 100.0)));
+    // The CPU of the run the last row reports (for verify: the open loop at half load).
+    let last = if name == "verify" { &w["half_load"] } else { w };
+    if let Some(c) = f(&last["client_cpu_share"]) {
+        if let Some(r) = rows.last_mut() {
+            r.figure.push_str(&format!(" (client CPU {:.0} %", c * 100.0));
+            if let Some(l) = f(&last["pacer_lateness"]["p99_ms"]) {
+                r.figure.push_str(&format!(", sends released ≤ {l:.3} ms late at p99"));
+            }
+            r.figure.push(')');
+        }
     }
 }
 
-fn best_peer<'a>(m: &'a Value, key: &str, higher_better: bool) -> (Option<f64>, String) {
+fn best_peer(m: &Value, key: &str, higher_better: bool) -> (Option<f64>, String) {
     let mut best: Option<(f64, &str)> = None;
     for p in ["sockudo", "soketi"] {
         if let Some(x) = m[p][key].as_f64() {
@@ -331,9 +339,16 @@ fn rows(res: &Value) -> Vec<Row> {
         let g = f(&o["ok_per_sec"]);
         let cap = f(&o["capacity_per_sec"]);
         let (r, rv) = ratio(g, cap);
+        let mut client = String::new();
+        if let Some(c) = f(&o["client_cpu_share"]) {
+            client.push_str(&format!("; client CPU {:.0} %", c * 100.0));
+        }
+        if let Some(l) = f(&o["pacer_lateness"]["p99_ms"]) {
+            client.push_str(&format!(", sends released ≤ {l:.3} ms late at p99"));
+        }
         rows.push(Row {
             scenario: "overload".into(),
-            figure: format!("goodput at 3× capacity ({} conns)", o["connections"]),
+            figure: format!("goodput at 3× capacity ({} conns{client})", o["connections"]),
             weir: cell(g, " req/s", &nm(o)),
             baseline: cell(cap, " req/s (peak)", &None),
             ratio: r,

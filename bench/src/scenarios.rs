@@ -593,9 +593,11 @@ async fn fanout_one(server: &Server, app: &App, n: usize, window: usize, duratio
                 match conn.send_timeout(&req, true, Duration::from_secs(5)).await {
                     Ok(r) if (200..300).contains(&r.status) => *published.borrow_mut() += 1,
                     Ok(r) => {
-                        let mut e = errs.borrow_mut();
-                        if e.len() < 3 {
-                            e.push(format!("HTTP {} {}", r.status, String::from_utf8_lossy(&r.body)));
+                        {
+                            let mut e = errs.borrow_mut();
+                            if e.len() < 3 {
+                                e.push(format!("HTTP {} {}", r.status, String::from_utf8_lossy(&r.body)));
+                            }
                         }
                         state.borrow_mut().per_event[i] = u32::MAX / 2; // never counted complete
                         tokio::time::sleep(Duration::from_millis(10)).await;
