@@ -782,10 +782,10 @@ async fn connections_one(ctx: &Ctx, server: &Server, app: &App, n: usize) -> Val
     let quick = ctx.params.idle_conns < 1_000;
     tokio::time::sleep(Duration::from_millis(if quick { 300 } else { 1_000 })).await;
     let rss1 = server.rss().unwrap_or(0);
-    let cpu0 = crate::sys::proc_cpu(server.pid);
+    let cpu0 = crate::sys::proc_cpu_precise(server.pid);
     let idle_window = Duration::from_millis(if quick { 500 } else { 2_000 });
     tokio::time::sleep(idle_window).await;
-    let idle_cpu = cpu0.and_then(|c0| crate::sys::proc_cpu(server.pid).map(|c1| (c1 - c0).as_secs_f64() / idle_window.as_secs_f64()));
+    let idle_cpu = cpu0.and_then(|c0| crate::sys::proc_cpu_precise(server.pid).map(|c1| (c1 - c0).as_secs_f64() / idle_window.as_secs_f64()));
     for mut c in children {
         drop(c.stdin.take());
         let _ = c.wait();
@@ -904,10 +904,10 @@ pub async fn startup(ctx: &mut Ctx) -> Value {
         let ready = wait_ready(server.addr, Duration::from_secs(10)).await;
         tokio::time::sleep(Duration::from_secs(1)).await;
         let rss = server.rss();
-        let c0 = crate::sys::proc_cpu(server.pid);
+        let c0 = crate::sys::proc_cpu_precise(server.pid);
         let w = ctx.params.idle_cpu_window;
         tokio::time::sleep(w).await;
-        let idle = c0.and_then(|c0| crate::sys::proc_cpu(server.pid).map(|c1| (c1 - c0).as_secs_f64() / w.as_secs_f64()));
+        let idle = c0.and_then(|c0| crate::sys::proc_cpu_precise(server.pid).map(|c1| (c1 - c0).as_secs_f64() / w.as_secs_f64()));
         runs.push(json!({
             "listening_ms": round(server.ready_after.as_secs_f64() * 1e3, 2),
             "ready_ms": ready.map(|d| round((server.ready_after + d).as_secs_f64() * 1e3, 2)),
