@@ -101,6 +101,8 @@ impl Server {
         clock: Arc<dyn Clock>,
         shutdown: CancellationToken,
     ) -> Result<Server, RunError> {
+        // First: metric handles resolved before the recorder exists would count into nothing.
+        let metrics = ops::metrics::handle();
         let mut config = config;
         let listener = TcpListener::bind(config.listen)
             .await
@@ -124,7 +126,7 @@ impl Server {
             realtime,
             rooms,
             admin_key: Arc::new(secrets.admin_key),
-            metrics: ops::metrics::handle(),
+            metrics,
             shutdown,
         });
         Ok(Server { listener, state, generated_admin_key })

@@ -39,6 +39,22 @@ fn token_from(headers: &HeaderMap) -> Option<String> {
     })
 }
 
+/// `weir_forward_auth_total` by result, resolved once: this is a per-request path.
+fn outcome_counter(allowed: bool) -> &'static metrics::Counter {
+    static COUNTERS: std::sync::OnceLock<[metrics::Counter; 2]> = std::sync::OnceLock::new();
+    let [allowed_c, refused_c] = COUNTERS.get_or_init(|| {
+        [
+            metrics::counter!("weir_forward_auth_total", "result" => "allowed"),
+            metrics::counter!("weir_forward_auth_total", "result" => "refused"),
+        ]
+    });
+    if allowed {
+        allowed_c
+    } else {
+        refused_c
+    }
+}
+
 pub async fn check(
     State(state): State<AppState>,
     Path(room): Path<String>,
@@ -61,7 +77,7 @@ pub async fn check(
     };
     match outcome {
         Ok(claims) => {
-            metrics::counter!("weir_forward_auth_total", "result" => "allowed").increment(1);
+            outcome_counter(true).increment(1);
             let mut r = StatusCode::NO_CONTENT.into_response();
             if let Ok(v) = HeaderValue::from_str(&claims.sub) {
                 r.headers_mut().insert("x-weir-visitor", v);
@@ -70,7 +86,7 @@ pub async fn check(
             r
         }
         Err(message) => {
-            metrics::counter!("weir_forward_auth_total", "result" => "refused").increment(1);
+            outcome_counter(false).increment(1);
             if redirect && crate::room::model::validate_room_id(&room).is_ok() {
                 let location = format!("{}/r/{room}", state.rooms.public_url);
                 let mut r = StatusCode::FOUND.into_response();

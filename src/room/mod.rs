@@ -75,6 +75,8 @@ pub struct Room {
     pub(crate) per_ip: PerIpLimiter,
     admitted_window: Mutex<MinuteWindow>,
     entries_window: Mutex<MinuteWindow>,
+    /// `weir_room_entries_total` for this room, resolved once (entry is the hottest path).
+    entries_total: metrics::Counter,
 }
 
 /// Live statistics reported by the admin API, the CLI and metrics.
@@ -105,6 +107,7 @@ impl Room {
     fn new(spec: RoomSpec, engine: Engine) -> Self {
         let adaptive = spec.adaptive.as_ref().map(|a| Controller::new(spec.rate_per_minute, a));
         Room {
+            entries_total: metrics::counter!("weir_room_entries_total", "room" => spec.id.clone()),
             id: spec.id.clone(),
             spec: RwLock::new(Arc::new(spec)),
             engine: Mutex::new(engine),
@@ -324,7 +327,7 @@ impl Rooms {
         let ticket = self.store.issue_ticket(&room.id, TicketEntry { visitor: id, entered_at_ms: now }).await?;
         room.engine.lock().on_entry(ticket, now);
         room.entries_window.lock().add(now.div_euclid(1000), 1);
-        metrics::counter!("weir_room_entries_total", "room" => room.id.clone()).increment(1);
+        room.entries_total.increment(1);
         Ok(VisitorCookie { generation: room.spec().created_at_ms, ticket, visitor, deep_link })
     }
 
