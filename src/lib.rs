@@ -7,7 +7,8 @@
 //!
 //! - [`config`]: one `Config` from defaults, file, `WEIR_*` env and flags; validated at startup.
 //! - [`error`]: `ApiError`, the single JSON error shape, and extractors that keep it.
-//! - [`store`]: the `Store` trait, the only door to durable state; `store::redb` embeds it.
+//! - [`store`]: the `Store` trait, the only door to durable state; `store::redb` embeds it
+//!   (documents and counters in redb, tickets in append-only per-room journals).
 //! - [`secrets`]: admin key and cookie key, generated on first start and persisted.
 //! - [`room`]: rooms, the durable queue, the admission driver, visitor cookies, tokens;
 //!   `room::policy` holds the admission engine (ranks, skips, sessions, pre-queue shuffle),
@@ -20,15 +21,18 @@
 //!   subscribes to `room-{id}` on the internal app and computes its position locally.
 //! - [`realtime`]: the Pusher-protocol server (apps, WebSocket, channels, HTTP API, webhooks).
 //! - [`admin`]: the `/api/v1` admin API (bearer admin key) and the `weir` CLI that drives it.
-//! - [`limits`]: load shedding, timeouts, body limits; [`ops`]: metrics, health, shutdown.
+//! - [`limits`]: load shedding (an in-flight bound per route group, refusing with a
+//!   pre-serialized 503), timeouts, body limits; [`ops`]: metrics, health, shutdown.
 //! - [`http`]: `AppState` and the router, where every layer's order is decided.
 //!
 //! ## Data flow of a visitor
 //!
 //! 1. `GET /r/{room}` → `room::visitor` reads the signed visitor cookie. Without a valid one it
-//!    asks `store::issue_ticket` for the next ticket; the store's writer thread group-commits
-//!    tickets (one fsync for many visitors) and only then does the response leave, with a signed
-//!    HttpOnly cookie `{room, ticket, visitor}`.
+//!    asks `store::issue_ticket` for the next ticket; the store's writer thread appends tickets
+//!    to the room's journal (`store::ticket_log`) and group-commits them (one `fdatasync` for
+//!    many visitors); only then does the response leave, with a signed HttpOnly cookie
+//!    `{room, ticket, visitor}` and the waiting page, filled into a skeleton pre-rendered once
+//!    per room, language and page (`web::pages`).
 //! 2. `room::driver` ticks every 100 ms: each open room's engine plans a step — slots from
 //!    `rate × elapsed` (fractions carried over), limited by the active-user cap; returners
 //!    first, then ranks in order, skipping visitors unseen for `abandon_after_seconds`. All
