@@ -55,7 +55,9 @@ pub enum LogFormat {
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
     /// `WEIR_LIMITS_MAX_IN_FLIGHT`: concurrent requests per route group before new ones are shed
-    /// with 503. Sized so a 2-core box stays responsive while keeping every core busy.
+    /// with 503 (and the refused connection is not read again for the `Retry-After` second,
+    /// `limits::backoff`). 256 keeps queueing inside the server to a few milliseconds on a
+    /// small box while leaving group commit large batches.
     pub max_in_flight: usize,
     /// `WEIR_LIMITS_REQUEST_TIMEOUT_MS`: a request that takes longer is answered 503.
     pub request_timeout_ms: u64,
@@ -68,10 +70,10 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Self {
-            max_in_flight: 1024,
+            max_in_flight: 256,
             request_timeout_ms: 10_000,
             admin_body_bytes: 64 * 1024,
-            max_connections: 19_000,
+            max_connections: 19_500,
         }
     }
 }

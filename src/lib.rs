@@ -149,8 +149,10 @@ impl Server {
         let grace = Duration::from_secs(state.config.shutdown_grace_seconds);
         let store = state.store.clone();
         let realtime = state.realtime.clone();
+        let max_connections = state.config.limits.max_connections;
         let app = http::router(state);
-        let serve = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
+        let listener = limits::backoff::Listener::new(listener, max_connections);
+        let serve = axum::serve(listener, limits::backoff::PerConnection(app))
             .with_graceful_shutdown(shutdown.clone().cancelled_owned());
         let deadline = async {
             shutdown.cancelled().await;

@@ -24,7 +24,11 @@ use axum::Router;
 use bytes::Bytes;
 use tower::{Layer, Service};
 
+use super::backoff::Backoff;
 use crate::error::ApiError;
+
+/// What a refusal asks the client to wait (and holds its connection to, see `backoff`).
+const RETRY_AFTER: Duration = Duration::from_secs(1);
 
 /// Wraps every route of `router` in one shared in-flight bound and a timeout.
 pub fn bounded<S: Clone + Send + Sync + 'static>(
@@ -103,6 +107,10 @@ where
         if bound.in_flight.fetch_add(1, Ordering::AcqRel) >= bound.max_in_flight {
             bound.in_flight.fetch_sub(1, Ordering::AcqRel);
             bound.shed.increment(1);
+            // The answer says "retry in a second"; the connection is held to it.
+            if let Some(backoff) = request.extensions().get::<Backoff>() {
+                backoff.hold_for(RETRY_AFTER);
+            }
             return BoundFuture::Refused { response: Some(at_capacity()) };
         }
         let slot = Slot(bound.clone());

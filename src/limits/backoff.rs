@@ -1,0 +1,217 @@
+//! Refusal that sticks: a connection that was answered 503 + `Retry-After` is not read again
+//! until that time has passed.
+//!
+//! Under overload an HTTP refusal still costs a parse and a response — a good part of what
+//! serving costs once serving is cheap — and a client that ignores `Retry-After` and asks again
+//! at once would have the server spend its core saying no. Not reading the refused connection
+//! for the `Retry-After` period leaves the client's next request waiting in the kernel's socket
+//! buffer, at no cost to anyone, so refusals stay a small share of the work however impatient
+//! the clients are. Other connections are unaffected.
+//!
+//! [`Listener`] wraps every accepted socket in [`Throttled`]; [`PerConnection`] hands each
+//! request its connection's [`Backoff`] (and the peer address as `ConnectInfo`), which the
+//! shed layer sets when it refuses.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::extract::{ConnectInfo, Request};
+use axum::response::Response;
+use axum::serve::IncomingStream;
+use axum::Router;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::{Instant, Sleep};
+use tower::Service;
+
+/// Process-wide origin for the compact timestamps below.
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+/// When a connection may be read again (milliseconds since [`epoch`]; 0 = now).
+#[derive(Clone, Default)]
+pub struct Backoff(Arc<AtomicU64>);
+
+impl Backoff {
+    /// Don't read this connection for `period`.
+    pub fn hold_for(&self, period: Duration) {
+        let until = (Instant::now() + period).duration_since(epoch()).as_millis() as u64;
+        self.0.fetch_max(until, Ordering::Relaxed);
+    }
+
+    fn until(&self) -> Option<Instant> {
+        match self.0.load(Ordering::Relaxed) {
+            0 => None,
+            ms => Some(epoch() + Duration::from_millis(ms)),
+        }
+    }
+}
+
+/// A TCP listener whose connections honour their [`Backoff`], with at most `max_connections`
+/// open at once: beyond that, new connections wait in the kernel's accept queue.
+pub struct Listener {
+    listener: TcpListener,
+    slots: Arc<Semaphore>,
+}
+
+impl Listener {
+    pub fn new(listener: TcpListener, max_connections: usize) -> Self {
+        metrics::gauge!("weir_connections_limit").set(max_connections as f64);
+        Self { listener, slots: Arc::new(Semaphore::new(max_connections.max(1))) }
+    }
+}
+
+impl axum::serve::Listener for Listener {
+    type Io = Throttled;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Throttled, SocketAddr) {
+        let Ok(slot) = self.slots.clone().acquire_owned().await else {
+            // The semaphore is never closed; should it be, accepting stops for good.
+            return std::future::pending().await;
+        };
+        loop {
+            match self.listener.accept().await {
+                Ok((stream, addr)) => {
+                    // Small responses must not wait for Nagle's algorithm.
+                    let _ = stream.set_nodelay(true);
+                    return (Throttled { stream, backoff: Backoff::default(), sleep: None, _slot: slot }, addr);
+                }
+                Err(e) => {
+                    // Out of file descriptors and the like: wait instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+}
+
+/// A socket that yields no reads while its connection is held back.
+pub struct Throttled {
+    stream: TcpStream,
+    backoff: Backoff,
+    /// Only exists while a hold is being waited out.
+    sleep: Option<Pin<Box<Sleep>>>,
+    /// This connection's place under `max_connections`, released when it closes.
+    _slot: OwnedSemaphorePermit,
+}
+
+impl AsyncRead for Throttled {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        if let Some(until) = self.backoff.until() {
+            if Instant::now() < until {
+                let sleep = self.sleep.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(until)));
+                if sleep.deadline() != until {
+                    sleep.as_mut().reset(until);
+                }
+                if sleep.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+            }
+            self.sleep = None;
+        }
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Throttled {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(mut self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+/// Makes each connection's service: the router, with the connection's peer address and
+/// [`Backoff`] in every request's extensions.
+#[derive(Clone)]
+pub struct PerConnection(pub Router);
+
+impl Service<IncomingStream<'_, Listener>> for PerConnection {
+    type Response = WithConnection;
+    type Error = Infallible;
+    type Future = std::future::Ready<Result<WithConnection, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, incoming: IncomingStream<'_, Listener>) -> Self::Future {
+        let connection = WithConnection { router: self.0.clone(), peer: *incoming.remote_addr(), backoff: incoming.io().backoff.clone() };
+        std::future::ready(Ok(connection))
+    }
+}
+
+#[derive(Clone)]
+pub struct WithConnection {
+    router: Router,
+    peer: SocketAddr,
+    backoff: Backoff,
+}
+
+impl Service<Request> for WithConnection {
+    type Response = Response;
+    type Error = Infallible;
+    type Future = axum::routing::future::RouteFuture<Infallible>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, mut request: Request) -> Self::Future {
+        request.extensions_mut().insert(ConnectInfo(self.peer));
+        request.extensions_mut().insert(self.backoff.clone());
+        self.router.call(request)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test(start_paused = true)]
+    async fn a_held_connection_is_not_read_until_its_time() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut listener = Listener::new(listener, 1);
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        let (mut server, _) = axum::serve::Listener::accept(&mut listener).await;
+        let _second = TcpStream::connect(addr).await.unwrap();
+        let waiting = tokio::time::timeout(Duration::from_secs(5), axum::serve::Listener::accept(&mut listener)).await;
+        assert!(waiting.is_err(), "a second connection was accepted over max_connections = 1");
+        server.backoff.hold_for(Duration::from_secs(1));
+        client.write_all(b"ping").await.unwrap();
+        let mut buf = [0u8; 4];
+        let early = tokio::time::timeout(Duration::from_millis(900), server.read_exact(&mut buf)).await;
+        assert!(early.is_err(), "read during the hold");
+        let late = tokio::time::timeout(Duration::from_millis(200), server.read_exact(&mut buf)).await;
+        assert!(late.is_ok(), "not read after the hold");
+        assert_eq!(&buf, b"ping");
+    }
+}
