@@ -1,25 +1,33 @@
 //! One WebSocket connection at `/app/{key}?protocol=7`: checks the app and protocol version,
-//! announces the socket id, then runs a reader (this task) and a writer (a spawned task that owns
-//! the socket's sink and drains the connection's bounded queue, coalescing frames per flush).
+//! announces the socket id, then runs one task that both reads the socket and writes the
+//! connection's bounded outbox to it, coalescing queued frames per flush.
 //!
-//! The reader enforces the activity timeout (ping, then close 4201 without a pong), the sign-in
+//! One task instead of a reader and a writer halves what an idle connection costs (a task, a
+//! split socket's shared lock); the outbox is a `VecDeque` behind a mutex that grows only with
+//! what is queued, where an mpsc channel allocates 32 slots up front. Writing never blocks
+//! reading: the task polls both, so a client that stops reading still gets its pings answered
+//! until its outbox overflows.
+//!
+//! The task enforces the activity timeout (ping, then close 4201 without a pong), the sign-in
 //! deadline and per-connection limits, and turns client messages into calls on the `tenant`.
 //! Any part may close the connection through [`Conn::close`], which records the code once and
-//! wakes both halves; the writer then sends `pusher:error` and a close frame with that code.
+//! wakes the task; it then sends `pusher:error` and a close frame with that code.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::future::{poll_fn, Future};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, RawQuery, State};
 use axum::response::{IntoResponse, Response};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::task::AtomicWaker;
+use futures_util::{Sink, StreamExt};
 use parking_lot::Mutex;
 use serde_json::{json, Value};
-use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 use super::protocol::{self, code, ChannelKind, ChannelType, Incoming};
 use super::signature;
@@ -39,42 +47,83 @@ const ENVELOPE_SLACK: usize = 2048;
 pub struct Conn {
     pub id: u64,
     pub socket_id: String,
-    tx: mpsc::Sender<Utf8Bytes>,
-    kill: CancellationToken,
-    close_reason: Mutex<Option<(u16, String)>>,
+    outbox: Mutex<Outbox>,
+    /// The connection's task, woken when the outbox gets its first frame or the connection closes.
+    waker: AtomicWaker,
     slow: metrics::Counter,
 }
 
+struct Outbox {
+    frames: VecDeque<Utf8Bytes>,
+    /// Frames the outbox may hold (the app's `outbound_queue_frames`).
+    limit: usize,
+    /// The close code and reason; the first close wins.
+    closed: Option<(u16, String)>,
+}
+
+impl Outbox {
+    fn close(&mut self, code: u16, reason: &str) -> bool {
+        if self.closed.is_some() {
+            return false;
+        }
+        self.closed = Some((code, reason.to_string()));
+        // Nothing queued is written after a close: free it now rather than with the task.
+        self.frames = VecDeque::new();
+        true
+    }
+}
+
 impl Conn {
+    fn new(id: u64, socket_id: String, limit: usize, slow: metrics::Counter) -> Self {
+        Self {
+            id,
+            socket_id,
+            outbox: Mutex::new(Outbox { frames: VecDeque::new(), limit, closed: None }),
+            waker: AtomicWaker::new(),
+            slow,
+        }
+    }
+
     /// Queues a frame without waiting. A full queue means the client cannot keep up: it is
     /// closed with 4200 (reconnect) and counted. Returns whether the frame was queued.
     pub fn send(&self, frame: &Utf8Bytes) -> bool {
-        match self.tx.try_send(frame.clone()) {
-            Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                if self.close(code::RECONNECT, "slow consumer: too many undelivered messages") {
-                    self.slow.increment(1);
-                }
-                false
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        let mut outbox = self.outbox.lock();
+        if outbox.closed.is_some() {
+            return false;
         }
+        if outbox.frames.len() >= outbox.limit {
+            outbox.close(code::RECONNECT, "slow consumer: too many undelivered messages");
+            drop(outbox);
+            self.slow.increment(1);
+            self.waker.wake();
+            return false;
+        }
+        let was_empty = outbox.frames.is_empty();
+        outbox.frames.push_back(frame.clone());
+        drop(outbox);
+        // The task writes until the outbox is empty or the socket blocks (and the socket wakes
+        // it), so only a frame into an empty outbox needs a wake-up.
+        if was_empty {
+            self.waker.wake();
+        }
+        true
     }
 
     /// Closes the connection with `code`; the first reason wins. Returns whether this call closed it.
     pub fn close(&self, code: u16, reason: &str) -> bool {
-        let mut slot = self.close_reason.lock();
-        if slot.is_some() {
-            return false;
+        let closed = self.outbox.lock().close(code, reason);
+        if closed {
+            self.waker.wake();
         }
-        *slot = Some((code, reason.to_string()));
-        drop(slot);
-        self.kill.cancel();
-        true
+        closed
     }
 
     pub fn is_closed(&self) -> bool {
-        self.kill.is_cancelled()
+        self.outbox.lock().closed.is_some()
+    }
+
+    fn pop(&self) -> Option<Utf8Bytes> {
+        self.outbox.lock().frames.pop_front()
     }
 }
 
@@ -110,7 +159,8 @@ pub async fn ws_handler(
         .on_upgrade(move |socket| async move {
             match admit(&rt, tenant, protocol.as_deref()) {
                 Ok(tenant) => run(socket, rt, tenant).await,
-                Err((code, message)) => refuse(socket, code, &message).await,
+                // Boxed: a refusal's state would otherwise enlarge every connection's task.
+                Err((code, message)) => Box::pin(refuse(socket, code, &message)).await,
             }
         })
 }
@@ -155,26 +205,17 @@ fn close_reason(message: &str) -> Utf8Bytes {
     Utf8Bytes::from(message[..end].to_string())
 }
 
-async fn run(socket: WebSocket, rt: Arc<Realtime>, tenant: Arc<Tenant>) {
+async fn run(mut socket: WebSocket, rt: Arc<Realtime>, tenant: Arc<Tenant>) {
     let spec = tenant.spec();
     let id = rt.next_conn_id();
     let socket_id = format!("{}.{}", rand::random::<u32>() % 1_000_000_000, id);
-    let (tx, rx) = mpsc::channel(spec.outbound_queue_frames);
-    let conn = Arc::new(Conn {
-        id,
-        socket_id,
-        tx,
-        kill: CancellationToken::new(),
-        close_reason: Mutex::new(None),
-        slow: tenant.metrics.slow_consumers.clone(),
-    });
+    let conn = Arc::new(Conn::new(id, socket_id, spec.outbound_queue_frames, tenant.metrics.slow_consumers.clone()));
     if !tenant.add_conn(&conn, spec.max_connections) {
-        refuse(socket, code::OVER_CONNECTION_QUOTA, "Over connection quota").await;
+        Box::pin(refuse(socket, code::OVER_CONNECTION_QUOTA, "Over connection quota")).await;
         return;
     }
-    let (sink, stream) = socket.split();
-    let writer = tokio::spawn(write_loop(sink, rx, conn.clone()));
     conn.send(&protocol::connection_established(&conn.socket_id, spec.activity_timeout_s));
+    drop(spec);
     let mut session = Session {
         tenant: tenant.clone(),
         conn: conn.clone(),
@@ -182,53 +223,54 @@ async fn run(socket: WebSocket, rt: Arc<Realtime>, tenant: Arc<Tenant>) {
         user_id: None,
         client_events: Bucket::new(CLIENT_EVENTS_PER_SECOND),
     };
-    session.read_loop(stream).await;
-    // Whatever ended the session, make sure the writer stops too.
+    session.serve(&mut socket).await;
+    // Whatever ended the session, the connection is closed now (the first reason stays).
     conn.close(1000, "closed");
     tenant.remove_conn(&conn, session.subscribed.into_keys(), session.user_id.as_deref());
-    let _ = writer.await;
+    Box::pin(goodbye(socket, &conn)).await;
 }
 
-async fn write_loop(
-    mut sink: futures_util::stream::SplitSink<WebSocket, Message>,
-    mut rx: mpsc::Receiver<Utf8Bytes>,
-    conn: Arc<Conn>,
-) {
-    loop {
-        let first = tokio::select! {
-            biased;
-            _ = conn.kill.cancelled() => break,
-            f = rx.recv() => match f { Some(f) => f, None => break },
-        };
-        let write = async {
-            sink.feed(Message::Text(first)).await?;
-            // Coalesce: everything already queued goes out with one flush.
-            while let Ok(more) = rx.try_recv() {
-                sink.feed(Message::Text(more)).await?;
-            }
-            sink.flush().await
-        };
-        let ok = tokio::select! {
-            biased;
-            _ = conn.kill.cancelled() => break,
-            r = write => r.is_ok(),
-        };
-        if !ok {
-            conn.close(1006, "write failed");
-            return;
-        }
-    }
-    let reason = conn.close_reason.lock().clone();
+/// Sends the close reason to the client: `pusher:error` for Pusher codes, then a close frame.
+async fn goodbye(mut socket: WebSocket, conn: &Conn) {
+    let reason = conn.outbox.lock().closed.clone();
     // 1006 (abnormal closure) must never be sent on the wire: the socket is already broken.
     if let Some((code, message)) = reason.filter(|(code, _)| *code != 1006) {
         let _ = tokio::time::timeout(CLOSE_GRACE, async {
             if code >= 4000 {
-                sink.send(Message::Text(protocol::error(code, &message))).await?;
+                socket.send(Message::Text(protocol::error(code, &message))).await?;
             }
-            sink.send(Message::Close(Some(CloseFrame { code, reason: close_reason(&message) }))).await
+            socket.send(Message::Close(Some(CloseFrame { code, reason: close_reason(&message) }))).await
         })
         .await;
     }
+}
+
+/// What woke the connection's task.
+enum Event {
+    Closed,
+    Timer,
+    Inbound(Option<Result<Message, axum::Error>>),
+}
+
+/// Moves queued frames into the socket's write buffer until the outbox is empty or the socket
+/// blocks, then flushes them with one write. Pending parts register `cx` and return `Ok`.
+fn poll_write(conn: &Conn, socket: &mut WebSocket, cx: &mut Context<'_>, unflushed: &mut bool) -> Result<(), axum::Error> {
+    loop {
+        match Pin::new(&mut *socket).poll_ready(cx) {
+            Poll::Pending => return Ok(()),
+            Poll::Ready(r) => r?,
+        }
+        let Some(frame) = conn.pop() else { break };
+        Pin::new(&mut *socket).start_send(Message::Text(frame))?;
+        *unflushed = true;
+    }
+    if *unflushed {
+        if let Poll::Ready(r) = Pin::new(&mut *socket).poll_flush(cx) {
+            r?;
+            *unflushed = false;
+        }
+    }
+    Ok(())
 }
 
 struct Session {
@@ -241,35 +283,65 @@ struct Session {
 }
 
 impl Session {
-    async fn read_loop(&mut self, mut stream: futures_util::stream::SplitStream<WebSocket>) {
+    /// The connection's event loop; returns once the connection is closed.
+    async fn serve(&mut self, socket: &mut WebSocket) {
         let spec = self.tenant.spec();
         let activity = Duration::from_secs(spec.activity_timeout_s);
         let pong_wait = Duration::from_secs(spec.pong_timeout_s);
         let signin_deadline = (spec.signin_within_s > 0).then(|| Instant::now() + Duration::from_secs(spec.signin_within_s));
+        drop(spec);
         let mut last_seen = Instant::now();
         let mut ping_sent: Option<Instant> = None;
+        let mut unflushed = false;
+        // One timer for the activity, pong and sign-in deadlines. It is moved only when a deadline
+        // comes earlier (or it fired): a message that pushes the activity deadline later just
+        // lets it fire early once, instead of re-arming it for every message.
+        let sleep = tokio::time::sleep_until(last_seen + activity);
+        tokio::pin!(sleep);
         loop {
             let timer = match ping_sent {
                 Some(at) => at + pong_wait,
                 None => last_seen + activity,
             };
             let signin_due = signin_deadline.filter(|_| self.user_id.is_none());
-            tokio::select! {
-                biased;
-                _ = self.conn.kill.cancelled() => return,
-                _ = tokio::time::sleep_until(timer) => {
-                    if ping_sent.is_some() {
-                        self.conn.close(code::PONG_TIMEOUT, "Pong reply not received");
+            let due = signin_due.map_or(timer, |s| s.min(timer));
+            if sleep.is_elapsed() || due < sleep.deadline() {
+                sleep.as_mut().reset(due);
+            }
+            let conn = &*self.conn;
+            let event = poll_fn(|cx| {
+                conn.waker.register(cx.waker());
+                if conn.is_closed() {
+                    return Poll::Ready(Event::Closed);
+                }
+                if let Err(e) = poll_write(conn, socket, cx, &mut unflushed) {
+                    tracing::debug!(error = %e, "websocket write failed");
+                    conn.close(1006, "write failed");
+                    return Poll::Ready(Event::Closed);
+                }
+                if sleep.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Event::Timer);
+                }
+                socket.poll_next_unpin(cx).map(Event::Inbound)
+            })
+            .await;
+            match event {
+                Event::Closed => return,
+                Event::Timer => {
+                    let now = Instant::now();
+                    if now >= timer {
+                        if ping_sent.is_some() {
+                            self.conn.close(code::PONG_TIMEOUT, "Pong reply not received");
+                            return;
+                        }
+                        self.conn.send(&protocol::ping());
+                        ping_sent = Some(now);
+                    } else if signin_due.is_some_and(|at| now >= at) {
+                        self.conn.close(code::UNAUTHORIZED, "Connection not signed in within the allowed time");
                         return;
                     }
-                    self.conn.send(&protocol::ping());
-                    ping_sent = Some(Instant::now());
                 }
-                _ = sleep_until_opt(signin_due), if signin_due.is_some() => {
-                    self.conn.close(code::UNAUTHORIZED, "Connection not signed in within the allowed time");
-                    return;
-                }
-                msg = stream.next() => {
+                Event::Inbound(msg) => {
                     let Some(Ok(msg)) = msg else {
                         if let Some(Err(e)) = msg {
                             tracing::debug!(error = %e, "websocket read failed");
@@ -485,13 +557,6 @@ impl Session {
             hook["user_id"] = Value::String(u);
         }
         self.tenant.webhook(hook);
-    }
-}
-
-async fn sleep_until_opt(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
     }
 }
 
