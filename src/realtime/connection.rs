@@ -156,13 +156,7 @@ pub async fn ws_handler(
         .read_buffer_size(4 * 1024)
         .write_buffer_size(64 * 1024)
         .max_write_buffer_size(hard_cap + 1024 * 1024)
-        .on_upgrade(move |socket| async move {
-            match admit(&rt, tenant, protocol.as_deref()) {
-                Ok(tenant) => run(socket, rt, tenant).await,
-                // Boxed: a refusal's state would otherwise enlarge every connection's task.
-                Err((code, message)) => Box::pin(refuse(socket, code, &message)).await,
-            }
-        })
+        .on_upgrade(move |socket| run(socket, rt, tenant, protocol))
 }
 
 fn admit(rt: &Realtime, tenant: Option<Arc<Tenant>>, protocol: Option<&str>) -> Result<Arc<Tenant>, (u16, String)> {
@@ -205,29 +199,50 @@ fn close_reason(message: &str) -> Utf8Bytes {
     Utf8Bytes::from(message[..end].to_string())
 }
 
-async fn run(mut socket: WebSocket, rt: Arc<Realtime>, tenant: Arc<Tenant>) {
-    let spec = tenant.spec();
-    let id = rt.next_conn_id();
-    let socket_id = format!("{}.{}", rand::random::<u32>() % 1_000_000_000, id);
-    let conn = Arc::new(Conn::new(id, socket_id, spec.outbound_queue_frames, tenant.metrics.slow_consumers.clone()));
-    if !tenant.add_conn(&conn, spec.max_connections) {
-        Box::pin(refuse(socket, code::OVER_CONNECTION_QUOTA, "Over connection quota")).await;
-        return;
+/// Admits an upgraded socket, then serves it until it closes.
+///
+/// Not an `async fn`, which would keep its arguments in the future twice (as arguments and as
+/// locals): the WebSocket alone is ~370 bytes, held as long as the connection lives. The async
+/// block below uses its captures in place. Rarely taken paths (refusal, goodbye) are boxed so
+/// their state does not enlarge every connection's task.
+#[allow(clippy::manual_async_fn)]
+fn run(
+    mut socket: WebSocket,
+    rt: Arc<Realtime>,
+    tenant: Option<Arc<Tenant>>,
+    protocol: Option<String>,
+) -> impl Future<Output = ()> + Send {
+    async move {
+        let admitted = admit(&rt, tenant, protocol.as_deref());
+        drop(protocol);
+        let tenant = match admitted {
+            Ok(tenant) => tenant,
+            Err((code, message)) => return Box::pin(refuse(socket, code, &message)).await,
+        };
+        let spec = tenant.spec();
+        let id = rt.next_conn_id();
+        drop(rt);
+        let socket_id = format!("{}.{}", rand::random::<u32>() % 1_000_000_000, id);
+        let conn = Arc::new(Conn::new(id, socket_id, spec.outbound_queue_frames, tenant.metrics.slow_consumers.clone()));
+        if !tenant.add_conn(&conn, spec.max_connections) {
+            return Box::pin(refuse(socket, code::OVER_CONNECTION_QUOTA, "Over connection quota")).await;
+        }
+        conn.send(&protocol::connection_established(&conn.socket_id, spec.activity_timeout_s));
+        drop(spec);
+        let mut session = Session {
+            tenant,
+            conn,
+            subscribed: HashMap::new(),
+            user_id: None,
+            client_events: Bucket::new(CLIENT_EVENTS_PER_SECOND),
+        };
+        session.serve(&mut socket).await;
+        let Session { tenant, conn, subscribed, user_id, .. } = session;
+        // Whatever ended the session, the connection is closed now (the first reason stays).
+        conn.close(1000, "closed");
+        tenant.remove_conn(&conn, subscribed.into_keys(), user_id.as_deref());
+        Box::pin(goodbye(socket, &conn)).await;
     }
-    conn.send(&protocol::connection_established(&conn.socket_id, spec.activity_timeout_s));
-    drop(spec);
-    let mut session = Session {
-        tenant: tenant.clone(),
-        conn: conn.clone(),
-        subscribed: HashMap::new(),
-        user_id: None,
-        client_events: Bucket::new(CLIENT_EVENTS_PER_SECOND),
-    };
-    session.serve(&mut socket).await;
-    // Whatever ended the session, the connection is closed now (the first reason stays).
-    conn.close(1000, "closed");
-    tenant.remove_conn(&conn, session.subscribed.into_keys(), session.user_id.as_deref());
-    Box::pin(goodbye(socket, &conn)).await;
 }
 
 /// Sends the close reason to the client: `pusher:error` for Pusher codes, then a close frame.
