@@ -150,10 +150,12 @@ pub async fn ws_handler(
     let hard_cap = max_bytes.saturating_mul(2) + 16 * 1024;
     ws.max_message_size(hard_cap)
         .max_frame_size(hard_cap)
-        // tungstenite's default read buffer is 128 KiB per connection, touched at once: 137 KB of
-        // RSS per idle connection in `bench/run connections`; 4 KiB brings it to ~10 KB. Larger
-        // messages still arrive whole (frames are assembled outside this buffer).
-        .read_buffer_size(4 * 1024)
+        // tungstenite allocates the read buffer up front for every connection and reads at most
+        // this much per read call. Its default, 128 KiB, cost 137 KB of RSS per idle connection in
+        // `bench/run connections`. Client messages are small (a subscribe is ~100 bytes) and rare,
+        // so 256 bytes reads nearly all of them at once; a larger one takes several reads and
+        // still arrives whole (the buffer grows to the frame's size).
+        .read_buffer_size(256)
         .write_buffer_size(64 * 1024)
         .max_write_buffer_size(hard_cap + 1024 * 1024)
         .on_upgrade(move |socket| run(socket, rt, tenant, protocol))
