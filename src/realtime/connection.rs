@@ -16,8 +16,9 @@
 use std::collections::{HashMap, VecDeque};
 use std::future::{poll_fn, Future};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
@@ -50,6 +51,9 @@ pub struct Conn {
     outbox: Mutex<Outbox>,
     /// The connection's task, woken when the outbox gets its first frame or the connection closes.
     waker: AtomicWaker,
+    /// Set when the socket may have something to read (see the `Wake` impl): the task then polls
+    /// the read side only when woken for it, not on every frame it writes.
+    readable: AtomicBool,
     slow: metrics::Counter,
 }
 
@@ -80,6 +84,7 @@ impl Conn {
             socket_id,
             outbox: Mutex::new(Outbox { frames: VecDeque::new(), limit, closed: None }),
             waker: AtomicWaker::new(),
+            readable: AtomicBool::new(true),
             slow,
         }
     }
@@ -118,12 +123,30 @@ impl Conn {
         closed
     }
 
+    /// The connection id a socket id was made from (`{random}.{id}`, see [`run`]).
+    pub fn id_in(socket_id: &str) -> Option<u64> {
+        socket_id.rsplit_once('.')?.1.parse().ok()
+    }
+
     pub fn is_closed(&self) -> bool {
         self.outbox.lock().closed.is_some()
     }
 
     fn pop(&self) -> Option<Utf8Bytes> {
         self.outbox.lock().frames.pop_front()
+    }
+}
+
+/// The waker the socket's read side is polled with: it marks the socket readable, then wakes the
+/// task. Being the `Conn` itself, it costs no allocation.
+impl Wake for Conn {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.readable.store(true, Ordering::Release);
+        self.waker.wake();
     }
 }
 
@@ -310,6 +333,7 @@ impl Session {
         let mut last_seen = Instant::now();
         let mut ping_sent: Option<Instant> = None;
         let mut unflushed = false;
+        let read_waker = Waker::from(self.conn.clone());
         // One timer for the activity, pong and sign-in deadlines. It is moved only when a deadline
         // comes earlier (or it fired): a message that pushes the activity deadline later just
         // lets it fire early once, instead of re-arming it for every message.
@@ -339,7 +363,14 @@ impl Session {
                 if sleep.as_mut().poll(cx).is_ready() {
                     return Poll::Ready(Event::Timer);
                 }
-                socket.poll_next_unpin(cx).map(Event::Inbound)
+                if conn.readable.swap(false, Ordering::AcqRel) {
+                    if let Poll::Ready(msg) = socket.poll_next_unpin(&mut Context::from_waker(&read_waker)) {
+                        // More may be buffered already, with no wake-up to come for it.
+                        conn.readable.store(true, Ordering::Release);
+                        return Poll::Ready(Event::Inbound(msg));
+                    }
+                }
+                Poll::Pending
             })
             .await;
             match event {
@@ -594,4 +625,16 @@ fn parse_member(channel_data: &str) -> Result<Member, String> {
         _ => return Err("channel_data.user_id must be a non-empty string or a number".into()),
     };
     Ok(Member { user_id, info: v.get("user_info").cloned().unwrap_or(Value::Null) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn socket_ids_carry_the_connection_id() {
+        assert_eq!(Conn::id_in("123456.42"), Some(42));
+        assert_eq!(Conn::id_in("42"), None);
+        assert_eq!(Conn::id_in("1.x"), None);
+    }
 }

@@ -110,7 +110,9 @@ pub struct Tenant {
     /// weir's internal app: not listed or managed through the admin API.
     pub internal: bool,
     channels: Mutex<Channels>,
-    conns: Mutex<HashMap<String, Arc<Conn>>>,
+    /// Keyed by connection id: the socket id contains it, and a `u64` key spares every
+    /// connection a copy of its socket id.
+    conns: Mutex<HashMap<u64, Arc<Conn>>>,
     users: Mutex<HashMap<String, Vec<Arc<Conn>>>>,
     conn_count: AtomicUsize,
     publish_bucket: Mutex<Bucket>,
@@ -163,7 +165,7 @@ impl Tenant {
         if max > 0 && conns.len() >= max as usize {
             return false;
         }
-        conns.insert(conn.socket_id.clone(), conn.clone());
+        conns.insert(conn.id, conn.clone());
         self.conn_count.store(conns.len(), Ordering::Relaxed);
         self.metrics.connections.increment(1.0);
         true
@@ -184,14 +186,15 @@ impl Tenant {
             }
         }
         let mut conns = self.conns.lock();
-        if conns.remove(&conn.socket_id).is_some() {
+        if conns.remove(&conn.id).is_some() {
             self.metrics.connections.decrement(1.0);
         }
         self.conn_count.store(conns.len(), Ordering::Relaxed);
     }
 
     pub fn conn_id_of(&self, socket_id: &str) -> Option<u64> {
-        self.conns.lock().get(socket_id).map(|c| c.id)
+        let id = Conn::id_in(socket_id)?;
+        self.conns.lock().get(&id).filter(|c| c.socket_id == socket_id).map(|c| c.id)
     }
 
     pub fn sign_in(&self, conn: &Arc<Conn>, user_id: &str) {
