@@ -82,7 +82,9 @@ impl Conn {
         Self {
             id,
             socket_id,
-            outbox: Mutex::new(Outbox { frames: VecDeque::new(), limit, closed: None }),
+            // Room for one frame: an idle connection rarely holds more, and a first push into an
+            // empty `VecDeque` would reserve four (128 bytes). Busier connections grow it once.
+            outbox: Mutex::new(Outbox { frames: VecDeque::with_capacity(1), limit, closed: None }),
             waker: AtomicWaker::new(),
             readable: AtomicBool::new(true),
             slow,
