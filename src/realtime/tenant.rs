@@ -1,11 +1,11 @@
 //! One running app: its settings, connections, signed-in users, channels (subscribers, presence,
 //! history, cache) and the fan-out of events to subscribers.
 //!
-//! Fan-out holds the app's channel lock while it `try_send`s one shared frame to each
-//! subscriber's bounded queue: each push is a few atomic operations, never an await, and holding
-//! the lock keeps every subscriber's view in serial order (a resume replays exactly what a live
-//! subscriber would have seen). A full queue closes that subscriber (slow consumer), never the
-//! publisher. Webhook events leave through `webhook` queues that never block either.
+//! Fan-out holds the app's channel lock while it queues one shared frame to each subscriber's
+//! bounded outbox ([`Conn::send`]): each push is an uncontended lock and a reference count (and a
+//! wake-up if the outbox was empty), never an await, and holding the lock keeps every
+//! subscriber's view in serial order (a resume replays exactly what a live subscriber would have
+//! seen). A full outbox closes that subscriber (slow consumer), never the publisher. Webhook events leave through `webhook` queues that never block either.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
