@@ -125,7 +125,7 @@ impl Conn {
         closed
     }
 
-    /// The connection id a socket id was made from (`{random}.{id}`, see [`run`]).
+    /// The connection id a socket id was made from (`{random}.{id}`, see `Session::open`).
     pub fn id_in(socket_id: &str) -> Option<u64> {
         socket_id.rsplit_once('.')?.1.parse().ok()
     }
