@@ -173,6 +173,7 @@ pub async fn ws_handler(
     // Hard cap on one inbound message; the app's own limit is checked per message so that an
     // over-limit message gets an error instead of a dropped connection.
     let hard_cap = max_bytes.saturating_mul(2) + 16 * 1024;
+    let start = Box::new(Start { rt, tenant, protocol });
     ws.max_message_size(hard_cap)
         .max_frame_size(hard_cap)
         // tungstenite allocates the read buffer up front for every connection and reads at most
@@ -183,11 +184,12 @@ pub async fn ws_handler(
         .read_buffer_size(256)
         .write_buffer_size(64 * 1024)
         .max_write_buffer_size(hard_cap + 1024 * 1024)
-        .on_upgrade(move |socket| run(socket, Box::new(Start { rt, tenant, protocol })))
+        .on_upgrade(move |socket| run(socket, start))
 }
 
-/// What an upgraded connection starts from. Boxed, the connection's task keeps 8 bytes for it
-/// instead of 40 for as long as the connection lives.
+/// What an upgraded connection starts from. Boxed before the upgrade: axum's upgrade task keeps
+/// the callback and `run`'s future keeps its argument for as long as the connection lives, 8
+/// bytes each instead of 40.
 struct Start {
     rt: Arc<Realtime>,
     tenant: Option<Arc<Tenant>>,
@@ -354,12 +356,15 @@ impl Session {
         let sleep = tokio::time::sleep_until(timer);
         tokio::pin!(sleep);
         loop {
-            let due = match signin_deadline.filter(|_| self.user_id.is_none()) {
-                Some(signin) => signin.min(timer),
-                None => timer,
-            };
-            if sleep.is_elapsed() || due < sleep.deadline() {
-                sleep.as_mut().reset(due);
+            {
+                // Scoped: the future would otherwise keep `due` across the wait below.
+                let due = match signin_deadline.filter(|_| self.user_id.is_none()) {
+                    Some(signin) => signin.min(timer),
+                    None => timer,
+                };
+                if sleep.is_elapsed() || due < sleep.deadline() {
+                    sleep.as_mut().reset(due);
+                }
             }
             let conn = &*self.conn;
             let event = poll_fn(|cx| {
