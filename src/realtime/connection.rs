@@ -1,25 +1,34 @@
 //! One WebSocket connection at `/app/{key}?protocol=7`: checks the app and protocol version,
-//! announces the socket id, then runs a reader (this task) and a writer (a spawned task that owns
-//! the socket's sink and drains the connection's bounded queue, coalescing frames per flush).
+//! announces the socket id, then runs one task that both reads the socket and writes the
+//! connection's bounded outbox to it, coalescing queued frames per flush.
 //!
-//! The reader enforces the activity timeout (ping, then close 4201 without a pong), the sign-in
+//! One task instead of a reader and a writer halves what an idle connection costs (a task, a
+//! split socket's shared lock); the outbox is a `VecDeque` behind a mutex that grows only with
+//! what is queued, where an mpsc channel allocates 32 slots up front. Writing never blocks
+//! reading: the task polls both, so a client that stops reading still gets its pings answered
+//! until its outbox overflows.
+//!
+//! The task enforces the activity timeout (ping, then close 4201 without a pong), the sign-in
 //! deadline and per-connection limits, and turns client messages into calls on the `tenant`.
 //! Any part may close the connection through [`Conn::close`], which records the code once and
-//! wakes both halves; the writer then sends `pusher:error` and a close frame with that code.
+//! wakes the task; it then sends `pusher:error` and a close frame with that code.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::future::{poll_fn, Future};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, RawQuery, State};
 use axum::response::{IntoResponse, Response};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::task::AtomicWaker;
+use futures_util::{Sink, StreamExt};
 use parking_lot::Mutex;
 use serde_json::{json, Value};
-use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 use super::protocol::{self, code, ChannelKind, ChannelType, Incoming};
 use super::signature;
@@ -39,42 +48,107 @@ const ENVELOPE_SLACK: usize = 2048;
 pub struct Conn {
     pub id: u64,
     pub socket_id: String,
-    tx: mpsc::Sender<Utf8Bytes>,
-    kill: CancellationToken,
-    close_reason: Mutex<Option<(u16, String)>>,
+    outbox: Mutex<Outbox>,
+    /// The connection's task, woken when the outbox gets its first frame or the connection closes.
+    waker: AtomicWaker,
+    /// Set when the socket may have something to read (see the `Wake` impl): the task then polls
+    /// the read side only when woken for it, not on every frame it writes.
+    readable: AtomicBool,
     slow: metrics::Counter,
 }
 
+struct Outbox {
+    frames: VecDeque<Utf8Bytes>,
+    /// Frames the outbox may hold (the app's `outbound_queue_frames`).
+    limit: usize,
+    /// The close code and reason; the first close wins.
+    closed: Option<(u16, String)>,
+}
+
+impl Outbox {
+    fn close(&mut self, code: u16, reason: &str) -> bool {
+        if self.closed.is_some() {
+            return false;
+        }
+        self.closed = Some((code, reason.to_string()));
+        // Nothing queued is written after a close: free it now rather than with the task.
+        self.frames = VecDeque::new();
+        true
+    }
+}
+
 impl Conn {
+    fn new(id: u64, socket_id: String, limit: usize, slow: metrics::Counter) -> Self {
+        Self {
+            id,
+            socket_id,
+            // Room for one frame: an idle connection rarely holds more, and a first push into an
+            // empty `VecDeque` would reserve four (128 bytes). Busier connections grow it once.
+            outbox: Mutex::new(Outbox { frames: VecDeque::with_capacity(1), limit, closed: None }),
+            waker: AtomicWaker::new(),
+            readable: AtomicBool::new(true),
+            slow,
+        }
+    }
+
     /// Queues a frame without waiting. A full queue means the client cannot keep up: it is
     /// closed with 4200 (reconnect) and counted. Returns whether the frame was queued.
     pub fn send(&self, frame: &Utf8Bytes) -> bool {
-        match self.tx.try_send(frame.clone()) {
-            Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                if self.close(code::RECONNECT, "slow consumer: too many undelivered messages") {
-                    self.slow.increment(1);
-                }
-                false
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        let mut outbox = self.outbox.lock();
+        if outbox.closed.is_some() {
+            return false;
         }
+        if outbox.frames.len() >= outbox.limit {
+            outbox.close(code::RECONNECT, "slow consumer: too many undelivered messages");
+            drop(outbox);
+            self.slow.increment(1);
+            self.waker.wake();
+            return false;
+        }
+        let was_empty = outbox.frames.is_empty();
+        outbox.frames.push_back(frame.clone());
+        drop(outbox);
+        // The task writes until the outbox is empty or the socket blocks (and the socket wakes
+        // it), so only a frame into an empty outbox needs a wake-up.
+        if was_empty {
+            self.waker.wake();
+        }
+        true
     }
 
     /// Closes the connection with `code`; the first reason wins. Returns whether this call closed it.
     pub fn close(&self, code: u16, reason: &str) -> bool {
-        let mut slot = self.close_reason.lock();
-        if slot.is_some() {
-            return false;
+        let closed = self.outbox.lock().close(code, reason);
+        if closed {
+            self.waker.wake();
         }
-        *slot = Some((code, reason.to_string()));
-        drop(slot);
-        self.kill.cancel();
-        true
+        closed
+    }
+
+    /// The connection id a socket id was made from (`{random}.{id}`, see `Session::open`).
+    pub fn id_in(socket_id: &str) -> Option<u64> {
+        socket_id.rsplit_once('.')?.1.parse().ok()
     }
 
     pub fn is_closed(&self) -> bool {
-        self.kill.is_cancelled()
+        self.outbox.lock().closed.is_some()
+    }
+
+    fn pop(&self) -> Option<Utf8Bytes> {
+        self.outbox.lock().frames.pop_front()
+    }
+}
+
+/// The waker the socket's read side is polled with: it marks the socket readable, then wakes the
+/// task. Being the `Conn` itself, it costs no allocation.
+impl Wake for Conn {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.readable.store(true, Ordering::Release);
+        self.waker.wake();
     }
 }
 
@@ -99,20 +173,27 @@ pub async fn ws_handler(
     // Hard cap on one inbound message; the app's own limit is checked per message so that an
     // over-limit message gets an error instead of a dropped connection.
     let hard_cap = max_bytes.saturating_mul(2) + 16 * 1024;
+    let start = Box::new(Start { rt, tenant, protocol });
     ws.max_message_size(hard_cap)
         .max_frame_size(hard_cap)
-        // tungstenite's default read buffer is 128 KiB per connection, touched at once: 137 KB of
-        // RSS per idle connection in `bench/run connections`; 4 KiB brings it to ~10 KB. Larger
-        // messages still arrive whole (frames are assembled outside this buffer).
-        .read_buffer_size(4 * 1024)
+        // tungstenite allocates the read buffer up front for every connection and reads at most
+        // this much per read call. Its default, 128 KiB, cost 137 KB of RSS per idle connection in
+        // `bench/run connections`. Client messages are small (a subscribe is ~100 bytes) and rare,
+        // so 256 bytes reads nearly all of them at once; a larger one takes several reads and
+        // still arrives whole (the buffer grows to the frame's size).
+        .read_buffer_size(256)
         .write_buffer_size(64 * 1024)
         .max_write_buffer_size(hard_cap + 1024 * 1024)
-        .on_upgrade(move |socket| async move {
-            match admit(&rt, tenant, protocol.as_deref()) {
-                Ok(tenant) => run(socket, rt, tenant).await,
-                Err((code, message)) => refuse(socket, code, &message).await,
-            }
-        })
+        .on_upgrade(move |socket| run(socket, start))
+}
+
+/// What an upgraded connection starts from. Boxed before the upgrade: axum's upgrade task keeps
+/// the callback and `run`'s future keeps its argument for as long as the connection lives, 8
+/// bytes each instead of 40.
+struct Start {
+    rt: Arc<Realtime>,
+    tenant: Option<Arc<Tenant>>,
+    protocol: Option<String>,
 }
 
 fn admit(rt: &Realtime, tenant: Option<Arc<Tenant>>, protocol: Option<&str>) -> Result<Arc<Tenant>, (u16, String)> {
@@ -155,80 +236,66 @@ fn close_reason(message: &str) -> Utf8Bytes {
     Utf8Bytes::from(message[..end].to_string())
 }
 
-async fn run(socket: WebSocket, rt: Arc<Realtime>, tenant: Arc<Tenant>) {
-    let spec = tenant.spec();
-    let id = rt.next_conn_id();
-    let socket_id = format!("{}.{}", rand::random::<u32>() % 1_000_000_000, id);
-    let (tx, rx) = mpsc::channel(spec.outbound_queue_frames);
-    let conn = Arc::new(Conn {
-        id,
-        socket_id,
-        tx,
-        kill: CancellationToken::new(),
-        close_reason: Mutex::new(None),
-        slow: tenant.metrics.slow_consumers.clone(),
-    });
-    if !tenant.add_conn(&conn, spec.max_connections) {
-        refuse(socket, code::OVER_CONNECTION_QUOTA, "Over connection quota").await;
-        return;
+/// Admits an upgraded socket, then serves it until it closes.
+///
+/// Not an `async fn`, which would keep its arguments in the future twice (as arguments and as
+/// locals): the WebSocket alone is ~370 bytes, held as long as the connection lives. The async
+/// block below uses its captures in place. Rarely taken paths (refusal, goodbye) are boxed so
+/// their state does not enlarge every connection's task.
+#[allow(clippy::manual_async_fn)]
+fn run(mut socket: WebSocket, start: Box<Start>) -> impl Future<Output = ()> + Send {
+    async move {
+        let mut session = match Session::open(*start) {
+            Ok(session) => session,
+            Err((code, message)) => return Box::pin(refuse(socket, code, &message)).await,
+        };
+        session.serve(&mut socket).await;
+        let conn = session.close();
+        Box::pin(goodbye(socket, &conn)).await;
     }
-    let (sink, stream) = socket.split();
-    let writer = tokio::spawn(write_loop(sink, rx, conn.clone()));
-    conn.send(&protocol::connection_established(&conn.socket_id, spec.activity_timeout_s));
-    let mut session = Session {
-        tenant: tenant.clone(),
-        conn: conn.clone(),
-        subscribed: HashMap::new(),
-        user_id: None,
-        client_events: Bucket::new(CLIENT_EVENTS_PER_SECOND),
-    };
-    session.read_loop(stream).await;
-    // Whatever ended the session, make sure the writer stops too.
-    conn.close(1000, "closed");
-    tenant.remove_conn(&conn, session.subscribed.into_keys(), session.user_id.as_deref());
-    let _ = writer.await;
 }
 
-async fn write_loop(
-    mut sink: futures_util::stream::SplitSink<WebSocket, Message>,
-    mut rx: mpsc::Receiver<Utf8Bytes>,
-    conn: Arc<Conn>,
-) {
-    loop {
-        let first = tokio::select! {
-            biased;
-            _ = conn.kill.cancelled() => break,
-            f = rx.recv() => match f { Some(f) => f, None => break },
-        };
-        let write = async {
-            sink.feed(Message::Text(first)).await?;
-            // Coalesce: everything already queued goes out with one flush.
-            while let Ok(more) = rx.try_recv() {
-                sink.feed(Message::Text(more)).await?;
-            }
-            sink.flush().await
-        };
-        let ok = tokio::select! {
-            biased;
-            _ = conn.kill.cancelled() => break,
-            r = write => r.is_ok(),
-        };
-        if !ok {
-            conn.close(1006, "write failed");
-            return;
-        }
-    }
-    let reason = conn.close_reason.lock().clone();
+/// Sends the close reason to the client: `pusher:error` for Pusher codes, then a close frame.
+async fn goodbye(mut socket: WebSocket, conn: &Conn) {
+    let reason = conn.outbox.lock().closed.clone();
     // 1006 (abnormal closure) must never be sent on the wire: the socket is already broken.
     if let Some((code, message)) = reason.filter(|(code, _)| *code != 1006) {
         let _ = tokio::time::timeout(CLOSE_GRACE, async {
             if code >= 4000 {
-                sink.send(Message::Text(protocol::error(code, &message))).await?;
+                socket.send(Message::Text(protocol::error(code, &message))).await?;
             }
-            sink.send(Message::Close(Some(CloseFrame { code, reason: close_reason(&message) }))).await
+            socket.send(Message::Close(Some(CloseFrame { code, reason: close_reason(&message) }))).await
         })
         .await;
     }
+}
+
+/// What woke the connection's task.
+enum Event {
+    Closed,
+    Timer,
+    Inbound(Option<Result<Message, axum::Error>>),
+}
+
+/// Moves queued frames into the socket's write buffer until the outbox is empty or the socket
+/// blocks, then flushes them with one write. Pending parts register `cx` and return `Ok`.
+fn poll_write(conn: &Conn, socket: &mut WebSocket, cx: &mut Context<'_>, unflushed: &mut bool) -> Result<(), axum::Error> {
+    loop {
+        match Pin::new(&mut *socket).poll_ready(cx) {
+            Poll::Pending => return Ok(()),
+            Poll::Ready(r) => r?,
+        }
+        let Some(frame) = conn.pop() else { break };
+        Pin::new(&mut *socket).start_send(Message::Text(frame))?;
+        *unflushed = true;
+    }
+    if *unflushed {
+        if let Poll::Ready(r) = Pin::new(&mut *socket).poll_flush(cx) {
+            r?;
+            *unflushed = false;
+        }
+    }
+    Ok(())
 }
 
 struct Session {
@@ -241,35 +308,106 @@ struct Session {
 }
 
 impl Session {
-    async fn read_loop(&mut self, mut stream: futures_util::stream::SplitStream<WebSocket>) {
-        let spec = self.tenant.spec();
-        let activity = Duration::from_secs(spec.activity_timeout_s);
-        let pong_wait = Duration::from_secs(spec.pong_timeout_s);
-        let signin_deadline = (spec.signin_within_s > 0).then(|| Instant::now() + Duration::from_secs(spec.signin_within_s));
-        let mut last_seen = Instant::now();
-        let mut ping_sent: Option<Instant> = None;
+    /// Admits the connection, registers it with its app and queues `connection_established`.
+    fn open(start: Start) -> Result<Session, (u16, String)> {
+        let Start { rt, tenant, protocol } = start;
+        let tenant = admit(&rt, tenant, protocol.as_deref())?;
+        let spec = tenant.spec();
+        let id = rt.next_conn_id();
+        let socket_id = format!("{}.{}", rand::random::<u32>() % 1_000_000_000, id);
+        let conn = Arc::new(Conn::new(id, socket_id, spec.outbound_queue_frames, tenant.metrics.slow_consumers.clone()));
+        if !tenant.add_conn(&conn, spec.max_connections) {
+            return Err((code::OVER_CONNECTION_QUOTA, "Over connection quota".into()));
+        }
+        conn.send(&protocol::connection_established(&conn.socket_id, spec.activity_timeout_s));
+        Ok(Session {
+            tenant,
+            conn,
+            subscribed: HashMap::new(),
+            user_id: None,
+            client_events: Bucket::new(CLIENT_EVENTS_PER_SECOND),
+        })
+    }
+
+    /// Closes the connection (the first reason stays) and forgets it everywhere.
+    fn close(self) -> Arc<Conn> {
+        self.conn.close(1000, "closed");
+        self.tenant.remove_conn(&self.conn, self.subscribed.into_keys(), self.user_id.as_deref());
+        self.conn
+    }
+
+    /// The connection's event loop; returns once the connection is closed.
+    async fn serve(&mut self, socket: &mut WebSocket) {
+        // Everything here lives as long as the connection, in every connection's task: only what
+        // is needed across the wait below is kept.
+        let (activity, pong_wait, signin_deadline) = {
+            let spec = self.tenant.spec();
+            let signin = (spec.signin_within_s > 0).then(|| Instant::now() + Duration::from_secs(spec.signin_within_s));
+            (Duration::from_secs(spec.activity_timeout_s), Duration::from_secs(spec.pong_timeout_s), signin)
+        };
+        // The activity deadline (ping when it passes), or after a ping the pong deadline.
+        let mut timer = Instant::now() + activity;
+        let mut pinged = false;
+        let mut unflushed = false;
+        let read_waker = Waker::from(self.conn.clone());
+        // One timer for the activity, pong and sign-in deadlines. It is moved only when a deadline
+        // comes earlier (or it fired): a message that pushes the activity deadline later just
+        // lets it fire early once, instead of re-arming it for every message.
+        let sleep = tokio::time::sleep_until(timer);
+        tokio::pin!(sleep);
         loop {
-            let timer = match ping_sent {
-                Some(at) => at + pong_wait,
-                None => last_seen + activity,
-            };
-            let signin_due = signin_deadline.filter(|_| self.user_id.is_none());
-            tokio::select! {
-                biased;
-                _ = self.conn.kill.cancelled() => return,
-                _ = tokio::time::sleep_until(timer) => {
-                    if ping_sent.is_some() {
-                        self.conn.close(code::PONG_TIMEOUT, "Pong reply not received");
+            {
+                // Scoped: the future would otherwise keep `due` across the wait below.
+                let due = match signin_deadline.filter(|_| self.user_id.is_none()) {
+                    Some(signin) => signin.min(timer),
+                    None => timer,
+                };
+                if sleep.is_elapsed() || due < sleep.deadline() {
+                    sleep.as_mut().reset(due);
+                }
+            }
+            let conn = &*self.conn;
+            let event = poll_fn(|cx| {
+                conn.waker.register(cx.waker());
+                if conn.is_closed() {
+                    return Poll::Ready(Event::Closed);
+                }
+                if let Err(e) = poll_write(conn, socket, cx, &mut unflushed) {
+                    tracing::debug!(error = %e, "websocket write failed");
+                    conn.close(1006, "write failed");
+                    return Poll::Ready(Event::Closed);
+                }
+                if sleep.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Event::Timer);
+                }
+                if conn.readable.swap(false, Ordering::AcqRel) {
+                    if let Poll::Ready(msg) = socket.poll_next_unpin(&mut Context::from_waker(&read_waker)) {
+                        // More may be buffered already, with no wake-up to come for it.
+                        conn.readable.store(true, Ordering::Release);
+                        return Poll::Ready(Event::Inbound(msg));
+                    }
+                }
+                Poll::Pending
+            })
+            .await;
+            match event {
+                Event::Closed => return,
+                Event::Timer => {
+                    let now = Instant::now();
+                    if now >= timer {
+                        if pinged {
+                            self.conn.close(code::PONG_TIMEOUT, "Pong reply not received");
+                            return;
+                        }
+                        self.conn.send(&protocol::ping());
+                        pinged = true;
+                        timer = now + pong_wait;
+                    } else if signin_deadline.is_some_and(|at| now >= at) && self.user_id.is_none() {
+                        self.conn.close(code::UNAUTHORIZED, "Connection not signed in within the allowed time");
                         return;
                     }
-                    self.conn.send(&protocol::ping());
-                    ping_sent = Some(Instant::now());
                 }
-                _ = sleep_until_opt(signin_due), if signin_due.is_some() => {
-                    self.conn.close(code::UNAUTHORIZED, "Connection not signed in within the allowed time");
-                    return;
-                }
-                msg = stream.next() => {
+                Event::Inbound(msg) => {
                     let Some(Ok(msg)) = msg else {
                         if let Some(Err(e)) = msg {
                             tracing::debug!(error = %e, "websocket read failed");
@@ -279,8 +417,8 @@ impl Session {
                         }
                         return;
                     };
-                    last_seen = Instant::now();
-                    ping_sent = None;
+                    timer = Instant::now() + activity;
+                    pinged = false;
                     match msg {
                         Message::Text(text) => {
                             self.tenant.metrics.messages_in.increment(1);
@@ -488,13 +626,6 @@ impl Session {
     }
 }
 
-async fn sleep_until_opt(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
-    }
-}
-
 fn truncate(s: &str, max: usize) -> &str {
     let mut end = s.len().min(max);
     while !s.is_char_boundary(end) {
@@ -512,4 +643,16 @@ fn parse_member(channel_data: &str) -> Result<Member, String> {
         _ => return Err("channel_data.user_id must be a non-empty string or a number".into()),
     };
     Ok(Member { user_id, info: v.get("user_info").cloned().unwrap_or(Value::Null) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn socket_ids_carry_the_connection_id() {
+        assert_eq!(Conn::id_in("123456.42"), Some(42));
+        assert_eq!(Conn::id_in("42"), None);
+        assert_eq!(Conn::id_in("1.x"), None);
+    }
 }

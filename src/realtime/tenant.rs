@@ -1,11 +1,11 @@
 //! One running app: its settings, connections, signed-in users, channels (subscribers, presence,
 //! history, cache) and the fan-out of events to subscribers.
 //!
-//! Fan-out holds the app's channel lock while it `try_send`s one shared frame to each
-//! subscriber's bounded queue: each push is a few atomic operations, never an await, and holding
-//! the lock keeps every subscriber's view in serial order (a resume replays exactly what a live
-//! subscriber would have seen). A full queue closes that subscriber (slow consumer), never the
-//! publisher. Webhook events leave through `webhook` queues that never block either.
+//! Fan-out holds the app's channel lock while it queues one shared frame to each subscriber's
+//! bounded outbox ([`Conn::send`]): each push is an uncontended lock and a reference count (and a
+//! wake-up if the outbox was empty), never an await, and holding the lock keeps every
+//! subscriber's view in serial order (a resume replays exactly what a live subscriber would have
+//! seen). A full outbox closes that subscriber (slow consumer), never the publisher. Webhook events leave through `webhook` queues that never block either.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -110,7 +110,9 @@ pub struct Tenant {
     /// weir's internal app: not listed or managed through the admin API.
     pub internal: bool,
     channels: Mutex<Channels>,
-    conns: Mutex<HashMap<String, Arc<Conn>>>,
+    /// Keyed by connection id: the socket id contains it, and a `u64` key spares every
+    /// connection a copy of its socket id.
+    conns: Mutex<HashMap<u64, Arc<Conn>>>,
     users: Mutex<HashMap<String, Vec<Arc<Conn>>>>,
     conn_count: AtomicUsize,
     publish_bucket: Mutex<Bucket>,
@@ -163,7 +165,7 @@ impl Tenant {
         if max > 0 && conns.len() >= max as usize {
             return false;
         }
-        conns.insert(conn.socket_id.clone(), conn.clone());
+        conns.insert(conn.id, conn.clone());
         self.conn_count.store(conns.len(), Ordering::Relaxed);
         self.metrics.connections.increment(1.0);
         true
@@ -184,14 +186,15 @@ impl Tenant {
             }
         }
         let mut conns = self.conns.lock();
-        if conns.remove(&conn.socket_id).is_some() {
+        if conns.remove(&conn.id).is_some() {
             self.metrics.connections.decrement(1.0);
         }
         self.conn_count.store(conns.len(), Ordering::Relaxed);
     }
 
     pub fn conn_id_of(&self, socket_id: &str) -> Option<u64> {
-        self.conns.lock().get(socket_id).map(|c| c.id)
+        let id = Conn::id_in(socket_id)?;
+        self.conns.lock().get(&id).filter(|c| c.socket_id == socket_id).map(|c| c.id)
     }
 
     pub fn sign_in(&self, conn: &Arc<Conn>, user_id: &str) {
