@@ -48,8 +48,9 @@
 //!    `POST /api/v1/verify`, or lets its proxy ask `GET /auth/{room}` (forward auth).
 //!
 //! Realtime: a publish (`POST /apps/{id}/events`) → `realtime` fan-out serializes the frame once
-//! and `try_send`s the shared bytes to each subscriber's bounded queue; a full queue disconnects
-//! that client with a reconnect code instead of growing memory.
+//! and pushes the shared bytes onto each subscriber's bounded outbox, waking that connection's
+//! single task (which reads and writes its socket) only when the outbox was empty; a full outbox
+//! disconnects that client with a reconnect code instead of growing memory.
 
 pub mod admin;
 pub mod clock;
