@@ -1,8 +1,17 @@
 //! The HTTP surface: the shared [`AppState`] and [`router`], which assembles every route group
 //! with its resilience layers. Layer order is decided here and only here.
 
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
+
+use axum::extract::Request;
+use axum::response::{IntoResponse, Response};
+use axum::routing::future::RouteFuture;
+use tower::{Layer, Service};
 
 use axum::routing::get;
 use axum::Router;
@@ -12,7 +21,8 @@ use tokio_util::sync::CancellationToken;
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::error::not_found_fallback;
-use crate::limits::shed;
+use crate::limits::shed::{self, BoundFuture, BoundService};
+use crate::ops::metrics::{Track, TrackFuture, TrackLayer};
 use crate::ops;
 use crate::realtime::Realtime;
 use crate::store::Store;
@@ -57,7 +67,7 @@ impl AppState {
 /// Outermost first: metrics tracking sees every request including refusals; each route group
 /// has its own shed/timeout bound so a flood on one (visitor entry) cannot starve another
 /// (admin, health, realtime).
-pub fn router(state: AppState) -> Router {
+pub fn router(state: AppState, visitors_bound: shed::BoundLayer) -> Router {
     let limits = &state.config.limits;
     let timeout = Duration::from_millis(limits.request_timeout_ms);
     let ops_routes = Router::new()
@@ -87,12 +97,7 @@ pub fn router(state: AppState) -> Router {
     let pages = crate::room::routes::page_routes()
         .merge(crate::web::assets::routes())
         .layer(tower_http::compression::CompressionLayer::new());
-    let visitors = shed::bounded(
-        pages.merge(crate::room::routes::api_routes()).merge(crate::gateway::routes()),
-        "visitors",
-        limits.max_in_flight,
-        timeout,
-    );
+    let visitors = pages.merge(crate::room::routes::api_routes()).merge(crate::gateway::routes()).layer(visitors_bound);
     // Reverse-proxy mode bounds its own origin requests and times (`gateway::proxy`): bodies
     // stream for longer than the request timeout, and WebSocket upgrades live on.
     let proxied = crate::gateway::proxy::routes();
@@ -103,6 +108,109 @@ pub fn router(state: AppState) -> Router {
         .merge(realtime)
         .merge(admin)
         .fallback(not_found_fallback)
-        .layer(ops::metrics::TrackLayer)
+        .layer(TrackLayer::default())
         .with_state(state)
+}
+
+/// A `GET {prefix}{room}{suffix}` route answered in front of the router. Forward auth runs on
+/// every request the origin gets and status on every poll of a waiting visitor, so these two
+/// skip axum's routing and extractors (a quarter of forward auth's cost, see BENCHMARKS.md).
+/// They keep what the routed versions have: the visitors' in-flight bound and per-route metrics.
+/// The same handlers stay in the router for other methods and for tests of the router alone.
+#[derive(Clone)]
+pub struct HotRoute {
+    state: AppState,
+    prefix: &'static str,
+    suffix: &'static str,
+    answer: fn(&AppState, &str, &Request) -> Response,
+}
+
+impl HotRoute {
+    /// The room of a request this route serves. Room ids are `[a-z0-9-]`, so the raw path
+    /// needs no percent-decoding: an encoded id never names a room.
+    fn room_of<'r>(&self, request: &'r Request) -> Option<&'r str> {
+        if request.method() != axum::http::Method::GET {
+            return None;
+        }
+        let room = request.uri().path().strip_prefix(self.prefix)?.strip_suffix(self.suffix)?;
+        (!room.is_empty() && !room.contains('/')).then_some(room)
+    }
+}
+
+impl Service<Request> for HotRoute {
+    type Response = Response;
+    type Error = Infallible;
+    type Future = std::future::Ready<Result<Response, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request) -> Self::Future {
+        let response = match self.room_of(&request) {
+            Some(room) => (self.answer)(&self.state, room, &request),
+            None => crate::error::ApiError::not_found("no such route").into_response(),
+        };
+        std::future::ready(Ok(response))
+    }
+}
+
+type Hot = Track<BoundService<HotRoute>>;
+
+/// The whole HTTP surface: the router, with the hot routes served in front of it.
+#[derive(Clone)]
+pub struct App {
+    router: Router,
+    /// Cloned with the app for each connection, so a request borrows its route, never clones it.
+    hot: Vec<Hot>,
+}
+
+pub fn app(state: AppState) -> App {
+    let limits = &state.config.limits;
+    let visitors_bound = shed::BoundLayer::new("visitors", limits.max_in_flight, Duration::from_millis(limits.request_timeout_ms));
+    let hot = |route: &'static str, prefix, suffix, answer| {
+        let service = HotRoute { state: state.clone(), prefix, suffix, answer };
+        TrackLayer::named(route).layer(visitors_bound.layer(service))
+    };
+    let hot = vec![
+        hot("/auth/{room}", "/auth/", "", crate::gateway::forward_auth::answer),
+        hot("/r/{room}/status", "/r/", "/status", crate::room::routes::status_answer),
+    ];
+    App { router: router(state, visitors_bound), hot }
+}
+
+impl Service<Request> for App {
+    type Response = Response;
+    type Error = Infallible;
+    type Future = AppFuture;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request) -> AppFuture {
+        match self.hot.iter_mut().find(|h| h.inner().inner().room_of(&request).is_some()) {
+            Some(hot) => AppFuture::Hot { work: hot.call(request) },
+            None => AppFuture::Routed { work: self.router.call(request) },
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    #[project = AppProj]
+    pub enum AppFuture {
+        Hot { #[pin] work: TrackFuture<BoundFuture<std::future::Ready<Result<Response, Infallible>>>> },
+        Routed { #[pin] work: RouteFuture<Infallible> },
+    }
+}
+
+impl Future for AppFuture {
+    type Output = Result<Response, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            AppProj::Hot { work } => work.poll(cx),
+            AppProj::Routed { work } => work.poll(cx),
+        }
+    }
 }

@@ -23,7 +23,9 @@
 //! - [`admin`]: the `/api/v1` admin API (bearer admin key) and the `weir` CLI that drives it.
 //! - [`limits`]: load shedding (an in-flight bound per route group, refusing with a
 //!   pre-serialized 503), timeouts, body limits; [`ops`]: metrics, health, shutdown.
-//! - [`http`]: `AppState` and the router, where every layer's order is decided.
+//! - [`http`]: `AppState`, the router (where every layer's order is decided) and `App`, which
+//!   serves the two hottest routes (forward auth, status) in front of the router under the same
+//!   bound and metrics.
 //!
 //! ## Data flow of a visitor
 //!
@@ -151,7 +153,7 @@ impl Server {
         let store = state.store.clone();
         let realtime = state.realtime.clone();
         let max_connections = state.config.limits.max_connections;
-        let app = http::router(state);
+        let app = http::app(state);
         let listener = limits::backoff::Listener::new(listener, max_connections);
         let serve = axum::serve(listener, limits::backoff::PerConnection(app))
             .with_graceful_shutdown(shutdown.clone().cancelled_owned());

@@ -87,6 +87,14 @@ async fn verify_forward_auth_and_expiry() {
     let r = app.http.get(app.url("/auth/a?redirect=1")).send().await.unwrap();
     assert_eq!(r.status(), 302);
     assert_eq!(r.headers()["location"], format!("{}/r/a", app.base).as_str());
+    // Forward auth is served in front of the router; what the router would do around it stays.
+    assert_eq!(app.http.get(app.url("/auth/a/more")).send().await.unwrap().status(), 404);
+    assert_eq!(app.http.head(app.url("/auth/a")).send().await.unwrap().status(), 401);
+    let metrics = app.http.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(
+        metrics.lines().any(|l| l.starts_with("weir_http_requests_total{") && l.contains(r#"route="/auth/{room}""#) && l.contains(r#"status="204""#)),
+        "forward auth is counted under its route"
+    );
 
     // Past exp: refused everywhere.
     clock.advance_ms(601_000);

@@ -5,19 +5,13 @@
 //! anything but 2xx/401/403 as a server error). `?redirect=1` turns 401 into a 302 to the room
 //! for proxies that pass the auth response through.
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use serde::Deserialize;
 
 use crate::error::ApiError;
 use crate::http::AppState;
 use crate::web::cookies;
-
-#[derive(Deserialize)]
-pub struct AuthQuery {
-    redirect: Option<String>,
-}
 
 fn token_from(headers: &HeaderMap) -> Option<String> {
     if let Some(t) = headers
@@ -58,16 +52,22 @@ fn outcome_counter(allowed: bool) -> &'static metrics::Counter {
 pub async fn check(
     State(state): State<AppState>,
     Path(room): Path<String>,
-    query: Result<Query<AuthQuery>, axum::extract::rejection::QueryRejection>,
     request: axum::extract::Request,
 ) -> Response {
-    let headers = request.headers();
-    let redirect = query.ok().and_then(|Query(q)| q.redirect).is_some_and(|v| v == "1" || v == "true");
-    let outcome = match (state.rooms.get(&room), token_from(headers)) {
+    answer(&state, &room, &request)
+}
+
+/// The forward-auth answer for `room` (also served in front of the router, `http::HotRoute`).
+pub fn answer(state: &AppState, room: &str, request: &Request) -> Response {
+    let (query, headers) = (request.uri().query(), request.headers());
+    let redirect = query.is_some_and(|q| {
+        url::form_urlencoded::parse(q.as_bytes()).any(|(k, v)| k == "redirect" && (v == "1" || v == "true"))
+    });
+    let outcome = match (state.rooms.get(room), token_from(headers)) {
         (None, _) => Err("unknown room".to_string()),
         (Some(_), None) => Err("no admission token".to_string()),
         (Some(r), Some(token)) => {
-            let verdict = state.rooms.keys.verify(&token, Some(&room)).map_err(|r| format!("token refused: {}", r.as_str()));
+            let verdict = state.rooms.keys.verify(&token, Some(room)).map_err(|r| format!("token refused: {}", r.as_str()));
             if let Ok(claims) = &verdict {
                 // A checked request is activity: it keeps the visitor's session (and slot) alive.
                 state.rooms.activity(&r, claims.ticket);
@@ -87,7 +87,7 @@ pub async fn check(
         }
         Err(message) => {
             outcome_counter(false).increment(1);
-            if redirect && crate::room::model::validate_room_id(&room).is_ok() {
+            if redirect && crate::room::model::validate_room_id(room).is_ok() {
                 let location = format!("{}/r/{room}", state.rooms.public_url);
                 let mut r = StatusCode::FOUND.into_response();
                 if let Ok(v) = HeaderValue::from_str(&location) {

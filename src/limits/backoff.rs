@@ -25,7 +25,6 @@ use std::time::Duration;
 use axum::extract::{ConnectInfo, Request};
 use axum::response::Response;
 use axum::serve::IncomingStream;
-use axum::Router;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -147,46 +146,46 @@ impl AsyncWrite for Throttled {
     }
 }
 
-/// Makes each connection's service: the router, with the connection's peer address and
+/// Makes each connection's service: the app, with the connection's peer address and
 /// [`Backoff`] in every request's extensions.
 #[derive(Clone)]
-pub struct PerConnection(pub Router);
+pub struct PerConnection<S>(pub S);
 
-impl Service<IncomingStream<'_, Listener>> for PerConnection {
-    type Response = WithConnection;
+impl<S: Clone> Service<IncomingStream<'_, Listener>> for PerConnection<S> {
+    type Response = WithConnection<S>;
     type Error = Infallible;
-    type Future = std::future::Ready<Result<WithConnection, Infallible>>;
+    type Future = std::future::Ready<Result<WithConnection<S>, Infallible>>;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, incoming: IncomingStream<'_, Listener>) -> Self::Future {
-        let connection = WithConnection { router: self.0.clone(), peer: *incoming.remote_addr(), backoff: incoming.io().backoff.clone() };
+        let connection = WithConnection { app: self.0.clone(), peer: *incoming.remote_addr(), backoff: incoming.io().backoff.clone() };
         std::future::ready(Ok(connection))
     }
 }
 
 #[derive(Clone)]
-pub struct WithConnection {
-    router: Router,
+pub struct WithConnection<S> {
+    app: S,
     peer: SocketAddr,
     backoff: Backoff,
 }
 
-impl Service<Request> for WithConnection {
+impl<S: Service<Request, Response = Response, Error = Infallible>> Service<Request> for WithConnection<S> {
     type Response = Response;
     type Error = Infallible;
-    type Future = axum::routing::future::RouteFuture<Infallible>;
+    type Future = S::Future;
 
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.app.poll_ready(cx)
     }
 
     fn call(&mut self, mut request: Request) -> Self::Future {
         request.extensions_mut().insert(ConnectInfo(self.peer));
         request.extensions_mut().insert(self.backoff.clone());
-        self.router.call(request)
+        self.app.call(request)
     }
 }
 

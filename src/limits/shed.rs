@@ -81,6 +81,12 @@ pub struct BoundService<S> {
     bound: Arc<Bound>,
 }
 
+impl<S> BoundService<S> {
+    pub fn inner(&self) -> &S {
+        &self.inner
+    }
+}
+
 /// Releases one in-flight slot when the request finishes, however it finishes.
 pub struct Slot(Arc<Bound>);
 

@@ -74,19 +74,36 @@ pub async fn render(State(state): State<AppState>) -> Response {
 /// so every instance serves one route and keeps that route's metric handles, resolved on its
 /// first request. The request path then costs a short scan, not a label lookup.
 #[derive(Clone, Default)]
-pub struct TrackLayer;
+pub struct TrackLayer {
+    /// For a service outside the router, where there is no `MatchedPath`.
+    route: Option<&'static str>,
+}
+
+impl TrackLayer {
+    /// Tracks a service that always serves `route` (a route template, as the router names it).
+    pub fn named(route: &'static str) -> Self {
+        Self { route: Some(route) }
+    }
+}
 
 impl<S> Layer<S> for TrackLayer {
     type Service = Track<S>;
     fn layer(&self, inner: S) -> Self::Service {
-        Track { inner, handles: Arc::default() }
+        Track { inner, route: self.route, handles: Arc::default() }
     }
 }
 
 #[derive(Clone)]
 pub struct Track<S> {
     inner: S,
+    route: Option<&'static str>,
     handles: Arc<RouteHandles>,
+}
+
+impl<S> Track<S> {
+    pub fn inner(&self) -> &S {
+        &self.inner
+    }
 }
 
 /// Metric handles of one route, by method and status (both bounded).
@@ -136,17 +153,27 @@ where
     }
 
     fn call(&mut self, request: Request) -> Self::Future {
-        let route = request.extensions().get::<MatchedPath>().cloned();
+        let route = match self.route {
+            Some(name) => Route::Named(name),
+            None => request.extensions().get::<MatchedPath>().cloned().map_or(Route::Unmatched, Route::Matched),
+        };
         let method = method_label(request.method());
         TrackFuture { work: self.inner.call(request), route, method, handles: self.handles.clone(), started: tokio::time::Instant::now() }
     }
+}
+
+/// The label a request is counted under.
+pub enum Route {
+    Named(&'static str),
+    Matched(MatchedPath),
+    Unmatched,
 }
 
 pin_project_lite::pin_project! {
     pub struct TrackFuture<F> {
         #[pin]
         work: F,
-        route: Option<MatchedPath>,
+        route: Route,
         method: Method,
         handles: Arc<RouteHandles>,
         started: tokio::time::Instant,
@@ -159,7 +186,11 @@ impl<F: Future<Output = Result<Response, Infallible>>> Future for TrackFuture<F>
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let Poll::Ready(Ok(response)) = this.work.poll(cx) else { return Poll::Pending };
-        let route = this.route.as_ref().map(MatchedPath::as_str).unwrap_or("unmatched");
+        let route = match this.route {
+            Route::Named(name) => name,
+            Route::Matched(path) => path.as_str(),
+            Route::Unmatched => "unmatched",
+        };
         this.handles.record(route, this.method, response.status().as_u16(), this.started.elapsed().as_secs_f64());
         Poll::Ready(Ok(response))
     }

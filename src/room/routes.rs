@@ -167,8 +167,13 @@ fn too_many_entries(json: bool, retry_after: u64) -> Response {
 }
 
 async fn status(State(state): State<AppState>, Path(room_id): Path<String>, request: axum::extract::Request) -> Response {
+    status_answer(&state, &room_id, &request)
+}
+
+/// `GET /r/{room}/status` (also served in front of the router, `http::HotRoute`).
+pub fn status_answer(state: &AppState, room_id: &str, request: &axum::extract::Request) -> Response {
     let headers = request.headers();
-    let Some(room) = state.rooms.get(&room_id) else {
+    let Some(room) = state.rooms.get(room_id) else {
         return ApiError::not_found(format!("no room {room_id:?}")).into_response();
     };
     let cookie = state.rooms.recognise(&room, cookies::get(headers, &cookie_name(&room.id)));
@@ -176,7 +181,7 @@ async fn status(State(state): State<AppState>, Path(room_id): Path<String>, requ
         return ApiError::unauthorized(format!("no ticket for this room: enter at /r/{room_id} first")).into_response();
     }
     let status = state.rooms.status(&room, cookie.as_ref());
-    respond(&state, true, &room, status, Vec::new(), headers)
+    respond(state, true, &room, status, Vec::new(), headers)
 }
 
 #[derive(Deserialize)]
