@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{OriginalUri, Path, State};
+use axum::extract::{FromRequestParts, OriginalUri, Path};
 use axum::http::Method;
 use axum::Json;
 use serde::Deserialize;
@@ -51,6 +51,39 @@ async fn authorize(
         return Err(ApiError::forbidden("app is disabled"));
     }
     Ok((tenant, body))
+}
+
+/// A signed HTTP API request: its app (named by the `{app_id}` path segment or, on the
+/// prefix-less SDK path, by `auth_key`), verified by [`authorize`], and its bounded body.
+/// Every HTTP API handler takes this as its last argument.
+pub struct Signed {
+    pub tenant: Arc<Tenant>,
+    pub body: Bytes,
+    pub uri: axum::http::Uri,
+}
+
+impl axum::extract::FromRequest<AppState> for Signed {
+    type Rejection = ApiError;
+
+    async fn from_request(request: axum::extract::Request, state: &AppState) -> Result<Self, ApiError> {
+        let (mut parts, body) = request.into_parts();
+        let uri = parts.extensions.get::<OriginalUri>().map_or_else(|| parts.uri.clone(), |o| o.0.clone());
+        let Path(params) = Path::<std::collections::HashMap<String, String>>::from_request_parts(&mut parts, state)
+            .await
+            .map_err(|e| ApiError::bad_request(e.body_text()))?;
+        let app_id = match params.get("app_id") {
+            Some(id) => id.clone(),
+            None => {
+                let key = query_param(&uri, "auth_key").ok_or_else(|| ApiError::unauthorized("auth_key: missing"))?;
+                match state.realtime.tenant_by_key(&key) {
+                    Some(t) if !t.internal => t.spec().id.clone(),
+                    _ => return Err(ApiError::unauthorized("auth_key: no app has this key")),
+                }
+            }
+        };
+        let (tenant, body) = authorize(state, &app_id, &parts.method, &uri, body).await?;
+        Ok(Signed { tenant, body, uri })
+    }
 }
 
 fn query_param(uri: &axum::http::Uri, name: &str) -> Option<String> {
@@ -178,13 +211,8 @@ fn take_budget(tenant: &Tenant, n: usize) -> Result<(), ApiError> {
 
 /// `POST /apps/{app_id}/events`
 pub async fn trigger(
-    State(state): State<AppState>,
-    Path(app_id): Path<String>,
-    method: Method,
-    OriginalUri(uri): OriginalUri,
-    body: Body,
+    Signed { tenant, body, .. }: Signed,
 ) -> Result<Json<Value>, ApiError> {
-    let (tenant, body) = authorize(&state, &app_id, &method, &uri, body).await?;
     let spec = tenant.spec();
     let event = validate(parse_body(&body)?, spec.max_message_bytes, MAX_TRIGGER_CHANNELS)?;
     if event.info.user_count && event.channels.iter().any(|c| !c.starts_with("presence-")) {
@@ -202,13 +230,8 @@ pub async fn trigger(
 
 /// `POST /apps/{app_id}/batch_events`
 pub async fn batch(
-    State(state): State<AppState>,
-    Path(app_id): Path<String>,
-    method: Method,
-    OriginalUri(uri): OriginalUri,
-    body: Body,
+    Signed { tenant, body, .. }: Signed,
 ) -> Result<Json<Value>, ApiError> {
-    let (tenant, body) = authorize(&state, &app_id, &method, &uri, body).await?;
     let spec = tenant.spec();
     let parsed: BatchBody = parse_body(&body)?;
     if parsed.batch.is_empty() || parsed.batch.len() > MAX_BATCH_EVENTS {
@@ -238,13 +261,8 @@ pub async fn batch(
 
 /// `GET /apps/{app_id}/channels?filter_by_prefix=&info=user_count,subscription_count`
 pub async fn channels(
-    State(state): State<AppState>,
-    Path(app_id): Path<String>,
-    method: Method,
-    OriginalUri(uri): OriginalUri,
-    body: Body,
+    Signed { tenant, uri, .. }: Signed,
 ) -> Result<Json<Value>, ApiError> {
-    let (tenant, _) = authorize(&state, &app_id, &method, &uri, body).await?;
     let prefix = query_param(&uri, "filter_by_prefix").unwrap_or_default();
     let info = parse_info(query_param(&uri, "info").as_deref())?;
     if info.user_count && !prefix.starts_with("presence-") {
@@ -266,13 +284,9 @@ pub async fn channels(
 
 /// `GET /apps/{app_id}/channels/{channel}?info=user_count,subscription_count`
 pub async fn channel(
-    State(state): State<AppState>,
-    Path((app_id, channel)): Path<(String, String)>,
-    method: Method,
-    OriginalUri(uri): OriginalUri,
-    body: Body,
+    Path((_app_id, channel)): Path<(String, String)>,
+    Signed { tenant, uri, .. }: Signed,
 ) -> Result<Json<Value>, ApiError> {
-    let (tenant, _) = authorize(&state, &app_id, &method, &uri, body).await?;
     let ty = ChannelType::parse(&channel).map_err(|e| ApiError::invalid_field("channel", e))?;
     let info = parse_info(query_param(&uri, "info").as_deref())?;
     if info.user_count && ty.kind != ChannelKind::Presence {
@@ -292,13 +306,9 @@ pub async fn channel(
 
 /// `GET /apps/{app_id}/channels/{channel}/users` (presence channels only)
 pub async fn users(
-    State(state): State<AppState>,
-    Path((app_id, channel)): Path<(String, String)>,
-    method: Method,
-    OriginalUri(uri): OriginalUri,
-    body: Body,
+    Path((_app_id, channel)): Path<(String, String)>,
+    Signed { tenant, .. }: Signed,
 ) -> Result<Json<Value>, ApiError> {
-    let (tenant, _) = authorize(&state, &app_id, &method, &uri, body).await?;
     let ty = ChannelType::parse(&channel).map_err(|e| ApiError::invalid_field("channel", e))?;
     if ty.kind != ChannelKind::Presence {
         return Err(ApiError::invalid_field("channel", "users are only listed for presence channels"));
@@ -309,13 +319,9 @@ pub async fn users(
 
 /// `POST /apps/{app_id}/users/{user_id}/terminate_connections`
 pub async fn terminate(
-    State(state): State<AppState>,
-    Path((app_id, user_id)): Path<(String, String)>,
-    method: Method,
-    OriginalUri(uri): OriginalUri,
-    body: Body,
+    Path((_app_id, user_id)): Path<(String, String)>,
+    Signed { tenant, .. }: Signed,
 ) -> Result<Json<Value>, ApiError> {
-    let (tenant, _) = authorize(&state, &app_id, &method, &uri, body).await?;
     tenant.terminate_user(&user_id);
     Ok(Json(json!({})))
 }
@@ -324,18 +330,9 @@ pub async fn terminate(
 /// `pusher` SDK (3.3.x) uses for `terminate_user_connections()`. The app is found by `auth_key`;
 /// the request is verified exactly as on the documented path.
 pub async fn terminate_by_key(
-    State(state): State<AppState>,
     Path(user_id): Path<String>,
-    method: Method,
-    OriginalUri(uri): OriginalUri,
-    body: Body,
+    Signed { tenant, .. }: Signed,
 ) -> Result<Json<Value>, ApiError> {
-    let key = query_param(&uri, "auth_key").ok_or_else(|| ApiError::unauthorized("auth_key: missing"))?;
-    let app_id = match state.realtime.tenant_by_key(&key) {
-        Some(t) if !t.internal => t.spec().id.clone(),
-        _ => return Err(ApiError::unauthorized("auth_key: no app has this key")),
-    };
-    let (tenant, _) = authorize(&state, &app_id, &method, &uri, body).await?;
     tenant.terminate_user(&user_id);
     Ok(Json(json!({})))
 }
