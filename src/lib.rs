@@ -58,6 +58,7 @@ pub mod admin;
 pub mod clock;
 pub mod config;
 pub mod error;
+pub mod fast_map;
 pub mod gateway;
 pub mod http;
 pub mod limits;

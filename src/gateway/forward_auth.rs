@@ -6,32 +6,37 @@
 //! for proxies that pass the auth response through.
 
 use axum::extract::{Path, Request, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use std::borrow::Cow;
+
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 
 use crate::error::ApiError;
 use crate::http::AppState;
 use crate::web::cookies;
+use super::{X_WEIR_TICKET, X_WEIR_VISITOR};
 
-fn token_from(headers: &HeaderMap) -> Option<String> {
+fn token_from(headers: &HeaderMap) -> Option<Cow<'_, str>> {
     if let Some(t) = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
     {
-        return Some(t.trim().to_string());
+        return Some(Cow::Borrowed(t.trim()));
     }
     if let Some(t) = cookies::get(headers, "weir_token") {
-        return Some(t.to_string());
+        return Some(Cow::Borrowed(t));
     }
-    ["x-original-uri", "x-forwarded-uri"].iter().find_map(|name| {
-        let uri = headers.get(*name)?.to_str().ok()?;
+    [X_ORIGINAL_URI, X_FORWARDED_URI].iter().find_map(|name| {
+        let uri = headers.get(name)?.to_str().ok()?;
         let query = uri.split_once('?')?.1;
-        url::form_urlencoded::parse(query.as_bytes())
-            .find(|(k, _)| k == "weir_token")
-            .map(|(_, v)| v.into_owned())
+        url::form_urlencoded::parse(query.as_bytes()).find(|(k, _)| k == "weir_token").map(|(_, v)| v)
     })
 }
+
+// Named once: a header name given as a string is parsed and validated on every use.
+const X_ORIGINAL_URI: HeaderName = HeaderName::from_static("x-original-uri");
+const X_FORWARDED_URI: HeaderName = HeaderName::from_static("x-forwarded-uri");
 
 /// `weir_forward_auth_total` by result, resolved once: this is a per-request path.
 fn outcome_counter(allowed: bool) -> &'static metrics::Counter {
@@ -80,9 +85,9 @@ pub fn answer(state: &AppState, room: &str, request: &Request) -> Response {
             outcome_counter(true).increment(1);
             let mut r = StatusCode::NO_CONTENT.into_response();
             if let Ok(v) = HeaderValue::from_str(&claims.sub) {
-                r.headers_mut().insert("x-weir-visitor", v);
+                r.headers_mut().insert(X_WEIR_VISITOR, v);
             }
-            r.headers_mut().insert("x-weir-ticket", HeaderValue::from(claims.ticket));
+            r.headers_mut().insert(X_WEIR_TICKET, HeaderValue::from(claims.ticket));
             r
         }
         Err(message) => {

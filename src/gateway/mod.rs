@@ -7,10 +7,15 @@ pub mod forward_auth;
 pub mod proxy;
 pub mod verify;
 
+use axum::http::HeaderName;
 use axum::routing::{get, post};
 use axum::Router;
 
 use crate::http::AppState;
+
+/// Who the admitted visitor is, told to the origin (forward auth's answer, proxied requests).
+pub const X_WEIR_VISITOR: HeaderName = HeaderName::from_static("x-weir-visitor");
+pub const X_WEIR_TICKET: HeaderName = HeaderName::from_static("x-weir-ticket");
 
 pub fn routes() -> Router<AppState> {
     Router::new()

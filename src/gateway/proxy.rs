@@ -224,9 +224,9 @@ async fn proxy(State(state): State<AppState>, mut req: Request) -> Response {
         h.insert("x-forwarded-prefix", v);
     }
     if let Ok(v) = HeaderValue::from_str(&claims.sub) {
-        h.insert("x-weir-visitor", v);
+        h.insert(super::X_WEIR_VISITOR, v);
     }
-    h.insert("x-weir-ticket", HeaderValue::from(claims.ticket));
+    h.insert(super::X_WEIR_TICKET, HeaderValue::from(claims.ticket));
     parts.uri = target;
     parts.version = axum::http::Version::HTTP_11;
     let outbound = Request::from_parts(parts, body);

@@ -29,7 +29,7 @@ pub async fn verify(State(state): State<AppState>, ApiJson(req): ApiJson<VerifyR
         crate::room::model::validate_room_id(room).map_err(|_| ApiError::invalid_field("room", "must be a room id"))?;
     }
     Ok(Json(match state.rooms.keys.verify(&req.token, req.room.as_deref()) {
-        Ok(claims) => json!({"valid": true, "claims": claims}),
+        Ok(claims) => json!({"valid": true, "claims": *claims}),
         Err(reason) => json!({"valid": false, "reason": reason.as_str()}),
     }))
 }

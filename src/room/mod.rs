@@ -14,7 +14,7 @@ pub mod routes;
 pub mod token;
 pub mod visitor;
 
-use std::collections::HashMap;
+use crate::fast_map::FastMap;
 use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
@@ -225,7 +225,7 @@ pub struct VisitorStatus {
 
 /// Every live room plus what visitor handling needs (keys, cookie signer, store, clock).
 pub struct Rooms {
-    rooms: RwLock<HashMap<String, Arc<Room>>>,
+    rooms: RwLock<FastMap<String, Arc<Room>>>,
     /// Wakes the admission driver, which parks while there are no rooms.
     pub created: tokio::sync::Notify,
     pub store: Arc<dyn Store>,
@@ -242,7 +242,7 @@ pub struct Rooms {
 impl Rooms {
     pub async fn load(store: Arc<dyn Store>, clock: Arc<dyn Clock>, secrets: &Secrets, config: &Config) -> Result<Arc<Self>, StoreError> {
         let keys = KeyRing::load(store.clone(), clock.clone(), config.public_url(), config.token_ttl_seconds).await?;
-        let mut rooms = HashMap::new();
+        let mut rooms = FastMap::default();
         for (id, bytes) in store.list(Table::Rooms).await? {
             let spec: RoomSpec = serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt(format!("room {id}: {e}")))?;
             let engine = restore_engine(store.as_ref(), &id, clock.now_ms()).await?;

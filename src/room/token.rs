@@ -12,12 +12,12 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use base64::Engine;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use parking_lot::{Mutex, RwLock};
-use std::collections::HashMap;
 use ring::rand::SystemRandom;
 use ring::signature::{EcdsaKeyPair, KeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
 use serde::{Deserialize, Serialize};
 
 use crate::clock::Clock;
+use crate::fast_map::FastMap;
 use crate::store::{Store, StoreError, Table};
 
 const META_KEY: &str = "signing_keys";
@@ -113,10 +113,10 @@ pub struct KeyRing {
     keys: RwLock<Vec<Arc<SigningKey>>>,
     /// Token → its claims, for tokens whose signature has been checked. A hit still checks
     /// expiry and room; cleared whenever the key set changes.
-    verified: RwLock<HashMap<String, Claims>>,
+    verified: RwLock<FastMap<String, Arc<Claims>>>,
     /// `room|origin|visitor|ticket` → (token, iat): an admitted visitor asking again within
     /// half the token lifetime gets the same token instead of a fresh ECDSA signature.
-    issued: Mutex<HashMap<String, (String, i64)>>,
+    issued: Mutex<FastMap<String, (String, i64)>>,
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
     issuer: String,
@@ -127,8 +127,8 @@ impl KeyRing {
     pub async fn load(store: Arc<dyn Store>, clock: Arc<dyn Clock>, issuer: String, ttl_seconds: u64) -> Result<Self, StoreError> {
         let ring = KeyRing {
             keys: RwLock::new(Vec::new()),
-            verified: RwLock::new(HashMap::new()),
-            issued: Mutex::new(HashMap::new()),
+            verified: RwLock::new(FastMap::default()),
+            issued: Mutex::new(FastMap::default()),
             store,
             clock,
             issuer,
@@ -217,7 +217,8 @@ impl KeyRing {
     }
 
     /// Checks algorithm, key, signature, issuer, expiry and (when given) room.
-    pub fn verify(&self, token: &str, room: Option<&str>) -> Result<Claims, Rejection> {
+    /// Claims are shared with the cache: forward auth asks on every request of a visitor.
+    pub fn verify(&self, token: &str, room: Option<&str>) -> Result<Arc<Claims>, Rejection> {
         if token.len() > 4096 {
             return Err(Rejection::Malformed);
         }
@@ -225,7 +226,7 @@ impl KeyRing {
         let claims = match cached {
             Some(claims) => claims,
             None => {
-                let claims = self.verify_signature(token)?;
+                let claims = Arc::new(self.verify_signature(token)?);
                 let mut verified = self.verified.write();
                 if verified.len() >= TOKEN_CACHE_ENTRIES {
                     verified.clear();
@@ -341,7 +342,7 @@ mod tests {
         // HS256 signed with the public x coordinate as secret (the classic confusion attack).
         let hs = jsonwebtoken::encode(
             &Header { kid: Some(ring.current_kid()), ..Header::new(Algorithm::HS256) },
-            &ring.verify(&token, None).unwrap(),
+            &*ring.verify(&token, None).unwrap(),
             &EncodingKey::from_secret(b"public"),
         )
         .unwrap();
@@ -354,7 +355,7 @@ mod tests {
         // Unknown kid.
         let other = jsonwebtoken::encode(
             &Header { kid: Some("nope".into()), ..Header::new(Algorithm::ES256) },
-            &ring.verify(&token, None).unwrap(),
+            &*ring.verify(&token, None).unwrap(),
             &ring.keys.read()[0].encoding,
         )
         .unwrap();

@@ -12,6 +12,8 @@
 //! committed ([`Engine::commit`]), so nothing is announced before it is durable.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+
+use crate::fast_map::FastMap;
 use std::time::Duration;
 
 use rand::seq::SliceRandom;
@@ -73,7 +75,7 @@ pub struct Engine {
     /// Per ticket (index `t - 1`): last seen, seconds since the Unix epoch.
     last_seen: Vec<u32>,
     /// Admitted ticket → last activity (ms).
-    sessions: HashMap<u64, i64>,
+    sessions: FastMap<u64, i64>,
     /// Waiting ticket → its page's realtime socket id: an open socket counts as being seen.
     sockets: HashMap<u64, String>,
     admission: Admission,
