@@ -25,7 +25,8 @@
 //!   pre-serialized 503), timeouts, body limits; [`ops`]: metrics, health, shutdown.
 //! - [`http`]: `AppState`, the router (where every layer's order is decided) and `App`, which
 //!   serves the two hottest routes (forward auth, status) in front of the router under the same
-//!   bound and metrics.
+//!   bound and metrics; [`serve`], the accept loop (hyper HTTP/1.1 connections with upgrades,
+//!   peer address and refusal hold per request, graceful drain).
 //!
 //! ## Data flow of a visitor
 //!
@@ -66,6 +67,7 @@ pub mod ops;
 pub mod realtime;
 pub mod room;
 pub mod secrets;
+pub mod serve;
 pub mod store;
 pub mod web;
 
@@ -90,8 +92,6 @@ pub enum RunError {
     Store(#[from] StoreError),
     #[error("secrets: {0}")]
     Secrets(String),
-    #[error("server: {0}")]
-    Serve(std::io::Error),
 }
 
 /// A bound, ready-to-run server. Splitting bind from run lets callers learn the port first.
@@ -156,15 +156,14 @@ impl Server {
         let max_connections = state.config.limits.max_connections;
         let app = http::app(state);
         let listener = limits::backoff::Listener::new(listener, max_connections);
-        let serve = axum::serve(listener, limits::backoff::PerConnection(app))
-            .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+        let serve = serve::serve(listener, app, shutdown.clone().cancelled_owned());
         let deadline = async {
             shutdown.cancelled().await;
             realtime.close_all().await;
             tokio::time::sleep(grace).await;
         };
         tokio::select! {
-            result = serve => result.map_err(RunError::Serve)?,
+            () = serve => {}
             _ = deadline => tracing::warn!(?grace, "in-flight requests still running at the shutdown deadline; closing"),
         }
         store.close().await?;

@@ -8,11 +8,10 @@
 //! buffer, at no cost to anyone, so refusals stay a small share of the work however impatient
 //! the clients are. Other connections are unaffected.
 //!
-//! [`Listener`] wraps every accepted socket in [`Throttled`]; [`PerConnection`] hands each
-//! request its connection's [`Backoff`] (and the peer address as `ConnectInfo`), which the
-//! shed layer sets when it refuses.
+//! [`Listener`] wraps every accepted socket in [`Throttled`]; `serve` hands each request its
+//! connection's [`Backoff`] (and the peer address as `ConnectInfo`), which the shed layer sets
+//! when it refuses.
 
-use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
@@ -22,14 +21,10 @@ use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use axum::extract::{ConnectInfo, Request};
-use axum::response::Response;
-use axum::serve::IncomingStream;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, Sleep};
-use tower::Service;
 
 /// Process-wide origin for the compact timestamps below.
 fn epoch() -> Instant {
@@ -110,6 +105,13 @@ pub struct Throttled {
     _slot: OwnedSemaphorePermit,
 }
 
+impl Throttled {
+    /// The connection's hold, which the shed layer sets when it refuses a request on it.
+    pub fn backoff(&self) -> &Backoff {
+        &self.backoff
+    }
+}
+
 impl AsyncRead for Throttled {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         if let Some(until) = self.backoff.until() {
@@ -143,49 +145,6 @@ impl AsyncWrite for Throttled {
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.stream).poll_shutdown(cx)
-    }
-}
-
-/// Makes each connection's service: the app, with the connection's peer address and
-/// [`Backoff`] in every request's extensions.
-#[derive(Clone)]
-pub struct PerConnection<S>(pub S);
-
-impl<S: Clone> Service<IncomingStream<'_, Listener>> for PerConnection<S> {
-    type Response = WithConnection<S>;
-    type Error = Infallible;
-    type Future = std::future::Ready<Result<WithConnection<S>, Infallible>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, incoming: IncomingStream<'_, Listener>) -> Self::Future {
-        let connection = WithConnection { app: self.0.clone(), peer: *incoming.remote_addr(), backoff: incoming.io().backoff.clone() };
-        std::future::ready(Ok(connection))
-    }
-}
-
-#[derive(Clone)]
-pub struct WithConnection<S> {
-    app: S,
-    peer: SocketAddr,
-    backoff: Backoff,
-}
-
-impl<S: Service<Request, Response = Response, Error = Infallible>> Service<Request> for WithConnection<S> {
-    type Response = Response;
-    type Error = Infallible;
-    type Future = S::Future;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        self.app.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut request: Request) -> Self::Future {
-        request.extensions_mut().insert(ConnectInfo(self.peer));
-        request.extensions_mut().insert(self.backoff.clone());
-        self.app.call(request)
     }
 }
 

@@ -12,7 +12,7 @@ use serde::Deserialize;
 
 use super::model::RoomState;
 use super::policy::abuse;
-use super::visitor::{cookie_name, safe_deep_link, VisitorCookie};
+use super::visitor::{cookie_in, cookie_name, safe_deep_link, VisitorCookie};
 use super::{Room, VisitorStatus};
 use crate::error::ApiError;
 use crate::http::AppState;
@@ -55,7 +55,7 @@ async fn entry(
     let rooms = &state.rooms;
     let (to, pow) = query.map(|Query(q)| (q.to, q.pow)).unwrap_or_default();
     let deep_link = to.and_then(|to| safe_deep_link(&to));
-    let existing = rooms.recognise(&room, cookies::get(headers, &cookie_name(&room.id)));
+    let existing = rooms.recognise(&room, cookie_in(headers, &room.id));
     let mut set_cookies = Vec::new();
     let cookie = match existing {
         Some(mut c) => {
@@ -176,7 +176,7 @@ pub fn status_answer(state: &AppState, room_id: &str, request: &axum::extract::R
     let Some(room) = state.rooms.get(room_id) else {
         return ApiError::not_found(format!("no room {room_id:?}")).into_response();
     };
-    let cookie = state.rooms.recognise(&room, cookies::get(headers, &cookie_name(&room.id)));
+    let cookie = state.rooms.recognise(&room, cookie_in(headers, &room.id));
     if cookie.is_none() && room.effective_state(state.clock.now_ms()) != RoomState::Passthrough {
         return ApiError::unauthorized(format!("no ticket for this room: enter at /r/{room_id} first")).into_response();
     }
@@ -202,7 +202,7 @@ async fn register_socket(
     let room = state.rooms.require(&room_id)?;
     let cookie = state
         .rooms
-        .recognise(&room, cookies::get(&headers, &cookie_name(&room.id)))
+        .recognise(&room, cookie_in(&headers, &room.id))
         .ok_or_else(|| ApiError::unauthorized(format!("no ticket for this room: enter at /r/{room_id} first")))?;
     let id = &body.socket_id;
     let well_formed = id.len() <= 41
@@ -238,9 +238,11 @@ fn respond(
         set_cookies.push(cookies::set("weir_token", token, state.config.token_ttl_seconds, secure(state)));
     }
     let mut response = if json {
-        let mut r = Json(&status).into_response();
-        r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        r
+        let json_headers = [
+            (header::CONTENT_TYPE, HeaderValue::from_static("application/json")),
+            (header::CACHE_CONTROL, HeaderValue::from_static("no-store")),
+        ];
+        (json_headers, status.to_json()).into_response()
     } else if let Some(url) = &status.redirect_url {
         // 302 with a small "continue" page as its body, for clients that do not follow.
         let mut r = page(state, room, &status, headers, StatusCode::FOUND);

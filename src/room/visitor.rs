@@ -26,8 +26,15 @@ pub struct CookieSigner {
     key: hmac::Key,
 }
 
+const COOKIE_PREFIX: &str = "weir_v_";
+
 pub fn cookie_name(room: &str) -> String {
-    format!("weir_v_{room}")
+    format!("{COOKIE_PREFIX}{room}")
+}
+
+/// The raw visitor cookie for `room` in a request (read on every status poll: no name built).
+pub fn cookie_in<'a>(headers: &'a axum::http::HeaderMap, room: &str) -> Option<&'a str> {
+    crate::web::cookies::find(headers, |name| name.strip_prefix(COOKIE_PREFIX) == Some(room))
 }
 
 impl CookieSigner {

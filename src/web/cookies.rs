@@ -4,13 +4,19 @@ use axum::http::{header, HeaderMap};
 
 /// The value of cookie `name`, if the request carries one. Bounded by the header size limit.
 pub fn get<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    find(headers, |k| k == name)
+}
+
+/// The value of the first cookie whose name satisfies `is_name` (lets a caller match a
+/// composed name without building it).
+pub fn find(headers: &HeaderMap, is_name: impl Fn(&str) -> bool) -> Option<&str> {
     headers
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(k, _)| *k == name)
+        .find(|(k, _)| is_name(k))
         .map(|(_, v)| v.trim_matches('"'))
 }
 

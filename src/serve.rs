@@ -1,0 +1,251 @@
+//! The accept loop: every connection is served by hyper's HTTP/1.1 connection (with upgrades,
+//! for WebSockets), calling the [`App`] directly.
+//!
+//! This replaces `axum::serve`, which on every request clones the whole per-connection service
+//! and polls a shutdown channel, and wraps each socket for HTTP/2 detection that weir (HTTP/1.1
+//! only, behind a proxy for anything else) never uses. Here a request costs no clone, and
+//! graceful shutdown costs one atomic load per wake-up of a connection.
+
+use std::cell::RefCell;
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use axum::body::Body;
+use axum::extract::ConnectInfo;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper_util::rt::TokioIo;
+use tokio::sync::{mpsc, Notify};
+use tower::Service;
+
+use axum::extract::Request;
+use axum::response::Response;
+
+use crate::limits::backoff::{Backoff, Listener};
+
+/// Serves `app` on `listener` until `stop` resolves, then lets every open connection finish
+/// the request it is on (idle keep-alive connections close at once) and returns when all have.
+pub async fn serve<A>(mut listener: Listener, app: A, stop: impl Future<Output = ()>)
+where
+    A: Service<Request, Response = Response, Error = Infallible> + Clone + Send + 'static,
+    A::Future: Send + 'static,
+{
+    let draining = Arc::new(Draining::default());
+    // Every connection task holds a sender; `recv` returns `None` once all have ended.
+    let (alive, mut all_closed) = mpsc::channel::<Infallible>(1);
+    tokio::pin!(stop);
+    loop {
+        let (io, peer) = tokio::select! {
+            accepted = axum::serve::Listener::accept(&mut listener) => accepted,
+            () = &mut stop => break,
+        };
+        let backoff = io.backoff().clone();
+        let service = ConnectionService {
+            app: RefCell::new(app.clone()),
+            peer,
+            backoff,
+        };
+        let connection = http1::Builder::new()
+            .serve_connection(TokioIo::new(io), service)
+            .with_upgrades();
+        let connection = Drained {
+            connection,
+            begin_shutdown: http1::UpgradeableConnection::graceful_shutdown,
+            signal: draining.notify.clone().notified_owned(),
+            draining: draining.clone(),
+            state: DrainState::Unregistered,
+        };
+        let alive = alive.clone();
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::trace!(error = %e, "connection ended with an error");
+            }
+            drop(alive);
+        });
+    }
+    drop(listener);
+    draining.flag.store(true, Ordering::Release);
+    draining.notify.notify_waiters();
+    drop(alive);
+    let _ = all_closed.recv().await;
+}
+
+/// One connection's view of the app: hands every request its peer address and [`Backoff`].
+struct ConnectionService<A> {
+    /// hyper calls services through `&self`; a connection makes one call at a time.
+    app: RefCell<A>,
+    peer: SocketAddr,
+    backoff: Backoff,
+}
+
+impl<A: Service<Request, Response = Response, Error = Infallible>>
+    hyper::service::Service<hyper::Request<Incoming>> for ConnectionService<A>
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = A::Future;
+
+    fn call(&self, request: hyper::Request<Incoming>) -> A::Future {
+        let mut request = request.map(Body::new);
+        request.extensions_mut().insert(ConnectInfo(self.peer));
+        request.extensions_mut().insert(self.backoff.clone());
+        self.app.borrow_mut().call(request)
+    }
+}
+
+#[derive(Default)]
+struct Draining {
+    flag: AtomicBool,
+    notify: Arc<Notify>,
+}
+
+#[derive(PartialEq)]
+enum DrainState {
+    Unregistered,
+    Registered,
+    Draining,
+}
+
+pin_project_lite::pin_project! {
+    /// A connection that shuts down gracefully once the server drains. The shutdown signal is
+    /// registered on the first poll (it wakes the task); after that each poll only reads the flag.
+    struct Drained<C> {
+        #[pin]
+        connection: C,
+        begin_shutdown: fn(Pin<&mut C>),
+        #[pin]
+        signal: tokio::sync::futures::OwnedNotified,
+        draining: Arc<Draining>,
+        state: DrainState,
+    }
+}
+
+impl<C: Future> Future for Drained<C> {
+    type Output = C::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        if *this.state == DrainState::Unregistered {
+            // Pending unless the server is already draining, which the flag below also tells.
+            let _ = this.signal.as_mut().poll(cx);
+            *this.state = DrainState::Registered;
+        }
+        if *this.state == DrainState::Registered && this.draining.flag.load(Ordering::Acquire) {
+            *this.state = DrainState::Draining;
+            (this.begin_shutdown)(this.connection.as_mut());
+        }
+        this.connection.poll(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    /// Answers `/slow` once `release` is notified (telling `started` first), anything else at
+    /// once; every answer names the peer address the app was given.
+    fn app(
+        started: Arc<Notify>,
+        release: Arc<Notify>,
+    ) -> impl Service<Request, Response = Response, Error = Infallible, Future = impl Send>
+           + Clone
+           + Send
+           + 'static {
+        tower::service_fn(move |request: Request| {
+            let (started, release) = (started.clone(), release.clone());
+            async move {
+                let peer = request
+                    .extensions()
+                    .get::<ConnectInfo<SocketAddr>>()
+                    .map(|c| c.0.ip().to_string())
+                    .unwrap_or_default();
+                if request.uri().path() == "/slow" {
+                    started.notify_one();
+                    release.notified().await;
+                }
+                Ok::<_, Infallible>(Response::new(Body::from(format!("done for {peer}"))))
+            }
+        })
+    }
+
+    async fn send(stream: &mut TcpStream, path: &str) {
+        stream
+            .write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+    }
+
+    async fn read_to_end(stream: &mut TcpStream) -> String {
+        let mut out = Vec::new();
+        stream.read_to_end(&mut out).await.unwrap();
+        String::from_utf8(out).unwrap()
+    }
+
+    #[tokio::test]
+    async fn drains_in_flight_requests_and_closes_idle_connections() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, started, release) = (
+            Arc::new(Notify::new()),
+            Arc::new(Notify::new()),
+            Arc::new(Notify::new()),
+        );
+        let mut server = tokio::spawn({
+            let (stop, app) = (stop.clone(), app(started.clone(), release.clone()));
+            async move {
+                serve(Listener::new(listener, 16), app, async move {
+                    stop.notified().await
+                })
+                .await
+            }
+        });
+
+        let mut idle = TcpStream::connect(addr).await.unwrap();
+        send(&mut idle, "/fast").await;
+        let mut buf = [0u8; 512];
+        let n = idle.read(&mut buf).await.unwrap();
+        assert!(
+            String::from_utf8_lossy(&buf[..n]).ends_with("done for 127.0.0.1"),
+            "the app sees the peer address"
+        );
+
+        let mut busy = TcpStream::connect(addr).await.unwrap();
+        send(&mut busy, "/slow").await;
+        started.notified().await;
+        stop.notify_one();
+
+        assert_eq!(
+            read_to_end(&mut idle).await,
+            "",
+            "an idle keep-alive connection is closed at once"
+        );
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), &mut server)
+                .await
+                .is_err(),
+            "serve waits for the request in flight"
+        );
+        release.notify_one();
+        let answered = read_to_end(&mut busy).await;
+        assert!(
+            answered.starts_with("HTTP/1.1 200") && answered.ends_with("done for 127.0.0.1"),
+            "{answered}"
+        );
+        tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .expect("serve returns once connections are done")
+            .unwrap();
+        assert!(
+            TcpStream::connect(addr).await.is_err(),
+            "no longer accepting"
+        );
+    }
+}
