@@ -3,3 +3,4 @@
 //! and these keys are either ours (room ids, tickets) or only stored once proven (signed tokens).
 
 pub type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+pub type FastSet<T> = std::collections::HashSet<T, foldhash::fast::RandomState>;

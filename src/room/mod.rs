@@ -215,9 +215,6 @@ pub struct VisitorStatus {
     pub redirect_url: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub starts_at: Option<String>,
-    /// The room's display name (for pages).
-    #[serde(skip)]
-    pub name: String,
     /// The token for the redirect (set as a cookie too).
     #[serde(skip)]
     pub token: Option<String>,
@@ -493,7 +490,6 @@ impl Rooms {
             admitted,
             redirect_url,
             starts_at: spec.starts_at.clone(),
-            name: spec.name.clone(),
             token,
         }
     }
@@ -548,7 +544,6 @@ mod tests {
                         admitted: j % 2 == 0,
                         redirect_url: text.clone(),
                         starts_at: texts[(j + 1) % texts.len()].clone(),
-                        name: "ignored".into(),
                         token: Some("ignored".into()),
                     };
                     assert_eq!(String::from_utf8(status.to_json()).unwrap(), serde_json::to_string(&status).unwrap());

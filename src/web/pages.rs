@@ -611,7 +611,7 @@ mod tests {
                 let status = VisitorStatus {
                     room: "sale".into(), state: spec.state, ticket: Some(ticket), position: Some(ticket / 2),
                     eta_seconds: eta, admitted: false, redirect_url: None, starts_at: spec.starts_at.clone(),
-                    name: spec.name.clone(), token: None,
+                    token: None,
                 };
                 let page = RoomPage { spec: &spec, status: &status, rank: ticket, serving: 3, now_ms: 1_893_455_000_123, headers: &headers };
                 let values = page.dynamic();
@@ -629,7 +629,7 @@ mod tests {
         let spec = spec("open", serde_json::json!({"text": "odd \u{E000}a\u{E001} text"}));
         let status = VisitorStatus {
             room: "sale".into(), state: spec.state, ticket: Some(5), position: Some(2), eta_seconds: None,
-            admitted: false, redirect_url: None, starts_at: None, name: spec.name.clone(), token: None,
+            admitted: false, redirect_url: None, starts_at: None, token: None,
         };
         let headers = HeaderMap::new();
         let page = RoomPage { spec: &spec, status: &status, rank: 5, serving: 3, now_ms: 0, headers: &headers };

@@ -11,9 +11,9 @@
 //! Each tick is planned ([`Engine::plan`]) from explicit inputs, persisted by the caller, then
 //! committed ([`Engine::commit`]), so nothing is announced before it is durable.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::VecDeque;
 
-use crate::fast_map::FastMap;
+use crate::fast_map::{FastMap, FastSet};
 use std::time::Duration;
 
 use rand::seq::SliceRandom;
@@ -70,14 +70,14 @@ pub struct Engine {
     rank_of: Vec<u32>,
     serving: u64,
     last_ticket: u64,
-    skipped: HashSet<u64>,
+    skipped: FastSet<u64>,
     returners: VecDeque<u64>,
     /// Per ticket (index `t - 1`): last seen, seconds since the Unix epoch.
     last_seen: Vec<u32>,
     /// Admitted ticket → last activity (ms).
     sessions: FastMap<u64, i64>,
     /// Waiting ticket → its page's realtime socket id: an open socket counts as being seen.
-    sockets: HashMap<u64, String>,
+    sockets: FastMap<u64, String>,
     admission: Admission,
     /// Moving average of admissions per minute.
     measured_per_minute: f64,
