@@ -133,12 +133,15 @@ fn http_row(rows: &mut Vec<Row>, res: &Value, name: &str, goal_ratio: f64) {
     if name == "verify" {
         let half = &w["half_load"];
         let p = f(&half["latency"]["p99_ms"]).filter(|_| f(&half["ok"]).unwrap_or(0.0) > 0.0);
+        let hello_half = &w["half_load_hello"];
+        let hp = f(&hello_half["latency"]["p99_ms"]).filter(|_| f(&hello_half["ok"]).unwrap_or(0.0) > 0.0);
+        let (r, _) = ratio(p, hp);
         rows.push(Row {
             scenario: name.into(),
-            figure: "p99 at half load (open loop)".into(),
+            figure: "p99 at half load (open loop; hello driven at the same rate)".into(),
             weir: cell(p, " ms", &nm(half).or(missing.clone())),
-            baseline: "—".into(),
-            ratio: "—".into(),
+            baseline: cell(hp, " ms (hello)", &nm(hello_half)),
+            ratio: r,
             goal: "< 2 ms".into(),
             verdict: verdict(p.map(|x| x < 2.0)),
         });

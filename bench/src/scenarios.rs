@@ -387,6 +387,19 @@ pub async fn verify(ctx: &mut Ctx) -> Value {
     let mut h = load_json(&r);
     h["offered_per_sec"] = json!(round(cap / 2.0, 1));
     v["half_load"] = h;
+    // The same open loop at the same rate against bare hyper: what this client, this machine
+    // and the kernel's loopback add to the latency by themselves.
+    ctx.progress("hello at the same rate, open loop");
+    v["half_load_hello"] = match ctx.shared_hello() {
+        Ok(s) => {
+            let reqs = Rc::new(vec![request("GET", "/", &s.addr.to_string(), &["Accept: text/html".into()], b"")]);
+            let r = open_loop(s.addr, conns, cap / 2.0, reqs, duration, Some(s.pid)).await;
+            let mut h = load_json(&r);
+            h["offered_per_sec"] = json!(round(cap / 2.0, 1));
+            h
+        }
+        Err(e) => not_measured(e),
+    };
     v
 }
 
