@@ -52,10 +52,15 @@ impl CookieSigner {
     }
 
     pub fn encode(&self, room: &str, cookie: &VisitorCookie) -> String {
-        use std::fmt::Write;
         let link = cookie.deep_link.as_deref().unwrap_or("");
         let mut value = String::with_capacity(96 + link.len() * 4 / 3);
-        let _ = write!(value, "{}.{}.{}.", cookie.generation, cookie.ticket, cookie.visitor);
+        let mut number = itoa::Buffer::new();
+        value.push_str(number.format(cookie.generation));
+        value.push('.');
+        value.push_str(number.format(cookie.ticket));
+        value.push('.');
+        value.push_str(&cookie.visitor);
+        value.push('.');
         B64.encode_string(link, &mut value);
         let mac = self.mac(room, &value);
         value.push('.');
@@ -102,9 +107,15 @@ pub fn safe_deep_link(to: &str) -> Option<String> {
 }
 
 pub fn new_visitor_id() -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut bytes = [0u8; 16];
     rand::RngCore::fill_bytes(&mut rand::rng(), &mut bytes);
-    hex::encode(bytes)
+    let mut id = String::with_capacity(32);
+    for b in bytes {
+        id.push(char::from(HEX[usize::from(b >> 4)]));
+        id.push(char::from(HEX[usize::from(b & 15)]));
+    }
+    id
 }
 
 #[cfg(test)]
@@ -123,6 +134,16 @@ mod tests {
         assert_eq!(CookieSigner::new(&[8; 32]).decode("sale", &v), None);
         assert_eq!(s.decode("sale", "junk"), None);
         assert_eq!(s.decode("sale", ""), None);
+    }
+
+    #[test]
+    fn visitor_ids_are_32_lowercase_hex_digits_and_differ() {
+        let (a, b) = (new_visitor_id(), new_visitor_id());
+        assert_ne!(a, b);
+        for id in [a, b] {
+            assert_eq!(id.len(), 32);
+            assert!(id.bytes().all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c)), "{id}");
+        }
     }
 
     #[test]

@@ -22,8 +22,14 @@ pub fn find(headers: &HeaderMap, is_name: impl Fn(&str) -> bool) -> Option<&str>
 
 /// An HttpOnly, SameSite=Lax cookie for the whole host; `Secure` when weir is served over https.
 pub fn set(name: &str, value: &str, max_age_s: u64, secure: bool) -> String {
-    let secure = if secure { "; Secure" } else { "" };
-    format!("{name}={value}; Path=/; Max-Age={max_age_s}; HttpOnly; SameSite=Lax{secure}")
+    let mut cookie = String::with_capacity(name.len() + value.len() + 64);
+    for part in [name, "=", value, "; Path=/; Max-Age=", itoa::Buffer::new().format(max_age_s), "; HttpOnly; SameSite=Lax"] {
+        cookie.push_str(part);
+    }
+    if secure {
+        cookie.push_str("; Secure");
+    }
+    cookie
 }
 
 /// Whether the client prefers JSON (mobile apps, scripts) over the HTML page.
@@ -32,4 +38,15 @@ pub fn wants_json(headers: &HeaderMap) -> bool {
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|a| a.contains("application/json") && !a.contains("text/html"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn set_cookie_attributes() {
+        assert_eq!(set("weir_v_a", "1.2.x", 604_800, false), "weir_v_a=1.2.x; Path=/; Max-Age=604800; HttpOnly; SameSite=Lax");
+        assert_eq!(set("t", "v", 0, true), "t=v; Path=/; Max-Age=0; HttpOnly; SameSite=Lax; Secure");
+    }
 }

@@ -20,6 +20,7 @@ use serde::Serialize;
 
 use super::i18n::{self, Strings};
 use crate::room::model::{RoomSpec, RoomState};
+use crate::fast_map::FastMap;
 use crate::room::VisitorStatus;
 
 const TEMPLATES: &[(&str, &str)] = &[
@@ -305,31 +306,24 @@ impl Skeleton {
     }
 
     fn fill(&self, v: &Dynamic) -> String {
-        use std::fmt::Write;
+        fn number(out: &mut String, n: impl itoa::Integer) {
+            out.push_str(itoa::Buffer::new().format(n));
+        }
         let mut out = String::with_capacity(self.len + 64);
         for piece in &self.pieces {
-            let _ = match piece {
-                Piece::Text(t) => {
-                    out.push_str(t);
-                    Ok(())
-                }
-                Piece::Slot(Slot::Position) => write!(out, "{}", v.position),
-                Piece::Slot(Slot::Ticket | Slot::JsonTicket) => write!(out, "{}", v.ticket),
-                Piece::Slot(Slot::Progress) => write!(out, "{}", v.progress),
-                Piece::Slot(Slot::EtaText) => {
-                    out.push_str(&html_escape(v.eta_text.as_deref().unwrap_or("")));
-                    Ok(())
-                }
-                Piece::Slot(Slot::Countdown) => {
-                    out.push_str(&v.countdown_text);
-                    Ok(())
-                }
-                Piece::Slot(Slot::RefreshS) => write!(out, "{}", v.refresh_s),
-                Piece::Slot(Slot::RefreshMs) => write!(out, "{}", v.refresh_s * 1000),
-                Piece::Slot(Slot::JsonRank) => write!(out, "{}", v.rank),
-                Piece::Slot(Slot::JsonServing) => write!(out, "{}", v.serving),
-                Piece::Slot(Slot::JsonNowMs) => write!(out, "{}", v.now_ms),
-            };
+            match piece {
+                Piece::Text(t) => out.push_str(t),
+                Piece::Slot(Slot::Position) => number(&mut out, v.position),
+                Piece::Slot(Slot::Ticket | Slot::JsonTicket) => number(&mut out, v.ticket),
+                Piece::Slot(Slot::Progress) => number(&mut out, v.progress),
+                Piece::Slot(Slot::EtaText) => push_html_escaped(&mut out, v.eta_text.as_deref().unwrap_or("")),
+                Piece::Slot(Slot::Countdown) => out.push_str(&v.countdown_text),
+                Piece::Slot(Slot::RefreshS) => number(&mut out, v.refresh_s),
+                Piece::Slot(Slot::RefreshMs) => number(&mut out, v.refresh_s * 1000),
+                Piece::Slot(Slot::JsonRank) => number(&mut out, v.rank),
+                Piece::Slot(Slot::JsonServing) => number(&mut out, v.serving),
+                Piece::Slot(Slot::JsonNowMs) => number(&mut out, v.now_ms),
+            }
         }
         out
     }
@@ -354,8 +348,8 @@ struct RoomSkeletons {
 /// Rooms whose skeletons are cached; cleared past this, like the custom-template cache.
 const MAX_SKELETON_ROOMS: usize = 1024;
 
-fn skeletons() -> &'static Mutex<HashMap<String, RoomSkeletons>> {
-    static CACHE: OnceLock<Mutex<HashMap<String, RoomSkeletons>>> = OnceLock::new();
+fn skeletons() -> &'static Mutex<FastMap<String, RoomSkeletons>> {
+    static CACHE: OnceLock<Mutex<FastMap<String, RoomSkeletons>>> = OnceLock::new();
     CACHE.get_or_init(Default::default)
 }
 
@@ -451,8 +445,9 @@ impl RoomPage<'_> {
         let mut head = String::new();
         match (page, status.redirect_url.as_deref()) {
             ("passthrough", Some(url)) => {
-                let url = html_escape(url);
-                head.push_str(&format!("<meta http-equiv=\"refresh\" content=\"0;url={url}\">"));
+                head.push_str("<meta http-equiv=\"refresh\" content=\"0;url=");
+                push_html_escaped(&mut head, url);
+                head.push_str("\">");
             }
             ("closed", _) => {}
             _ => head.push_str(&format!(
@@ -553,12 +548,35 @@ impl RoomPage<'_> {
     }
 }
 
-fn html_escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('"', "&quot;").replace('<', "&lt;").replace('>', "&gt;")
+/// What minijinja's auto-escaping would write for `s` in text or an attribute.
+fn push_html_escaped(out: &mut String, s: &str) {
+    let mut rest = s;
+    while let Some(i) = rest.find(['&', '"', '<', '>']) {
+        out.push_str(&rest[..i]);
+        out.push_str(match rest.as_bytes()[i] {
+            b'&' => "&amp;",
+            b'"' => "&quot;",
+            b'<' => "&lt;",
+            _ => "&gt;",
+        });
+        rest = &rest[i + 1..];
+    }
+    out.push_str(rest);
 }
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn html_escaping_matches_the_replace_chain() {
+        for s in ["", "plain", "a & b", "\"<x>\"", "&&<<>>\"\"", "étoile <b>5</b> & \"ok\""] {
+            let mut out = String::from("prefix:");
+            push_html_escaped(&mut out, s);
+            let expected = s.replace('&', "&amp;").replace('"', "&quot;").replace('<', "&lt;").replace('>', "&gt;");
+            assert_eq!(out, format!("prefix:{expected}"));
+        }
+    }
+
     use super::*;
 
     #[test]
