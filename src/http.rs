@@ -9,6 +9,8 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::extract::Request;
+use axum::http::{header, Extensions, HeaderMap, HeaderValue, StatusCode, Version};
+use tower_http::compression::predicate::{Predicate, SizeAbove};
 use axum::response::{IntoResponse, Response};
 use axum::routing::future::RouteFuture;
 use tower::{Layer, Service};
@@ -96,7 +98,7 @@ pub fn router(state: AppState, visitors_bound: shed::BoundLayer) -> Router {
     // JSON answers (status, forward auth) are not worth the work.
     let pages = crate::room::routes::page_routes()
         .merge(crate::web::assets::routes())
-        .layer(tower_http::compression::CompressionLayer::new());
+        .layer(tower_http::compression::CompressionLayer::new().compress_when(SizeAbove::new(256).and(is_text as TextPredicate)));
     let visitors = pages.merge(crate::room::routes::api_routes()).merge(crate::gateway::routes()).layer(visitors_bound);
     // Reverse-proxy mode bounds its own origin requests and times (`gateway::proxy`): bodies
     // stream for longer than the request timeout, and WebSocket upgrades live on.
@@ -110,6 +112,16 @@ pub fn router(state: AppState, visitors_bound: shed::BoundLayer) -> Router {
         .fallback(not_found_fallback)
         .layer(TrackLayer::default())
         .with_state(state)
+}
+
+type TextPredicate = fn(StatusCode, Version, &HeaderMap, &Extensions) -> bool;
+
+/// Pages, the page script and JSON: everything weir itself writes that compresses well. (One
+/// header look-up; tower-http's default predicate parses the content type three times.)
+fn is_text(_: StatusCode, _: Version, headers: &HeaderMap, _: &Extensions) -> bool {
+    headers.get(header::CONTENT_TYPE).map(HeaderValue::as_bytes).is_some_and(|t| {
+        t.starts_with(b"text/") || t.starts_with(b"application/javascript") || t.starts_with(b"application/json")
+    })
 }
 
 /// A `GET {prefix}{room}{suffix}` route answered in front of the router. Forward auth runs on

@@ -258,18 +258,20 @@ fn adaptive_rate_follows_a_slow_origin_within_bounds() {
 }
 
 /// The pre-queue shuffle is fair: over many shuffles each ticket lands in each place equally
-/// often (chi-square), and entering earlier buys nothing.
+/// often (chi-square), and entering earlier buys nothing. The generator is seeded so the verdict
+/// is the same on every run (an unseeded chi-square test fails one run in a thousand by design).
 #[test]
 fn prequeue_shuffle_is_uniform() {
     const K: usize = 8;
     const TRIALS: usize = 16_000;
     let mut counts = [[0u32; K]; K];
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(0x5eed);
     for _ in 0..TRIALS {
         let mut e = Engine::default();
         for t in 1..=K as u64 {
             e.on_entry(t, 0);
         }
-        let order = e.shuffled_prequeue();
+        let order = e.shuffled_prequeue_with(&mut rng);
         let set: HashSet<u32> = order.iter().copied().collect();
         assert_eq!(set.len(), K, "a permutation");
         for (place, ticket) in order.iter().enumerate() {

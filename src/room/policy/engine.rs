@@ -118,9 +118,14 @@ impl Engine {
     /// Shuffles tickets `1..=last_ticket` (the pre-queue) with a cryptographically secure RNG.
     /// Returns the order to persist; [`Engine::install_order`] applies it.
     pub fn shuffled_prequeue(&self) -> Vec<u32> {
-        let mut order: Vec<u32> = (1..=self.last_ticket.min(u32::MAX as u64) as u32).collect();
         // ThreadRng is a CSPRNG (ChaCha, seeded from the OS).
-        order.shuffle(&mut rand::rng());
+        self.shuffled_prequeue_with(&mut rand::rng())
+    }
+
+    /// The shuffle with a given generator (tests pass a seeded one, so their verdict is fixed).
+    pub fn shuffled_prequeue_with(&self, rng: &mut impl rand::Rng) -> Vec<u32> {
+        let mut order: Vec<u32> = (1..=self.last_ticket.min(u32::MAX as u64) as u32).collect();
+        order.shuffle(rng);
         order
     }
 
