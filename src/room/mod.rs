@@ -77,6 +77,8 @@ pub struct Room {
     entries_window: Mutex<MinuteWindow>,
     /// `weir_room_entries_total` for this room, resolved once (entry is the hottest path).
     entries_total: metrics::Counter,
+    /// Visitor cookies already checked (status polls present the same cookie again and again).
+    checked_cookies: visitor::CheckedCookies,
 }
 
 /// Live statistics reported by the admin API, the CLI and metrics.
@@ -117,6 +119,7 @@ impl Room {
             per_ip: PerIpLimiter::default(),
             admitted_window: Mutex::new(MinuteWindow::default()),
             entries_window: Mutex::new(MinuteWindow::default()),
+            checked_cookies: visitor::CheckedCookies::default(),
         }
     }
 
@@ -426,7 +429,7 @@ impl Rooms {
 
     /// The visitor's cookie for `room`, if present and genuine for this generation of the room.
     pub fn recognise(&self, room: &Room, raw: Option<&str>) -> Option<VisitorCookie> {
-        let cookie = self.cookies.decode(&room.id, raw?)?;
+        let cookie = self.cookies.decode_remembered(&room.id, raw?, &room.checked_cookies)?;
         (cookie.generation == room.spec().created_at_ms && cookie.ticket >= 1 && cookie.ticket <= room.last_ticket())
             .then_some(cookie)
     }

@@ -69,16 +69,33 @@ impl CookieSigner {
     }
 
     pub fn decode(&self, room: &str, value: &str) -> Option<VisitorCookie> {
-        if value.len() > 2 * MAX_DEEP_LINK + 200 {
-            return None;
+        let (fields, tag) = split(value)?;
+        self.check(room, fields, &tag)
+    }
+
+    /// [`decode`](Self::decode), remembering cookies already checked in `seen` (one per room):
+    /// a waiting visitor presents the same cookie on every poll. A remembered cookie is found by
+    /// its fields, the part its holder can read anyway, and its MAC is still compared in constant
+    /// time, so the cache can neither accept a forged MAC nor leak a real one through timing.
+    pub fn decode_remembered(&self, room: &str, value: &str, seen: &CheckedCookies) -> Option<VisitorCookie> {
+        let (fields, tag) = split(value)?;
+        if let Some(known) = seen.0.read().get(fields) {
+            // The MAC of given fields is unique: any other tag is a forgery.
+            return bool::from(subtle::ConstantTimeEq::ct_eq(&known.mac[..], &tag[..])).then(|| known.cookie.clone());
         }
-        let (fields, mac) = value.rsplit_once('.')?;
-        let mut tag = [0u8; 33];
-        if B64.decode_slice(mac, &mut tag).ok()? != 32 {
-            return None;
+        let cookie = self.check(room, fields, &tag)?;
+        let mut seen = seen.0.write();
+        if seen.len() >= CHECKED_COOKIES_PER_ROOM {
+            seen.clear();
         }
+        seen.insert(fields.into(), Checked { mac: tag, cookie: cookie.clone() });
+        Some(cookie)
+    }
+
+    /// The cookie in `fields` if `tag` is their MAC for `room`.
+    fn check(&self, room: &str, fields: &str, tag: &[u8; 32]) -> Option<VisitorCookie> {
         let expected = self.mac(room, fields);
-        if !bool::from(subtle::ConstantTimeEq::ct_eq(expected.as_ref(), &tag[..32])) {
+        if !bool::from(subtle::ConstantTimeEq::ct_eq(expected.as_ref(), &tag[..])) {
             return None;
         }
         let mut parts = fields.split('.');
@@ -94,6 +111,36 @@ impl CookieSigner {
             deep_link: link.filter(|l| !l.is_empty()),
         })
     }
+}
+
+/// A cookie value's fields and its 32-byte MAC, if it has that shape (and a sane length).
+fn split(value: &str) -> Option<(&str, [u8; 32])> {
+    if value.len() > 2 * MAX_DEEP_LINK + 200 {
+        return None;
+    }
+    let (fields, mac) = value.rsplit_once('.')?;
+    let mut tag = [0u8; 33];
+    if B64.decode_slice(mac, &mut tag).ok()? != 32 {
+        return None;
+    }
+    let mut exact = [0u8; 32];
+    exact.copy_from_slice(&tag[..32]);
+    Some((fields, exact))
+}
+
+/// Cookies remembered as checked, per room; beyond this the room's set starts over (a few
+/// hundred bytes each: about 2 MiB per room at most).
+const CHECKED_COOKIES_PER_ROOM: usize = 8 * 1024;
+
+/// A room's cookies whose MAC has been checked, by their fields (see
+/// [`CookieSigner::decode_remembered`]).
+#[derive(Default)]
+pub struct CheckedCookies(parking_lot::RwLock<crate::fast_map::FastMap<Box<str>, Checked>>);
+
+/// A remembered cookie: the MAC it was accepted with and what it says.
+struct Checked {
+    mac: [u8; 32],
+    cookie: VisitorCookie,
 }
 
 /// Accepts only a path on the origin: starts with one `/`, no scheme or host, no backslash or
@@ -143,6 +190,37 @@ mod tests {
         for id in [a, b] {
             assert_eq!(id.len(), 32);
             assert!(id.bytes().all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c)), "{id}");
+        }
+    }
+
+    #[test]
+    fn remembered_cookies_are_still_checked() {
+        let s = CookieSigner::new(&[7; 32]);
+        let seen = CheckedCookies::default();
+        let c = VisitorCookie { generation: 42, ticket: 9, visitor: new_visitor_id(), deep_link: None };
+        let v = s.encode("sale", &c);
+        for _ in 0..2 {
+            assert_eq!(s.decode_remembered("sale", &v, &seen), Some(c.clone()), "first checked, then remembered");
+        }
+        // Same fields, another MAC: refused although the fields are remembered.
+        let (fields, _) = v.rsplit_once('.').unwrap();
+        let forged = format!("{fields}.{}", B64.encode([0u8; 32]));
+        assert_eq!(s.decode_remembered("sale", &forged, &seen), None);
+        assert_eq!(s.decode_remembered("sale", "junk", &seen), None);
+        // A cookie of another room never enters this room's set.
+        let other = s.encode("other", &c);
+        assert_eq!(s.decode_remembered("sale", &other, &seen), None);
+        assert_eq!(seen.0.read().len(), 1);
+    }
+
+    #[test]
+    fn the_remembered_set_is_bounded() {
+        let s = CookieSigner::new(&[7; 32]);
+        let seen = CheckedCookies::default();
+        for ticket in 1..=(CHECKED_COOKIES_PER_ROOM as u64 + 10) {
+            let c = VisitorCookie { generation: 1, ticket, visitor: "0".repeat(32), deep_link: None };
+            assert!(s.decode_remembered("r", &s.encode("r", &c), &seen).is_some());
+            assert!(seen.0.read().len() <= CHECKED_COOKIES_PER_ROOM);
         }
     }
 
