@@ -168,13 +168,13 @@ async fn proxy(State(state): State<AppState>, mut req: Request) -> Response {
             c
         }
         _ => {
-            metrics::counter!("weir_proxy_requests_total", "result" => "refused").increment(1);
+            outcome(ProxyOutcome::Refused);
             return to_room(&room_id, &rest, &query);
         }
     };
 
     let Ok(permit) = PROXY.permits.clone().try_acquire_owned() else {
-        metrics::counter!("weir_proxy_requests_total", "result" => "shed").increment(1);
+        outcome(ProxyOutcome::Shed);
         return failure(StatusCode::SERVICE_UNAVAILABLE, req.headers(), Some(1));
     };
 
@@ -236,16 +236,16 @@ async fn proxy(State(state): State<AppState>, mut req: Request) -> Response {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
             tracing::warn!(room = %room_id, error = %e, "origin unreachable");
-            metrics::counter!("weir_proxy_requests_total", "result" => "bad_gateway").increment(1);
+            outcome(ProxyOutcome::BadGateway);
             return failure(StatusCode::BAD_GATEWAY, &headers_for_errors, Some(5));
         }
         Err(_) => {
             tracing::warn!(room = %room_id, timeout = ?RESPONSE_TIMEOUT, "origin too slow");
-            metrics::counter!("weir_proxy_requests_total", "result" => "timeout").increment(1);
+            outcome(ProxyOutcome::Timeout);
             return failure(StatusCode::GATEWAY_TIMEOUT, &headers_for_errors, Some(5));
         }
     };
-    metrics::counter!("weir_proxy_requests_total", "result" => "forwarded").increment(1);
+    outcome(ProxyOutcome::Forwarded);
 
     let mut response = response;
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
@@ -285,6 +285,24 @@ fn to_room(room: &str, rest: &str, query: &str) -> Response {
         location.push_str(&url::form_urlencoded::byte_serialize(to.as_bytes()).collect::<String>());
     }
     redirect(&location, None)
+}
+
+/// What became of a proxied request (`weir_proxy_requests_total{result}`).
+#[derive(Clone, Copy)]
+enum ProxyOutcome {
+    Refused,
+    Shed,
+    BadGateway,
+    Timeout,
+    Forwarded,
+}
+
+/// Counts `result`, with the counters resolved once: every proxied request passes here.
+fn outcome(result: ProxyOutcome) {
+    static COUNTERS: LazyLock<[metrics::Counter; 5]> = LazyLock::new(|| {
+        ["refused", "shed", "bad_gateway", "timeout", "forwarded"].map(|r| metrics::counter!("weir_proxy_requests_total", "result" => r))
+    });
+    COUNTERS[result as usize].increment(1);
 }
 
 #[cfg(test)]

@@ -53,6 +53,8 @@ pub struct RedbStore {
     /// Durable last ticket per room with a journal, kept by the writer.
     last_tickets: LastTickets,
     writer: mpsc::Sender<WriteOp>,
+    /// `weir_store_write_queue_depth`, resolved once: every write sets it.
+    queue_depth: metrics::Gauge,
     open: Arc<AtomicBool>,
     /// Joined on close, so the database file is released when `close` returns.
     writer_thread: parking_lot::Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -83,14 +85,14 @@ impl RedbStore {
             .name("weir-store-writer".into())
             .spawn(move || writer_loop(&writer_db, &mut logs, rx))
             .map_err(backend)?;
-        Ok(Self { db, tickets_dir, last_tickets, writer: tx, open, writer_thread: parking_lot::Mutex::new(Some(handle)) })
+        let queue_depth = metrics::gauge!("weir_store_write_queue_depth");
+        Ok(Self { db, tickets_dir, last_tickets, writer: tx, queue_depth, open, writer_thread: parking_lot::Mutex::new(Some(handle)) })
     }
 
     async fn write<T>(&self, op: impl FnOnce(Reply<T>) -> WriteOp) -> Result<T, StoreError> {
         let (reply, rx) = oneshot::channel();
         self.writer.send(op(reply)).await.map_err(|_| StoreError::Closed)?;
-        metrics::gauge!("weir_store_write_queue_depth")
-            .set((QUEUE_CAPACITY - self.writer.capacity()) as f64);
+        self.queue_depth.set((QUEUE_CAPACITY - self.writer.capacity()) as f64);
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
@@ -116,6 +118,7 @@ fn decode_entry(bytes: &[u8]) -> Result<TicketEntry, StoreError> {
 
 fn writer_loop(db: &Database, logs: &mut TicketLogs, mut rx: mpsc::Receiver<WriteOp>) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
+    let batch_size = metrics::histogram!("weir_store_batch_size");
     while let Some(first) = rx.blocking_recv() {
         batch.push(first);
         while batch.len() < MAX_BATCH {
@@ -124,7 +127,7 @@ fn writer_loop(db: &Database, logs: &mut TicketLogs, mut rx: mpsc::Receiver<Writ
                 Err(_) => break,
             }
         }
-        metrics::histogram!("weir_store_batch_size").record(batch.len() as f64);
+        batch_size.record(batch.len() as f64);
         let closing = batch.iter().any(|op| matches!(op, WriteOp::Close { .. }));
         apply_batch(db, logs, &mut batch);
         if closing {
