@@ -65,6 +65,10 @@ pub struct Limits {
     pub admin_body_bytes: usize,
     /// `WEIR_LIMITS_MAX_CONNECTIONS`: open TCP connections before new ones wait at accept.
     pub max_connections: usize,
+    /// `WEIR_LIMITS_HEADER_TIMEOUT_MS`: a connection that has not sent a whole request head within
+    /// this long (a slow-header client, or an idle keep-alive connection) is closed, so trickling
+    /// clients cannot hold the `max_connections` slots.
+    pub header_timeout_ms: u64,
 }
 
 impl Default for Limits {
@@ -74,6 +78,7 @@ impl Default for Limits {
             request_timeout_ms: 10_000,
             admin_body_bytes: 64 * 1024,
             max_connections: 19_500,
+            header_timeout_ms: 30_000,
         }
     }
 }
@@ -110,6 +115,7 @@ pub const ENV_FIELDS: &[(&str, &[&str])] = &[
     ("WEIR_LIMITS_REQUEST_TIMEOUT_MS", &["limits", "request_timeout_ms"]),
     ("WEIR_LIMITS_ADMIN_BODY_BYTES", &["limits", "admin_body_bytes"]),
     ("WEIR_LIMITS_MAX_CONNECTIONS", &["limits", "max_connections"]),
+    ("WEIR_LIMITS_HEADER_TIMEOUT_MS", &["limits", "header_timeout_ms"]),
 ];
 
 /// Values given on the command line; `None` means "not given".
@@ -194,6 +200,9 @@ impl Config {
         }
         if self.limits.request_timeout_ms == 0 {
             problems.push("limits.request_timeout_ms: must be at least 1".into());
+        }
+        if self.limits.header_timeout_ms == 0 {
+            problems.push("limits.header_timeout_ms: must be at least 1".into());
         }
         for c in &self.trusted_proxies {
             if crate::room::policy::abuse::Cidr::parse(c).is_none() {

@@ -154,9 +154,10 @@ impl Server {
         let store = state.store.clone();
         let realtime = state.realtime.clone();
         let max_connections = state.config.limits.max_connections;
+        let header_timeout = Duration::from_millis(state.config.limits.header_timeout_ms);
         let app = http::app(state);
         let listener = limits::backoff::Listener::new(listener, max_connections);
-        let serve = serve::serve(listener, app, shutdown.clone().cancelled_owned());
+        let serve = serve::serve(listener, app, header_timeout, shutdown.clone().cancelled_owned());
         let deadline = async {
             shutdown.cancelled().await;
             realtime.close_all().await;

@@ -14,12 +14,13 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::ConnectInfo;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::sync::{mpsc, Notify};
 use tower::Service;
 
@@ -30,7 +31,8 @@ use crate::limits::backoff::{Backoff, Listener};
 
 /// Serves `app` on `listener` until `stop` resolves, then lets every open connection finish
 /// the request it is on (idle keep-alive connections close at once) and returns when all have.
-pub async fn serve<A>(mut listener: Listener, app: A, stop: impl Future<Output = ()>)
+/// A connection that takes longer than `header_timeout` to send a request head is closed.
+pub async fn serve<A>(mut listener: Listener, app: A, header_timeout: Duration, stop: impl Future<Output = ()>)
 where
     A: Service<Request, Response = Response, Error = Infallible> + Clone + Send + 'static,
     A::Future: Send + 'static,
@@ -51,6 +53,8 @@ where
             backoff,
         };
         let connection = http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(header_timeout)
             .serve_connection(TokioIo::new(io), service)
             .with_upgrades();
         let connection = Drained {
@@ -146,7 +150,6 @@ impl<C: Future> Future for Drained<C> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::{TcpListener, TcpStream};
 
@@ -201,7 +204,7 @@ mod tests {
         let mut server = tokio::spawn({
             let (stop, app) = (stop.clone(), app(started.clone(), release.clone()));
             async move {
-                serve(Listener::new(listener, 16), app, async move {
+                serve(Listener::new(listener, 16), app, Duration::from_secs(30), async move {
                     stop.notified().await
                 })
                 .await
@@ -247,5 +250,28 @@ mod tests {
             TcpStream::connect(addr).await.is_err(),
             "no longer accepting"
         );
+    }
+
+    /// A client that never finishes its request head is cut off at the header timeout, and a
+    /// complete request on another connection is unaffected. (Paused time: the 30 s pass at once.)
+    #[tokio::test(start_paused = true)]
+    async fn slow_headers_are_cut_off() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = app(Arc::new(Notify::new()), Arc::new(Notify::new()));
+        tokio::spawn(serve(Listener::new(listener, 16), app, Duration::from_secs(30), std::future::pending()));
+
+        let mut slow = TcpStream::connect(addr).await.unwrap();
+        slow.write_all(b"GET /fast HTTP/1.1\r\nhost: x\r\nx-trickle: 1").await.unwrap();
+        let before = tokio::time::Instant::now();
+        let answer = tokio::time::timeout(Duration::from_secs(60), read_to_end(&mut slow)).await.expect("the server closes a slow-header connection");
+        assert!(before.elapsed() >= Duration::from_secs(30), "closed only at the timeout");
+        assert!(!answer.contains("done for"), "the incomplete request never reached the app: {answer}");
+
+        let mut fine = TcpStream::connect(addr).await.unwrap();
+        send(&mut fine, "/fast").await;
+        let mut buf = [0u8; 512];
+        let n = fine.read(&mut buf).await.unwrap();
+        assert!(String::from_utf8_lossy(&buf[..n]).ends_with("done for 127.0.0.1"));
     }
 }
