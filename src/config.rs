@@ -65,9 +65,9 @@ pub struct Limits {
     pub admin_body_bytes: usize,
     /// `WEIR_LIMITS_MAX_CONNECTIONS`: open TCP connections before new ones wait at accept.
     pub max_connections: usize,
-    /// `WEIR_LIMITS_HEADER_TIMEOUT_MS`: a connection that has not sent a whole request head within
-    /// this long (a slow-header client, or an idle keep-alive connection) is closed, so trickling
-    /// clients cannot hold the `max_connections` slots.
+    /// `WEIR_LIMITS_HEADER_TIMEOUT_MS`: a connection whose request head is still arriving after
+    /// one to two of these periods is closed (`limits::head_guard`), so clients trickling headers
+    /// cannot hold the `max_connections` slots. Idle keep-alive connections are left open.
     pub header_timeout_ms: u64,
 }
 

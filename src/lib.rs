@@ -22,11 +22,12 @@
 //! - [`realtime`]: the Pusher-protocol server (apps, WebSocket, channels, HTTP API, webhooks).
 //! - [`admin`]: the `/api/v1` admin API (bearer admin key) and the `weir` CLI that drives it.
 //! - [`limits`]: load shedding (an in-flight bound per route group, refusing with a
-//!   pre-serialized 503), timeouts, body limits; [`ops`]: metrics, health, shutdown.
+//!   pre-serialized 503, refused connections held for their `Retry-After`), timeouts, body
+//!   limits, the slow request-head guard; [`ops`]: metrics, health, shutdown.
 //! - [`http`]: `AppState`, the router (where every layer's order is decided) and `App`, which
 //!   serves the two hottest routes (forward auth, status) in front of the router under the same
 //!   bound and metrics; [`serve`], the accept loop (hyper HTTP/1.1 connections with upgrades,
-//!   peer address and refusal hold per request, graceful drain).
+//!   peer address and refusal hold per request, slow-head guard, graceful drain).
 //!
 //! ## Data flow of a visitor
 //!

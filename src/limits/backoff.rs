@@ -22,6 +22,8 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use super::head_guard::Activity;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, Sleep};
@@ -79,7 +81,8 @@ impl axum::serve::Listener for Listener {
                 Ok((stream, addr)) => {
                     // Small responses must not wait for Nagle's algorithm.
                     let _ = stream.set_nodelay(true);
-                    return (Throttled { stream, backoff: Backoff::default(), sleep: None, _slot: slot }, addr);
+                    let throttled = Throttled { stream, backoff: Backoff::default(), activity: Arc::default(), sleep: None, _slot: slot };
+                    return (throttled, addr);
                 }
                 Err(e) => {
                     // Out of file descriptors and the like: wait instead of spinning.
@@ -99,6 +102,7 @@ impl axum::serve::Listener for Listener {
 pub struct Throttled {
     stream: TcpStream,
     backoff: Backoff,
+    activity: Arc<Activity>,
     /// Only exists while a hold is being waited out.
     sleep: Option<Pin<Box<Sleep>>>,
     /// This connection's place under `max_connections`, released when it closes.
@@ -109,6 +113,11 @@ impl Throttled {
     /// The connection's hold, which the shed layer sets when it refuses a request on it.
     pub fn backoff(&self) -> &Backoff {
         &self.backoff
+    }
+
+    /// What the connection has read and served (for `head_guard`).
+    pub fn activity(&self) -> &Arc<Activity> {
+        &self.activity
     }
 }
 
@@ -126,7 +135,13 @@ impl AsyncRead for Throttled {
             }
             self.sleep = None;
         }
-        Pin::new(&mut self.stream).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let read = Pin::new(&mut self.stream).poll_read(cx, buf);
+        let bytes = buf.filled().len() - before;
+        if bytes > 0 {
+            self.activity.read(bytes);
+        }
+        read
     }
 }
 
