@@ -9,7 +9,6 @@
 use std::cell::RefCell;
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -17,17 +16,15 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::ConnectInfo;
+use axum::extract::Request;
+use axum::response::Response;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::TokioIo;
 use tokio::sync::{mpsc, Notify};
 use tower::Service;
 
-use axum::extract::Request;
-use axum::response::Response;
-
-use crate::limits::backoff::{Backoff, Listener};
+use crate::limits::backoff::{Listener, Peer};
 use crate::limits::head_guard::{Activity, Finished, HeadGuard};
 
 /// Serves `app` on `listener` until `stop` resolves, then lets every open connection finish
@@ -52,8 +49,7 @@ where
         let guard = HeadGuard::new(activity.clone(), header_timeout);
         let service = ConnectionService {
             app: RefCell::new(app.clone()),
-            peer,
-            backoff,
+            peer: Peer { addr: peer, backoff },
             activity,
         };
         // hyper's own header timeout is left off: it arms a timer per request (`head_guard`).
@@ -83,12 +79,11 @@ where
     let _ = all_closed.recv().await;
 }
 
-/// One connection's view of the app: hands every request its peer address and [`Backoff`].
+/// One connection's view of the app: hands every request its [`Peer`] (address and hold).
 struct ConnectionService<A> {
     /// hyper calls services through `&self`; a connection makes one call at a time.
     app: RefCell<A>,
-    peer: SocketAddr,
-    backoff: Backoff,
+    peer: Peer,
     activity: Arc<Activity>,
 }
 
@@ -102,8 +97,7 @@ impl<A: Service<Request, Response = Response, Error = Infallible>>
     fn call(&self, request: hyper::Request<Incoming>) -> Self::Future {
         self.activity.started();
         let mut request = request.map(Body::new);
-        request.extensions_mut().insert(ConnectInfo(self.peer));
-        request.extensions_mut().insert(self.backoff.clone());
+        request.extensions_mut().insert(self.peer.clone());
         Finished::new(self.app.borrow_mut().call(request), self.activity.clone())
     }
 }
@@ -178,11 +172,7 @@ mod tests {
         tower::service_fn(move |request: Request| {
             let (started, release) = (started.clone(), release.clone());
             async move {
-                let peer = request
-                    .extensions()
-                    .get::<ConnectInfo<SocketAddr>>()
-                    .map(|c| c.0.ip().to_string())
-                    .unwrap_or_default();
+                let peer = request.extensions().get::<Peer>().map(|p| p.addr.ip().to_string()).unwrap_or_default();
                 if request.uri().path() == "/slow" {
                     started.notify_one();
                     release.notified().await;

@@ -13,12 +13,11 @@
 //! slow origin gets a clear 502/504 page, never a hang. Plain-HTTP origins only: TLS ends at
 //! weir (checked when the room is saved).
 
-use std::net::SocketAddr;
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{ConnectInfo, Request, State};
+use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::any;
@@ -194,7 +193,7 @@ async fn proxy(State(state): State<AppState>, mut req: Request) -> Response {
 
     let upgrade = is_upgrade(req.headers());
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-    let peer = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
+    let peer = req.extensions().get::<crate::limits::backoff::Peer>().map(|p| p.addr.ip());
     let (mut parts, body) = req.into_parts();
     let original_host = parts.headers.get(header::HOST).cloned();
     let upgrade_proto = parts.headers.get(header::UPGRADE).cloned();

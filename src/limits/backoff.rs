@@ -9,7 +9,7 @@
 //! the clients are. Other connections are unaffected.
 //!
 //! [`Listener`] wraps every accepted socket in [`Throttled`]; `serve` hands each request its
-//! connection's [`Backoff`] (and the peer address as `ConnectInfo`), which the shed layer sets
+//! connection's [`Backoff`] (with the peer address, as one [`Peer`]), which the shed layer sets
 //! when it refuses.
 
 use std::future::Future;
@@ -32,6 +32,15 @@ use tokio::time::{Instant, Sleep};
 fn epoch() -> Instant {
     static EPOCH: OnceLock<Instant> = OnceLock::new();
     *EPOCH.get_or_init(Instant::now)
+}
+
+/// Where a request came from: `serve` puts one into every request's extensions (one insert
+/// rather than one per field: this is per request).
+#[derive(Clone)]
+pub struct Peer {
+    pub addr: SocketAddr,
+    /// The connection's hold, set by the shed layer when it refuses.
+    pub backoff: Backoff,
 }
 
 /// When a connection may be read again (milliseconds since [`epoch`]; 0 = now).

@@ -24,7 +24,7 @@ use axum::Router;
 use bytes::Bytes;
 use tower::{Layer, Service};
 
-use super::backoff::Backoff;
+use super::backoff::Peer;
 use crate::error::ApiError;
 
 /// What a refusal asks the client to wait (and holds its connection to, see `backoff`).
@@ -114,8 +114,8 @@ where
             bound.in_flight.fetch_sub(1, Ordering::AcqRel);
             bound.shed.increment(1);
             // The answer says "retry in a second"; the connection is held to it.
-            if let Some(backoff) = request.extensions().get::<Backoff>() {
-                backoff.hold_for(RETRY_AFTER);
+            if let Some(peer) = request.extensions().get::<Peer>() {
+                peer.backoff.hold_for(RETRY_AFTER);
             }
             return BoundFuture::Refused { response: Some(at_capacity()) };
         }

@@ -1,9 +1,11 @@
 //! Visitor routes: `GET /r/{room}` (entry and waiting page) and `GET /r/{room}/status` (JSON).
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
+
+use crate::limits::backoff::Peer;
 use std::sync::Arc;
 
-use axum::extract::{ConnectInfo, Path, Query, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -44,9 +46,11 @@ async fn entry(
     State(state): State<AppState>,
     Path(room_id): Path<String>,
     query: Result<Query<EntryQuery>, axum::extract::rejection::QueryRejection>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     request: axum::extract::Request,
 ) -> Response {
+    // `serve` gives every request its peer; without one (a router served some other way) the
+    // per-IP limit sees the unspecified address.
+    let peer_ip = request.extensions().get::<Peer>().map_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), |p| p.addr.ip());
     let headers = request.headers();
     let json = cookies::wants_json(headers);
     let Some(room) = state.rooms.get(&room_id) else {
@@ -69,7 +73,7 @@ async fn entry(
             RoomState::Closed => return closed(&state, json, &room, rooms.status(&room, None), headers),
             RoomState::Passthrough => None,
             _ => {
-                let ip = abuse::client_ip(peer.ip(), headers, &rooms.trusted_proxies, &rooms.client_ip_header);
+                let ip = abuse::client_ip(peer_ip, headers, &rooms.trusted_proxies, &rooms.client_ip_header);
                 match admit_new_visitor(&state, &room, ip, headers, deep_link, pow.as_deref(), json).await {
                     Ok(NewVisitor::Bypass(response)) | Err(response) => return response,
                     Ok(NewVisitor::Ticket(c)) => {
