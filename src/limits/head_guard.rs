@@ -115,8 +115,12 @@ impl HeadGuard {
 mod tests {
     use super::*;
 
-    fn guard(activity: &Arc<Activity>) -> Pin<Box<HeadGuard>> {
-        Box::pin(HeadGuard::new(activity.clone(), Duration::from_secs(30)))
+    /// A new connection's activity and its guard, armed.
+    async fn armed() -> (Arc<Activity>, Pin<Box<HeadGuard>>) {
+        let activity = Arc::new(Activity::default());
+        let mut guard = Box::pin(HeadGuard::new(activity.clone(), Duration::from_secs(30)));
+        assert!(!after(&mut guard, 0).await);
+        (activity, guard)
     }
 
     /// Advances paused time by `secs` and reports whether the guard would close the connection.
@@ -127,9 +131,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_head_arriving_for_a_whole_period_is_cut_off() {
-        let activity = Arc::new(Activity::default());
-        let mut g = guard(&activity);
-        assert!(!after(&mut g, 0).await);
+        let (activity, mut g) = armed().await;
         activity.read(10);
         assert!(!after(&mut g, 31).await, "first check: suspected only");
         activity.read(1);
@@ -138,9 +140,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn requests_idle_connections_and_long_responses_are_left_alone() {
-        let activity = Arc::new(Activity::default());
-        let mut g = guard(&activity);
-        assert!(!after(&mut g, 0).await);
+        let (activity, mut g) = armed().await;
         // A head arrives just before a check and completes just after it.
         activity.read(100);
         assert!(!after(&mut g, 31).await);
