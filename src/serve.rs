@@ -66,7 +66,10 @@ where
         tokio::spawn(async move {
             match connection.await {
                 Some(Err(e)) => tracing::trace!(error = %e, "connection ended with an error"),
-                None => tracing::debug!(%peer, "closed a connection whose request head was too slow"),
+                None => {
+                    metrics::counter!("weir_slow_heads_closed_total").increment(1);
+                    tracing::debug!(%peer, "closed a connection whose request head was too slow");
+                }
                 Some(Ok(())) => {}
             }
             drop(alive);
