@@ -23,7 +23,9 @@ use tokio_util::sync::CancellationToken;
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::error::not_found_fallback;
+use crate::limits::backoff::Peer;
 use crate::limits::shed::{self, BoundFuture, BoundService};
+use crate::serve::PeerService;
 use crate::ops::metrics::{Track, TrackFuture, TrackLayer};
 use crate::ops;
 use crate::realtime::Realtime;
@@ -182,7 +184,7 @@ pub fn app(state: AppState) -> App {
     let visitors_bound = shed::BoundLayer::new("visitors", limits.max_in_flight, Duration::from_millis(limits.request_timeout_ms));
     let hot = |route: &'static str, prefix, suffix, answer| {
         let service = HotRoute { state: state.clone(), prefix, suffix, answer };
-        TrackLayer::named(route).layer(visitors_bound.layer(service))
+        TrackLayer::named(route).layer(visitors_bound.layer(service).untimed())
     };
     let hot = vec![
         hot("/auth/{room}", "/auth/", "", crate::gateway::forward_auth::answer),
@@ -191,19 +193,18 @@ pub fn app(state: AppState) -> App {
     App { router: router(state, visitors_bound), hot }
 }
 
-impl Service<Request> for App {
-    type Response = Response;
-    type Error = Infallible;
+impl PeerService for App {
     type Future = AppFuture;
 
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, request: Request) -> AppFuture {
+    /// A hot route gets the peer only to hold the connection if it is refused; the router gets
+    /// it as a request extension (axum's handlers read it from there).
+    fn call_from(&mut self, mut request: Request, peer: &Peer) -> AppFuture {
         match self.hot.iter_mut().find(|h| h.inner().inner().room_of(&request).is_some()) {
-            Some(hot) => AppFuture::Hot { work: hot.call(request) },
-            None => AppFuture::Routed { work: self.router.call(request) },
+            Some(hot) => AppFuture::Hot { work: hot.call_with(request, |bound, request| bound.call_held(request, Some(&peer.backoff))) },
+            None => {
+                request.extensions_mut().insert(peer.clone());
+                AppFuture::Routed { work: self.router.call(request) }
+            }
         }
     }
 }

@@ -31,11 +31,7 @@ use crate::limits::head_guard::{Activity, Finished, HeadGuard};
 /// the request it is on (idle keep-alive connections close at once) and returns when all have.
 /// A connection whose request head is still arriving after between one and two `header_timeout`
 /// periods is closed (`limits::head_guard`).
-pub async fn serve<A>(mut listener: Listener, app: A, header_timeout: Duration, stop: impl Future<Output = ()>)
-where
-    A: Service<Request, Response = Response, Error = Infallible> + Clone + Send + 'static,
-    A::Future: Send + 'static,
-{
+pub async fn serve<A: PeerService>(mut listener: Listener, app: A, header_timeout: Duration, stop: impl Future<Output = ()>) {
     let draining = Arc::new(Draining::default());
     // Every connection task holds a sender; `recv` returns `None` once all have ended.
     let (alive, mut all_closed) = mpsc::channel::<Infallible>(1);
@@ -82,7 +78,33 @@ where
     let _ = all_closed.recv().await;
 }
 
-/// One connection's view of the app: hands every request its [`Peer`] (address and hold).
+/// What [`serve`] drives: a service told each request's [`Peer`] (address and hold) alongside
+/// the request. `http::App` takes it as an argument, so a hot route that never looks at it pays
+/// nothing; [`PeerExtension`] hands it to any tower service as a request extension.
+pub trait PeerService: Clone + Send + 'static {
+    type Future: Future<Output = Result<Response, Infallible>> + Send + 'static;
+    fn call_from(&mut self, request: Request, peer: &Peer) -> Self::Future;
+}
+
+/// A tower service served with its peer in every request's extensions (one map allocation per
+/// request: what axum extractors and `Request::extensions` expect).
+#[derive(Clone)]
+pub struct PeerExtension<S>(pub S);
+
+impl<S> PeerService for PeerExtension<S>
+where
+    S: Service<Request, Response = Response, Error = Infallible> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Future = S::Future;
+
+    fn call_from(&mut self, mut request: Request, peer: &Peer) -> S::Future {
+        request.extensions_mut().insert(peer.clone());
+        self.0.call(request)
+    }
+}
+
+/// One connection's view of the app.
 struct ConnectionService<A> {
     /// hyper calls services through `&self`; a connection makes one call at a time.
     app: RefCell<A>,
@@ -90,18 +112,14 @@ struct ConnectionService<A> {
     activity: Arc<Activity>,
 }
 
-impl<A: Service<Request, Response = Response, Error = Infallible>>
-    hyper::service::Service<hyper::Request<Incoming>> for ConnectionService<A>
-{
+impl<A: PeerService> hyper::service::Service<hyper::Request<Incoming>> for ConnectionService<A> {
     type Response = Response;
     type Error = Infallible;
     type Future = Finished<A::Future>;
 
     fn call(&self, request: hyper::Request<Incoming>) -> Self::Future {
         self.activity.started();
-        let mut request = request.map(Body::new);
-        request.extensions_mut().insert(self.peer.clone());
-        Finished::new(self.app.borrow_mut().call(request), self.activity.clone())
+        Finished::new(self.app.borrow_mut().call_from(request.map(Body::new), &self.peer), self.activity.clone())
     }
 }
 
@@ -168,11 +186,8 @@ mod tests {
     fn app(
         started: Arc<Notify>,
         release: Arc<Notify>,
-    ) -> impl Service<Request, Response = Response, Error = Infallible, Future = impl Send>
-           + Clone
-           + Send
-           + 'static {
-        tower::service_fn(move |request: Request| {
+    ) -> impl PeerService {
+        PeerExtension(tower::service_fn(move |request: Request| {
             let (started, release) = (started.clone(), release.clone());
             async move {
                 let peer = request.extensions().get::<Peer>().map(|p| p.addr.ip().to_string()).unwrap_or_default();
@@ -182,7 +197,7 @@ mod tests {
                 }
                 Ok::<_, Infallible>(Response::new(Body::from(format!("done for {peer}"))))
             }
-        })
+        }))
     }
 
     async fn send(stream: &mut TcpStream, path: &str) {

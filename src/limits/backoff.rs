@@ -54,7 +54,7 @@ impl Backoff {
         self.0.fetch_max(until, Ordering::Relaxed);
     }
 
-    fn until(&self) -> Option<Instant> {
+    pub(crate) fn until(&self) -> Option<Instant> {
         match self.0.load(Ordering::Relaxed) {
             0 => None,
             ms => Some(epoch() + Duration::from_millis(ms)),

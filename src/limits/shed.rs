@@ -24,7 +24,7 @@ use axum::Router;
 use bytes::Bytes;
 use tower::{Layer, Service};
 
-use super::backoff::Peer;
+use super::backoff::{Backoff, Peer};
 use crate::error::ApiError;
 
 /// What a refusal asks the client to wait (and holds its connection to, see `backoff`).
@@ -71,7 +71,7 @@ impl BoundLayer {
 impl<S> Layer<S> for BoundLayer {
     type Service = BoundService<S>;
     fn layer(&self, inner: S) -> Self::Service {
-        BoundService { inner, bound: self.bound.clone() }
+        BoundService { inner, bound: self.bound.clone(), timed: true }
     }
 }
 
@@ -79,11 +79,41 @@ impl<S> Layer<S> for BoundLayer {
 pub struct BoundService<S> {
     inner: S,
     bound: Arc<Bound>,
+    /// Off for a service that answers within its call (nothing to time out).
+    timed: bool,
 }
 
 impl<S> BoundService<S> {
     pub fn inner(&self) -> &S {
         &self.inner
+    }
+
+    /// For a service whose future is ready when `call` returns: no timer is armed.
+    pub fn untimed(self) -> Self {
+        Self { timed: false, ..self }
+    }
+}
+
+impl<S: Service<Request, Response = Response, Error = Infallible>> BoundService<S> {
+    /// [`Service::call`], holding the connection through `hold` (else the request's [`Peer`]
+    /// extension) when the request is refused.
+    pub fn call_held(&mut self, request: Request, hold: Option<&Backoff>) -> BoundFuture<S::Future> {
+        let bound = &self.bound;
+        if bound.in_flight.fetch_add(1, Ordering::AcqRel) >= bound.max_in_flight {
+            bound.in_flight.fetch_sub(1, Ordering::AcqRel);
+            bound.shed.increment(1);
+            // The answer says "retry in a second"; the connection is held to it.
+            if let Some(backoff) = hold.or_else(|| request.extensions().get::<Peer>().map(|p| &p.backoff)) {
+                backoff.hold_for(RETRY_AFTER);
+            }
+            return BoundFuture::Refused { response: Some(at_capacity()) };
+        }
+        let slot = Slot(bound.clone());
+        if !self.timed {
+            return BoundFuture::Immediate { work: self.inner.call(request), slot };
+        }
+        let work = tokio::time::timeout(bound.timeout, self.inner.call(request));
+        BoundFuture::Admitted { work, slot }
     }
 }
 
@@ -109,19 +139,7 @@ where
     }
 
     fn call(&mut self, request: Request) -> Self::Future {
-        let bound = &self.bound;
-        if bound.in_flight.fetch_add(1, Ordering::AcqRel) >= bound.max_in_flight {
-            bound.in_flight.fetch_sub(1, Ordering::AcqRel);
-            bound.shed.increment(1);
-            // The answer says "retry in a second"; the connection is held to it.
-            if let Some(peer) = request.extensions().get::<Peer>() {
-                peer.backoff.hold_for(RETRY_AFTER);
-            }
-            return BoundFuture::Refused { response: Some(at_capacity()) };
-        }
-        let slot = Slot(bound.clone());
-        let work = tokio::time::timeout(bound.timeout, self.inner.call(request));
-        BoundFuture::Admitted { work, slot }
+        self.call_held(request, None)
     }
 }
 
@@ -131,6 +149,7 @@ pin_project_lite::pin_project! {
     pub enum BoundFuture<F> {
         Refused { response: Option<Response> },
         Admitted { #[pin] work: tokio::time::Timeout<F>, slot: Slot },
+        Immediate { #[pin] work: F, slot: Slot },
     }
 }
 
@@ -148,6 +167,7 @@ impl<F: Future<Output = Result<Response, Infallible>>> Future for BoundFuture<F>
                     Poll::Ready(Ok(ApiError::unavailable("request timed out", 1).into_response()))
                 }
             },
+            BoundProj::Immediate { work, slot: _ } => work.poll(cx),
         }
     }
 }
@@ -196,5 +216,25 @@ mod tests {
         let again = tokio::spawn(app.oneshot(Request::get("/slow").body(Body::empty()).unwrap()));
         tokio::task::yield_now().await;
         assert!(!again.is_finished(), "the slot was released: the next request is admitted");
+    }
+
+    /// A refusal holds the connection it came on: the one given to `call_held`, else the one in
+    /// the request's `Peer` extension. An admitted request holds nothing.
+    #[tokio::test(start_paused = true)]
+    async fn a_refusal_holds_its_connection() {
+        let mut service = BoundLayer::new("test", 1, Duration::from_secs(5)).layer(tower::service_fn(|_: Request| async {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            Ok::<_, Infallible>(Response::new(Body::empty()))
+        }));
+        let (given, in_extension) = (Backoff::default(), Backoff::default());
+        let _admitted = service.call_held(Request::new(Body::empty()), Some(&given));
+        assert!(given.until().is_none(), "admitted: not held");
+        let refused = service.call_held(Request::new(Body::empty()), Some(&given)).await.unwrap();
+        assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(given.until().is_some(), "refused: the given connection is held");
+        let mut request = Request::new(Body::empty());
+        request.extensions_mut().insert(Peer { addr: ([127, 0, 0, 1], 9).into(), backoff: in_extension.clone() });
+        assert_eq!(service.call(request).await.unwrap().status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(in_extension.until().is_some(), "refused: the request's peer is held");
     }
 }

@@ -104,6 +104,17 @@ impl<S> Track<S> {
     pub fn inner(&self) -> &S {
         &self.inner
     }
+
+    /// Tracks `request` as handed to the inner service by `call` (a call other than
+    /// `Service::call`, e.g. one that takes more than the request).
+    pub fn call_with<F>(&mut self, request: Request, call: impl FnOnce(&mut S, Request) -> F) -> TrackFuture<F> {
+        let route = match self.route {
+            Some(name) => Route::Named(name),
+            None => request.extensions().get::<MatchedPath>().cloned().map_or(Route::Unmatched, Route::Matched),
+        };
+        let method = method_label(request.method());
+        TrackFuture { work: call(&mut self.inner, request), route, method, handles: self.handles.clone(), started: tokio::time::Instant::now() }
+    }
 }
 
 /// Metric handles of one route, by method and status (both bounded).
@@ -153,12 +164,7 @@ where
     }
 
     fn call(&mut self, request: Request) -> Self::Future {
-        let route = match self.route {
-            Some(name) => Route::Named(name),
-            None => request.extensions().get::<MatchedPath>().cloned().map_or(Route::Unmatched, Route::Matched),
-        };
-        let method = method_label(request.method());
-        TrackFuture { work: self.inner.call(request), route, method, handles: self.handles.clone(), started: tokio::time::Instant::now() }
+        self.call_with(request, S::call)
     }
 }
 

@@ -358,9 +358,7 @@ impl Rooms {
 
     /// Issues a durable ticket to a new visitor.
     pub async fn enter(&self, room: &Room, deep_link: Option<String>) -> Result<VisitorCookie, ApiError> {
-        let visitor = visitor::new_visitor_id();
-        let mut id = [0u8; 16];
-        hex::decode_to_slice(&visitor, &mut id).map_err(|e| ApiError::internal(e.to_string()))?;
+        let (id, visitor) = visitor::new_visitor();
         let now = self.clock.now_ms();
         let ticket = self.store.issue_ticket(&room.id, TicketEntry { visitor: id, entered_at_ms: now }).await?;
         room.engine.lock().on_entry(ticket, now);

@@ -242,11 +242,13 @@ fn respond(
         set_cookies.push(cookies::set("weir_token", token, state.config.token_ttl_seconds, secure(state)));
     }
     let mut response = if json {
-        let json_headers = [
-            (header::CONTENT_TYPE, HeaderValue::from_static("application/json")),
-            (header::CACHE_CONTROL, HeaderValue::from_static("no-store")),
-        ];
-        (json_headers, status.to_json()).into_response()
+        // Built by hand: every status poll lands here, and `IntoResponse` for a byte body
+        // first inserts a content type only to have it replaced.
+        let mut response = Response::new(axum::body::Body::from(status.to_json()));
+        let headers = response.headers_mut();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        response
     } else if let Some(url) = &status.redirect_url {
         // 302 with a small "continue" page as its body, for clients that do not follow.
         let mut r = page(state, room, &status, headers, StatusCode::FOUND);

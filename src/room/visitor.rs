@@ -7,6 +7,7 @@
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use base64::Engine;
 use ring::hmac;
+use std::sync::Arc;
 
 /// Longest deep link kept (`?to=`); longer ones are dropped rather than stored in a cookie.
 pub const MAX_DEEP_LINK: usize = 1024;
@@ -16,8 +17,8 @@ pub struct VisitorCookie {
     /// The room's generation (its creation time) when the ticket was issued.
     pub generation: i64,
     pub ticket: u64,
-    /// 16 random bytes, hex.
-    pub visitor: String,
+    /// 16 random bytes, hex (shared: a remembered cookie hands out clones on every poll).
+    pub visitor: Arc<str>,
     /// Relative path on the origin the visitor asked for.
     pub deep_link: Option<String>,
 }
@@ -69,8 +70,8 @@ impl CookieSigner {
     }
 
     pub fn decode(&self, room: &str, value: &str) -> Option<VisitorCookie> {
-        let (fields, tag) = split(value)?;
-        self.check(room, fields, &tag)
+        let (fields, mac) = split(value)?;
+        self.check(room, fields, &decode_mac(mac)?)
     }
 
     /// [`decode`](Self::decode), remembering cookies already checked in `seen` (one per room):
@@ -78,17 +79,20 @@ impl CookieSigner {
     /// its fields, the part its holder can read anyway, and its MAC is still compared in constant
     /// time, so the cache can neither accept a forged MAC nor leak a real one through timing.
     pub fn decode_remembered(&self, room: &str, value: &str, seen: &CheckedCookies) -> Option<VisitorCookie> {
-        let (fields, tag) = split(value)?;
+        let (fields, mac) = split(value)?;
         if let Some(known) = seen.0.read().get(fields) {
-            // The MAC of given fields is unique: any other tag is a forgery.
-            return bool::from(subtle::ConstantTimeEq::ct_eq(&known.mac[..], &tag[..])).then(|| known.cookie.clone());
+            // The MAC of given fields is unique, and so is its unpadded base64 (the decoder
+            // refuses non-canonical trailing bits): any other text is a forgery.
+            return bool::from(subtle::ConstantTimeEq::ct_eq(&known.mac[..], mac.as_bytes())).then(|| known.cookie.clone());
         }
-        let cookie = self.check(room, fields, &tag)?;
+        let cookie = self.check(room, fields, &decode_mac(mac)?)?;
         let mut seen = seen.0.write();
         if seen.len() >= CHECKED_COOKIES_PER_ROOM {
             seen.clear();
         }
-        seen.insert(fields.into(), Checked { mac: tag, cookie: cookie.clone() });
+        let mut text = [0u8; MAC_CHARS];
+        text.copy_from_slice(mac.as_bytes());
+        seen.insert(fields.into(), Checked { mac: text, cookie: cookie.clone() });
         Some(cookie)
     }
 
@@ -107,25 +111,34 @@ impl CookieSigner {
         Some(VisitorCookie {
             generation: generation.parse().ok()?,
             ticket: ticket.parse().ok()?,
-            visitor: visitor.to_string(),
+            visitor: visitor.into(),
             deep_link: link.filter(|l| !l.is_empty()),
         })
     }
 }
 
-/// A cookie value's fields and its 32-byte MAC, if it has that shape (and a sane length).
-fn split(value: &str) -> Option<(&str, [u8; 32])> {
+/// Characters of a MAC in a cookie: 32 bytes in unpadded base64.
+const MAC_CHARS: usize = 43;
+
+/// A cookie value's fields and the text of its MAC, if it has that shape (and a sane length).
+/// The MAC has a fixed length, so no scan is needed to find where it starts.
+fn split(value: &str) -> Option<(&str, &str)> {
     if value.len() > 2 * MAX_DEEP_LINK + 200 {
         return None;
     }
-    let (fields, mac) = value.rsplit_once('.')?;
+    let (fields, dot_mac) = value.split_at_checked(value.len().checked_sub(MAC_CHARS + 1)?)?;
+    Some((fields, dot_mac.strip_prefix('.')?))
+}
+
+/// The 32 bytes of a MAC's text.
+fn decode_mac(mac: &str) -> Option<[u8; 32]> {
     let mut tag = [0u8; 33];
     if B64.decode_slice(mac, &mut tag).ok()? != 32 {
         return None;
     }
     let mut exact = [0u8; 32];
     exact.copy_from_slice(&tag[..32]);
-    Some((fields, exact))
+    Some(exact)
 }
 
 /// Cookies remembered as checked, per room; beyond this the room's set starts over (a few
@@ -137,9 +150,9 @@ const CHECKED_COOKIES_PER_ROOM: usize = 8 * 1024;
 #[derive(Default)]
 pub struct CheckedCookies(parking_lot::RwLock<crate::fast_map::FastMap<Box<str>, Checked>>);
 
-/// A remembered cookie: the MAC it was accepted with and what it says.
+/// A remembered cookie: the text of the MAC it was accepted with and what it says.
 struct Checked {
-    mac: [u8; 32],
+    mac: [u8; MAC_CHARS],
     cookie: VisitorCookie,
 }
 
@@ -153,16 +166,20 @@ pub fn safe_deep_link(to: &str) -> Option<String> {
     ok.then(|| to.to_string())
 }
 
-pub fn new_visitor_id() -> String {
+/// A new visitor's id: 16 random bytes, and the same in hex (what cookies and tokens carry).
+pub fn new_visitor() -> ([u8; 16], Arc<str>) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut bytes = [0u8; 16];
     rand::RngCore::fill_bytes(&mut rand::rng(), &mut bytes);
-    let mut id = String::with_capacity(32);
-    for b in bytes {
-        id.push(char::from(HEX[usize::from(b >> 4)]));
-        id.push(char::from(HEX[usize::from(b & 15)]));
+    let mut hex = [0u8; 32];
+    for (pair, b) in hex.chunks_exact_mut(2).zip(bytes) {
+        pair.copy_from_slice(&[HEX[usize::from(b >> 4)], HEX[usize::from(b & 15)]]);
     }
-    id
+    (bytes, std::str::from_utf8(&hex).expect("hex digits are ASCII").into())
+}
+
+pub fn new_visitor_id() -> Arc<str> {
+    new_visitor().1
 }
 
 #[cfg(test)]
@@ -187,6 +204,8 @@ mod tests {
     fn visitor_ids_are_32_lowercase_hex_digits_and_differ() {
         let (a, b) = (new_visitor_id(), new_visitor_id());
         assert_ne!(a, b);
+        let (bytes, hex_id) = new_visitor();
+        assert_eq!(hex::encode(bytes), &*hex_id, "the hex is of the bytes");
         for id in [a, b] {
             assert_eq!(id.len(), 32);
             assert!(id.bytes().all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c)), "{id}");
@@ -206,7 +225,18 @@ mod tests {
         let (fields, _) = v.rsplit_once('.').unwrap();
         let forged = format!("{fields}.{}", B64.encode([0u8; 32]));
         assert_eq!(s.decode_remembered("sale", &forged, &seen), None);
+        // The real MAC's text with its last character changed (the same bytes but for the
+        // trailing bits, or other bytes): refused too.
+        for last in ['A', 'B', 'w', '-'] {
+            let mut altered = v[..v.len() - 1].to_string();
+            altered.push(last);
+            if altered != v {
+                assert_eq!(s.decode_remembered("sale", &altered, &seen), None, "{altered}");
+                assert_eq!(s.decode("sale", &altered), None, "{altered}");
+            }
+        }
         assert_eq!(s.decode_remembered("sale", "junk", &seen), None);
+        assert_eq!(s.decode_remembered("sale", &v[1..], &seen), None, "a value cut short");
         // A cookie of another room never enters this room's set.
         let other = s.encode("other", &c);
         assert_eq!(s.decode_remembered("sale", &other, &seen), None);
@@ -218,7 +248,7 @@ mod tests {
         let s = CookieSigner::new(&[7; 32]);
         let seen = CheckedCookies::default();
         for ticket in 1..=(CHECKED_COOKIES_PER_ROOM as u64 + 10) {
-            let c = VisitorCookie { generation: 1, ticket, visitor: "0".repeat(32), deep_link: None };
+            let c = VisitorCookie { generation: 1, ticket, visitor: "0".repeat(32).into(), deep_link: None };
             assert!(s.decode_remembered("r", &s.encode("r", &c), &seen).is_some());
             assert!(seen.0.read().len() <= CHECKED_COOKIES_PER_ROOM);
         }

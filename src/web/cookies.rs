@@ -8,16 +8,30 @@ pub fn get<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 }
 
 /// The value of the first cookie whose name satisfies `is_name` (lets a caller match a
-/// composed name without building it).
+/// composed name without building it). Read on every status poll and forward auth, so it scans
+/// bytes with `memchr` and checks UTF-8 only of the name and value it returns.
 pub fn find(headers: &HeaderMap, is_name: impl Fn(&str) -> bool) -> Option<&str> {
-    headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(k, _)| is_name(k))
-        .map(|(_, v)| v.trim_matches('"'))
+    headers.get_all(header::COOKIE).iter().find_map(|line| {
+        let mut rest = line.as_bytes();
+        loop {
+            let end = memchr::memchr(b';', rest).unwrap_or(rest.len());
+            if let Some(value) = value_if_named(&rest[..end], &is_name) {
+                return Some(value);
+            }
+            rest = rest.get(end + 1..)?;
+        }
+    })
+}
+
+/// The value of one `name=value` pair (surrounding spaces and quotes dropped) if its name fits.
+fn value_if_named<'a>(pair: &'a [u8], is_name: &impl Fn(&str) -> bool) -> Option<&'a str> {
+    let eq = memchr::memchr(b'=', pair)?;
+    let name = std::str::from_utf8(pair[..eq].trim_ascii()).ok()?;
+    if !is_name(name) {
+        return None;
+    }
+    let value = std::str::from_utf8(pair[eq + 1..].trim_ascii()).ok()?;
+    Some(value.trim_matches('"'))
 }
 
 /// An HttpOnly, SameSite=Lax cookie for the whole host; `Secure` when weir is served over https.
@@ -43,6 +57,32 @@ pub fn wants_json(headers: &HeaderMap) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn cookie_headers(lines: &[&[u8]]) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        for line in lines {
+            headers.append(header::COOKIE, axum::http::HeaderValue::from_bytes(line).unwrap());
+        }
+        headers
+    }
+
+    #[test]
+    fn finds_cookies_across_pairs_and_headers() {
+        let h = cookie_headers(&[b"a=1; b = 2 ;c=\"3\"", b"junk; d=4;e", b"f=\xc3\xa9"]);
+        for (name, want) in [("a", Some("1")), ("b", Some("2")), ("c", Some("3")), ("d", Some("4")), ("e", None), ("f", Some("\u{e9}")), ("x", None)] {
+            assert_eq!(get(&h, name), want, "{name}");
+        }
+        assert_eq!(find(&h, |n| n.starts_with('d')), Some("4"));
+        assert_eq!(get(&cookie_headers(&[b"a=1;"]), "a"), Some("1"));
+        assert_eq!(get(&cookie_headers(&[b"a="]), "a"), Some(""));
+        assert_eq!(get(&HeaderMap::new(), "a"), None);
+    }
+
+    #[test]
+    fn a_pair_that_is_not_utf8_is_skipped() {
+        assert_eq!(get(&cookie_headers(&[b"a=\xff; a=2"]), "a"), Some("2"));
+        assert_eq!(get(&cookie_headers(&[b"\xff=1"]), "a"), None);
+    }
 
     #[test]
     fn set_cookie_attributes() {
