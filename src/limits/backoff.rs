@@ -50,7 +50,8 @@ pub struct Backoff(Arc<AtomicU64>);
 impl Backoff {
     /// Don't read this connection for `period`.
     pub fn hold_for(&self, period: Duration) {
-        let until = (Instant::now() + period).duration_since(epoch()).as_millis() as u64;
+        // Never 0, which means "not held" (a test runtime's paused clock can lag the epoch).
+        let until = ((Instant::now() + period).duration_since(epoch()).as_millis() as u64).max(1);
         self.0.fetch_max(until, Ordering::Relaxed);
     }
 

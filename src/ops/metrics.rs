@@ -126,20 +126,19 @@ pub struct RouteHandles {
 
 impl RouteHandles {
     fn record(&self, route: &str, method: &Method, status: u16, seconds: f64) {
-        let counter = self.counters.read().iter().find(|(m, s, _)| m == method && *s == status).map(|(_, _, c)| c.clone());
-        let counter = counter.unwrap_or_else(|| {
+        // Known (method, status) pairs are counted under the read lock, without cloning handles.
+        let counted = self.counters.read().iter().find(|(m, s, _)| m == method && *s == status).map(|(_, _, c)| c.increment(1));
+        if counted.is_none() {
             let c = metrics::counter!("weir_http_requests_total", "route" => route.to_owned(), "method" => method.to_string(), "status" => status.to_string());
-            self.counters.write().push((method.clone(), status, c.clone()));
-            c
-        });
-        counter.increment(1);
-        let histogram = self.histograms.read().iter().find(|(m, _)| m == method).map(|(_, h)| h.clone());
-        let histogram = histogram.unwrap_or_else(|| {
+            c.increment(1);
+            self.counters.write().push((method.clone(), status, c));
+        }
+        let timed = self.histograms.read().iter().find(|(m, _)| m == method).map(|(_, h)| h.record(seconds));
+        if timed.is_none() {
             let h = metrics::histogram!("weir_http_request_duration_seconds", "route" => route.to_owned(), "method" => method.to_string());
-            self.histograms.write().push((method.clone(), h.clone()));
-            h
-        });
-        histogram.record(seconds);
+            h.record(seconds);
+            self.histograms.write().push((method.clone(), h));
+        }
     }
 }
 

@@ -161,8 +161,15 @@ impl Room {
     /// measured admission rate (the configured one until there is a measurement).
     pub fn eta_seconds(&self, position: u64, now_ms: i64) -> Option<u64> {
         let state = self.effective_state(now_ms);
-        let census = *self.census.lock();
         let measured = if state == RoomState::Open { self.engine.lock().measured_per_minute() } else { None };
+        self.eta_seconds_in(state, position, measured, now_ms)
+    }
+
+    /// [`eta_seconds`](Self::eta_seconds) for a caller that already has the room's state and
+    /// its measured rate (read under an engine lock it holds anyway).
+    fn eta_seconds_in(&self, state: RoomState, position: u64, measured: Option<f64>, now_ms: i64) -> Option<u64> {
+        let census = *self.census.lock();
+        let measured = if state == RoomState::Open { measured } else { None };
         let eta = policy::engine::eta_seconds(position, &census, measured, self.effective_rate());
         match state {
             RoomState::Open => eta,
@@ -426,7 +433,7 @@ impl Rooms {
     }
 
     /// The visitor's cookie for `room`, if present and genuine for this generation of the room.
-    pub fn recognise(&self, room: &Room, raw: Option<&str>) -> Option<VisitorCookie> {
+    pub fn recognise(&self, room: &Room, raw: Option<&[u8]>) -> Option<VisitorCookie> {
         let cookie = self.cookies.decode_remembered(&room.id, raw?, &room.checked_cookies)?;
         (cookie.generation == room.spec().created_at_ms && cookie.ticket >= 1 && cookie.ticket <= room.last_ticket())
             .then_some(cookie)
@@ -466,16 +473,16 @@ impl Rooms {
         let now = self.clock.now_ms();
         let state = room.effective_state(now);
         let ticket = cookie.map(|c| c.ticket);
-        let (admitted, position) = match (state, ticket) {
-            (RoomState::Passthrough, _) => (true, None),
+        let (admitted, position, measured) = match (state, ticket) {
+            (RoomState::Passthrough, _) => (true, None, None),
             (_, Some(t)) => {
                 let mut engine = room.engine.lock();
                 engine.seen(t, now);
-                (engine.is_admitted(t), engine.position(t))
+                (engine.is_admitted(t), engine.position(t), engine.measured_per_minute())
             }
-            _ => (false, None),
+            _ => (false, None, None),
         };
-        let eta_seconds = if admitted { None } else { position.and_then(|p| room.eta_seconds(p, now)) };
+        let eta_seconds = if admitted { None } else { position.and_then(|p| room.eta_seconds_in(state, p, measured, now)) };
         let (token, redirect_url) = if admitted {
             let visitor = cookie.map(|c| c.visitor.clone()).unwrap_or_else(visitor::new_visitor_id);
             self.token_redirect(room, &visitor, ticket.unwrap_or(0), cookie.and_then(|c| c.deep_link.as_deref()))

@@ -8,9 +8,14 @@ pub fn get<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 }
 
 /// The value of the first cookie whose name satisfies `is_name` (lets a caller match a
-/// composed name without building it). Read on every status poll and forward auth, so it scans
-/// bytes with `memchr` and checks UTF-8 only of the name and value it returns.
+/// composed name without building it).
 pub fn find(headers: &HeaderMap, is_name: impl Fn(&str) -> bool) -> Option<&str> {
+    std::str::from_utf8(find_bytes(headers, is_name)?).ok()
+}
+
+/// [`find`], as bytes: read on every status poll, so it scans with `memchr` and leaves checking
+/// the value to its caller (a visitor cookie is checked byte by byte anyway).
+pub fn find_bytes(headers: &HeaderMap, is_name: impl Fn(&str) -> bool) -> Option<&[u8]> {
     headers.get_all(header::COOKIE).iter().find_map(|line| {
         let mut rest = line.as_bytes();
         loop {
@@ -24,14 +29,14 @@ pub fn find(headers: &HeaderMap, is_name: impl Fn(&str) -> bool) -> Option<&str>
 }
 
 /// The value of one `name=value` pair (surrounding spaces and quotes dropped) if its name fits.
-fn value_if_named<'a>(pair: &'a [u8], is_name: &impl Fn(&str) -> bool) -> Option<&'a str> {
+fn value_if_named<'a>(pair: &'a [u8], is_name: &impl Fn(&str) -> bool) -> Option<&'a [u8]> {
     let eq = memchr::memchr(b'=', pair)?;
     let name = std::str::from_utf8(pair[..eq].trim_ascii()).ok()?;
     if !is_name(name) {
         return None;
     }
-    let value = std::str::from_utf8(pair[eq + 1..].trim_ascii()).ok()?;
-    Some(value.trim_matches('"'))
+    let value = pair[eq + 1..].trim_ascii();
+    Some(value.strip_prefix(b"\"").and_then(|v| v.strip_suffix(b"\"")).unwrap_or(value))
 }
 
 /// An HttpOnly, SameSite=Lax cookie for the whole host; `Secure` when weir is served over https.
@@ -79,8 +84,9 @@ mod tests {
     }
 
     #[test]
-    fn a_pair_that_is_not_utf8_is_skipped() {
-        assert_eq!(get(&cookie_headers(&[b"a=\xff; a=2"]), "a"), Some("2"));
+    fn a_value_that_is_not_utf8_is_absent() {
+        assert_eq!(get(&cookie_headers(&[b"a=\xff; a=2"]), "a"), None, "the first cookie of a name is the one");
+        assert_eq!(find_bytes(&cookie_headers(&[b"a=\xff; a=2"]), |n| n == "a"), Some(&b"\xff"[..]));
         assert_eq!(get(&cookie_headers(&[b"\xff=1"]), "a"), None);
     }
 
