@@ -34,8 +34,8 @@ fn epoch() -> Instant {
     *EPOCH.get_or_init(Instant::now)
 }
 
-/// Where a request came from: `serve` puts one into every request's extensions (one insert
-/// rather than one per field: this is per request).
+/// Where a request came from: `serve` hands it to the app with every request
+/// (`serve::PeerService`), and requests routed through axum carry it as an extension.
 #[derive(Clone)]
 pub struct Peer {
     pub addr: SocketAddr,
