@@ -30,7 +30,7 @@ pub struct CookieSigner {
 const COOKIE_PREFIX: &str = "weir_v_";
 
 pub fn cookie_name(room: &str) -> String {
-    format!("{COOKIE_PREFIX}{room}")
+    [COOKIE_PREFIX, room].concat()
 }
 
 /// The raw visitor cookie for `room` in a request (read on every status poll: no name built).

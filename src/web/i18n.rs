@@ -225,13 +225,25 @@ pub fn duration(t: &Strings, seconds: u64) -> String {
         0..=59 => t.less_than_a_minute.to_string(),
         60..=5399 => match (seconds + 30) / 60 {
             1 => t.about_minute.to_string(),
-            m => t.about_minutes.replace("{n}", &m.to_string()),
+            m => with_number(t.about_minutes, m),
         },
         _ => match (seconds + 1800) / 3600 {
             1 => t.about_hour.to_string(),
-            h => t.about_hours.replace("{n}", &h.to_string()),
+            h => with_number(t.about_hours, h),
         },
     }
+}
+
+/// `template` with its `{n}` replaced by `n` (every new visitor's page has one).
+fn with_number(template: &str, n: u64) -> String {
+    let mut digits = itoa::Buffer::new();
+    let n = digits.format(n);
+    let Some((before, after)) = template.split_once("{n}") else { return template.to_string() };
+    let mut out = String::with_capacity(before.len() + n.len() + after.len());
+    for part in [before, n, after] {
+        out.push_str(part);
+    }
+    out
 }
 
 #[cfg(test)]

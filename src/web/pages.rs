@@ -355,6 +355,8 @@ fn skeletons() -> &'static Mutex<FastMap<String, RoomSkeletons>> {
 
 /// The per-visitor values of a page.
 struct Dynamic {
+    /// The page's language (chosen once: it reads `Accept-Language`).
+    strings: &'static Strings,
     position: u64,
     ticket: u64,
     progress: u64,
@@ -396,6 +398,7 @@ impl RoomPage<'_> {
             _ => 15,
         };
         Dynamic {
+            strings: t,
             position,
             ticket: status.ticket.unwrap_or(0),
             progress: position.saturating_mul(100).checked_div(self.rank).map_or(0, |p| 100u64.saturating_sub(p)),
@@ -488,7 +491,7 @@ impl RoomPage<'_> {
         if self.spec.branding.template.is_some() || !matches!(page, "waiting" | "scheduled" | "paused") {
             return None;
         }
-        let key = SkeletonKey { lang: self.strings().lang, page, state: self.status.state.as_str(), eta_known: self.status.eta_seconds.is_some() };
+        let key = SkeletonKey { lang: values.strings.lang, page, state: self.status.state.as_str(), eta_known: self.status.eta_seconds.is_some() };
         let cached = {
             let cache = skeletons().lock();
             cache.get(&self.spec.id).filter(|r| Arc::ptr_eq(&r.spec, self.spec)).and_then(|r| r.pages.iter().find(|(k, _)| *k == key).map(|(_, s)| s.clone()))
