@@ -364,13 +364,26 @@ impl Engine {
 
     /// Counts live and abandoned visitors among those waiting (O(waiting); run every few seconds).
     pub fn census(&self, now_ms: i64, abandon_after_seconds: Option<u64>) -> Census {
+        let live = abandon_after_seconds.map(|after| self.live_among((self.serving + 1)..(self.last_ticket + 1), now_ms, after));
+        self.census_with(live)
+    }
+
+    /// The waiting visitors' ranks: those after the serving counter.
+    pub fn waiting_ranks(&self) -> std::ops::Range<u64> {
+        (self.serving + 1)..(self.last_ticket + 1)
+    }
+
+    /// Live visitors among the waiting ones with these ranks (a slice of a census: a caller can
+    /// scan a long line a slice per lock, so no request waits on the whole scan).
+    pub fn live_among(&self, ranks: std::ops::Range<u64>, now_ms: i64, abandon_after_s: u64) -> u64 {
+        let ranks = ranks.start.max(self.serving + 1)..ranks.end.min(self.last_ticket + 1);
+        ranks.filter(|r| self.is_live(self.ticket_at(*r), now_ms, abandon_after_s)).count() as u64
+    }
+
+    /// The census from a count of live waiters (`None`: nobody is ever counted as gone).
+    pub fn census_with(&self, live: Option<u64>) -> Census {
         let waiting = self.last_ticket.saturating_sub(self.serving);
-        let live = match abandon_after_seconds {
-            None => waiting,
-            Some(after) => ((self.serving + 1)..=self.last_ticket)
-                .filter(|r| self.is_live(self.ticket_at(*r), now_ms, after))
-                .count() as u64,
-        };
+        let live = live.map_or(waiting, |l| l.min(waiting));
         Census { waiting, live, abandoned: self.skipped.len() as u64 - self.returners.len() as u64 + (waiting - live) }
     }
 }
@@ -409,6 +422,29 @@ mod tests {
         let step = e.plan(&input);
         e.commit(step.clone(), &input);
         step
+    }
+
+    /// A census counted a slice at a time (as the driver does) equals the whole scan, and only
+    /// visitors not seen within the abandonment window are counted as gone.
+    #[test]
+    fn a_census_in_slices_equals_the_whole_scan() {
+        let mut e = Engine::default();
+        for t in 1..=100 {
+            e.on_entry(t, 0);
+        }
+        for t in (1..=100).filter(|t| t % 3 == 0) {
+            e.seen(t, 50_000);
+        }
+        let (now, after) = (60_000, 30);
+        let whole = e.census(now, Some(after));
+        assert_eq!((whole.waiting, whole.live), (100, 33), "only tickets seen at 50 s are live at 60 s");
+        for slice in [1u64, 7, 16, 100, 1_000] {
+            let ranks = e.waiting_ranks();
+            let live = (ranks.start..ranks.end).step_by(slice as usize).map(|from| e.live_among(from..(from + slice).min(ranks.end), now, after)).sum();
+            assert_eq!(e.census_with(Some(live)), whole, "slices of {slice}");
+        }
+        assert_eq!(e.census(now, None).live, 100, "without abandonment everyone waiting is live");
+        assert_eq!(e.census_with(Some(1_000)).live, 100, "a count from a line that has moved is capped");
     }
 
     #[test]
