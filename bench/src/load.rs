@@ -24,6 +24,10 @@ pub struct Tally {
     pub refused: u64,
     pub refused_with_retry_after: u64,
     pub refused_hist: Hist,
+    /// Refusals of requests sent on a connection whose previous answer was not a refusal: the
+    /// server read them at once, where a request sent right after a refusal waits out the hold.
+    pub refused_fresh: u64,
+    pub refused_fresh_hist: Hist,
     /// Open loop: scheduled requests never sent because the connection was still busy at the end.
     pub missed: u64,
 }
@@ -55,6 +59,8 @@ impl LoadResult {
             "refused": self.tally.refused,
             "refused_with_retry_after": self.tally.refused_with_retry_after,
             "refused_latency": self.tally.refused_hist.summary_ms(),
+            "refused_fresh": self.tally.refused_fresh,
+            "refused_fresh_latency": self.tally.refused_fresh_hist.summary_ms(),
             "missed": self.tally.missed,
             "ok_per_server_cpu_sec": self.server_cpu.filter(|c| *c > 0.0).map(|c| (self.rps() / c).round()),
             "client_cpu_share": (self.client_cpu * 1000.0).round() / 1000.0,
@@ -181,6 +187,7 @@ pub async fn open_loop(
         tasks.push(tokio::task::spawn_local(async move {
             let mut conn = Conn::new(addr);
             let mut k: u64 = 0;
+            let mut after_refusal = false;
             loop {
                 let scheduled = slots.due(c, k);
                 k += 1;
@@ -212,9 +219,18 @@ pub async fn open_loop(
                         // Refusals are timed from the actual send (how fast is "no"?); accepted
                         // requests from the schedule (what a user waiting on that slot saw).
                         let from = if refused || !behind { sent } else { scheduled };
-                        count(&mut t, r.status, r.retry_after, (done - from).as_nanos() as u64)
+                        let nanos = (done - from).as_nanos() as u64;
+                        if refused && !after_refusal {
+                            t.refused_fresh += 1;
+                            t.refused_fresh_hist.record(nanos);
+                        }
+                        after_refusal = refused;
+                        count(&mut t, r.status, r.retry_after, nanos)
                     }
-                    Err(_) => t.errors += 1,
+                    Err(_) => {
+                        after_refusal = false;
+                        t.errors += 1
+                    }
                 }
             }
         }));

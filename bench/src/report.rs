@@ -370,6 +370,18 @@ fn rows(res: &Value) -> Vec<Row> {
             goal: "< 1 ms, all with Retry-After".into(),
             verdict: if refused == 0 { "not measured" } else { verdict(rp.map(|x| x < 1.0 && with_ra == refused)) },
         });
+        let fresh = o["refused_fresh"].as_u64().unwrap_or(0);
+        if fresh > 0 {
+            rows.push(Row {
+                scenario: "overload".into(),
+                figure: format!("refusals of requests not sent right after a refusal (read at once, no hold to wait out): p99 ({fresh} of the {refused})"),
+                weir: cell(f(&o["refused_fresh_latency"]["p99_ms"]), " ms", &None),
+                baseline: "—".into(),
+                ratio: "—".into(),
+                goal: "—".into(),
+                verdict: "",
+            });
+        }
         let ap = f(&o["latency"]["p99_ms"]);
         rows.push(Row {
             scenario: "overload".into(),
