@@ -351,7 +351,7 @@ fn rows(res: &Value) -> Vec<Row> {
         }
         rows.push(Row {
             scenario: "overload".into(),
-            figure: format!("goodput at 3× capacity ({} conns{client})", o["connections"]),
+            figure: format!("goodput at {}× capacity ({} conns{client})", f(&o["offered_factor"]).unwrap_or(3.0), o["connections"]),
             weir: cell(g, " req/s", &nm(o)),
             baseline: cell(cap, " req/s (peak)", &None),
             ratio: r,

@@ -416,13 +416,20 @@ impl VerifyPrep {
     }
 }
 
+/// `name` from the environment if set and parseable, else `default`.
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
 pub async fn overload(ctx: &mut Ctx, capacity: Option<f64>) -> Value {
     let key = ctx.admin_key.clone();
     let (conns, warm, dur) = (ctx.params.conns, ctx.params.warmup, ctx.params.duration);
-    let oconns = ctx.params.overload_conns;
+    // For experiments (BENCHMARKS.md): other connection counts and offered multiples.
+    let oconns = env_or("WEIR_BENCH_OVERLOAD_CONNS", ctx.params.overload_conns);
+    let factor = env_or("WEIR_BENCH_OVERLOAD_FACTOR", 3.0f64);
     // Peak = the better of `entry` (64 connections) and a closed loop at 256 connections: group
-    // commit makes entry throughput grow with concurrency, and 256 stays under the default
-    // in-flight bound (1,024), so nothing is shed while the peak is measured.
+    // commit makes entry throughput grow with concurrency, and 256 stays within the default
+    // in-flight bound (256), so nothing is shed while the peak is measured.
     ctx.progress("overload: measuring peak entry goodput at 256 connections");
     let peak_conns = if conns < 64 { 64 } else { 256 };
     let cap256 = {
@@ -440,7 +447,7 @@ pub async fn overload(ctx: &mut Ctx, capacity: Option<f64>) -> Value {
     if cap <= 0.0 {
         return not_measured("entry capacity is 0");
     }
-    ctx.progress(&format!("overload: entry offered at 3 x {cap:.0} req/s over {oconns} connections"));
+    ctx.progress(&format!("overload: entry offered at {factor} x {cap:.0} req/s over {oconns} connections"));
     let s = match ctx.shared_weir() {
         Ok(s) => s,
         Err(e) => return not_measured(e),
@@ -449,13 +456,14 @@ pub async fn overload(ctx: &mut Ctx, capacity: Option<f64>) -> Value {
         Ok(r) => Rc::new(r),
         Err(e) => return not_measured(format!("weir: {e}")),
     };
-    let r = open_loop(s.addr, oconns, cap * 3.0, reqs, dur, Some(s.pid)).await;
+    let r = open_loop(s.addr, oconns, cap * factor, reqs, dur, Some(s.pid)).await;
     let mut v = load_json(&r);
     let answered: u64 = r.tally.by_status.values().sum();
     v["capacity_per_sec"] = json!(round(cap, 1));
     v["capacity_at_64_per_sec"] = json!(capacity.map(|c| round(c, 1)));
     v["capacity_at_256_per_sec"] = json!(round(cap256, 1));
-    v["offered_per_sec"] = json!(round(cap * 3.0, 1));
+    v["offered_per_sec"] = json!(round(cap * factor, 1));
+    v["offered_factor"] = json!(factor);
     v["answered_per_sec"] = json!(round(answered as f64 / r.elapsed.as_secs_f64(), 1));
     v["goodput_ratio"] = json!(round(r.rps() / cap, 3));
     v["connections"] = json!(oconns);
