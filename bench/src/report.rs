@@ -335,6 +335,17 @@ fn rows(res: &Value) -> Vec<Row> {
             goal: "< 2,000 ms".into(),
             verdict: verdict(d.map(|x| x < 2000.0)),
         });
+        if let Some(rss) = f(&q["rss_after_restart_bytes"]) {
+            rows.push(Row {
+                scenario: "queue-scale".into(),
+                figure: "RSS once ready after the restart (the whole line restored)".into(),
+                weir: format!("{:.1} MiB", rss / 1_048_576.0),
+                baseline: "—".into(),
+                ratio: "—".into(),
+                goal: "—".into(),
+                verdict: "",
+            });
+        }
     }
 
     let o = &res["scenarios"]["overload"];
