@@ -50,7 +50,8 @@ impl Params {
             }
         } else {
             Params {
-                conns: 64,
+                // For experiments: the closed loops' connection count (BENCHMARKS.md).
+                conns: env_or("WEIR_BENCH_CONNS", 64),
                 warmup: Duration::from_secs(2),
                 duration: Duration::from_secs(10),
                 fanout_subs: vec![1_000, 5_000],
