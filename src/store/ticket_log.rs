@@ -117,27 +117,26 @@ fn recover(file: &mut File, path: &Path) -> Result<(u64, u64, u64), StoreError> 
     let mut reader = std::io::BufReader::with_capacity(64 * 1024, &mut *file);
     let mut record = [0u8; RECORD];
     let (mut records, mut at) = (0u64, HEADER);
-    // The valid records, then the tail: where its last non-zero byte ends, if anywhere.
-    let mut dirty_end = None;
+    // The valid records, then the tail, which should be zeros: where its last other byte ends.
+    let (mut in_tail, mut dirty_end) = (false, None);
     loop {
         let n = read_up_to(&mut reader, &mut record).map_err(|e| io(path, e))?;
         if n == 0 {
             break;
         }
-        if dirty_end.is_none() && n == RECORD && decode(base + records + 1, &record).is_some() {
+        in_tail = in_tail || n < RECORD || decode(base + records + 1, &record).is_none();
+        if !in_tail {
             records += 1;
         } else if let Some(last) = record[..n].iter().rposition(|b| *b != 0) {
             dirty_end = Some(at + last as u64 + 1);
-        } else if dirty_end.is_none() {
-            dirty_end = Some(HEADER + records * RECORD as u64);
         }
         at += n as u64;
     }
-    let valid_len = HEADER + records * RECORD as u64;
-    if let Some(end) = dirty_end.filter(|end| *end > valid_len) {
+    if let Some(end) = dirty_end {
+        let valid_len = HEADER + records * RECORD as u64;
         tracing::warn!(path = %path.display(), bytes = end - valid_len, "ticket journal had an unacknowledged tail; zeroed");
         file.seek(SeekFrom::Start(valid_len))
-            .and_then(|_| file.write_all(&vec![0; (end - valid_len) as usize]))
+            .and_then(|_| write_zeros(file, end - valid_len))
             .and_then(|()| file.sync_data())
             .map_err(|e| io(path, e))?;
     }
@@ -278,22 +277,27 @@ impl TicketLogs {
 }
 
 /// Writes `j`'s pending records at `at` followed by zeros up to the journal's next size, and
-/// syncs data and size together. The zeros come from one static block: a buffer the size of the
-/// growth would stay in the allocator's hands (RSS) after the write.
+/// syncs data and size together. The zeros come from one static block (`write_zeros`): a buffer
+/// the size of the growth would stay in the allocator's hands (RSS) after the write.
 fn grow_and_write(j: &mut Journal, at: u64) -> std::io::Result<()> {
-    static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
     let end = at + j.pending.len() as u64;
     let len = end + j.len.clamp(MIN_GROWTH, MAX_GROWTH);
     j.file.seek(SeekFrom::Start(at))?;
     j.file.write_all(&j.pending)?;
-    let mut zeros = len - end;
-    while zeros > 0 {
-        let n = zeros.min(ZEROS.len() as u64);
-        j.file.write_all(&ZEROS[..n as usize])?;
-        zeros -= n;
-    }
+    write_zeros(&mut j.file, len - end)?;
     j.file.sync_all()?;
     j.len = len;
+    Ok(())
+}
+
+/// Writes `count` zero bytes at the file's position, from one static block.
+fn write_zeros(file: &mut File, mut count: u64) -> std::io::Result<()> {
+    static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
+    while count > 0 {
+        let n = count.min(ZEROS.len() as u64);
+        file.write_all(&ZEROS[..n as usize])?;
+        count -= n;
+    }
     Ok(())
 }
 
