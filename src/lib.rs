@@ -22,7 +22,7 @@
 //! - [`realtime`]: the Pusher-protocol server (apps, WebSocket, channels, HTTP API, webhooks).
 //! - [`admin`]: the `/api/v1` admin API (bearer admin key) and the `weir` CLI that drives it.
 //! - [`limits`]: load shedding (an in-flight bound per route group, refusing with a
-//!   pre-serialized 503, refused connections held for their `Retry-After`), timeouts, body
+//!   pre-serialized 503, refused connections held briefly, up to their `Retry-After` while they keep asking), timeouts, body
 //!   limits, the slow request-head guard; [`ops`]: metrics, health, shutdown.
 //! - [`http`]: `AppState`, the router (where every layer's order is decided) and `App`, which
 //!   serves the two hottest routes (forward auth, status) in front of the router under the same

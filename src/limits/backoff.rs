@@ -1,12 +1,15 @@
 //! Refusal that sticks: a connection that was answered 503 + `Retry-After` is not read again
-//! until that time has passed.
+//! for a while — briefly the first time, up to the `Retry-After` period while it keeps asking.
 //!
 //! Under overload an HTTP refusal still costs a parse and a response — a good part of what
 //! serving costs once serving is cheap — and a client that ignores `Retry-After` and asks again
 //! at once would have the server spend its core saying no. Not reading the refused connection
-//! for the `Retry-After` period leaves the client's next request waiting in the kernel's socket
-//! buffer, at no cost to anyone, so refusals stay a small share of the work however impatient
-//! the clients are. Other connections are unaffected.
+//! leaves the client's next request waiting in the kernel's socket buffer, at no cost to anyone,
+//! so refusals stay a small share of the work however impatient the clients are. Other
+//! connections are unaffected. The hold starts short ([`FIRST_HOLD`]) and doubles for a
+//! connection refused again soon after its hold ended: a burst that only grazes the bound costs
+//! each refused connection a moment of its load, while a sustained overload holds its
+//! connections for the whole period (see `BENCHMARKS.md`, overload).
 //!
 //! [`Listener`] wraps every accepted socket in [`Throttled`]; `serve` hands each request its
 //! connection's [`Backoff`] (with the peer address, as one [`Peer`]), which the shed layer sets
@@ -43,20 +46,50 @@ pub struct Peer {
     pub backoff: Backoff,
 }
 
-/// When a connection may be read again (milliseconds since [`epoch`]; 0 = now).
+/// When a connection may be read again, and how long its last hold was.
 #[derive(Clone, Default)]
-pub struct Backoff(Arc<AtomicU64>);
+pub struct Backoff(Arc<Hold>);
+
+#[derive(Default)]
+struct Hold {
+    /// Milliseconds since [`epoch`]; 0 = not held.
+    until: AtomicU64,
+    /// Length of the last hold, in milliseconds.
+    length: AtomicU64,
+}
+
+/// The first hold after a refusal. A burst that briefly passes the bound should cost each
+/// refused connection a moment, not a second of its load: holds that long, landing on many
+/// connections at once, took far more load out than the burst brought and sent it back in a wave.
+pub const FIRST_HOLD: Duration = Duration::from_millis(125);
 
 impl Backoff {
     /// Don't read this connection for `period`.
     pub fn hold_for(&self, period: Duration) {
-        // Never 0, which means "not held" (a test runtime's paused clock can lag the epoch).
-        let until = ((Instant::now() + period).duration_since(epoch()).as_millis() as u64).max(1);
-        self.0.fetch_max(until, Ordering::Relaxed);
+        let until = Self::ms_after(period);
+        self.0.until.fetch_max(until, Ordering::Relaxed);
+        self.0.length.store(period.as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// Hold a connection that was just refused: [`FIRST_HOLD`] at first, twice its last hold if
+    /// it is refused again within `longest` of that hold's end (a client that keeps asking while
+    /// the server is overloaded), never longer than `longest`.
+    pub fn hold_after_refusal(&self, longest: Duration) {
+        let longest_ms = longest.as_millis() as u64;
+        let (until, length) = (self.0.until.load(Ordering::Relaxed), self.0.length.load(Ordering::Relaxed));
+        let again = until != 0 && Self::ms_after(Duration::ZERO) < until + longest_ms;
+        let next = if again { (length * 2).clamp(1, longest_ms) } else { (FIRST_HOLD.as_millis() as u64).min(longest_ms) };
+        self.hold_for(Duration::from_millis(next));
+    }
+
+    /// Milliseconds since [`epoch`] `period` from now; never 0, which means "not held" (a test
+    /// runtime's paused clock can lag the epoch).
+    fn ms_after(period: Duration) -> u64 {
+        ((Instant::now() + period).duration_since(epoch()).as_millis() as u64).max(1)
     }
 
     pub(crate) fn until(&self) -> Option<Instant> {
-        match self.0.load(Ordering::Relaxed) {
+        match self.0.until.load(Ordering::Relaxed) {
             0 => None,
             ms => Some(epoch() + Duration::from_millis(ms)),
         }
@@ -177,6 +210,34 @@ impl AsyncWrite for Throttled {
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Length of the hold `backoff` is under, from now.
+    fn held_for(backoff: &Backoff) -> Duration {
+        backoff.until().map_or(Duration::ZERO, |until| until.saturating_duration_since(Instant::now()))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn refusals_hold_briefly_then_longer_while_the_client_keeps_asking() {
+        let longest = Duration::from_secs(1);
+        let backoff = Backoff::default();
+        let mut holds = Vec::new();
+        for _ in 0..6 {
+            backoff.hold_after_refusal(longest);
+            let hold = held_for(&backoff);
+            holds.push(hold.as_millis());
+            // Asks again as soon as the hold ends, and is refused again.
+            tokio::time::sleep(hold).await;
+        }
+        assert_eq!(holds, [125, 250, 500, 1000, 1000, 1000]);
+        // Refused again only after a quiet `longest`: back to the first hold.
+        tokio::time::sleep(longest + Duration::from_millis(1)).await;
+        backoff.hold_after_refusal(longest);
+        assert_eq!(held_for(&backoff), FIRST_HOLD);
+        // A `Retry-After` shorter than the first hold caps it.
+        let short = Backoff::default();
+        short.hold_after_refusal(Duration::from_millis(50));
+        assert_eq!(held_for(&short), Duration::from_millis(50));
+    }
 
     #[tokio::test(start_paused = true)]
     async fn a_held_connection_is_not_read_until_its_time() {

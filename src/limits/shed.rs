@@ -102,9 +102,9 @@ impl<S: Service<Request, Response = Response, Error = Infallible>> BoundService<
         if bound.in_flight.fetch_add(1, Ordering::AcqRel) >= bound.max_in_flight {
             bound.in_flight.fetch_sub(1, Ordering::AcqRel);
             bound.shed.increment(1);
-            // The answer says "retry in a second"; the connection is held to it.
+            // The answer says "retry in a second"; a connection that keeps asking is held up to that.
             if let Some(backoff) = hold.or_else(|| request.extensions().get::<Peer>().map(|p| &p.backoff)) {
-                backoff.hold_for(RETRY_AFTER);
+                backoff.hold_after_refusal(RETRY_AFTER);
             }
             return BoundFuture::Refused { response: Some(at_capacity()) };
         }
