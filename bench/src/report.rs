@@ -369,6 +369,24 @@ fn rows(res: &Value) -> Vec<Row> {
             goal: "≥ 0.90× peak".into(),
             verdict: verdict(rv.map(|x| x >= 0.9)),
         });
+        if let Some(points) = o["curve"].as_array().filter(|c| !c.is_empty()) {
+            let text: Vec<String> = points
+                .iter()
+                .map(|p| {
+                    let busy = f(&p["server_cpu_share"]).map(|c| format!(", server {:.0} %", c * 100.0)).unwrap_or_default();
+                    format!("{}× → {:.2}× ({} refused{busy})", f(&p["offered_factor"]).unwrap_or(0.0), f(&p["goodput_ratio"]).unwrap_or(0.0), p["refused"])
+                })
+                .collect();
+            rows.push(Row {
+                scenario: "overload".into(),
+                figure: format!("goodput curve over {} conns: offered (× peak) → goodput (× peak)", o["connections"]),
+                weir: text.join("; "),
+                baseline: "—".into(),
+                ratio: "—".into(),
+                goal: "—".into(),
+                verdict: "",
+            });
+        }
         let refused = o["refused"].as_u64().unwrap_or(0);
         let with_ra = o["refused_with_retry_after"].as_u64().unwrap_or(0);
         let rp = f(&o["refused_latency"]["p99_ms"]).filter(|_| refused > 0);
@@ -461,7 +479,7 @@ pub fn table(res: &Value, results_file: &str) -> String {
     for r in rows(res) {
         let _ = writeln!(s, "| {} | {} | {} | {} | {} | {} | {} |", r.scenario, r.figure, r.weir, r.baseline, r.ratio, r.goal, r.verdict);
     }
-    let _ = writeln!(s, "\nCharts: [HTTP latency](bench/results/latency-http.svg), [fan-out latency](bench/results/latency-fanout.svg), [fan-out throughput](bench/results/fanout-throughput.svg).");
+    let _ = writeln!(s, "\nCharts: [HTTP latency](bench/results/latency-http.svg), [fan-out latency](bench/results/latency-fanout.svg), [fan-out throughput](bench/results/fanout-throughput.svg), [overload goodput](bench/results/overload-goodput.svg).");
     let _ = write!(s, "{END}");
     s
 }
@@ -571,6 +589,15 @@ pub fn charts(res: &Value, dir: &Path) -> std::io::Result<()> {
     }
     http.extend(pct_series("weir overload (accepted)".into(), &sc["overload"]["latency"]));
     std::fs::write(dir.join("latency-http.svg"), line_chart("HTTP latency distribution, closed loop (64 conns)", "percentile", "latency (ms, log)", &xs, &http, true))?;
+
+    if let Some(points) = sc["overload"]["curve"].as_array().filter(|c| !c.is_empty()) {
+        let factors: Vec<f64> = points.iter().filter_map(|p| p["offered_factor"].as_f64()).collect();
+        let labels: Vec<String> = factors.iter().map(|x| format!("{x}×")).collect();
+        let goodput = ("weir goodput".to_string(), points.iter().map(|p| p["goodput_ratio"].as_f64()).collect());
+        let ideal = ("offered, up to the peak".to_string(), factors.iter().map(|x| Some(x.min(1.0))).collect());
+        let title = format!("Entry goodput vs offered load, open loop over {} connections", sc["overload"]["connections"]);
+        std::fs::write(dir.join("overload-goodput.svg"), line_chart(&title, "offered load (× peak)", "goodput (× peak)", &labels, &[goodput, ideal], false))?;
+    }
 
     let mut fan = Vec::new();
     let mut thr = Vec::new();

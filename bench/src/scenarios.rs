@@ -448,6 +448,22 @@ pub async fn overload(ctx: &mut Ctx, capacity: Option<f64>) -> Value {
     if cap <= 0.0 {
         return not_measured("entry capacity is 0");
     }
+    // The goodput curve: the same connections offered less, so the figure at `factor` reads
+    // against what this many connections yield below and around capacity (each its own room).
+    let mut curve = Vec::new();
+    for (low, room) in CURVE {
+        ctx.progress(&format!("overload: goodput curve, {low} x {cap:.0} req/s over {oconns} connections"));
+        let s = match ctx.shared_weir() {
+            Ok(s) => s,
+            Err(e) => return not_measured(e),
+        };
+        let reqs = match EntryPrep(room).prep(s, &key).await {
+            Ok(r) => Rc::new(r),
+            Err(e) => return not_measured(format!("weir: {e}")),
+        };
+        let r = open_loop(s.addr, oconns, cap * low, reqs, dur / 2, Some(s.pid)).await;
+        curve.push(curve_point(low, cap, &r));
+    }
     ctx.progress(&format!("overload: entry offered at {factor} x {cap:.0} req/s over {oconns} connections"));
     let s = match ctx.shared_weir() {
         Ok(s) => s,
@@ -468,7 +484,22 @@ pub async fn overload(ctx: &mut Ctx, capacity: Option<f64>) -> Value {
     v["answered_per_sec"] = json!(round(answered as f64 / r.elapsed.as_secs_f64(), 1));
     v["goodput_ratio"] = json!(round(r.rps() / cap, 3));
     v["connections"] = json!(oconns);
+    curve.push(curve_point(factor, cap, &r));
+    v["curve"] = json!(curve);
     v
+}
+
+/// Offered multiples of capacity for the goodput curve, below the overload run's own.
+const CURVE: [(f64, &str); 3] = [(0.5, "bench-curve-a"), (1.0, "bench-curve-b"), (2.0, "bench-curve-c")];
+
+fn curve_point(factor: f64, cap: f64, r: &crate::load::LoadResult) -> Value {
+    json!({
+        "offered_factor": factor,
+        "ok_per_sec": round(r.rps(), 1),
+        "goodput_ratio": round(r.rps() / cap, 3),
+        "refused": r.tally.refused,
+        "server_cpu_share": r.server_cpu.map(|c| round(c, 3)),
+    })
 }
 
 // ---------- realtime scenarios ----------
