@@ -169,8 +169,37 @@ pub fn by_code(code: &str) -> Option<&'static Strings> {
 }
 
 /// Longest `Accept-Language` header considered; the rest is ignored (browsers send ~50 bytes).
-/// A language's strings pre-serialized: as JSON for the page script and as a template value.
-/// Built once per language so a page render does not re-serialize thirty strings.
+/// The phrases the page script (`static/room.js`) writes itself; the rest are in the page
+/// already, so every page carries only these in its config (a quarter of the table's bytes).
+#[derive(Serialize)]
+struct ScriptStrings {
+    eta_unknown: &'static str,
+    your_turn: &'static str,
+    offline: &'static str,
+    less_than_a_minute: &'static str,
+    about_minute: &'static str,
+    about_minutes: &'static str,
+    about_hour: &'static str,
+    about_hours: &'static str,
+}
+
+impl ScriptStrings {
+    fn of(t: &'static Strings) -> Self {
+        Self {
+            eta_unknown: t.eta_unknown,
+            your_turn: t.your_turn,
+            offline: t.offline,
+            less_than_a_minute: t.less_than_a_minute,
+            about_minute: t.about_minute,
+            about_minutes: t.about_minutes,
+            about_hour: t.about_hour,
+            about_hours: t.about_hours,
+        }
+    }
+}
+
+/// A language's strings pre-serialized: the script's share as JSON for the page config, and all
+/// of them as a template value. Built once per language so a page render serializes nothing.
 pub struct Prepared {
     pub json: Box<serde_json::value::RawValue>,
     pub value: minijinja::Value,
@@ -183,7 +212,7 @@ impl Strings {
             [&EN, &DE, &FR, &ES]
                 .into_iter()
                 .map(|t| {
-                    let json = serde_json::value::to_raw_value(t).expect("static strings serialize");
+                    let json = serde_json::value::to_raw_value(&ScriptStrings::of(t)).expect("static strings serialize");
                     (t.lang, Prepared { json, value: minijinja::Value::from_serialize(t) })
                 })
                 .collect()
@@ -255,6 +284,32 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(header::ACCEPT_LANGUAGE, HeaderValue::from_str(al).unwrap());
         h
+    }
+
+    /// Every phrase the page script reads from its config (`t.<name>`) is in the config, in
+    /// every language, and nothing else is.
+    #[test]
+    fn the_script_gets_the_phrases_it_uses() {
+        let script = include_str!("static/room.js");
+        let mut used: Vec<&str> = script
+            .match_indices("t.")
+            .filter(|(at, _)| !script[..*at].ends_with(|c: char| c.is_ascii_alphanumeric() || c == '_' || c == '.'))
+            .map(|(at, _)| {
+                let name = &script[at + 2..];
+                &name[..name.find(|c: char| !(c.is_ascii_lowercase() || c == '_')).unwrap_or(name.len())]
+            })
+            .filter(|name| !name.is_empty())
+            .collect();
+        used.sort_unstable();
+        used.dedup();
+        assert!(used.len() >= 8, "found {used:?}");
+        for t in [&EN, &DE, &FR, &ES] {
+            let json: serde_json::Map<String, serde_json::Value> = serde_json::from_str(t.prepared().json.get()).unwrap();
+            let mut shipped: Vec<&str> = json.keys().map(String::as_str).collect();
+            shipped.sort_unstable();
+            assert_eq!(shipped, used, "{}", t.lang);
+            assert!(json.values().all(|v| v.as_str().is_some_and(|s| !s.is_empty())), "{}", t.lang);
+        }
     }
 
     #[test]
