@@ -22,8 +22,9 @@
 //! - [`realtime`]: the Pusher-protocol server (apps, WebSocket, channels, HTTP API, webhooks).
 //! - [`admin`]: the `/api/v1` admin API (bearer admin key) and the `weir` CLI that drives it.
 //! - [`limits`]: load shedding (an in-flight bound per route group, refusing with a
-//!   pre-serialized 503, refused connections held briefly, up to their `Retry-After` while they keep asking), timeouts, body
-//!   limits, the slow request-head guard; [`ops`]: metrics, health, shutdown.
+//!   pre-serialized 503; a refused connection is held unread briefly, up to its `Retry-After`
+//!   while it keeps asking), timeouts, body limits, the slow request-head guard; [`ops`]:
+//!   metrics, health, shutdown.
 //! - [`http`]: `AppState`, the router (where every layer's order is decided) and `App`, which
 //!   serves the two hottest routes (forward auth, status) in front of the router under the same
 //!   bound and metrics; [`serve`], the accept loop (hyper HTTP/1.1 connections with upgrades,
