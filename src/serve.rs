@@ -1,5 +1,5 @@
 //! The accept loop: every connection is served by hyper's HTTP/1.1 connection (with upgrades,
-//! for WebSockets), calling the [`App`] directly.
+//! for WebSockets), calling the [`App`](crate::http::App) directly.
 //!
 //! This replaces `axum::serve`, which on every request clones the whole per-connection service
 //! and polls a shutdown channel, and wraps each socket for HTTP/2 detection that weir (HTTP/1.1

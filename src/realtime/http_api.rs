@@ -54,7 +54,7 @@ async fn authorize(
 }
 
 /// A signed HTTP API request: its app (named by the `{app_id}` path segment or, on the
-/// prefix-less SDK path, by `auth_key`), verified by [`authorize`], and its bounded body.
+/// prefix-less SDK path, by `auth_key`), verified by `authorize`, and its bounded body.
 /// Every HTTP API handler takes this as its last argument.
 pub struct Signed {
     pub tenant: Arc<Tenant>,

@@ -2,7 +2,7 @@
 //! their environment is built once. Autoescaping is on for `.html`, so room names and branding
 //! text are safe.
 //!
-//! Every room page gets the same context (see [`RoomPage::context`]), so a room's custom
+//! Every room page gets the same context (see `RoomPage::context`), so a room's custom
 //! template (`branding.template`) can render any state. Custom templates run in their own
 //! sandboxed environment: no loader (only the built-ins can be extended or included), a fuel
 //! budget bounding the work of one render, and autoescaping forced on. A custom template that
