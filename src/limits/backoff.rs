@@ -6,7 +6,7 @@
 //! at once would have the server spend its core saying no. Not reading the refused connection
 //! leaves the client's next request waiting in the kernel's socket buffer, at no cost to anyone,
 //! so refusals stay a small share of the work however impatient the clients are. Other
-//! connections are unaffected. The hold starts short ([`FIRST_HOLD`]) and doubles for a
+//! connections are unaffected. The hold starts short (`FIRST_HOLD`) and doubles for a
 //! connection refused again soon after its hold ended: a burst that only grazes the bound costs
 //! each refused connection a moment of its load, while a sustained overload holds its
 //! connections for the whole period (see `BENCHMARKS.md`, overload).
@@ -61,17 +61,17 @@ struct Hold {
 /// The first hold after a refusal. A burst that briefly passes the bound should cost each
 /// refused connection a moment, not a second of its load: holds that long, landing on many
 /// connections at once, took far more load out than the burst brought and sent it back in a wave.
-pub const FIRST_HOLD: Duration = Duration::from_millis(125);
+const FIRST_HOLD: Duration = Duration::from_millis(125);
 
 impl Backoff {
     /// Don't read this connection for `period`.
-    pub fn hold_for(&self, period: Duration) {
+    fn hold_for(&self, period: Duration) {
         let until = Self::ms_after(period);
         self.0.until.fetch_max(until, Ordering::Relaxed);
         self.0.length.store(period.as_millis() as u64, Ordering::Relaxed);
     }
 
-    /// Hold a connection that was just refused: [`FIRST_HOLD`] at first, twice its last hold if
+    /// Hold a connection that was just refused: `FIRST_HOLD` at first, twice its last hold if
     /// it is refused again within `longest` of that hold's end (a client that keeps asking while
     /// the server is overloaded), never longer than `longest`.
     pub fn hold_after_refusal(&self, longest: Duration) {
