@@ -59,7 +59,14 @@ fn serve(file: Option<PathBuf>, flags: Flags) -> std::process::ExitCode {
         }
     };
     init_logging(config.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    // The store's writer commits a batch when a worker goes idle (see `store::pacing`).
+    let (parked, unparked) = (weir::store::pacing::install(), weir::store::pacing::install());
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .on_thread_park(move || parked.worker_parked())
+        .on_thread_unpark(move || unparked.worker_unparked())
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("weir: cannot start the async runtime: {e}");

@@ -5,6 +5,7 @@
 //! `redb.rs` is the default, embedded implementation. A Redis implementation plugs in behind the
 //! same trait; the room and realtime logic never see which one runs.
 
+pub mod pacing;
 pub mod redb;
 pub mod ticket_log;
 

@@ -4,8 +4,9 @@
 //! `MAX_BATCH` operations) into one durable step: new tickets are appended to their room's
 //! journal (`ticket_log`, one `fdatasync` per room), everything else goes into a single redb
 //! write transaction committed with an fsync — group commit. Under load hundreds of tickets
-//! share one sync; idle, a single ticket pays one. Callers wait on a oneshot, so a response is
-//! sent only after its data is durable. Reads use redb's MVCC read transactions (or read the
+//! share one sync; idle, a single ticket pays one. When a batch is committed is the
+//! [`pacing`](super::pacing) module's call: once the runtime has nothing more to hand over.
+//! Callers wait on a oneshot, so a response is sent only after its data is durable. Reads use redb's MVCC read transactions (or read the
 //! immutable journal records) and never wait for the writer.
 
 use std::path::Path;
@@ -16,6 +17,7 @@ use async_trait::async_trait;
 use redb::{Database, ReadableTable, TableDefinition};
 use tokio::sync::{mpsc, oneshot};
 
+use super::pacing::{self, CommitPacer};
 use super::ticket_log::{self, LastTickets, TicketLogs};
 use super::{order_key, sessions_key, AdmissionRecord, QueueCounters, Store, StoreError, Table, TicketEntry};
 
@@ -56,6 +58,8 @@ pub struct RedbStore {
     /// `weir_store_write_queue_depth`, resolved once: every write sets it.
     queue_depth: metrics::Gauge,
     open: Arc<AtomicBool>,
+    /// Told how many writes are queued, so a full batch need not wait for an idle runtime.
+    pacer: Option<Arc<CommitPacer>>,
     /// Joined on close, so the database file is released when `close` returns.
     writer_thread: parking_lot::Mutex<Option<std::thread::JoinHandle<()>>>,
 }
@@ -65,8 +69,14 @@ fn backend(e: impl std::fmt::Display) -> StoreError {
 }
 
 impl RedbStore {
-    /// Opens (or creates) `dir/weir.redb` and starts the writer thread.
+    /// Opens (or creates) `dir/weir.redb` and starts the writer thread, pacing its commits with
+    /// the process's [`pacing::installed`] pacer if there is one.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        Self::open_paced(dir, pacing::installed())
+    }
+
+    /// [`open`](Self::open) with the given pacer (`None`: every batch is committed at once).
+    pub fn open_paced(dir: &Path, pacer: Option<Arc<CommitPacer>>) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir).map_err(|e| backend(format!("{}: {e}", dir.display())))?;
         let db = Database::builder().set_cache_size(CACHE_BYTES).create(dir.join("weir.redb")).map_err(backend)?;
         let txn = db.begin_write().map_err(backend)?;
@@ -81,18 +91,24 @@ impl RedbStore {
         let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
         let open = Arc::new(AtomicBool::new(true));
         let writer_db = db.clone();
+        let writer_pacer = pacer.clone();
         let handle = std::thread::Builder::new()
             .name("weir-store-writer".into())
-            .spawn(move || writer_loop(&writer_db, &mut logs, rx))
+            .spawn(move || writer_loop(&writer_db, &mut logs, rx, writer_pacer.as_deref()))
             .map_err(backend)?;
         let queue_depth = metrics::gauge!("weir_store_write_queue_depth");
-        Ok(Self { db, tickets_dir, last_tickets, writer: tx, queue_depth, open, writer_thread: parking_lot::Mutex::new(Some(handle)) })
+        Ok(Self { db, tickets_dir, last_tickets, writer: tx, queue_depth, open, pacer, writer_thread: parking_lot::Mutex::new(Some(handle)) })
     }
 
     async fn write<T>(&self, op: impl FnOnce(Reply<T>) -> WriteOp) -> Result<T, StoreError> {
         let (reply, rx) = oneshot::channel();
         self.writer.send(op(reply)).await.map_err(|_| StoreError::Closed)?;
-        self.queue_depth.set((QUEUE_CAPACITY - self.writer.capacity()) as f64);
+        let queued = QUEUE_CAPACITY - self.writer.capacity();
+        self.queue_depth.set(queued as f64);
+        if let Some(pacer) = &self.pacer {
+            // The writer holds the batch's first write outside the queue.
+            pacer.queued(queued + 1);
+        }
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
@@ -116,11 +132,14 @@ fn decode_entry(bytes: &[u8]) -> Result<TicketEntry, StoreError> {
     Ok(TicketEntry { visitor, entered_at_ms: i64::from_le_bytes(at) })
 }
 
-fn writer_loop(db: &Database, logs: &mut TicketLogs, mut rx: mpsc::Receiver<WriteOp>) {
+fn writer_loop(db: &Database, logs: &mut TicketLogs, mut rx: mpsc::Receiver<WriteOp>, pacer: Option<&CommitPacer>) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     let batch_size = metrics::histogram!("weir_store_batch_size");
     while let Some(first) = rx.blocking_recv() {
         batch.push(first);
+        if let Some(pacer) = pacer {
+            pacer.wait(|| 1 + rx.len());
+        }
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
                 Ok(op) => batch.push(op),
@@ -424,6 +443,29 @@ mod tests {
         assert!(store.ticket("a", 7).await.unwrap().is_none());
         assert!(store.skipped("a").await.unwrap().is_empty());
         assert!(store.get(Table::Meta, &sessions_key("a")).await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_paced_writer_commits_when_the_batch_is_full_or_the_runtime_idles() {
+        let dir = tempfile::tempdir().unwrap();
+        let pacer = Arc::new(CommitPacer::new(3, std::time::Duration::from_secs(30)));
+        let store = Arc::new(RedbStore::open_paced(dir.path(), Some(pacer.clone())).unwrap());
+        let issue = |i: u8| {
+            let s = store.clone();
+            tokio::spawn(async move { s.issue_ticket("a", entry(i)).await.unwrap() })
+        };
+        let (first, second) = (issue(1), issue(2));
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(!first.is_finished() && !second.is_finished(), "no worker idle and the batch is not full");
+        let third = issue(3);
+        let mut tickets = vec![first.await.unwrap(), second.await.unwrap(), third.await.unwrap()];
+        tickets.sort();
+        assert_eq!(tickets, vec![1, 2, 3], "the third write fills the batch");
+        let fourth = issue(4);
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(!fourth.is_finished());
+        pacer.worker_parked();
+        assert_eq!(fourth.await.unwrap(), 4, "an idle worker releases a partial batch");
     }
 
     #[tokio::test]
