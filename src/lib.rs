@@ -35,7 +35,8 @@
 //! 1. `GET /r/{room}` → `room::visitor` reads the signed visitor cookie. Without a valid one it
 //!    asks `store::issue_ticket` for the next ticket; the store's writer thread appends tickets
 //!    to the room's journal (`store::ticket_log`) and group-commits them (one `fdatasync` for
-//!    many visitors); only then does the response leave, with a signed HttpOnly cookie
+//!    many visitors; `store::pacing` holds a batch until a runtime worker goes idle, so it takes
+//!    in every request already read); only then does the response leave, with a signed HttpOnly cookie
 //!    `{room, ticket, visitor}` and the waiting page, filled into a skeleton pre-rendered once
 //!    per room, language and page (`web::pages`).
 //! 2. `room::driver` ticks every 100 ms: each open room's engine plans a step — slots from

@@ -137,20 +137,42 @@ async fn page_script_is_cached_and_compressed() {
     let (_, html) = page(&app, "s", None).await;
     let start = html.find("/_weir/static/room.js?v=").unwrap();
     let src = &html[start..start + html[start..].find('"').unwrap()];
-    let r = app.http.get(app.url(src)).header("accept-encoding", "gzip").send().await.unwrap();
+    let r = app.http.get(app.url(src)).header("accept-encoding", "gzip, deflate, br").send().await.unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["cache-control"], "public, max-age=31536000, immutable");
     assert_eq!(r.headers()["content-encoding"], "gzip");
+    assert_eq!(r.headers()["vary"], "accept-encoding");
     assert!(r.headers()["content-type"].to_str().unwrap().starts_with("text/javascript"));
-    let etag = r.headers()["etag"].clone();
-    let r = app.http.get(app.url(src)).header("if-none-match", etag).send().await.unwrap();
+    let gzip_etag = r.headers()["etag"].clone();
+    let script = gunzip(&r.bytes().await.unwrap());
+    let plain = app.http.get(app.url(src)).send().await.unwrap();
+    assert!(plain.headers().get("content-encoding").is_none());
+    assert_ne!(plain.headers()["etag"], gzip_etag, "each encoding has its own ETag");
+    assert_eq!(script, plain.text().await.unwrap(), "the compressed script is the script");
+    let r = app.http.get(app.url(src)).header("accept-encoding", "gzip").header("if-none-match", gzip_etag).send().await.unwrap();
     assert_eq!(r.status(), 304);
     let r = app.http.get(app.url("/_weir/static/room.js")).send().await.unwrap();
     assert_eq!(r.headers()["cache-control"], "public, max-age=300");
-    // The page itself is per visitor: never cached, but compressed.
-    let r = app.http.get(app.url("/r/s")).header("accept-encoding", "gzip").send().await.unwrap();
+    // The page itself is per visitor: never cached, but compressed (stitched from text
+    // compressed once and the visitor's values, see `web::gzip`).
+    let r = app.http.get(app.url("/r/s")).header("accept-encoding", "gzip, deflate, br").send().await.unwrap();
     assert_eq!(r.headers()["cache-control"], "no-store");
     assert_eq!(r.headers()["content-encoding"], "gzip");
+    assert_eq!(r.headers()["vary"], "accept-encoding");
+    let cookie = r.headers()["set-cookie"].to_str().unwrap().split(';').next().unwrap().to_string();
+    let page = gunzip(&r.bytes().await.unwrap());
+    assert!(page.contains(r#"id="weir-config""#) && page.trim_end().ends_with("</html>"), "{page}");
+    // The same visitor again, uncompressed: the same page but for the clock.
+    let r = app.http.get(app.url("/r/s")).header("cookie", cookie).send().await.unwrap();
+    assert!(r.headers().get("content-encoding").is_none());
+    let without_clock = |p: &str| p.split("\"now_ms\":").next().unwrap().to_string();
+    assert_eq!(without_clock(&page), without_clock(&r.text().await.unwrap()));
+}
+
+fn gunzip(bytes: &[u8]) -> String {
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(bytes), &mut text).unwrap();
+    text
 }
 
 type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;

@@ -18,6 +18,7 @@ use minijinja::{AutoEscape, Environment, Value};
 use parking_lot::Mutex;
 use serde::Serialize;
 
+use super::gzip;
 use super::i18n::{self, Strings};
 use crate::room::model::{RoomSpec, RoomState};
 use crate::fast_map::FastMap;
@@ -140,6 +141,16 @@ fn finish(status: StatusCode, body: String) -> Response {
     let mut response = (status, Html(body)).into_response();
     // Pages are per visitor (ticket, position): never cached by browsers or proxies.
     response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+/// A page already gzip-compressed (the compression layer passes it through as it is).
+fn finish_gzip(status: StatusCode, body: Vec<u8>) -> Response {
+    let mut response = (status, Html(body)).into_response();
+    let headers = response.headers_mut();
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    headers.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+    headers.insert(header::VARY, HeaderValue::from_static("accept-encoding"));
     response
 }
 
@@ -267,6 +278,9 @@ fn value_or_marker<T: Into<Value>>(values: Option<&Dynamic>, slot: Slot, get: im
 struct Skeleton {
     pieces: Vec<Piece>,
     len: usize,
+    /// Each text piece compressed once, in order (see [`gzip`]); `None` if compression failed.
+    deflated: Option<Vec<Box<[u8]>>>,
+    deflated_len: usize,
 }
 
 enum Piece {
@@ -302,30 +316,61 @@ impl Skeleton {
             return None;
         }
         pieces.push(Piece::Text(rest.into()));
-        Some(Skeleton { pieces, len: marked.len() })
+        let texts = pieces.iter().filter_map(|p| match p {
+            Piece::Text(t) => Some(t),
+            Piece::Slot(_) => None,
+        });
+        let deflated: Option<Vec<Box<[u8]>>> = texts.map(|t| gzip::deflate_piece(t.as_bytes())).collect();
+        let deflated_len = deflated.iter().flatten().map(|d| d.len()).sum();
+        Some(Skeleton { pieces, len: marked.len(), deflated, deflated_len })
     }
 
     fn fill(&self, v: &Dynamic) -> String {
-        fn number(out: &mut String, n: impl itoa::Integer) {
-            out.push_str(itoa::Buffer::new().format(n));
-        }
         let mut out = String::with_capacity(self.len + 64);
         for piece in &self.pieces {
             match piece {
                 Piece::Text(t) => out.push_str(t),
-                Piece::Slot(Slot::Position) => number(&mut out, v.position),
-                Piece::Slot(Slot::Ticket | Slot::JsonTicket) => number(&mut out, v.ticket),
-                Piece::Slot(Slot::Progress) => number(&mut out, v.progress),
-                Piece::Slot(Slot::EtaText) => push_html_escaped(&mut out, v.eta_text.as_deref().unwrap_or("")),
-                Piece::Slot(Slot::Countdown) => out.push_str(&v.countdown_text),
-                Piece::Slot(Slot::RefreshS) => number(&mut out, v.refresh_s),
-                Piece::Slot(Slot::RefreshMs) => number(&mut out, v.refresh_s * 1000),
-                Piece::Slot(Slot::JsonRank) => number(&mut out, v.rank),
-                Piece::Slot(Slot::JsonServing) => number(&mut out, v.serving),
-                Piece::Slot(Slot::JsonNowMs) => number(&mut out, v.now_ms),
+                Piece::Slot(slot) => write_slot(&mut out, *slot, v),
             }
         }
         out
+    }
+
+    /// The page as a gzip body: the pre-compressed text with the values stored in between.
+    fn fill_gzip(&self, v: &Dynamic) -> Option<Vec<u8>> {
+        let mut deflated = self.deflated.as_ref()?.iter();
+        let mut body = gzip::GzipWriter::with_capacity(self.deflated_len + 256);
+        let mut value = String::new();
+        for piece in &self.pieces {
+            match piece {
+                Piece::Text(t) => body.precompressed(t.as_bytes(), deflated.next()?),
+                Piece::Slot(slot) => {
+                    value.clear();
+                    write_slot(&mut value, *slot, v);
+                    body.stored(value.as_bytes());
+                }
+            }
+        }
+        Some(body.finish())
+    }
+}
+
+/// A per-visitor value as the page shows it.
+fn write_slot(out: &mut String, slot: Slot, v: &Dynamic) {
+    fn number(out: &mut String, n: impl itoa::Integer) {
+        out.push_str(itoa::Buffer::new().format(n));
+    }
+    match slot {
+        Slot::Position => number(out, v.position),
+        Slot::Ticket | Slot::JsonTicket => number(out, v.ticket),
+        Slot::Progress => number(out, v.progress),
+        Slot::EtaText => push_html_escaped(out, v.eta_text.as_deref().unwrap_or("")),
+        Slot::Countdown => out.push_str(&v.countdown_text),
+        Slot::RefreshS => number(out, v.refresh_s),
+        Slot::RefreshMs => number(out, v.refresh_s * 1000),
+        Slot::JsonRank => number(out, v.rank),
+        Slot::JsonServing => number(out, v.serving),
+        Slot::JsonNowMs => number(out, v.now_ms),
     }
 }
 
@@ -486,7 +531,7 @@ impl RoomPage<'_> {
 
     /// The built-in page from its cached skeleton, when this page can use one: the per-visitor
     /// values are written into the pre-rendered text instead of running the template again.
-    fn render_from_skeleton(&self, values: &Dynamic) -> Option<String> {
+    fn skeleton(&self, values: &Dynamic) -> Option<Arc<Skeleton>> {
         let page = self.page();
         if self.spec.branding.template.is_some() || !matches!(page, "waiting" | "scheduled" | "paused") {
             return None;
@@ -512,7 +557,7 @@ impl RoomPage<'_> {
                 built
             }
         };
-        skeleton.map(|s| s.fill(values))
+        skeleton
     }
 
     fn build_skeleton(&self, page: &str) -> Option<Skeleton> {
@@ -528,8 +573,13 @@ impl RoomPage<'_> {
     /// Renders the room's custom template if it has one and it works, else the built-in page.
     pub fn render(&self, status: StatusCode) -> Response {
         let values = self.dynamic();
-        if let Some(body) = self.render_from_skeleton(&values) {
-            return finish(status, body);
+        if let Some(skeleton) = self.skeleton(&values) {
+            if gzip::accepts_gzip(self.headers) {
+                if let Some(body) = skeleton.fill_gzip(&values) {
+                    return finish_gzip(status, body);
+                }
+            }
+            return finish(status, skeleton.fill(&values));
         }
         let context = self.context(Some(&values));
         if let Some(source) = &self.spec.branding.template {
@@ -638,8 +688,13 @@ mod tests {
                 let values = page.dynamic();
                 // Twice: the first builds and caches the skeleton, the second uses it.
                 for _ in 0..2 {
-                    let fast = page.render_from_skeleton(&values).expect("these pages have skeletons");
+                    let skeleton = page.skeleton(&values).expect("these pages have skeletons");
+                    let fast = skeleton.fill(&values);
                     assert_eq!(fast, page.render_in_full(), "{state} {lang} {ticket} {eta:?}");
+                    let mut unzipped = String::new();
+                    let gzipped = skeleton.fill_gzip(&values).expect("the skeleton's text compresses");
+                    std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(&gzipped[..]), &mut unzipped).unwrap();
+                    assert_eq!(unzipped, fast, "the gzip body is the same page");
                 }
             }
         }
@@ -654,7 +709,7 @@ mod tests {
         };
         let headers = HeaderMap::new();
         let page = RoomPage { spec: &spec, status: &status, rank: 5, serving: 3, now_ms: 0, headers: &headers };
-        assert!(page.render_from_skeleton(&page.dynamic()).is_none());
+        assert!(page.skeleton(&page.dynamic()).is_none());
         assert!(page.render_in_full().contains("odd \u{E000}a\u{E001} text"));
     }
 
