@@ -127,16 +127,44 @@ fn is_text(_: StatusCode, _: Version, headers: &HeaderMap, _: &Extensions) -> bo
 }
 
 /// A `GET {prefix}{room}{suffix}` route answered in front of the router. Forward auth runs on
-/// every request the origin gets and status on every poll of a waiting visitor, so these two
-/// skip axum's routing and extractors (a quarter of forward auth's cost, see BENCHMARKS.md).
-/// They keep what the routed versions have: the visitors' in-flight bound and per-route metrics.
-/// The same handlers stay in the router for other methods and for tests of the router alone.
+/// every request the origin gets, status on every poll of a waiting visitor and entry on every
+/// new visitor of a flood, so these three skip axum's routing and extractors (a quarter of
+/// forward auth's cost, see BENCHMARKS.md). They keep what the routed versions have: the
+/// visitors' in-flight bound and per-route metrics (and entry its compression, see
+/// [`compress_text`]). The same handlers stay in the router for other methods and for tests of
+/// the router alone.
 #[derive(Clone)]
 pub struct HotRoute {
     state: AppState,
     prefix: &'static str,
     suffix: &'static str,
-    answer: fn(&AppState, &str, &Request) -> Response,
+    answer: Answer,
+}
+
+/// How a hot route answers: within its call, or later (entry waits for a durable ticket).
+#[derive(Clone, Copy)]
+enum Answer {
+    Now(fn(&AppState, &str, &Request) -> Response),
+    Later(fn(AppState, Box<str>, Request) -> LaterAnswer),
+}
+
+pub type LaterAnswer = Pin<Box<dyn Future<Output = Response> + Send>>;
+
+/// A hot route's answer, ready or to be awaited.
+pub enum HotFuture {
+    Now(std::future::Ready<Result<Response, Infallible>>),
+    Later(LaterAnswer),
+}
+
+impl Future for HotFuture {
+    type Output = Result<Response, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.get_mut() {
+            HotFuture::Now(ready) => Pin::new(ready).poll(cx),
+            HotFuture::Later(later) => later.as_mut().poll(cx).map(Ok),
+        }
+    }
 }
 
 impl HotRoute {
@@ -151,25 +179,68 @@ impl HotRoute {
     }
 }
 
+impl HotRoute {
+    /// Entry reads the peer's address (the per-IP limit) from the request, as its routed
+    /// handler does; the others need it only to hold a refused connection.
+    fn reads_peer(&self) -> bool {
+        matches!(self.answer, Answer::Later(_))
+    }
+}
+
 impl Service<Request> for HotRoute {
     type Response = Response;
     type Error = Infallible;
-    type Future = std::future::Ready<Result<Response, Infallible>>;
+    type Future = HotFuture;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, request: Request) -> Self::Future {
-        let response = match self.room_of(&request) {
-            Some(room) => (self.answer)(&self.state, room, &request),
-            None => crate::error::ApiError::not_found("no such route").into_response(),
+        let response = match (self.room_of(&request), self.answer) {
+            (Some(room), Answer::Now(answer)) => answer(&self.state, room, &request),
+            (Some(room), Answer::Later(answer)) => {
+                let room = room.into();
+                return HotFuture::Later(answer(self.state.clone(), room, request));
+            }
+            (None, _) => crate::error::ApiError::not_found("no such route").into_response(),
         };
-        std::future::ready(Ok(response))
+        HotFuture::Now(std::future::ready(Ok(response)))
     }
 }
 
 type Hot = Track<BoundService<HotRoute>>;
+
+/// What the visitors' compression layer does to a response, for a hot route that answers pages
+/// outside it: text above 256 bytes varies on `Accept-Encoding` and is gzip-compressed when
+/// the client takes it. Responses already compressed (pages from a skeleton) pass as they are.
+pub async fn compress_text(response: Response, request_headers: &HeaderMap) -> Response {
+    use axum::body::HttpBody as _;
+    let size = response.body().size_hint().exact();
+    let worth = !response.headers().contains_key(header::CONTENT_ENCODING)
+        && is_text(response.status(), Version::HTTP_11, response.headers(), response.extensions())
+        && size.is_none_or(|n| n > 256);
+    if !worth {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    parts.headers.append(header::VARY, HeaderValue::from_static("accept-encoding"));
+    if !crate::web::gzip::accepts_gzip(request_headers) {
+        return Response::from_parts(parts, body);
+    }
+    // weir's own pages and JSON: small, and already whole in memory.
+    let Ok(plain) = axum::body::to_bytes(body, usize::MAX).await else {
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    };
+    match crate::web::gzip::compress(&plain) {
+        Some(gzip) => {
+            parts.headers.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+            parts.headers.remove(header::CONTENT_LENGTH);
+            Response::from_parts(parts, axum::body::Body::from(gzip))
+        }
+        None => Response::from_parts(parts, axum::body::Body::from(plain)),
+    }
+}
 
 /// The whole HTTP surface: the router, with the hot routes served in front of it.
 #[derive(Clone)]
@@ -183,12 +254,15 @@ pub fn app(state: AppState) -> App {
     let limits = &state.config.limits;
     let visitors_bound = shed::BoundLayer::new("visitors", limits.max_in_flight, Duration::from_millis(limits.request_timeout_ms));
     let hot = |route: &'static str, prefix, suffix, answer| {
-        let service = HotRoute { state: state.clone(), prefix, suffix, answer };
-        TrackLayer::named(route).layer(visitors_bound.layer(service).untimed())
+        let service = visitors_bound.layer(HotRoute { state: state.clone(), prefix, suffix, answer });
+        // A route that answers within its call has nothing to time out.
+        let service = if matches!(answer, Answer::Now(_)) { service.untimed() } else { service };
+        TrackLayer::named(route).layer(service)
     };
     let hot = vec![
-        hot("/auth/{room}", "/auth/", "", crate::gateway::forward_auth::answer),
-        hot("/r/{room}/status", "/r/", "/status", crate::room::routes::status_answer),
+        hot("/auth/{room}", "/auth/", "", Answer::Now(crate::gateway::forward_auth::answer)),
+        hot("/r/{room}/status", "/r/", "/status", Answer::Now(crate::room::routes::status_answer)),
+        hot("/r/{room}", "/r/", "", Answer::Later(crate::room::routes::entry_answer)),
     ];
     App { router: router(state, visitors_bound), hot }
 }
@@ -200,7 +274,12 @@ impl PeerService for App {
     /// it as a request extension (axum's handlers read it from there).
     fn call_from(&mut self, mut request: Request, peer: &Peer) -> AppFuture {
         match self.hot.iter_mut().find(|h| h.inner().inner().room_of(&request).is_some()) {
-            Some(hot) => AppFuture::Hot { work: hot.call_with(request, |bound, request| bound.call_held(request, Some(&peer.backoff))) },
+            Some(hot) => {
+                if hot.inner().inner().reads_peer() {
+                    request.extensions_mut().insert(peer.clone());
+                }
+                AppFuture::Hot { work: hot.call_with(request, |bound, request| bound.call_held(request, Some(&peer.backoff))) }
+            }
             None => {
                 request.extensions_mut().insert(peer.clone());
                 AppFuture::Routed { work: self.router.call(request) }
@@ -212,7 +291,7 @@ impl PeerService for App {
 pin_project_lite::pin_project! {
     #[project = AppProj]
     pub enum AppFuture {
-        Hot { #[pin] work: TrackFuture<BoundFuture<std::future::Ready<Result<Response, Infallible>>>> },
+        Hot { #[pin] work: TrackFuture<BoundFuture<HotFuture>> },
         Routed { #[pin] work: RouteFuture<Infallible> },
     }
 }

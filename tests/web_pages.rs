@@ -121,6 +121,10 @@ async fn custom_templates_are_validated_and_never_take_a_room_down() {
     assert_eq!(status, 200);
     assert!(html.contains("<h1 id=custom>c</h1>") && html.contains("id=position>1<"), "{html}");
     assert!(html.contains(r#"id="weir-config""#) && html.contains("/_weir/static/room.js?v="));
+    // A custom page is compressed per request, for a client that takes gzip.
+    let r = app.http.get(app.url("/r/c")).header("accept-encoding", "gzip").send().await.unwrap();
+    assert_eq!((r.headers()["content-encoding"].to_str().unwrap(), r.headers()["vary"].to_str().unwrap()), ("gzip", "accept-encoding"));
+    assert!(gunzip(&r.bytes().await.unwrap()).contains("id=position>2<"));
 
     // A PATCH of the branding keeps the template; DELETE removes it.
     app.admin(Method::PATCH, "/rooms/c").json(&json!({"branding": {"title": "T"}})).send().await.unwrap();

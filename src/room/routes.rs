@@ -48,16 +48,33 @@ async fn entry(
     query: Result<Query<EntryQuery>, axum::extract::rejection::QueryRejection>,
     request: axum::extract::Request,
 ) -> Response {
-    // `serve` gives every request its peer; without one (a router served some other way) the
-    // per-IP limit sees the unspecified address.
-    let peer_ip = request.extensions().get::<Peer>().map_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), |p| p.addr.ip());
-    let headers = request.headers();
+    enter(&state, &room_id, query.ok().map(|Query(q)| q), peer_ip(&request), request.headers()).await
+}
+
+/// `GET /r/{room}` answered in front of the router (`http::HotRoute`): the same as [`entry`],
+/// and compressed as the router's layer would.
+pub fn entry_answer(state: AppState, room_id: Box<str>, request: axum::extract::Request) -> crate::http::LaterAnswer {
+    Box::pin(async move {
+        let query = Query::<EntryQuery>::try_from_uri(request.uri()).ok().map(|Query(q)| q);
+        let (peer_ip, headers) = (peer_ip(&request), request.headers());
+        let response = enter(&state, &room_id, query, peer_ip, headers).await;
+        crate::http::compress_text(response, headers).await
+    })
+}
+
+/// `serve` gives every request its peer; without one (a router served some other way) the
+/// per-IP limit sees the unspecified address.
+fn peer_ip(request: &axum::extract::Request) -> IpAddr {
+    request.extensions().get::<Peer>().map_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), |p| p.addr.ip())
+}
+
+async fn enter(state: &AppState, room_id: &str, query: Option<EntryQuery>, peer_ip: IpAddr, headers: &HeaderMap) -> Response {
     let json = cookies::wants_json(headers);
-    let Some(room) = state.rooms.get(&room_id) else {
-        return no_such_room(json, &room_id, headers);
+    let Some(room) = state.rooms.get(room_id) else {
+        return no_such_room(json, room_id, headers);
     };
     let rooms = &state.rooms;
-    let (to, pow) = query.map(|Query(q)| (q.to, q.pow)).unwrap_or_default();
+    let (to, pow) = query.map(|q| (q.to, q.pow)).unwrap_or_default();
     let deep_link = to.and_then(|to| safe_deep_link(&to));
     let existing = rooms.recognise(&room, cookie_in(headers, &room.id));
     let mut set_cookies = Vec::new();
@@ -65,19 +82,19 @@ async fn entry(
         Some(mut c) => {
             if deep_link.is_some() && deep_link != c.deep_link {
                 c.deep_link = deep_link;
-                set_cookies.push(visitor_cookie(&state, &room, &c));
+                set_cookies.push(visitor_cookie(state, &room, &c));
             }
             Some(c)
         }
         None => match room.effective_state(state.clock.now_ms()) {
-            RoomState::Closed => return closed(&state, json, &room, rooms.status(&room, None), headers),
+            RoomState::Closed => return closed(state, json, &room, rooms.status(&room, None), headers),
             RoomState::Passthrough => None,
             _ => {
                 let ip = abuse::client_ip(peer_ip, headers, &rooms.trusted_proxies, &rooms.client_ip_header);
-                match admit_new_visitor(&state, &room, ip, headers, deep_link, pow.as_deref(), json).await {
+                match admit_new_visitor(state, &room, ip, headers, deep_link, pow.as_deref(), json).await {
                     Ok(NewVisitor::Bypass(response)) | Err(response) => return response,
                     Ok(NewVisitor::Ticket(c)) => {
-                        set_cookies.push(visitor_cookie(&state, &room, &c));
+                        set_cookies.push(visitor_cookie(state, &room, &c));
                         Some(c)
                     }
                 }
@@ -85,7 +102,7 @@ async fn entry(
         },
     };
     let status = rooms.status(&room, cookie.as_ref());
-    respond(&state, json, &room, status, set_cookies, headers)
+    respond(state, json, &room, status, set_cookies, headers)
 }
 
 enum NewVisitor {
