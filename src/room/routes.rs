@@ -51,8 +51,8 @@ async fn entry(
     enter(&state, &room_id, query.ok().map(|Query(q)| q), peer_ip(&request), request.headers()).await
 }
 
-/// `GET /r/{room}` answered in front of the router (`http::HotRoute`): the same as [`entry`],
-/// and compressed as the router's layer would.
+/// `GET /r/{room}` answered in front of the router (`http::HotRoute`): the same as the routed
+/// `entry`, and compressed as the router's layer would.
 pub fn entry_answer(state: AppState, room_id: Box<str>, request: axum::extract::Request) -> crate::http::LaterAnswer {
     Box::pin(async move {
         let query = Query::<EntryQuery>::try_from_uri(request.uri()).ok().map(|Query(q)| q);

@@ -5,7 +5,7 @@
 //! journal (`ticket_log`, one `fdatasync` per room), everything else goes into a single redb
 //! write transaction committed with an fsync — group commit. Under load hundreds of tickets
 //! share one sync; idle, a single ticket pays one. When a batch is committed is the
-//! [`pacing`](super::pacing) module's call: once the runtime has nothing more to hand over.
+//! [`pacing`] module's call: once the runtime has nothing more to hand over.
 //! Callers wait on a oneshot, so a response is sent only after its data is durable. Reads use redb's MVCC read transactions (or read the
 //! immutable journal records) and never wait for the writer.
 
