@@ -100,7 +100,7 @@ pub fn router(state: AppState, visitors_bound: shed::BoundLayer) -> Router {
     // JSON answers (status, forward auth) are not worth the work.
     let pages = crate::room::routes::page_routes()
         .merge(crate::web::assets::routes())
-        .layer(tower_http::compression::CompressionLayer::new().compress_when(SizeAbove::new(256).and(is_text as TextPredicate)));
+        .layer(tower_http::compression::CompressionLayer::new().compress_when(SizeAbove::new(COMPRESS_ABOVE).and(is_text as TextPredicate)));
     let visitors = pages.merge(crate::room::routes::api_routes()).merge(crate::gateway::routes()).layer(visitors_bound);
     // Reverse-proxy mode bounds its own origin requests and times (`gateway::proxy`): bodies
     // stream for longer than the request timeout, and WebSocket upgrades live on.
@@ -115,6 +115,9 @@ pub fn router(state: AppState, visitors_bound: shed::BoundLayer) -> Router {
         .layer(TrackLayer::default())
         .with_state(state)
 }
+
+/// Bodies up to this many bytes are sent as they are: compressing them saves too little.
+const COMPRESS_ABOVE: u16 = 256;
 
 type TextPredicate = fn(StatusCode, Version, &HeaderMap, &Extensions) -> bool;
 
@@ -177,9 +180,7 @@ impl HotRoute {
         let room = request.uri().path().strip_prefix(self.prefix)?.strip_suffix(self.suffix)?;
         (!room.is_empty() && !room.contains('/')).then_some(room)
     }
-}
 
-impl HotRoute {
     /// Entry reads the peer's address (the per-IP limit) from the request, as its routed
     /// handler does; the others need it only to hold a refused connection.
     fn reads_peer(&self) -> bool {
@@ -212,14 +213,15 @@ impl Service<Request> for HotRoute {
 type Hot = Track<BoundService<HotRoute>>;
 
 /// What the visitors' compression layer does to a response, for a hot route that answers pages
-/// outside it: text above 256 bytes varies on `Accept-Encoding` and is gzip-compressed when
-/// the client takes it. Responses already compressed (pages from a skeleton) pass as they are.
+/// outside it: text above [`COMPRESS_ABOVE`] bytes varies on `Accept-Encoding` and is
+/// gzip-compressed when the client takes it. Responses already compressed (pages from a
+/// skeleton) pass as they are.
 pub async fn compress_text(response: Response, request_headers: &HeaderMap) -> Response {
     use axum::body::HttpBody as _;
     let size = response.body().size_hint().exact();
     let worth = !response.headers().contains_key(header::CONTENT_ENCODING)
         && is_text(response.status(), Version::HTTP_11, response.headers(), response.extensions())
-        && size.is_none_or(|n| n > 256);
+        && size.is_none_or(|n| n > u64::from(COMPRESS_ABOVE));
     if !worth {
         return response;
     }

@@ -60,7 +60,8 @@ fn serve(file: Option<PathBuf>, flags: Flags) -> std::process::ExitCode {
     };
     init_logging(config.log_format);
     // The store's writer commits a batch when a worker goes idle (see `store::pacing`).
-    let (parked, unparked) = (weir::store::pacing::install(), weir::store::pacing::install());
+    let parked = weir::store::pacing::install();
+    let unparked = parked.clone();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .on_thread_park(move || parked.worker_parked())
         .on_thread_unpark(move || unparked.worker_unparked())
