@@ -213,7 +213,7 @@ impl Service<Request> for HotRoute {
 type Hot = Track<BoundService<HotRoute>>;
 
 /// What the visitors' compression layer does to a response, for a hot route that answers pages
-/// outside it: text above [`COMPRESS_ABOVE`] bytes varies on `Accept-Encoding` and is
+/// outside it: text above `COMPRESS_ABOVE` bytes varies on `Accept-Encoding` and is
 /// gzip-compressed when the client takes it. Responses already compressed (pages from a
 /// skeleton) pass as they are.
 pub async fn compress_text(response: Response, request_headers: &HeaderMap) -> Response {
