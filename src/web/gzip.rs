@@ -70,6 +70,7 @@ impl GzipWriter {
     /// Text sent as it is, in stored blocks: for values a few bytes long, cheaper than
     /// compressing them and hardly larger.
     pub fn stored(&mut self, plain: &[u8]) {
+        // Nothing to store, no block (`chunks` yields nothing for an empty slice).
         for chunk in plain.chunks(MAX_STORED) {
             let len = chunk.len() as u16;
             self.out.push(0);

@@ -278,8 +278,10 @@ fn value_or_marker<T: Into<Value>>(values: Option<&Dynamic>, slot: Slot, get: im
 struct Skeleton {
     pieces: Vec<Piece>,
     len: usize,
-    /// Each text piece compressed once, in order (see [`gzip`]); `None` if compression failed.
-    deflated: Option<Vec<Box<[u8]>>>,
+    /// Each text piece compressed once, in order (see [`gzip`]), or `None` for a piece that
+    /// compression would not shrink (sent stored, with the values around it); `None` as a whole
+    /// if compression failed.
+    deflated: Option<Vec<Option<Box<[u8]>>>>,
     deflated_len: usize,
 }
 
@@ -320,8 +322,10 @@ impl Skeleton {
             Piece::Text(t) => Some(t),
             Piece::Slot(_) => None,
         });
-        let deflated: Option<Vec<Box<[u8]>>> = texts.map(|t| gzip::deflate_piece(t.as_bytes())).collect();
-        let deflated_len = deflated.iter().flatten().map(|d| d.len()).sum();
+        let deflated: Option<Vec<Option<Box<[u8]>>>> = texts
+            .map(|t| gzip::deflate_piece(t.as_bytes()).map(|d| (d.len() < t.len()).then_some(d)))
+            .collect();
+        let deflated_len = deflated.iter().flatten().map(|d| d.as_ref().map_or(0, |d| d.len())).sum::<usize>();
         Some(Skeleton { pieces, len: marked.len(), deflated, deflated_len })
     }
 
@@ -336,21 +340,26 @@ impl Skeleton {
         out
     }
 
-    /// The page as a gzip body: the pre-compressed text with the values stored in between.
+    /// The page as a gzip body: the pre-compressed text, and in between one stored block for
+    /// each run of values and short text.
     fn fill_gzip(&self, v: &Dynamic) -> Option<Vec<u8>> {
         let mut deflated = self.deflated.as_ref()?.iter();
-        let mut body = gzip::GzipWriter::with_capacity(self.deflated_len + 256);
-        let mut value = String::new();
+        let mut body = gzip::GzipWriter::with_capacity(self.deflated_len + 512);
+        let mut stored = String::new();
         for piece in &self.pieces {
             match piece {
-                Piece::Text(t) => body.precompressed(t.as_bytes(), deflated.next()?),
-                Piece::Slot(slot) => {
-                    value.clear();
-                    write_slot(&mut value, *slot, v);
-                    body.stored(value.as_bytes());
-                }
+                Piece::Text(t) => match deflated.next()? {
+                    Some(d) => {
+                        body.stored(stored.as_bytes());
+                        stored.clear();
+                        body.precompressed(t.as_bytes(), d);
+                    }
+                    None => stored.push_str(t),
+                },
+                Piece::Slot(slot) => write_slot(&mut stored, *slot, v),
             }
         }
+        body.stored(stored.as_bytes());
         Some(body.finish())
     }
 }
