@@ -8,7 +8,7 @@
 //! - [`config`]: one `Config` from defaults, file, `WEIR_*` env and flags; validated at startup.
 //! - [`error`]: `ApiError`, the single JSON error shape, and extractors that keep it.
 //! - [`store`]: the `Store` trait, the only door to durable state; `store::redb` embeds it
-//!   (documents and counters in redb, tickets in append-only per-room journals).
+//!   (documents, counters and reserved ticket ranges in redb, written through one group-committing thread).
 //! - [`secrets`]: admin key and cookie key, generated on first start and persisted.
 //! - [`room`]: rooms, the durable queue, the admission driver, visitor cookies, tokens;
 //!   `room::policy` holds the admission engine (ranks, skips, sessions, pre-queue shuffle),
@@ -33,12 +33,13 @@
 //! ## Data flow of a visitor
 //!
 //! 1. `GET /r/{room}` → `room::visitor` reads the signed visitor cookie. Without a valid one it
-//!    asks `store::issue_ticket` for the next ticket; the store's writer thread appends tickets
-//!    to the room's journal (`store::ticket_log`) and group-commits them (one `fdatasync` for
-//!    many visitors; `store::pacing` holds a batch until a runtime worker goes idle, so it takes
-//!    in every request already read); only then does the response leave, with a signed HttpOnly cookie
-//!    `{room, ticket, visitor}` and the waiting page, filled into a skeleton pre-rendered once
-//!    per room, language and page (`web::pages`).
+//!    asks `store::issue_ticket` for the next ticket, taken from a range the store reserved
+//!    durably ahead (`store::ranges`: the next range is reserved in the background when half is
+//!    used, so a visitor waits for a commit only when a burst outruns it); the response leaves
+//!    with a signed HttpOnly cookie `{room, ticket, visitor}` and the waiting page, filled into a
+//!    skeleton pre-rendered once per room, language and page (`web::pages`). After a crash,
+//!    numbering resumes above every reserved ticket; reserved tickets nobody may have held are
+//!    *unclaimed* and admitted only once a holder shows up.
 //! 2. `room::driver` ticks every 100 ms: each open room's engine plans a step — slots from
 //!    `rate × elapsed` (fractions carried over), limited by the active-user cap; returners
 //!    first, then ranks in order, skipping visitors unseen for `abandon_after_seconds`. All

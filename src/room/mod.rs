@@ -24,7 +24,7 @@ use crate::clock::Clock;
 use crate::config::Config;
 use crate::error::ApiError;
 use crate::secrets::Secrets;
-use crate::store::{order_key, sessions_key, Store, StoreError, Table, TicketEntry};
+use crate::store::{order_key, sessions_key, Store, StoreError, Table};
 
 use model::{RoomSpec, RoomState};
 use policy::abuse::PerIpLimiter;
@@ -365,9 +365,9 @@ impl Rooms {
 
     /// Issues a durable ticket to a new visitor.
     pub async fn enter(&self, room: &Room, deep_link: Option<String>) -> Result<VisitorCookie, ApiError> {
-        let (id, visitor) = visitor::new_visitor();
+        let visitor = visitor::new_visitor_id();
         let now = self.clock.now_ms();
-        let ticket = self.store.issue_ticket(&room.id, TicketEntry { visitor: id, entered_at_ms: now }).await?;
+        let ticket = self.store.issue_ticket(&room.id).await?;
         room.engine.lock().on_entry(ticket, now);
         room.entries_window.lock().add(now.div_euclid(1000), 1);
         room.entries_total.increment(1);
@@ -528,7 +528,7 @@ async fn restore_engine(store: &dyn Store, room: &str, now_ms: i64) -> Result<En
         .map(|b| b.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).collect())
         .unwrap_or_default();
     let skipped = store.skipped(room).await?;
-    Ok(Engine::restore(counters.last_ticket, counters.serving, order, skipped, sessions, now_ms))
+    Ok(Engine::restore(&counters, order, skipped, sessions, now_ms))
 }
 
 #[cfg(test)]

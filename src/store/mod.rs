@@ -5,9 +5,10 @@
 //! `redb.rs` is the default, embedded implementation. A Redis implementation plugs in behind the
 //! same trait; the room and realtime logic never see which one runs.
 
+pub mod legacy_journals;
 pub mod pacing;
+pub mod ranges;
 pub mod redb;
-pub mod ticket_log;
 
 use async_trait::async_trait;
 
@@ -39,14 +40,9 @@ pub struct QueueCounters {
     pub last_ticket: u64,
     /// Tickets at or below this number are admitted.
     pub serving: u64,
-}
-
-/// What is recorded with each ticket.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct TicketEntry {
-    pub visitor: [u8; 16],
-    /// Wall-clock entry time, milliseconds since the Unix epoch.
-    pub entered_at_ms: i64,
+    /// Tickets `a + 1 ..= b` that a crash left reserved but perhaps never handed out
+    /// ([`ranges`]): admitted only once a holder shows up. `(0, 0)`: none.
+    pub unclaimed: (u64, u64),
 }
 
 /// One room's admission step, as persisted by [`Store::record_admissions`].
@@ -90,11 +86,9 @@ pub trait Store: Send + Sync + 'static {
     async fn delete(&self, table: Table, key: &str) -> Result<bool, StoreError>;
     async fn list(&self, table: Table) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
 
-    /// Durably issues the next ticket of `room` (1, 2, 3, …) and records `entry` with it.
-    /// Returns only once the ticket would survive a crash.
-    async fn issue_ticket(&self, room: &str, entry: TicketEntry) -> Result<u64, StoreError>;
-    /// Reads one recorded ticket.
-    async fn ticket(&self, room: &str, ticket: u64) -> Result<Option<TicketEntry>, StoreError>;
+    /// Issues the next ticket of `room` (1, 2, 3, …). Returns only once the number is durably
+    /// taken: after a crash numbering resumes above it, so it is never issued twice.
+    async fn issue_ticket(&self, room: &str) -> Result<u64, StoreError>;
     async fn counters(&self, room: &str) -> Result<QueueCounters, StoreError>;
     /// Records admission steps of several rooms in one durable write: each raises its room's
     /// serving counter (never lowers it, never past the last issued ticket), adds skipped

@@ -1,13 +1,13 @@
 //! Embedded, crash-safe store on [redb](https://docs.rs/redb): one file in the data directory.
 //!
 //! Every write goes through one writer thread that drains whatever is queued (up to
-//! `MAX_BATCH` operations) into one durable step: new tickets are appended to their room's
-//! journal (`ticket_log`, one `fdatasync` per room), everything else goes into a single redb
-//! write transaction committed with an fsync — group commit. Under load hundreds of tickets
-//! share one sync; idle, a single ticket pays one. When a batch is committed is the
-//! [`pacing`] module's call: once the runtime has nothing more to hand over.
-//! Callers wait on a oneshot, so a response is sent only after its data is durable. Reads use redb's MVCC read transactions (or read the
-//! immutable journal records) and never wait for the writer.
+//! `MAX_BATCH` operations) into one redb write transaction committed with an fsync — group
+//! commit: under load hundreds of writes share one sync; idle, a single write pays one. When a
+//! batch is committed is the [`pacing`] module's call: once the runtime has nothing more to hand
+//! over. Callers wait on a oneshot, so a response is sent only after its data is durable.
+//! Tickets are the exception that makes entry cheap: they come from ranges reserved ahead
+//! through the same writer ([`ranges`](super::ranges)), so a new visitor waits for a commit only when a burst
+//! outruns its room's range. Reads use redb's MVCC read transactions and never wait for the writer.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -18,17 +18,19 @@ use redb::{Database, ReadableTable, TableDefinition};
 use tokio::sync::{mpsc, oneshot};
 
 use super::pacing::{self, CommitPacer};
-use super::ticket_log::{self, LastTickets, TicketLogs};
-use super::{order_key, sessions_key, AdmissionRecord, QueueCounters, Store, StoreError, Table, TicketEntry};
+use super::legacy_journals;
+use super::ranges::{Ranges, Reservation, RoomCounts, Take};
+use super::{order_key, sessions_key, AdmissionRecord, QueueCounters, Store, StoreError, Table};
 
 const DOCS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("docs");
 const COUNTERS: TableDefinition<&str, (u64, u64)> = TableDefinition::new("counters");
-/// Tickets issued before the journals existed (read-only now; see `ticket_log`).
+/// Per room: (tickets confirmed handed out, tickets reserved); see [`ranges`].
+const RESERVED: TableDefinition<&str, (u64, u64)> = TableDefinition::new("reserved");
+/// Per-visitor ticket records of early versions: never read, removed with their queue.
 const TICKETS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("tickets");
 const SKIPPED: TableDefinition<(&str, u64), ()> = TableDefinition::new("skipped");
 
-/// redb's page cache (its default is 1 GiB): tickets are written once and rarely read back, so
-/// a small cache keeps a million queued visitors within a few hundred bytes of RSS each.
+/// redb's page cache (its default is 1 GiB): what is stored is small and mostly written, not read.
 const CACHE_BYTES: usize = 32 * 1024 * 1024;
 /// Most operations folded into one transaction; bounds the latency a batch adds to its first member.
 const MAX_BATCH: usize = 2048;
@@ -41,19 +43,18 @@ enum WriteOp {
     Put { table: Table, key: String, value: Vec<u8>, reply: Reply<()> },
     InsertNew { table: Table, key: String, value: Vec<u8>, reply: Reply<bool> },
     Delete { table: Table, key: String, reply: Reply<bool> },
-    IssueTicket { room: String, entry: TicketEntry, reply: Reply<u64> },
+    /// A ticket range; `reply` only when a caller waits for it (not when reserved ahead).
+    Reserve { reservation: Reservation, reply: Option<Reply<()>> },
     RecordAdmissions { records: Vec<AdmissionRecord>, reply: Reply<()> },
     DeleteQueue { room: String, reply: Reply<()> },
     Close { reply: Reply<()> },
-    /// A taken-out op's place while a batch is partitioned.
-    Noop,
 }
 
 pub struct RedbStore {
     db: Arc<Database>,
-    tickets_dir: std::path::PathBuf,
-    /// Durable last ticket per room with a journal, kept by the writer.
-    last_tickets: LastTickets,
+    ranges: Arc<Ranges>,
+    /// `weir_store_ticket_waits_total`: tickets that waited for their range's commit.
+    ticket_waits: metrics::Counter,
     writer: mpsc::Sender<WriteOp>,
     /// `weir_store_write_queue_depth`, resolved once: every write sets it.
     queue_depth: metrics::Gauge,
@@ -84,20 +85,36 @@ impl RedbStore {
         txn.open_table(COUNTERS).map_err(backend)?;
         txn.open_table(TICKETS).map_err(backend)?;
         txn.open_table(SKIPPED).map_err(backend)?;
+        let durable = migrate_counts(&txn, &dir.join("tickets"))?;
         txn.commit().map_err(backend)?;
+        legacy_journals::remove(&dir.join("tickets"))?;
         let db = Arc::new(db);
-        let tickets_dir = dir.join("tickets");
-        let (mut logs, last_tickets) = TicketLogs::open(tickets_dir.clone())?;
+        let ranges = Arc::new(Ranges::new(durable));
         let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
         let open = Arc::new(AtomicBool::new(true));
         let writer_db = db.clone();
         let writer_pacer = pacer.clone();
+        let writer_ranges = ranges.clone();
         let handle = std::thread::Builder::new()
             .name("weir-store-writer".into())
-            .spawn(move || writer_loop(&writer_db, &mut logs, rx, writer_pacer.as_deref()))
+            .spawn(move || writer_loop(&writer_db, &writer_ranges, rx, writer_pacer.as_deref()))
             .map_err(backend)?;
         let queue_depth = metrics::gauge!("weir_store_write_queue_depth");
-        Ok(Self { db, tickets_dir, last_tickets, writer: tx, queue_depth, open, pacer, writer_thread: parking_lot::Mutex::new(Some(handle)) })
+        let ticket_waits = metrics::counter!("weir_store_ticket_waits_total");
+        Ok(Self { db, ranges, ticket_waits, writer: tx, queue_depth, open, pacer, writer_thread: parking_lot::Mutex::new(Some(handle)) })
+    }
+
+    /// Sends a reservation made ahead of need, without waiting for it; if the writer's queue is
+    /// full it is dropped (the range is told), and the next ticket asks again.
+    fn reserve_ahead(&self, reservation: Reservation) {
+        if let Err(e) = self.writer.try_send(WriteOp::Reserve { reservation, reply: None }) {
+            let op = match e {
+                mpsc::error::TrySendError::Full(op) | mpsc::error::TrySendError::Closed(op) => op,
+            };
+            if let WriteOp::Reserve { reservation, .. } = op {
+                self.ranges.settle(&reservation, false);
+            }
+        }
     }
 
     async fn write<T>(&self, op: impl FnOnce(Reply<T>) -> WriteOp) -> Result<T, StoreError> {
@@ -121,18 +138,7 @@ impl RedbStore {
     }
 }
 
-fn decode_entry(bytes: &[u8]) -> Result<TicketEntry, StoreError> {
-    if bytes.len() != 24 {
-        return Err(StoreError::Corrupt(format!("ticket entry of {} bytes", bytes.len())));
-    }
-    let mut visitor = [0u8; 16];
-    visitor.copy_from_slice(&bytes[..16]);
-    let mut at = [0u8; 8];
-    at.copy_from_slice(&bytes[16..]);
-    Ok(TicketEntry { visitor, entered_at_ms: i64::from_le_bytes(at) })
-}
-
-fn writer_loop(db: &Database, logs: &mut TicketLogs, mut rx: mpsc::Receiver<WriteOp>, pacer: Option<&CommitPacer>) {
+fn writer_loop(db: &Database, ranges: &Arc<Ranges>, mut rx: mpsc::Receiver<WriteOp>, pacer: Option<&CommitPacer>) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     let batch_size = metrics::histogram!("weir_store_batch_size");
     while let Some(first) = rx.blocking_recv() {
@@ -148,7 +154,7 @@ fn writer_loop(db: &Database, logs: &mut TicketLogs, mut rx: mpsc::Receiver<Writ
         }
         batch_size.record(batch.len() as f64);
         let closing = batch.iter().any(|op| matches!(op, WriteOp::Close { .. }));
-        apply_batch(db, logs, &mut batch);
+        apply_batch(db, ranges, &mut batch);
         if closing {
             rx.close();
         }
@@ -158,36 +164,32 @@ fn writer_loop(db: &Database, logs: &mut TicketLogs, mut rx: mpsc::Receiver<Writ
 /// Replies deferred until commit: each closure sends its op's answer, or the commit error.
 type Deferred = Box<dyn FnOnce(Result<(), StoreError>)>;
 
-/// The last ticket redb recorded for `room` (tickets from before its journal existed).
-fn legacy_last_ticket(db: &Database, room: &str) -> Result<u64, StoreError> {
-    let txn = db.begin_read().map_err(backend)?;
-    let counters = txn.open_table(COUNTERS).map_err(backend)?;
-    Ok(counters.get(room).map_err(backend)?.map(|g| g.value().0).unwrap_or(0))
+/// The rooms' durable `(confirmed, reserved)` ticket counts, with those of earlier versions
+/// (redb's counters, then journals) folded in and recorded in `RESERVED`.
+fn migrate_counts(txn: &redb::WriteTransaction, journals: &Path) -> Result<Vec<RoomCounts>, StoreError> {
+    let mut counts = std::collections::HashMap::new();
+    let mut reserved = txn.open_table(RESERVED).map_err(backend)?;
+    for item in reserved.iter().map_err(backend)? {
+        let (room, value) = item.map_err(backend)?;
+        counts.insert(room.value().to_string(), value.value());
+    }
+    let mut legacy = legacy_journals::last_tickets(journals)?;
+    for item in txn.open_table(COUNTERS).map_err(backend)?.iter().map_err(backend)? {
+        let (room, value) = item.map_err(backend)?;
+        legacy.push((room.value().to_string(), value.value().0));
+    }
+    for (room, last) in legacy.into_iter().filter(|(_, last)| *last > 0) {
+        let (confirmed, upto) = counts.get(&room).copied().unwrap_or((0, 0));
+        let merged = (confirmed.max(last), upto.max(last));
+        if merged != (confirmed, upto) {
+            reserved.insert(room.as_str(), merged).map_err(backend)?;
+            counts.insert(room, merged);
+        }
+    }
+    Ok(counts.into_iter().collect())
 }
 
-fn apply_batch(db: &Database, logs: &mut TicketLogs, batch: &mut Vec<WriteOp>) {
-    // Tickets first: they only touch the journals, and a batch of nothing but tickets (the
-    // flood) never opens a redb transaction.
-    let mut ticket_replies: Vec<Deferred> = Vec::new();
-    batch.retain_mut(|op| {
-        let WriteOp::IssueTicket { room, entry, .. } = op else { return true };
-        let outcome = logs.append(room, entry, || legacy_last_ticket(db, room));
-        let WriteOp::IssueTicket { reply, .. } = std::mem::replace(op, WriteOp::Noop) else { return false };
-        ticket_replies.push(defer(reply, outcome));
-        false
-    });
-    if !ticket_replies.is_empty() {
-        let committed = logs.commit();
-        if let Err(e) = &committed {
-            tracing::error!(error = %e, "ticket journal write failed");
-        }
-        for reply in ticket_replies {
-            reply(committed.as_ref().map(|_| ()).map_err(|e| StoreError::Backend(e.to_string())));
-        }
-    }
-    if batch.is_empty() {
-        return;
-    }
+fn apply_batch(db: &Database, ranges: &Arc<Ranges>, batch: &mut Vec<WriteOp>) {
     let mut deferred: Vec<Deferred> = Vec::with_capacity(batch.len());
     let result = (|| -> Result<(), StoreError> {
         let txn = db.begin_write().map_err(backend)?;
@@ -196,6 +198,7 @@ fn apply_batch(db: &Database, logs: &mut TicketLogs, batch: &mut Vec<WriteOp>) {
             let mut counters = txn.open_table(COUNTERS).map_err(backend)?;
             let mut tickets = txn.open_table(TICKETS).map_err(backend)?;
             let mut skipped = txn.open_table(SKIPPED).map_err(backend)?;
+            let mut reserved = txn.open_table(RESERVED).map_err(backend)?;
             for op in batch.drain(..) {
                 match op {
                     WriteOp::Put { table, key, value, reply } => {
@@ -216,16 +219,29 @@ fn apply_batch(db: &Database, logs: &mut TicketLogs, batch: &mut Vec<WriteOp>) {
                         let r = docs.remove((table.name(), key.as_str())).map(|old| old.is_some()).map_err(backend);
                         deferred.push(defer(reply, r));
                     }
-                    WriteOp::IssueTicket { reply, .. } => {
-                        deferred.push(defer(reply, Err(StoreError::Backend("ticket left in a redb batch".into()))));
+                    WriteOp::Reserve { reservation, reply } => {
+                        let r = if ranges.is_current(&reservation) {
+                            let Reservation { room, confirmed, upto, .. } = &reservation;
+                            reserved.insert(room.as_str(), (*confirmed, *upto)).map(|_| ()).map_err(backend)
+                        } else {
+                            Ok(())
+                        };
+                        let ranges = ranges.clone();
+                        deferred.push(Box::new(move |commit: Result<(), StoreError>| {
+                            let outcome = commit.and(r);
+                            // The range learns first, so a caller woken by the reply finds its tickets.
+                            ranges.settle(&reservation, outcome.is_ok());
+                            if let Some(reply) = reply {
+                                let _ = reply.send(outcome);
+                            }
+                        }));
                     }
-                    WriteOp::Noop => {}
                     WriteOp::RecordAdmissions { records, reply } => {
                         let r = records.iter().try_for_each(|rec| {
                             let room = rec.room.as_str();
                             let (last, serving) =
                                 counters.get(room).map_err(backend)?.map(|g| g.value()).unwrap_or((0, 0));
-                            let issued = last.max(logs.last_ticket(room).unwrap_or(0));
+                            let issued = last.max(ranges.issued(room));
                             let next = serving.max(rec.serving.min(issued));
                             if next != serving {
                                 counters.insert(room, (last, next)).map_err(backend)?;
@@ -247,7 +263,8 @@ fn apply_batch(db: &Database, logs: &mut TicketLogs, batch: &mut Vec<WriteOp>) {
                     }
                     WriteOp::DeleteQueue { room, reply } => {
                         let r = (|| {
-                            logs.delete(&room)?;
+                            ranges.forget(&room);
+                            reserved.remove(room.as_str()).map_err(backend)?;
                             counters.remove(room.as_str()).map_err(backend)?;
                             skipped
                                 .retain_in((room.as_str(), 0)..=(room.as_str(), u64::MAX), |_, _| false)
@@ -262,7 +279,13 @@ fn apply_batch(db: &Database, logs: &mut TicketLogs, batch: &mut Vec<WriteOp>) {
                         })();
                         deferred.push(defer(reply, r));
                     }
-                    WriteOp::Close { reply } => deferred.push(defer(reply, Ok(()))),
+                    WriteOp::Close { reply } => {
+                        // Exact counts: a clean restart has no unclaimed tickets.
+                        let r = ranges.seal().into_iter().try_for_each(|(room, issued)| {
+                            reserved.insert(room.as_str(), (issued, issued)).map(|_| ()).map_err(backend)
+                        });
+                        deferred.push(defer(reply, r));
+                    }
                 }
             }
         }
@@ -328,38 +351,36 @@ impl Store for RedbStore {
         .await
     }
 
-    async fn issue_ticket(&self, room: &str, entry: TicketEntry) -> Result<u64, StoreError> {
-        let room = room.to_string();
-        self.write(|reply| WriteOp::IssueTicket { room, entry, reply }).await
-    }
-
-    async fn ticket(&self, room: &str, ticket: u64) -> Result<Option<TicketEntry>, StoreError> {
-        let room = room.to_string();
-        let dir = self.tickets_dir.clone();
-        self.read(move |db| {
-            if let Some(entry) = ticket_log::read(&dir, &room, ticket)? {
-                return Ok(Some(entry));
+    async fn issue_ticket(&self, room: &str) -> Result<u64, StoreError> {
+        loop {
+            match self.ranges.take(room) {
+                Take::Ticket(ticket, ahead) => {
+                    if let Some(reservation) = ahead {
+                        self.reserve_ahead(reservation);
+                    }
+                    return Ok(ticket);
+                }
+                Take::Wait(done, own) => {
+                    self.ticket_waits.increment(1);
+                    match own {
+                        Some(reservation) => self.write(|reply| WriteOp::Reserve { reservation, reply: Some(reply) }).await?,
+                        None => done.await,
+                    }
+                }
+                Take::Closed => return Err(StoreError::Closed),
             }
-            let txn = db.begin_read().map_err(backend)?;
-            let t = txn.open_table(TICKETS).map_err(backend)?;
-            match t.get((room.as_str(), ticket)).map_err(backend)? {
-                Some(g) => Ok(Some(decode_entry(g.value())?)),
-                None => Ok(None),
-            }
-        })
-        .await
+        }
     }
 
     async fn counters(&self, room: &str) -> Result<QueueCounters, StoreError> {
         let room = room.to_string();
-        let last_tickets = self.last_tickets.clone();
+        let ranges = self.ranges.clone();
         self.read(move |db| {
             let txn = db.begin_read().map_err(backend)?;
             let t = txn.open_table(COUNTERS).map_err(backend)?;
-            let (last_ticket, serving) =
+            let (legacy_last, serving) =
                 t.get(room.as_str()).map_err(backend)?.map(|g| g.value()).unwrap_or((0, 0));
-            let journal = last_tickets.read().get(&room).copied().unwrap_or(0);
-            Ok(QueueCounters { last_ticket: last_ticket.max(journal), serving })
+            Ok(QueueCounters { last_ticket: legacy_last.max(ranges.issued(&room)), serving, unclaimed: ranges.unclaimed(&room) })
         })
         .await
     }
@@ -407,42 +428,87 @@ impl Store for RedbStore {
 mod tests {
     use super::*;
 
-    fn entry(n: u8) -> TicketEntry {
-        TicketEntry { visitor: [n; 16], entered_at_ms: n as i64 }
+    impl RedbStore {
+        /// Stops like a crash: the writer ends without recording exact counts.
+        fn crash(self) {
+            let handle = self.writer_thread.lock().take();
+            drop(self);
+            handle.unwrap().join().unwrap();
+        }
+    }
+
+    async fn issue_many(store: &Arc<RedbStore>, room: &'static str, n: usize) -> Vec<u64> {
+        let handles: Vec<_> = (0..n).map(|_| {
+            let s = store.clone();
+            tokio::spawn(async move { s.issue_ticket(room).await.unwrap() })
+        }).collect();
+        let mut tickets = Vec::new();
+        for h in handles {
+            tickets.push(h.await.unwrap());
+        }
+        tickets.sort();
+        tickets
     }
 
     #[tokio::test]
     async fn tickets_are_sequential_and_survive_reopen() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let store = RedbStore::open(dir.path()).unwrap();
-            let mut handles = Vec::new();
-            let store = Arc::new(store);
-            for i in 0..50u8 {
-                let s = store.clone();
-                handles.push(tokio::spawn(async move { s.issue_ticket("a", entry(i)).await.unwrap() }));
-            }
-            let mut tickets: Vec<u64> = Vec::new();
-            for h in handles {
-                tickets.push(h.await.unwrap());
-            }
-            tickets.sort();
-            assert_eq!(tickets, (1..=50).collect::<Vec<_>>());
+            let store = Arc::new(RedbStore::open(dir.path()).unwrap());
+            assert_eq!(issue_many(&store, "a", 500).await, (1..=500).collect::<Vec<_>>(), "concurrent entries, no gaps");
             let rec = |serving| AdmissionRecord { room: "a".into(), serving, skipped: vec![3, 4], unskipped: vec![4], sessions: Some(vec![1, 2]) };
-            store.record_admissions(&[rec(80)]).await.unwrap();
+            store.record_admissions(&[rec(800)]).await.unwrap();
             store.record_admissions(&[rec(10)]).await.unwrap();
-            assert_eq!(store.counters("a").await.unwrap().serving, 50, "never past the last ticket, never lowered");
+            assert_eq!(store.counters("a").await.unwrap().serving, 500, "never past the last ticket, never lowered");
             assert_eq!(store.skipped("a").await.unwrap(), vec![3]);
             store.close().await.unwrap();
+            assert!(matches!(store.issue_ticket("a").await, Err(StoreError::Closed)));
         }
         let store = RedbStore::open(dir.path()).unwrap();
-        assert_eq!(store.counters("a").await.unwrap(), QueueCounters { last_ticket: 50, serving: 50 });
-        assert!(store.ticket("a", 7).await.unwrap().is_some());
+        let clean = QueueCounters { last_ticket: 500, serving: 500, unclaimed: (0, 0) };
+        assert_eq!(store.counters("a").await.unwrap(), clean, "a clean shutdown leaves exact counts");
+        assert_eq!(store.issue_ticket("a").await.unwrap(), 501);
         store.delete_queue("a").await.unwrap();
         assert_eq!(store.counters("a").await.unwrap(), QueueCounters::default());
-        assert!(store.ticket("a", 7).await.unwrap().is_none());
         assert!(store.skipped("a").await.unwrap().is_empty());
         assert!(store.get(Table::Meta, &sessions_key("a")).await.unwrap().is_none());
+        assert_eq!(store.issue_ticket("a").await.unwrap(), 1, "a deleted queue starts again");
+    }
+
+    #[tokio::test]
+    async fn after_a_crash_numbering_resumes_above_every_reserved_ticket() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(RedbStore::open(dir.path()).unwrap());
+        let taken = issue_many(&store, "a", 10).await;
+        assert_eq!(taken.last(), Some(&10));
+        Arc::into_inner(store).unwrap().crash();
+        let store = Arc::new(RedbStore::open(dir.path()).unwrap());
+        let counters = store.counters("a").await.unwrap();
+        let reserved = counters.last_ticket;
+        assert!(reserved >= 10, "every handed-out ticket is covered: {counters:?}");
+        assert_eq!(counters.unclaimed, (0, reserved), "nothing was confirmed before the crash");
+        assert_eq!(store.issue_ticket("a").await.unwrap(), reserved + 1, "never issued twice");
+        // Tickets taken past half a range reserve the next one ahead, confirming those before.
+        let more = issue_many(&store, "a", 200).await;
+        Arc::into_inner(store).unwrap().crash();
+        let store = RedbStore::open(dir.path()).unwrap();
+        let counters = store.counters("a").await.unwrap();
+        assert!(counters.last_ticket >= *more.last().unwrap());
+        assert!(counters.unclaimed.0 > reserved, "the reservations ahead confirmed tickets: {counters:?}");
+        assert_eq!(counters.unclaimed.1, counters.last_ticket);
+    }
+
+    #[tokio::test]
+    async fn counts_of_earlier_versions_are_migrated() {
+        let dir = tempfile::tempdir().unwrap();
+        legacy_journals::write_for_test(&dir.path().join("tickets"), "old", 0, 7, &[0; 64]);
+        let store = RedbStore::open(dir.path()).unwrap();
+        assert!(!dir.path().join("tickets").exists(), "journals are removed once migrated");
+        assert_eq!(store.counters("old").await.unwrap(), QueueCounters { last_ticket: 7, serving: 0, unclaimed: (0, 0) });
+        assert_eq!(store.issue_ticket("old").await.unwrap(), 8);
+        store.crash();
+        let store = RedbStore::open(dir.path()).unwrap();
+        assert!(store.counters("old").await.unwrap().last_ticket >= 8, "the migrated count stays durable");
     }
 
     #[tokio::test]
@@ -450,22 +516,23 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let pacer = Arc::new(CommitPacer::new(3, std::time::Duration::from_secs(30)));
         let store = Arc::new(RedbStore::open_paced(dir.path(), Some(pacer.clone())).unwrap());
-        let issue = |i: u8| {
+        let put = |i: u8| {
             let s = store.clone();
-            tokio::spawn(async move { s.issue_ticket("a", entry(i)).await.unwrap() })
+            tokio::spawn(async move { s.put(Table::Meta, &format!("k{i}"), vec![i]).await.unwrap() })
         };
-        let (first, second) = (issue(1), issue(2));
+        let (first, second) = (put(1), put(2));
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         assert!(!first.is_finished() && !second.is_finished(), "no worker idle and the batch is not full");
-        let third = issue(3);
-        let mut tickets = vec![first.await.unwrap(), second.await.unwrap(), third.await.unwrap()];
-        tickets.sort();
-        assert_eq!(tickets, vec![1, 2, 3], "the third write fills the batch");
-        let fourth = issue(4);
+        let third = put(3);
+        first.await.unwrap();
+        second.await.unwrap();
+        third.await.unwrap();
+        let fourth = put(4);
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         assert!(!fourth.is_finished());
         pacer.worker_parked();
-        assert_eq!(fourth.await.unwrap(), 4, "an idle worker releases a partial batch");
+        fourth.await.unwrap();
+        assert_eq!(store.get(Table::Meta, "k4").await.unwrap(), Some(vec![4]), "an idle worker releases a partial batch");
     }
 
     #[tokio::test]

@@ -19,6 +19,7 @@ use std::time::Duration;
 use rand::seq::SliceRandom;
 
 use crate::room::queue::Admission;
+use crate::store::QueueCounters;
 
 /// Most skips per tick: bounds the work of one tick when a long stretch of the line has left.
 pub const MAX_SKIPS_PER_TICK: usize = 10_000;
@@ -72,8 +73,11 @@ pub struct Engine {
     last_ticket: u64,
     skipped: FastSet<u64>,
     returners: VecDeque<u64>,
-    /// Per ticket (index `t - 1`): last seen, seconds since the Unix epoch.
+    /// Per ticket (index `t - 1`): last seen, seconds since the Unix epoch (0: never).
     last_seen: Vec<u32>,
+    /// Tickets `a + 1 ..= b` a crash left perhaps never handed out (`store::ranges`): until
+    /// seen, each is skipped when its turn comes, so it cannot take a real visitor's slot.
+    unclaimed: (u64, u64),
     /// Admitted ticket → last activity (ms).
     sessions: FastMap<u64, i64>,
     /// Waiting ticket → its page's realtime socket id: an open socket counts as being seen.
@@ -94,14 +98,17 @@ pub struct Census {
 
 impl Engine {
     /// Rebuilds the engine from durable state.
-    pub fn restore(last_ticket: u64, serving: u64, order: Vec<u32>, skipped: Vec<u64>, sessions: Vec<u64>, now_ms: i64) -> Self {
-        let mut e = Engine { last_ticket, serving, ..Default::default() };
+    pub fn restore(counters: &QueueCounters, order: Vec<u32>, skipped: Vec<u64>, sessions: Vec<u64>, now_ms: i64) -> Self {
+        let QueueCounters { last_ticket, serving, unclaimed } = *counters;
+        let mut e = Engine { last_ticket, serving, unclaimed, ..Default::default() };
         e.set_order(order);
         e.skipped = skipped.into_iter().collect();
         // After a restart nobody has been seen yet: everyone gets a fresh grace period, and every
         // recorded session counts as active for a full session (never above the cap).
         let now_s = (now_ms / 1000) as u32;
         e.last_seen = vec![now_s; last_ticket as usize];
+        let (from, to) = (unclaimed.0.min(last_ticket) as usize, unclaimed.1.min(last_ticket) as usize);
+        e.last_seen[from..to.max(from)].fill(0);
         e.sessions = sessions.into_iter().map(|t| (t, now_ms)).collect();
         e
     }
@@ -209,6 +216,13 @@ impl Engine {
         }
     }
 
+    /// Unclaimed after a crash and not seen since.
+    fn is_unclaimed(&self, ticket: u64) -> bool {
+        ticket > self.unclaimed.0
+            && ticket <= self.unclaimed.1
+            && self.last_seen.get((ticket as usize).wrapping_sub(1)).is_some_and(|s| *s == 0)
+    }
+
     fn is_live(&self, ticket: u64, now_ms: i64, abandon_after_s: u64) -> bool {
         let seen = self.last_seen.get((ticket as usize).wrapping_sub(1)).copied().unwrap_or(0) as i64;
         now_ms / 1000 - seen <= abandon_after_s as i64
@@ -305,6 +319,10 @@ impl Engine {
             let ticket = self.ticket_at(rank);
             step.serving = rank;
             match input.abandon_after_seconds {
+                _ if self.is_unclaimed(ticket) => {
+                    step.skipped.push(ticket);
+                    skips += 1;
+                }
                 Some(after) if !self.is_live(ticket, input.now_ms, after) => {
                     step.skipped.push(ticket);
                     skips += 1;
@@ -482,9 +500,27 @@ mod tests {
         let expected: Vec<u64> = order.iter().map(|t| *t as u64).chain(51..=60).collect();
         assert_eq!(admitted, expected);
         // Positions agree with ranks.
-        let e2 = Engine::restore(60, 0, order.clone(), vec![], vec![], 0);
+        let e2 = Engine::restore(&QueueCounters { last_ticket: 60, ..Default::default() }, order.clone(), vec![], vec![], 0);
         assert_eq!(e2.position(order[0] as u64), Some(0));
         assert_eq!(e2.position(order[49] as u64), Some(49));
         assert_eq!(e2.position(51), Some(50));
+    }
+
+    /// After a crash, tickets 6..=10 may never have been handed out: those never seen are
+    /// skipped without using a slot; one whose holder shows up is admitted, first if it comes late.
+    #[test]
+    fn unclaimed_tickets_wait_for_their_holder() {
+        let counters = QueueCounters { last_ticket: 10, serving: 0, unclaimed: (5, 10) };
+        let mut e = Engine::restore(&counters, vec![], vec![], vec![], 1_000_000);
+        e.seen(7, 1_000_000);
+        let mut admitted = Vec::new();
+        for i in 0..100 {
+            admitted.extend(tick(&mut e, inputs(1_000_000 + i * 100, 600.0)).admitted);
+        }
+        assert_eq!(admitted, vec![1, 2, 3, 4, 5, 7], "unclaimed and unseen: 6, 8, 9, 10");
+        assert_eq!(e.skipped_count(), 4);
+        e.seen(9, 1_020_000);
+        let step = tick(&mut e, inputs(1_020_000, 600.0));
+        assert_eq!(step.readmitted, vec![9], "a holder who turns up late is let in first");
     }
 }
