@@ -178,10 +178,11 @@ pub async fn ws_handler(
         .max_frame_size(hard_cap)
         // tungstenite allocates the read buffer up front for every connection and reads at most
         // this much per read call. Its default, 128 KiB, cost 137 KB of RSS per idle connection in
-        // `bench/run connections`. Client messages are small (a subscribe is ~100 bytes) and rare,
-        // so 256 bytes reads nearly all of them at once; a larger one takes several reads and
-        // still arrives whole (the buffer grows to the frame's size).
-        .read_buffer_size(256)
+        // `bench/run connections`; 256 bytes cost 2,272 B per idle connection in all, 64 bytes
+        // 2,087. Client messages are small and rare: 64 bytes reads a ping or a short client
+        // event at once, a subscribe (~100 bytes) in two reads; larger ones take several and
+        // still arrive whole (the buffer grows to the frame's size).
+        .read_buffer_size(64)
         .write_buffer_size(64 * 1024)
         .max_write_buffer_size(hard_cap + 1024 * 1024)
         .on_upgrade(move |socket| run(socket, start))
