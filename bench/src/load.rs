@@ -21,6 +21,9 @@ pub struct Tally {
     pub by_status: BTreeMap<u16, u64>,
     pub errors: u64,
     pub ok_hist: Hist,
+    /// Accepted requests from their actual send: how long the server (and the kernel's socket
+    /// buffers on its side) held them, without the open loop's own backlog of unsent slots.
+    pub ok_from_send_hist: Hist,
     pub refused: u64,
     pub refused_with_retry_after: u64,
     pub refused_hist: Hist,
@@ -56,6 +59,7 @@ impl LoadResult {
             "errors": self.tally.errors,
             "seconds": self.elapsed.as_secs_f64(),
             "latency": self.tally.ok_hist.summary_ms(),
+            "latency_from_send": self.tally.ok_from_send_hist.summary_ms(),
             "refused": self.tally.refused,
             "refused_with_retry_after": self.tally.refused_with_retry_after,
             "refused_latency": self.tally.refused_hist.summary_ms(),
@@ -70,11 +74,14 @@ impl LoadResult {
     }
 }
 
-fn count(t: &mut Tally, status: u16, retry_after: bool, nanos: u64) {
+/// Counts one answer: `nanos` is its latency as the scenario defines it, `from_send` the time
+/// since the request actually left.
+fn count(t: &mut Tally, status: u16, retry_after: bool, nanos: u64, from_send: u64) {
     *t.by_status.entry(status).or_default() += 1;
     if (200..400).contains(&status) {
         t.ok += 1;
         t.ok_hist.record(nanos);
+        t.ok_from_send_hist.record(from_send);
     } else if status == 503 || status == 429 {
         t.refused += 1;
         if retry_after {
@@ -131,7 +138,8 @@ pub async fn closed_loop(
                     continue;
                 };
                 let mut t = tally.borrow_mut();
-                count(&mut t, r.status, r.retry_after, (done - sent).as_nanos() as u64);
+                let nanos = (done - sent).as_nanos() as u64;
+                count(&mut t, r.status, r.retry_after, nanos, nanos);
                 if max_ok.is_some_and(|m| t.ok >= m) {
                     break;
                 }
@@ -225,7 +233,7 @@ pub async fn open_loop(
                             t.refused_fresh_hist.record(nanos);
                         }
                         after_refusal = refused;
-                        count(&mut t, r.status, r.retry_after, nanos)
+                        count(&mut t, r.status, r.retry_after, nanos, (done - sent).as_nanos() as u64)
                     }
                     Err(_) => {
                         after_refusal = false;

@@ -421,6 +421,15 @@ fn rows(res: &Value) -> Vec<Row> {
             goal: "bounded".into(),
             verdict: "",
         });
+        rows.push(Row {
+            scenario: "overload".into(),
+            figure: "p99 of accepted requests from their actual send (what the server held them, without the client's unsent backlog)".into(),
+            weir: cell(f(&o["latency_from_send"]["p99_ms"]), " ms", &nm(o)),
+            baseline: "—".into(),
+            ratio: "—".into(),
+            goal: "bounded".into(),
+            verdict: "",
+        });
     }
 
     let s = &res["scenarios"]["startup"];
