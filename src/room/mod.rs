@@ -228,6 +228,9 @@ pub struct VisitorStatus {
     /// The token for the redirect (set as a cookie too).
     #[serde(skip)]
     pub token: Option<String>,
+    /// When this status was computed (the page shows times relative to it).
+    #[serde(skip)]
+    pub now_ms: i64,
 }
 
 impl VisitorStatus {
@@ -363,10 +366,9 @@ impl Rooms {
         Ok(())
     }
 
-    /// Issues a durable ticket to a new visitor.
-    pub async fn enter(&self, room: &Room, deep_link: Option<String>) -> Result<VisitorCookie, ApiError> {
+    /// Issues a durable ticket to a new visitor arriving at `now` (ms).
+    pub async fn enter(&self, room: &Room, deep_link: Option<String>, now: i64) -> Result<VisitorCookie, ApiError> {
         let visitor = visitor::new_visitor_id();
-        let now = self.clock.now_ms();
         let ticket = self.store.issue_ticket(&room.id).await?;
         room.engine.lock().on_entry(ticket, now);
         room.entries_window.lock().add(now.div_euclid(1000), 1);
@@ -469,8 +471,12 @@ impl Rooms {
     /// Computes what a visitor holding `cookie` (or, in passthrough, nobody in particular) sees,
     /// and counts the call as a sign of life.
     pub fn status(&self, room: &Room, cookie: Option<&VisitorCookie>) -> VisitorStatus {
+        self.status_at(room, cookie, self.clock.now_ms())
+    }
+
+    /// [`status`](Self::status) at `now` (ms), for a request that has read the clock already.
+    pub fn status_at(&self, room: &Room, cookie: Option<&VisitorCookie>, now: i64) -> VisitorStatus {
         let spec = room.spec();
-        let now = self.clock.now_ms();
         let state = room.effective_state(now);
         let ticket = cookie.map(|c| c.ticket);
         let (admitted, position, measured) = match (state, ticket) {
@@ -499,6 +505,7 @@ impl Rooms {
             redirect_url,
             starts_at: spec.starts_at.clone(),
             token,
+            now_ms: now,
         }
     }
 
@@ -553,6 +560,7 @@ mod tests {
                         redirect_url: text.clone(),
                         starts_at: texts[(j + 1) % texts.len()].clone(),
                         token: Some("ignored".into()),
+                        now_ms: 1,
                     };
                     assert_eq!(String::from_utf8(status.to_json()).unwrap(), serde_json::to_string(&status).unwrap());
                 }

@@ -74,6 +74,8 @@ async fn enter(state: &AppState, room_id: &str, query: Option<EntryQuery>, peer_
         return no_such_room(json, room_id, headers);
     };
     let rooms = &state.rooms;
+    // One clock read for the whole request (entry is the hottest route there is).
+    let now_ms = state.clock.now_ms();
     let (to, pow) = query.map(|q| (q.to, q.pow)).unwrap_or_default();
     let deep_link = to.and_then(|to| safe_deep_link(&to));
     let existing = rooms.recognise(&room, cookie_in(headers, &room.id));
@@ -86,12 +88,13 @@ async fn enter(state: &AppState, room_id: &str, query: Option<EntryQuery>, peer_
             }
             Some(c)
         }
-        None => match room.effective_state(state.clock.now_ms()) {
-            RoomState::Closed => return closed(state, json, &room, rooms.status(&room, None), headers),
+        None => match room.effective_state(now_ms) {
+            RoomState::Closed => return closed(json, &room, rooms.status_at(&room, None, now_ms), headers),
             RoomState::Passthrough => None,
             _ => {
                 let ip = abuse::client_ip(peer_ip, headers, &rooms.trusted_proxies, &rooms.client_ip_header);
-                match admit_new_visitor(state, &room, ip, headers, deep_link, pow.as_deref(), json).await {
+                let arrival = Arrival { ip, headers, deep_link, pow: pow.as_deref(), json, now_ms };
+                match admit_new_visitor(state, &room, arrival).await {
                     Ok(NewVisitor::Bypass(response)) | Err(response) => return response,
                     Ok(NewVisitor::Ticket(c)) => {
                         set_cookies.push(visitor_cookie(state, &room, &c));
@@ -101,7 +104,7 @@ async fn enter(state: &AppState, room_id: &str, query: Option<EntryQuery>, peer_
             }
         },
     };
-    let status = rooms.status(&room, cookie.as_ref());
+    let status = rooms.status_at(&room, cookie.as_ref(), now_ms);
     respond(state, json, &room, status, set_cookies, headers)
 }
 
@@ -111,23 +114,25 @@ enum NewVisitor {
     Bypass(Response),
 }
 
+/// A visitor without a ticket, as the entry request describes them.
+struct Arrival<'a> {
+    ip: IpAddr,
+    headers: &'a HeaderMap,
+    deep_link: Option<String>,
+    pow: Option<&'a str>,
+    json: bool,
+    now_ms: i64,
+}
+
 /// The gate before a new ticket: bypass rules, proof-of-work, the per-IP limit; then the
 /// durable ticket and, in a safety-net room with no queue, immediate admission.
-async fn admit_new_visitor(
-    state: &AppState,
-    room: &Arc<Room>,
-    ip: IpAddr,
-    headers: &HeaderMap,
-    deep_link: Option<String>,
-    pow: Option<&str>,
-    json: bool,
-) -> Result<NewVisitor, Response> {
+async fn admit_new_visitor(state: &AppState, room: &Arc<Room>, arrival: Arrival<'_>) -> Result<NewVisitor, Response> {
+    let Arrival { ip, headers, deep_link, pow, json, now_ms } = arrival;
     let rooms = &state.rooms;
     let spec = room.spec();
-    let now_ms = state.clock.now_ms();
     if spec.bypass.as_ref().is_some_and(|b| abuse::bypasses(b, ip, headers)) {
         metrics::counter!("weir_room_bypassed_total", "room" => room.id.clone()).increment(1);
-        let mut status = rooms.status(room, None);
+        let mut status = rooms.status_at(room, None, now_ms);
         let (token, url) = rooms.token_redirect(room, &super::visitor::new_visitor_id(), 0, deep_link.as_deref());
         (status.admitted, status.token, status.redirect_url, status.position) = (true, token, url, None);
         return Ok(NewVisitor::Bypass(respond(state, json, room, status, Vec::new(), headers)));
@@ -151,7 +156,7 @@ async fn admit_new_visitor(
             return Err(too_many_entries(json, retry_after));
         }
     }
-    let cookie = rooms.enter(room, deep_link).await.map_err(IntoResponse::into_response)?;
+    let cookie = rooms.enter(room, deep_link, now_ms).await.map_err(IntoResponse::into_response)?;
     if spec.safety_net && room.effective_state(now_ms) == RoomState::Open {
         rooms.admit_if_within_policy(room, cookie.ticket).await.map_err(IntoResponse::into_response)?;
     }
@@ -268,13 +273,13 @@ fn respond(
         response
     } else if let Some(url) = &status.redirect_url {
         // 302 with a small "continue" page as its body, for clients that do not follow.
-        let mut r = page(state, room, &status, headers, StatusCode::FOUND);
+        let mut r = page(room, &status, headers, StatusCode::FOUND);
         if let Ok(v) = HeaderValue::from_str(url) {
             r.headers_mut().insert(header::LOCATION, v);
         }
         r
     } else {
-        page(state, room, &status, headers, StatusCode::OK)
+        page(room, &status, headers, StatusCode::OK)
     };
     for c in set_cookies {
         if let Ok(v) = HeaderValue::from_str(&c) {
@@ -284,18 +289,18 @@ fn respond(
     response
 }
 
-fn page(state: &AppState, room: &Room, status: &VisitorStatus, headers: &HeaderMap, code: StatusCode) -> Response {
+fn page(room: &Room, status: &VisitorStatus, headers: &HeaderMap, code: StatusCode) -> Response {
     let spec = room.spec();
     // The page computes its position from its rank (place in line) and the serving counter.
     let rank = status.ticket.map(|t| room.engine.lock().rank(t)).unwrap_or(0);
-    pages::RoomPage { spec: &spec, status, rank, serving: room.serving(), now_ms: state.clock.now_ms(), headers }.render(code)
+    pages::RoomPage { spec: &spec, status, rank, serving: room.serving(), now_ms: status.now_ms, headers }.render(code)
 }
 
-fn closed(state: &AppState, json: bool, room: &Room, status: VisitorStatus, headers: &HeaderMap) -> Response {
+fn closed(json: bool, room: &Room, status: VisitorStatus, headers: &HeaderMap) -> Response {
     if json {
         Json(status).into_response()
     } else {
-        page(state, room, &status, headers, StatusCode::OK)
+        page(room, &status, headers, StatusCode::OK)
     }
 }
 

@@ -221,11 +221,24 @@ pub struct RoomPage<'a> {
 
 /// `H:MM:SS`, with a day count in front beyond 24 hours.
 pub fn countdown_text(seconds: u64) -> String {
+    let mut out = String::with_capacity(16);
+    write_countdown(&mut out, seconds);
+    out
+}
+
+/// [`countdown_text`] into `out`, without `format!` (~1,000 instructions on every page).
+fn write_countdown(out: &mut String, seconds: u64) {
     let (d, h, m, s) = (seconds / 86_400, seconds % 86_400 / 3600, seconds % 3600 / 60, seconds % 60);
+    let mut number = itoa::Buffer::new();
     if d > 0 {
-        format!("{d} d {h}:{m:02}:{s:02}")
-    } else {
-        format!("{h}:{m:02}:{s:02}")
+        out.push_str(number.format(d));
+        out.push_str(" d ");
+    }
+    out.push_str(number.format(h));
+    for two in [m, s] {
+        out.push(':');
+        out.push(char::from(b'0' + (two / 10) as u8));
+        out.push(char::from(b'0' + (two % 10) as u8));
     }
 }
 
@@ -283,6 +296,9 @@ struct Skeleton {
     /// if compression failed.
     deflated: Option<Vec<Option<Box<[u8]>>>>,
     deflated_len: usize,
+    /// Room for the longest stored run (text sent stored plus the values around it), so that
+    /// filling a page never grows its buffer.
+    stored_len: usize,
 }
 
 enum Piece {
@@ -326,7 +342,19 @@ impl Skeleton {
             .map(|t| gzip::deflate_piece(t.as_bytes()).map(|d| (d.len() < t.len()).then_some(d)))
             .collect();
         let deflated_len = deflated.iter().flatten().map(|d| d.as_ref().map_or(0, |d| d.len())).sum::<usize>();
-        Some(Skeleton { pieces, len: marked.len(), deflated, deflated_len })
+        // An upper bound: every stored text and every value (none is longer than this) in one run.
+        const VALUE_MAX: usize = 64;
+        let stored_text: usize = pieces
+            .iter()
+            .filter_map(|p| match p {
+                Piece::Text(t) => Some(t.len()),
+                Piece::Slot(_) => None,
+            })
+            .zip(deflated.iter().flatten())
+            .filter_map(|(len, d)| d.is_none().then_some(len))
+            .sum();
+        let stored_len = stored_text + VALUE_MAX * pieces.iter().filter(|p| matches!(p, Piece::Slot(_))).count();
+        Some(Skeleton { pieces, len: marked.len(), deflated, deflated_len, stored_len })
     }
 
     fn fill(&self, v: &Dynamic) -> String {
@@ -344,8 +372,9 @@ impl Skeleton {
     /// each run of values and short text.
     fn fill_gzip(&self, v: &Dynamic) -> Option<Vec<u8>> {
         let mut deflated = self.deflated.as_ref()?.iter();
-        let mut body = gzip::GzipWriter::with_capacity(self.deflated_len + 512);
-        let mut stored = String::new();
+        // Each stored block adds a 5-byte header.
+        let mut body = gzip::GzipWriter::with_capacity(self.deflated_len + self.stored_len + 5 * self.pieces.len());
+        let mut stored = String::with_capacity(self.stored_len);
         for piece in &self.pieces {
             match piece {
                 Piece::Text(t) => match deflated.next()? {
@@ -374,7 +403,7 @@ fn write_slot(out: &mut String, slot: Slot, v: &Dynamic) {
         Slot::Ticket | Slot::JsonTicket => number(out, v.ticket),
         Slot::Progress => number(out, v.progress),
         Slot::EtaText => push_html_escaped(out, v.eta_text.as_deref().unwrap_or("")),
-        Slot::Countdown => out.push_str(&v.countdown_text),
+        Slot::Countdown => write_countdown(out, v.countdown_s),
         Slot::RefreshS => number(out, v.refresh_s),
         Slot::RefreshMs => number(out, v.refresh_s * 1000),
         Slot::JsonRank => number(out, v.rank),
@@ -415,7 +444,8 @@ struct Dynamic {
     ticket: u64,
     progress: u64,
     eta_text: Option<String>,
-    countdown_text: String,
+    /// Seconds to the scheduled start (its text is written only where a page shows it).
+    countdown_s: u64,
     refresh_s: u64,
     rank: u64,
     serving: u64,
@@ -457,7 +487,7 @@ impl RoomPage<'_> {
             ticket: status.ticket.unwrap_or(0),
             progress: position.saturating_mul(100).checked_div(self.rank).map_or(0, |p| 100u64.saturating_sub(p)),
             eta_text: status.eta_seconds.map(|e| i18n::duration(t, e)),
-            countdown_text: countdown_text(remaining_s),
+            countdown_s: remaining_s,
             refresh_s,
             rank: self.rank,
             serving: self.serving,
@@ -532,7 +562,7 @@ impl RoomPage<'_> {
             progress => value_or_marker(values, Slot::Progress, |v| v.progress),
             eta_seconds => status.eta_seconds, eta_text,
             starts_at => spec.starts_at.clone(), starts_at_text,
-            countdown_text => value_or_marker(values, Slot::Countdown, |v| v.countdown_text.clone()),
+            countdown_text => value_or_marker(values, Slot::Countdown, |v| countdown_text(v.countdown_s)),
             redirect_url => status.redirect_url.clone(),
             weir_head => Value::from_safe_string(head),
         }
@@ -692,8 +722,9 @@ mod tests {
                     room: "sale".into(), state: spec.state, ticket: Some(ticket), position: Some(ticket / 2),
                     eta_seconds: eta, admitted: false, redirect_url: None, starts_at: spec.starts_at.clone(),
                     token: None,
+                    now_ms: 1_893_455_000_123,
                 };
-                let page = RoomPage { spec: &spec, status: &status, rank: ticket, serving: 3, now_ms: 1_893_455_000_123, headers: &headers };
+                let page = RoomPage { spec: &spec, status: &status, rank: ticket, serving: 3, now_ms: status.now_ms, headers: &headers };
                 let values = page.dynamic();
                 // Twice: the first builds and caches the skeleton, the second uses it.
                 for _ in 0..2 {
@@ -714,7 +745,7 @@ mod tests {
         let spec = spec("open", serde_json::json!({"text": "odd \u{E000}a\u{E001} text"}));
         let status = VisitorStatus {
             room: "sale".into(), state: spec.state, ticket: Some(5), position: Some(2), eta_seconds: None,
-            admitted: false, redirect_url: None, starts_at: None, token: None,
+            admitted: false, redirect_url: None, starts_at: None, token: None, now_ms: 0,
         };
         let headers = HeaderMap::new();
         let page = RoomPage { spec: &spec, status: &status, rank: 5, serving: 3, now_ms: 0, headers: &headers };
