@@ -89,6 +89,11 @@ pub trait Store: Send + Sync + 'static {
     /// Issues the next ticket of `room` (1, 2, 3, …). Returns only once the number is durably
     /// taken: after a crash numbering resumes above it, so it is never issued twice.
     async fn issue_ticket(&self, room: &str) -> Result<u64, StoreError>;
+    /// The next ticket of `room` if it can be issued without waiting (a store that reserves
+    /// numbers ahead, `ranges`); `None`: call [`issue_ticket`](Store::issue_ticket).
+    fn try_issue_ticket(&self, _room: &str) -> Option<u64> {
+        None
+    }
     async fn counters(&self, room: &str) -> Result<QueueCounters, StoreError>;
     /// Records admission steps of several rooms in one durable write: each raises its room's
     /// serving counter (never lowers it, never past the last issued ticket), adds skipped

@@ -88,6 +88,13 @@ impl Range {
         }
     }
 
+    /// Hands out the next reserved ticket (there must be one); says whether the range runs low
+    /// with no reservation on its way.
+    fn take_one(&mut self) -> (u64, bool) {
+        self.issued += 1;
+        (self.issued, !self.pending && self.reserved - self.issued < self.block / 2)
+    }
+
     fn start(&mut self, room: &str, now: Instant) -> Reservation {
         let elapsed = now.duration_since(self.started).as_secs_f64().max(1e-3);
         let per_span = (self.issued - self.issued_at_start) as f64 / elapsed * BLOCK_SPAN.as_secs_f64();
@@ -147,13 +154,22 @@ impl Ranges {
             None => rooms.entry(room.to_string()).or_insert_with(|| Range::new(0, self.epochs.fetch_add(1, Ordering::Relaxed))),
         };
         if range.issued < range.reserved {
-            range.issued += 1;
-            let ticket = range.issued;
-            let low = !range.pending && range.reserved - ticket < range.block / 2;
+            let (ticket, low) = range.take_one();
             return Take::Ticket(ticket, low.then(|| range.start(room, now())));
         }
         let own = (!range.pending).then(|| range.start(room, now()));
         Take::Wait(range.done.clone().notified_owned(), own)
+    }
+
+    /// Takes `room`'s next ticket only if its range has one; changes nothing otherwise.
+    pub fn try_take(&self, room: &str) -> Option<(u64, Option<Reservation>)> {
+        if self.closed.load(Ordering::Acquire) {
+            return None;
+        }
+        let mut rooms = self.rooms.lock();
+        let range = rooms.get_mut(room).filter(|r| r.issued < r.reserved)?;
+        let (ticket, low) = range.take_one();
+        Some((ticket, low.then(|| range.start(room, Instant::now()))))
     }
 
     /// Highest ticket of `room` handed out so far (0: none).
@@ -226,6 +242,19 @@ mod tests {
         assert!(ahead.upto >= MIN_BLOCK * 2);
         assert!(ticket(ranges.take("a")).1.is_none(), "only one reservation in flight");
         assert_eq!(ranges.issued("a"), MIN_BLOCK / 2 + 2);
+    }
+
+    #[test]
+    fn try_take_hands_out_only_what_is_reserved() {
+        let ranges = Ranges::new([]);
+        assert!(ranges.try_take("a").is_none(), "nothing reserved yet");
+        assert!(ranges.issued("a") == 0);
+        let Take::Wait(_, Some(r)) = ranges.take("a") else { panic!("the first take still asks for a range") };
+        ranges.settle(&r, true);
+        assert_eq!(ranges.try_take("a").map(|(t, _)| t), Some(1));
+        assert_eq!(ticket(ranges.take("a")).0, 2, "both ways share one range");
+        ranges.seal();
+        assert!(ranges.try_take("a").is_none());
     }
 
     #[test]

@@ -351,6 +351,14 @@ impl Store for RedbStore {
         .await
     }
 
+    fn try_issue_ticket(&self, room: &str) -> Option<u64> {
+        let (ticket, ahead) = self.ranges.try_take(room)?;
+        if let Some(reservation) = ahead {
+            self.reserve_ahead(reservation);
+        }
+        Some(ticket)
+    }
+
     async fn issue_ticket(&self, room: &str) -> Result<u64, StoreError> {
         loop {
             match self.ranges.take(room) {
