@@ -2,9 +2,10 @@
 //! two thread switches whatever its size, so a batch should hold everything the runtime is about
 //! to hand over. The writer commits as soon as a runtime worker is idle (parked: nothing more
 //! is being read, so nothing more is coming soon), once the batch reaches [`BATCH_TARGET`], or
-//! after [`MAX_WAIT`], whichever is first. Idle, a lone ticket is committed as soon as its
-//! worker parks, so it waits for nothing; under load a batch grows to every connection's request
-//! instead of whatever arrived during the previous sync.
+//! after [`MAX_WAIT`], whichever is first. Idle, a lone write is committed as soon as its
+//! worker parks, so it waits for nothing; under load a batch grows to everything the runtime has
+//! to hand over (admission steps, ticket ranges a burst is waiting for, documents) instead of
+//! whatever arrived during the previous sync.
 //!
 //! The runtime tells the pacer when its workers park and unpark ([`install`], called where the
 //! runtime is built). Without it (tests, embedders) the writer commits at once, as before.
@@ -17,7 +18,7 @@ use std::time::{Duration, Instant};
 /// batch saves little (the sync is already shared) and its first member has waited long enough.
 pub const BATCH_TARGET: usize = 64;
 /// Longest a batch waits for an idle worker: bounds the latency pacing can add when workers stay
-/// busy with other work (realtime fan-out) while a few tickets trickle in.
+/// busy with other work (realtime fan-out) while a few writes trickle in.
 pub const MAX_WAIT: Duration = Duration::from_millis(1);
 
 pub struct CommitPacer {
