@@ -187,20 +187,21 @@ pub fn safe_deep_link(to: &str) -> Option<String> {
     ok.then(|| to.to_string())
 }
 
-/// A new visitor's id: 16 random bytes, and the same in hex (what cookies and tokens carry).
-pub fn new_visitor() -> ([u8; 16], Arc<str>) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
+/// A new visitor's id: 16 random bytes in hex (what cookies and tokens carry).
+pub fn new_visitor_id() -> Arc<str> {
     let mut bytes = [0u8; 16];
     rand::RngCore::fill_bytes(&mut rand::rng(), &mut bytes);
+    hex_id(bytes)
+}
+
+/// `bytes` as 32 lowercase hex digits.
+fn hex_id(bytes: [u8; 16]) -> Arc<str> {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut hex = [0u8; 32];
     for (pair, b) in hex.chunks_exact_mut(2).zip(bytes) {
         pair.copy_from_slice(&[HEX[usize::from(b >> 4)], HEX[usize::from(b & 15)]]);
     }
-    (bytes, std::str::from_utf8(&hex).expect("hex digits are ASCII").into())
-}
-
-pub fn new_visitor_id() -> Arc<str> {
-    new_visitor().1
+    std::str::from_utf8(&hex).expect("hex digits are ASCII").into()
 }
 
 #[cfg(test)]
@@ -225,8 +226,8 @@ mod tests {
     fn visitor_ids_are_32_lowercase_hex_digits_and_differ() {
         let (a, b) = (new_visitor_id(), new_visitor_id());
         assert_ne!(a, b);
-        let (bytes, hex_id) = new_visitor();
-        assert_eq!(hex::encode(bytes), &*hex_id, "the hex is of the bytes");
+        let bytes = [0x00, 0x1f, 0xa0, 0xff, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 0xbe];
+        assert_eq!(hex::encode(bytes), &*hex_id(bytes), "the hex is of the bytes");
         for id in [a, b] {
             assert_eq!(id.len(), 32);
             assert!(id.bytes().all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c)), "{id}");
