@@ -11,7 +11,8 @@ use tokio::net::TcpStream;
 
 pub struct Resp {
     pub status: u16,
-    pub retry_after: bool,
+    /// `Retry-After` in seconds, when given as seconds.
+    pub retry_after: Option<u64>,
     pub set_cookies: Vec<String>,
     pub location: Option<String>,
     pub body: Vec<u8>,
@@ -120,7 +121,7 @@ async fn read_response(s: &mut TcpStream, buf: &mut Vec<u8>, keep_body: bool) ->
                 let status = r.code.unwrap_or(0);
                 let mut resp = Resp {
                     status,
-                    retry_after: false,
+                    retry_after: None,
                     set_cookies: Vec::new(),
                     location: None,
                     body: Vec::new(),
@@ -135,7 +136,7 @@ async fn read_response(s: &mut TcpStream, buf: &mut Vec<u8>, keep_body: bool) ->
                     } else if n.eq_ignore_ascii_case("transfer-encoding") {
                         chunked = h.value.windows(7).any(|w| w.eq_ignore_ascii_case(b"chunked"));
                     } else if n.eq_ignore_ascii_case("retry-after") {
-                        resp.retry_after = true;
+                        resp.retry_after = std::str::from_utf8(h.value).ok().and_then(|v| v.trim().parse().ok());
                     } else if n.eq_ignore_ascii_case("set-cookie") {
                         resp.set_cookies.push(String::from_utf8_lossy(h.value).into_owned());
                     } else if n.eq_ignore_ascii_case("location") {

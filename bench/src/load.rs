@@ -33,6 +33,9 @@ pub struct Tally {
     pub refused_fresh_hist: Hist,
     /// Open loop: scheduled requests never sent because the connection was still busy at the end.
     pub missed: u64,
+    /// Open loop: scheduled requests not sent because the server had asked the connection to
+    /// retry later (`Retry-After`), as a client that honours it does.
+    pub deferred: u64,
 }
 
 pub struct LoadResult {
@@ -66,6 +69,7 @@ impl LoadResult {
             "refused_fresh": self.tally.refused_fresh,
             "refused_fresh_latency": self.tally.refused_fresh_hist.summary_ms(),
             "missed": self.tally.missed,
+            "deferred": self.tally.deferred,
             "ok_per_server_cpu_sec": self.server_cpu.filter(|c| *c > 0.0).map(|c| (self.rps() / c).round()),
             "client_cpu_share": (self.client_cpu * 1000.0).round() / 1000.0,
             "server_cpu_share": self.server_cpu.map(|c| (c * 1000.0).round() / 1000.0),
@@ -76,7 +80,7 @@ impl LoadResult {
 
 /// Counts one answer: `nanos` is its latency as the scenario defines it, `from_send` the time
 /// since the request actually left.
-fn count(t: &mut Tally, status: u16, retry_after: bool, nanos: u64, from_send: u64) {
+fn count(t: &mut Tally, status: u16, retry_after: Option<u64>, nanos: u64, from_send: u64) {
     *t.by_status.entry(status).or_default() += 1;
     if (200..400).contains(&status) {
         t.ok += 1;
@@ -84,7 +88,7 @@ fn count(t: &mut Tally, status: u16, retry_after: bool, nanos: u64, from_send: u
         t.ok_from_send_hist.record(from_send);
     } else if status == 503 || status == 429 {
         t.refused += 1;
-        if retry_after {
+        if retry_after.is_some() {
             t.refused_with_retry_after += 1;
         }
         t.refused_hist.record(nanos);
@@ -167,7 +171,8 @@ pub async fn closed_loop(
 
 /// Open loop: offers `rate` requests/s spread evenly over `conns` connections for `duration`.
 /// Latency runs from each request's scheduled time; a connection that falls behind sends at once.
-/// Slots are released by [`Slots`], to the microsecond, not at tokio's millisecond ticks.
+/// A connection refused with `Retry-After` skips its slots until then, as a well-behaved client
+/// (or a browser showing the refusal) does. Slots are released by [`Slots`], to the microsecond, not at tokio's millisecond ticks.
 pub async fn open_loop(
     addr: SocketAddr,
     conns: usize,
@@ -196,11 +201,17 @@ pub async fn open_loop(
             let mut conn = Conn::new(addr);
             let mut k: u64 = 0;
             let mut after_refusal = false;
+            // Until when the server asked this connection to wait (`Retry-After`).
+            let mut retry_at: Option<Instant> = None;
             loop {
                 let scheduled = slots.due(c, k);
                 k += 1;
                 if scheduled >= end {
                     break;
+                }
+                if retry_at.is_some_and(|at| scheduled < at) {
+                    tally.borrow_mut().deferred += 1;
+                    continue;
                 }
                 if Instant::now() >= end {
                     // Slots this connection could not even send in time count as missed, not as
@@ -233,6 +244,7 @@ pub async fn open_loop(
                             t.refused_fresh_hist.record(nanos);
                         }
                         after_refusal = refused;
+                        retry_at = r.retry_after.filter(|_| refused).map(|secs| done + Duration::from_secs(secs));
                         count(&mut t, r.status, r.retry_after, nanos, (done - sent).as_nanos() as u64)
                     }
                     Err(_) => {

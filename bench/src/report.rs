@@ -392,7 +392,10 @@ fn rows(res: &Value) -> Vec<Row> {
         let rp = f(&o["refused_latency"]["p99_ms"]).filter(|_| refused > 0);
         rows.push(Row {
             scenario: "overload".into(),
-            figure: format!("refusals: p99 latency ({refused} refused, {with_ra} with Retry-After)"),
+            figure: format!(
+                "refusals: p99 latency ({refused} refused, {with_ra} with Retry-After; the client honours it: {} sends deferred)",
+                o["deferred"].as_u64().unwrap_or(0)
+            ),
             weir: if refused == 0 { nm(o).unwrap_or("none refused".into()) } else { cell(rp, " ms", &None) },
             baseline: "—".into(),
             ratio: "—".into(),
