@@ -266,12 +266,17 @@ fn rows(res: &Value) -> Vec<Row> {
                 }
             }
             let (r, rv) = ratio(wq, peer_q.as_ref().map(|x| x.0));
+            // Whose CPU a burst of `k` frames costs: it tells a server-bound p99 from a client-bound one.
+            let cpu = |v: &Value| match (f(&v["paced"]["server_cpu_ms_per_event"]), f(&v["paced"]["client_cpu_ms_per_event"])) {
+                (Some(s), Some(c)) => format!("; CPU per event: server {s:.1} ms, client {c:.1} ms"),
+                _ => String::new(),
+            };
             rows.push(Row {
                 scenario: "fanout".into(),
                 figure: format!("{k} subscribers: p99 at a fixed 20,000 msg/s"),
-                weir: cell(wq, " ms", &nm(w)),
+                weir: format!("{}{}", cell(wq, " ms", &nm(w)), cpu(w)),
                 baseline: match &peer_q {
-                    Some((x, p)) => format!("{} ms ({p})", fmt_num(*x)),
+                    Some((x, p)) => format!("{} ms ({p}{})", fmt_num(*x), cpu(&m[p.as_str()])),
                     None => "peers not measured".into(),
                 },
                 ratio: r,

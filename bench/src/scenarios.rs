@@ -695,6 +695,7 @@ async fn fanout_one(server: &Server, app: &App, n: usize, window: usize, duratio
         let interval = Duration::from_secs_f64(1.0 / events_per_sec);
         let first = *next.borrow();
         let mut conn = Conn::new(server.addr);
+        let meter = CpuMeter::start(Some(server.pid));
         let p0 = Instant::now();
         let mut sent = 0u64;
         let mut errors = 0u64;
@@ -715,6 +716,11 @@ async fn fanout_one(server: &Server, app: &App, n: usize, window: usize, duratio
         while state.borrow().delivered < want && Instant::now() < until {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+        // CPU per event, to tell whose work sets the latency of a burst: the server writing n
+        // frames, or the client reading them (one read each at this rate).
+        let paced_secs = p0.elapsed().as_secs_f64();
+        let (client_cpu, server_cpu) = meter.stop();
+        let per_event_ms = |share: f64| round(share * paced_secs * 1000.0 / sent.max(1) as f64, 2);
         let mut st = state.borrow_mut();
         let paced_hist = std::mem::replace(&mut st.hist, max_hist);
         let paced_delivered = std::mem::replace(&mut st.delivered, max_delivered);
@@ -726,6 +732,8 @@ async fn fanout_one(server: &Server, app: &App, n: usize, window: usize, duratio
             "delivered": paced_delivered,
             "loss": want.saturating_sub(paced_delivered),
             "latency": paced_hist.summary_ms(),
+            "client_cpu_ms_per_event": per_event_ms(client_cpu),
+            "server_cpu_ms_per_event": server_cpu.map(per_event_ms),
         })
     };
 
