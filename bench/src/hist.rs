@@ -56,7 +56,6 @@ impl Hist {
         self.min = self.min.min(nanos);
     }
 
-    #[allow(dead_code)] // for callers that shard recording across tasks
     pub fn merge(&mut self, other: &Hist) {
         for (a, b) in self.counts.iter_mut().zip(&other.counts) {
             *a += *b;

@@ -47,7 +47,43 @@ pub struct LoadResult {
     pub pacer_late: Option<Hist>,
 }
 
+impl Tally {
+    fn merge(&mut self, other: &Tally) {
+        self.ok += other.ok;
+        for (status, n) in &other.by_status {
+            *self.by_status.entry(*status).or_default() += n;
+        }
+        self.errors += other.errors;
+        self.ok_hist.merge(&other.ok_hist);
+        self.ok_from_send_hist.merge(&other.ok_from_send_hist);
+        self.refused += other.refused;
+        self.refused_with_retry_after += other.refused_with_retry_after;
+        self.refused_hist.merge(&other.refused_hist);
+        self.refused_fresh += other.refused_fresh;
+        self.refused_fresh_hist.merge(&other.refused_fresh_hist);
+        self.missed += other.missed;
+        self.deferred += other.deferred;
+    }
+}
+
 impl LoadResult {
+    /// One result for several measured windows: counts and histograms added, rates and CPU
+    /// shares over their combined time.
+    pub fn merge(&mut self, other: &LoadResult) {
+        let (a, b) = (self.elapsed.as_secs_f64(), other.elapsed.as_secs_f64());
+        let weighted = |x: f64, y: f64| if a + b > 0.0 { (x * a + y * b) / (a + b) } else { 0.0 };
+        self.tally.merge(&other.tally);
+        self.client_cpu = weighted(self.client_cpu, other.client_cpu);
+        self.server_cpu = match (self.server_cpu, other.server_cpu) {
+            (Some(x), Some(y)) => Some(weighted(x, y)),
+            _ => None,
+        };
+        self.elapsed += other.elapsed;
+        if let (Some(mine), Some(theirs)) = (&mut self.pacer_late, &other.pacer_late) {
+            mine.merge(theirs);
+        }
+    }
+
     pub fn rps(&self) -> f64 {
         self.tally.ok as f64 / self.elapsed.as_secs_f64().max(1e-9)
     }

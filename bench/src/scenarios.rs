@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 
 use crate::client::{request, Conn};
 use crate::hist::Hist;
-use crate::load::{closed_loop, open_loop};
+use crate::load::{closed_loop, open_loop, LoadResult};
 use crate::pusher::{self, App, FanoutState};
 use crate::servers::{self, Bins, Pinning, Server};
 use crate::sys::CpuMeter;
@@ -288,10 +288,22 @@ pub async fn hello_baseline(ctx: &mut Ctx) -> Value {
     v
 }
 
+/// A weir route against bare hyper, closed loops taking turns (hello, weir, weir, hello, …) in
+/// `ROUNDS` slices of the measured time: the machine's speed drifts over minutes here (shared
+/// cores), and a ratio of two windows half a minute apart measured that drift as much as weir.
+/// Each slice after the first warms up for a quarter of the warm-up (the other server just had
+/// the core). Returns weir's result with the interleaved hello's under `hello` and each round's
+/// ratio under `round_ratios`.
 async fn weir_http(ctx: &mut Ctx, what: &str, prepare: impl AsyncPrep) -> Value {
-    ctx.progress(&format!("{what} on weir, closed loop"));
+    ctx.progress(&format!("{what} on weir and hello in turns, closed loops"));
     let key = ctx.admin_key.clone();
-    let p = (ctx.params.conns, ctx.params.warmup, ctx.params.duration);
+    let (conns, warmup, duration) = (ctx.params.conns, ctx.params.warmup, ctx.params.duration);
+    let rounds = if ctx.params.duration < Duration::from_secs(2) { 1 } else { ROUNDS };
+    let hello = match ctx.shared_hello() {
+        Ok(s) => (s.addr, s.pid),
+        Err(e) => return not_measured(e),
+    };
+    let hello_reqs = Rc::new(vec![request("GET", "/", &hello.0.to_string(), &["Accept: text/html".into()], b"")]);
     let s = match ctx.shared_weir() {
         Ok(s) => s,
         Err(e) => return not_measured(e),
@@ -300,11 +312,42 @@ async fn weir_http(ctx: &mut Ctx, what: &str, prepare: impl AsyncPrep) -> Value 
         Ok(r) => Rc::new(r),
         Err(e) => return not_measured(format!("weir: {e}")),
     };
-    let r = closed_loop(s.addr, p.0, reqs, p.1, p.2, None, Some(s.pid)).await;
-    let mut v = load_json(&r);
-    v["connections"] = json!(p.0);
+    let weir = (s.addr, s.pid);
+    let slice = duration / rounds as u32;
+    let (mut w_all, mut h_all): (Option<LoadResult>, Option<LoadResult>) = (None, None);
+    let mut ratios = Vec::new();
+    for turn_no in 0..rounds {
+        let warm = if turn_no == 0 { warmup } else { warmup / 4 };
+        let turn = |(addr, pid): (SocketAddr, u32), reqs: &Rc<Vec<Vec<u8>>>| closed_loop(addr, conns, reqs.clone(), warm, slice, None, Some(pid));
+        let (w, h) = if turn_no % 2 == 0 {
+            let h = turn(hello, &hello_reqs).await;
+            (turn(weir, &reqs).await, h)
+        } else {
+            let w = turn(weir, &reqs).await;
+            (w, turn(hello, &hello_reqs).await)
+        };
+        ratios.push(json!(round(w.rps() / h.rps().max(1e-9), 3)));
+        for (all, r) in [(&mut w_all, w), (&mut h_all, h)] {
+            match all {
+                Some(a) => a.merge(&r),
+                None => *all = Some(r),
+            }
+        }
+    }
+    let (Some(w), Some(h)) = (w_all, h_all) else {
+        return not_measured("no rounds");
+    };
+    let mut v = load_json(&w);
+    v["connections"] = json!(conns);
+    let mut hv = load_json(&h);
+    hv["connections"] = json!(conns);
+    v["hello"] = hv;
+    v["round_ratios"] = json!(ratios);
     v
 }
+
+/// Turns each of weir and hello takes in [`weir_http`].
+const ROUNDS: usize = 6;
 
 trait AsyncPrep {
     async fn prep(self, s: &Server, key: &str) -> Result<Vec<Vec<u8>>, String>;
