@@ -184,7 +184,7 @@ fn run(args: RunArgs) -> std::process::ExitCode {
         .map(|s| match s.as_str() {
             "entry" => 2,
             "status" => 1,
-            "overload" => 5,
+            "overload" => 6,
             "verify" => 3,
             "fanout" => rt_servers * (1 + ctx.params.fanout_subs.len()),
             "connections" => rt_servers,
