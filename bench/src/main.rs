@@ -185,7 +185,7 @@ fn run(args: RunArgs) -> std::process::ExitCode {
             "entry" => 2,
             "status" => 1,
             "overload" => 6,
-            "verify" => 3,
+            "verify" => 2,
             "fanout" => rt_servers * (1 + ctx.params.fanout_subs.len()),
             "connections" => rt_servers,
             "queue-scale" => 2,

@@ -314,29 +314,12 @@ async fn weir_http(ctx: &mut Ctx, what: &str, prepare: impl AsyncPrep) -> Value 
     };
     let weir = (s.addr, s.pid);
     let slice = duration / rounds as u32;
-    let (mut w_all, mut h_all): (Option<LoadResult>, Option<LoadResult>) = (None, None);
-    let mut ratios = Vec::new();
-    for turn_no in 0..rounds {
-        let warm = if turn_no == 0 { warmup } else { warmup / 4 };
-        let turn = |(addr, pid): (SocketAddr, u32), reqs: &Rc<Vec<Vec<u8>>>| closed_loop(addr, conns, reqs.clone(), warm, slice, None, Some(pid));
-        let (w, h) = if turn_no % 2 == 0 {
-            let h = turn(hello, &hello_reqs).await;
-            (turn(weir, &reqs).await, h)
-        } else {
-            let w = turn(weir, &reqs).await;
-            (w, turn(hello, &hello_reqs).await)
-        };
-        ratios.push(json!(round(w.rps() / h.rps().max(1e-9), 3)));
-        for (all, r) in [(&mut w_all, w), (&mut h_all, h)] {
-            match all {
-                Some(a) => a.merge(&r),
-                None => *all = Some(r),
-            }
-        }
-    }
-    let (Some(w), Some(h)) = (w_all, h_all) else {
-        return not_measured("no rounds");
-    };
+    let (w, h, ratios) = in_turns(
+        rounds,
+        |turn| closed_loop(weir.0, conns, reqs.clone(), if turn == 0 { warmup } else { warmup / 4 }, slice, None, Some(weir.1)),
+        |turn| closed_loop(hello.0, conns, hello_reqs.clone(), if turn == 0 { warmup } else { warmup / 4 }, slice, None, Some(hello.1)),
+    )
+    .await;
     let mut v = load_json(&w);
     v["connections"] = json!(conns);
     let mut hv = load_json(&h);
@@ -344,6 +327,35 @@ async fn weir_http(ctx: &mut Ctx, what: &str, prepare: impl AsyncPrep) -> Value 
     v["hello"] = hv;
     v["round_ratios"] = json!(ratios);
     v
+}
+
+/// Runs `weir(turn)` and `hello(turn)` `rounds` times in alternating order (hello, weir, weir,
+/// hello, …: a drift of the machine's speed over the whole weighs on both alike) and returns
+/// each side's merged result and weir's req/s over hello's in every turn.
+async fn in_turns<W, H>(rounds: usize, mut weir: impl FnMut(usize) -> W, mut hello: impl FnMut(usize) -> H) -> (LoadResult, LoadResult, Vec<f64>)
+where
+    W: std::future::Future<Output = LoadResult>,
+    H: std::future::Future<Output = LoadResult>,
+{
+    let (mut w_all, mut h_all): (Option<LoadResult>, Option<LoadResult>) = (None, None);
+    let mut ratios = Vec::new();
+    for turn in 0..rounds.max(1) {
+        let (w, h) = if turn % 2 == 0 {
+            let h = hello(turn).await;
+            (weir(turn).await, h)
+        } else {
+            let w = weir(turn).await;
+            (w, hello(turn).await)
+        };
+        ratios.push(round(w.rps() / h.rps().max(1e-9), 3));
+        for (all, r) in [(&mut w_all, w), (&mut h_all, h)] {
+            match all {
+                Some(a) => a.merge(&r),
+                None => *all = Some(r),
+            }
+        }
+    }
+    (w_all.expect("one turn at least"), h_all.expect("one turn at least"), ratios)
 }
 
 /// Turns each of weir and hello takes in [`weir_http`].
@@ -415,7 +427,7 @@ pub async fn verify(ctx: &mut Ctx) -> Value {
     if cap <= 0.0 {
         return v;
     }
-    ctx.progress("verify at half load, open loop");
+    ctx.progress("verify and hello at half load in turns, open loops");
     let key = ctx.admin_key.clone();
     let (conns, duration) = (ctx.params.conns, ctx.params.duration);
     let s = match ctx.shared_weir() {
@@ -429,23 +441,30 @@ pub async fn verify(ctx: &mut Ctx) -> Value {
             return v;
         }
     };
-    let r = open_loop(s.addr, conns, cap / 2.0, reqs, duration, Some(s.pid)).await;
-    let mut h = load_json(&r);
-    h["offered_per_sec"] = json!(round(cap / 2.0, 1));
-    v["half_load"] = h;
-    // The same open loop at the same rate against bare hyper: what this client, this machine
-    // and the kernel's loopback add to the latency by themselves.
-    ctx.progress("hello at the same rate, open loop");
-    v["half_load_hello"] = match ctx.shared_hello() {
-        Ok(s) => {
-            let reqs = Rc::new(vec![request("GET", "/", &s.addr.to_string(), &["Accept: text/html".into()], b"")]);
-            let r = open_loop(s.addr, conns, cap / 2.0, reqs, duration, Some(s.pid)).await;
-            let mut h = load_json(&r);
-            h["offered_per_sec"] = json!(round(cap / 2.0, 1));
-            h
+    // Bare hyper driven by the same open loop at the same rate, in turns with weir: what this
+    // client, this machine and the kernel's loopback add to the latency by themselves.
+    let weir = (s.addr, s.pid);
+    let hello = match ctx.shared_hello() {
+        Ok(s) => (s.addr, s.pid),
+        Err(e) => {
+            v["half_load"] = not_measured(e);
+            return v;
         }
-        Err(e) => not_measured(e),
     };
+    let hello_reqs = Rc::new(vec![request("GET", "/", &hello.0.to_string(), &["Accept: text/html".into()], b"")]);
+    let rounds = if duration < Duration::from_secs(2) { 1 } else { ROUNDS };
+    let slice = duration / rounds as u32;
+    let (w, h, _) = in_turns(
+        rounds,
+        |_| open_loop(weir.0, conns, cap / 2.0, reqs.clone(), slice, Some(weir.1)),
+        |_| open_loop(hello.0, conns, cap / 2.0, hello_reqs.clone(), slice, Some(hello.1)),
+    )
+    .await;
+    for (key, r) in [("half_load", w), ("half_load_hello", h)] {
+        let mut j = load_json(&r);
+        j["offered_per_sec"] = json!(round(cap / 2.0, 1));
+        v[key] = j;
+    }
     v
 }
 
