@@ -496,8 +496,9 @@ pub async fn overload(ctx: &mut Ctx, capacity: Option<f64>) -> Value {
     // right before and right after the overload (their mean: the machine's speed drifts over the
     // minute in between). Group commit made entry throughput grow with concurrency once; 256
     // stays within the default in-flight bound (256), so nothing is shed while the peak is measured.
-    ctx.progress("overload: measuring peak entry goodput at 64 and 256 connections (before)");
     let peak_conns: &[usize] = if conns < 64 { &[64] } else { &[64, 256] };
+    let peak_label = |when: &str| format!("overload: measuring peak entry goodput at {peak_conns:?} connections ({when})");
+    ctx.progress(&peak_label("before"));
     let cap_reqs = {
         let s = match ctx.shared_weir() {
             Ok(s) => s,
@@ -542,7 +543,7 @@ pub async fn overload(ctx: &mut Ctx, capacity: Option<f64>) -> Value {
         Err(e) => return not_measured(format!("weir: {e}")),
     };
     let r = open_loop(s.addr, oconns, cap * factor, reqs, dur, Some(s.pid)).await;
-    ctx.progress("overload: measuring peak entry goodput at 64 and 256 connections (after)");
+    ctx.progress(&peak_label("after"));
     let peaks_after = match closed_loops(ctx, peak_conns, &cap_reqs, warm, dur).await {
         Ok(p) => p,
         Err(e) => return not_measured(e),
