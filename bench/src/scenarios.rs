@@ -281,7 +281,7 @@ pub async fn hello_baseline(ctx: &mut Ctx) -> Value {
         Ok(s) => s,
         Err(e) => return not_measured(e),
     };
-    let reqs = Rc::new(vec![request("GET", "/", &s.addr.to_string(), &["Accept: text/html".into()], b"")]);
+    let reqs = hello_requests(s.addr);
     let r = closed_loop(s.addr, p.0, reqs, p.1, p.2, None, Some(s.pid)).await;
     let mut v = load_json(&r);
     v["connections"] = json!(p.0);
@@ -289,7 +289,7 @@ pub async fn hello_baseline(ctx: &mut Ctx) -> Value {
 }
 
 /// A weir route against bare hyper, closed loops taking turns (hello, weir, weir, hello, …) in
-/// `ROUNDS` slices of the measured time: the machine's speed drifts over minutes here (shared
+/// [`turns_in`] slices of the measured time: the machine's speed drifts over minutes here (shared
 /// cores), and a ratio of two windows half a minute apart measured that drift as much as weir.
 /// Each slice after the first warms up for a quarter of the warm-up (the other server just had
 /// the core). Returns weir's result with the interleaved hello's under `hello` and each round's
@@ -298,12 +298,12 @@ async fn weir_http(ctx: &mut Ctx, what: &str, prepare: impl AsyncPrep) -> Value 
     ctx.progress(&format!("{what} on weir and hello in turns, closed loops"));
     let key = ctx.admin_key.clone();
     let (conns, warmup, duration) = (ctx.params.conns, ctx.params.warmup, ctx.params.duration);
-    let rounds = if ctx.params.duration < Duration::from_secs(2) { 1 } else { ROUNDS };
+    let rounds = turns_in(duration);
     let hello = match ctx.shared_hello() {
         Ok(s) => (s.addr, s.pid),
         Err(e) => return not_measured(e),
     };
-    let hello_reqs = Rc::new(vec![request("GET", "/", &hello.0.to_string(), &["Accept: text/html".into()], b"")]);
+    let hello_reqs = hello_requests(hello.0);
     let s = match ctx.shared_weir() {
         Ok(s) => s,
         Err(e) => return not_measured(e),
@@ -358,8 +358,15 @@ where
     (w_all.expect("one turn at least"), h_all.expect("one turn at least"), ratios)
 }
 
-/// Turns each of weir and hello takes in [`weir_http`].
-const ROUNDS: usize = 6;
+/// Turns each of weir and hello takes in a measured `duration` (one in `--quick`'s second).
+fn turns_in(duration: Duration) -> usize {
+    if duration < Duration::from_secs(2) { 1 } else { 6 }
+}
+
+/// What the hello baseline is asked, every time.
+fn hello_requests(addr: SocketAddr) -> Rc<Vec<Vec<u8>>> {
+    Rc::new(vec![request("GET", "/", &addr.to_string(), &["Accept: text/html".into()], b"")])
+}
 
 trait AsyncPrep {
     async fn prep(self, s: &Server, key: &str) -> Result<Vec<Vec<u8>>, String>;
@@ -451,8 +458,8 @@ pub async fn verify(ctx: &mut Ctx) -> Value {
             return v;
         }
     };
-    let hello_reqs = Rc::new(vec![request("GET", "/", &hello.0.to_string(), &["Accept: text/html".into()], b"")]);
-    let rounds = if duration < Duration::from_secs(2) { 1 } else { ROUNDS };
+    let hello_reqs = hello_requests(hello.0);
+    let rounds = turns_in(duration);
     let slice = duration / rounds as u32;
     let (w, h, _) = in_turns(
         rounds,
