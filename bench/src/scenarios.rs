@@ -538,7 +538,7 @@ pub async fn overload(ctx: &mut Ctx, capacity: Option<f64>) -> Value {
             Err(e) => return not_measured(format!("weir: {e}")),
         };
         let r = open_loop(s.addr, oconns, cap * low, reqs, dur / 2, Some(s.pid)).await;
-        curve.push(curve_point(low, cap, &r));
+        curve.push(curve_point(low, &r));
     }
     ctx.progress(&format!("overload: entry offered at {factor} x {cap:.0} req/s over {oconns} connections"));
     let s = match ctx.shared_weir() {
@@ -571,7 +571,7 @@ pub async fn overload(ctx: &mut Ctx, capacity: Option<f64>) -> Value {
     v["answered_per_sec"] = json!(round(answered as f64 / r.elapsed.as_secs_f64(), 1));
     v["goodput_ratio"] = json!(round(r.rps() / peak, 3));
     v["connections"] = json!(oconns);
-    curve.push(curve_point(factor, cap, &r));
+    curve.push(curve_point(factor, &r));
     // The curve's points are read against the peak measured around them all.
     for point in &mut curve {
         let ok = point["ok_per_sec"].as_f64().unwrap_or(0.0);
@@ -594,11 +594,11 @@ async fn closed_loops(ctx: &mut Ctx, conns: &[usize], reqs: &Rc<Vec<Vec<u8>>>, w
 /// Offered multiples of capacity for the goodput curve, below the overload run's own.
 const CURVE: [(f64, &str); 3] = [(0.5, "bench-curve-a"), (1.0, "bench-curve-b"), (2.0, "bench-curve-c")];
 
-fn curve_point(factor: f64, cap: f64, r: &crate::load::LoadResult) -> Value {
+/// One point of the goodput curve; its `goodput_ratio` is set once the peak is known.
+fn curve_point(factor: f64, r: &crate::load::LoadResult) -> Value {
     json!({
         "offered_factor": factor,
         "ok_per_sec": round(r.rps(), 1),
-        "goodput_ratio": round(r.rps() / cap, 3),
         "refused": r.tally.refused,
         "server_cpu_share": r.server_cpu.map(|c| round(c, 3)),
     })
