@@ -14,6 +14,7 @@
 //! [`sys`] CPU and memory.
 
 mod client;
+mod fanout;
 mod hello;
 mod hist;
 mod load;
@@ -186,7 +187,7 @@ fn run(args: RunArgs) -> std::process::ExitCode {
             "status" => 1,
             "overload" => 6,
             "verify" => 2,
-            "fanout" => rt_servers * (1 + ctx.params.fanout_subs.len()),
+            "fanout" => ctx.params.fanout_passes * rt_servers * (1 + ctx.params.fanout_subs.len()),
             "connections" => rt_servers,
             "queue-scale" => 2,
             "startup" => ctx.params.startup_runs,
@@ -229,7 +230,7 @@ fn run(args: RunArgs) -> std::process::ExitCode {
             out.insert("startup".into(), scenarios::startup(&mut ctx).await);
         }
         if want("fanout") {
-            out.insert("fanout".into(), scenarios::fanout(&mut ctx).await);
+            out.insert("fanout".into(), fanout::fanout(&mut ctx).await);
         }
         if want("connections") {
             out.insert("connections".into(), scenarios::connections(&mut ctx).await);

@@ -277,9 +277,19 @@ fn rows(res: &Value) -> Vec<Row> {
                 (Some(s), Some(c)) => format!("; CPU per event: server {s:.1} ms, client {c:.1} ms"),
                 _ => String::new(),
             };
+            // Each pass's p99 (the servers take turns, `fanout`): how far one pass moves it.
+            let per_pass = |v: &Value| {
+                let t: Vec<String> = v["turns"].as_array().into_iter().flatten().filter_map(|t| f(&t["paced_p99_ms"])).map(|x| format!("{x:.1}")).collect();
+                (t.len() > 1).then(|| t.join(" / "))
+            };
+            let passes = match (per_pass(w), peer_q.as_ref().and_then(|(_, p)| per_pass(&m[p.as_str()]).map(|t| (p, t)))) {
+                (Some(wt), Some((p, pt))) => format!(" (per pass: weir {wt} ms, {p} {pt} ms)"),
+                (Some(wt), None) => format!(" (per pass: weir {wt} ms)"),
+                _ => String::new(),
+            };
             rows.push(Row {
                 scenario: "fanout".into(),
-                figure: format!("{k} subscribers: p99 at a fixed 20,000 msg/s"),
+                figure: format!("{k} subscribers: p99 at a fixed 20,000 msg/s{passes}"),
                 weir: format!("{}{}", cell(wq, " ms", &nm(w)), cpu(w)),
                 baseline: match &peer_q {
                     Some((x, p)) => format!("{} ms ({p}{})", fmt_num(*x), cpu(&m[p.as_str()])),

@@ -1,7 +1,6 @@
 //! The scenarios of issue 5, each returning raw JSON. A server that is not installed or fails is
 //! recorded as `{"not_measured": reason}`; nothing is ever filled in.
 
-use std::cell::RefCell;
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -12,11 +11,9 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::client::{request, Conn};
-use crate::hist::Hist;
 use crate::load::{closed_loop, open_loop, LoadResult};
-use crate::pusher::{self, App, FanoutState};
+use crate::pusher::{self, App};
 use crate::servers::{self, Bins, Pinning, Server};
-use crate::sys::CpuMeter;
 
 pub const ALL: &[&str] = &["entry", "status", "verify", "fanout", "connections", "queue-scale", "overload", "startup"];
 
@@ -26,6 +23,8 @@ pub struct Params {
     pub duration: Duration,
     pub fanout_subs: Vec<usize>,
     pub fanout_window: usize,
+    /// Passes of fan-out turns over the servers (`fanout`).
+    pub fanout_passes: usize,
     pub idle_conns: usize,
     pub queue_visitors: u64,
     pub overload_conns: usize,
@@ -42,6 +41,7 @@ impl Params {
                 duration: Duration::from_millis(1000),
                 fanout_subs: vec![50],
                 fanout_window: 4,
+                fanout_passes: 1,
                 idle_conns: 200,
                 queue_visitors: 2_000,
                 overload_conns: 128,
@@ -56,6 +56,7 @@ impl Params {
                 duration: Duration::from_secs(10),
                 fanout_subs: vec![1_000, 5_000],
                 fanout_window: 8,
+                fanout_passes: 2,
                 idle_conns: 19_000,
                 queue_visitors: 1_000_000,
                 overload_conns: 2_048,
@@ -81,12 +82,12 @@ pub struct Ctx {
     pub t0: Instant,
 }
 
-fn round(x: f64, digits: i32) -> f64 {
+pub fn round(x: f64, digits: i32) -> f64 {
     let f = 10f64.powi(digits);
     (x * f).round() / f
 }
 
-fn not_measured(why: impl Into<String>) -> Value {
+pub fn not_measured(why: impl Into<String>) -> Value {
     json!({ "not_measured": why.into() })
 }
 
@@ -606,7 +607,7 @@ fn curve_point(factor: f64, r: &crate::load::LoadResult) -> Value {
 
 // ---------- realtime scenarios ----------
 
-fn start_rt(ctx: &mut Ctx, name: &str, max_conns: usize) -> Option<Result<Server, String>> {
+pub fn start_rt(ctx: &mut Ctx, name: &str, max_conns: usize) -> Option<Result<Server, String>> {
     match name {
         "weir" => Some(ctx.start_weir_fresh("weir-rt").map(|(s, _)| s)),
         "sockudo" => servers::start_sockudo(&ctx.bins, &ctx.pin, &ctx.work, max_conns),
@@ -615,251 +616,11 @@ fn start_rt(ctx: &mut Ctx, name: &str, max_conns: usize) -> Option<Result<Server
     }
 }
 
-async fn app_for(ctx: &Ctx, s: &Server) -> Result<App, String> {
+pub async fn app_for(ctx: &Ctx, s: &Server) -> Result<App, String> {
     match &s.app {
         Some(a) => Ok(a.clone()),
         None => create_app(s, &ctx.admin_key).await,
     }
-}
-
-pub async fn fanout(ctx: &mut Ctx) -> Value {
-    let mut out = serde_json::Map::new();
-    let subs_list = ctx.params.fanout_subs.clone();
-    let max = *subs_list.iter().max().unwrap_or(&1000);
-    let servers_list: Vec<&'static str> = std::iter::once("weir").chain(ctx.peers.iter().copied()).collect();
-    for name in ["weir", "sockudo", "soketi"] {
-        if !servers_list.contains(&name) {
-            for n in &subs_list {
-                out.entry(n.to_string()).or_insert(json!({})).as_object_mut().expect("obj").insert(name.into(), not_measured("not installed (run bench/setup)"));
-            }
-            continue;
-        }
-        ctx.progress(&format!("fanout on {name}: starting"));
-        let started = start_rt(ctx, name, max + 100);
-        let server = match started {
-            Some(Ok(s)) => s,
-            other => {
-                let e = match other {
-                    Some(Err(e)) => e,
-                    _ => "not installed".to_string(),
-                };
-                for n in &subs_list {
-                    out.entry(n.to_string()).or_insert(json!({})).as_object_mut().expect("obj").insert(name.into(), not_measured(e.clone()));
-                }
-                continue;
-            }
-        };
-        let app = match app_for(ctx, &server).await {
-            Ok(a) => a,
-            Err(e) => {
-                for n in &subs_list {
-                    out.entry(n.to_string()).or_insert(json!({})).as_object_mut().expect("obj").insert(name.into(), not_measured(e.clone()));
-                }
-                continue;
-            }
-        };
-        for &n in &subs_list {
-            ctx.progress(&format!("fanout on {name}: {n} subscribers"));
-            let v = fanout_one(&server, &app, n, ctx.params.fanout_window, ctx.params.duration).await;
-            out.entry(n.to_string()).or_insert(json!({})).as_object_mut().expect("obj").insert(name.into(), v);
-        }
-        server.stop(Duration::from_secs(3));
-    }
-    Value::Object(out)
-}
-
-async fn fanout_one(server: &Server, app: &App, n: usize, window: usize, duration: Duration) -> Value {
-    let channel = "bench-fanout";
-    let base = Instant::now();
-    let state = Rc::new(RefCell::new(FanoutState {
-        base,
-        hist: Hist::new(),
-        delivered: 0,
-        per_event: vec![0; 2_000_000],
-        complete_events: 0,
-        subscribers: n as u32,
-        closed: 0,
-        pongs: 0,
-    }));
-    let stop = Rc::new(tokio::sync::Notify::new());
-    // Connect and subscribe, 100 handshakes at a time.
-    let t_conn = Instant::now();
-    let sem = Rc::new(tokio::sync::Semaphore::new(100));
-    let mut joins = Vec::new();
-    for _ in 0..n {
-        let sem = sem.clone();
-        let key = app.key.clone();
-        let addr = server.addr;
-        joins.push(tokio::task::spawn_local(async move {
-            let _p = sem.acquire().await.expect("open");
-            let ws = pusher::connect(addr, None, &key).await?;
-            pusher::subscribe(ws, channel).await
-        }));
-    }
-    let mut receivers = Vec::new();
-    let mut first_err = None;
-    for j in joins {
-        match j.await {
-            Ok(Ok(ws)) => receivers.push(tokio::task::spawn_local(pusher::receive(ws, state.clone(), stop.clone()))),
-            Ok(Err(e)) => {
-                first_err.get_or_insert(e);
-            }
-            Err(e) => {
-                first_err.get_or_insert(e.to_string());
-            }
-        }
-    }
-    let connected = receivers.len();
-    let connect_secs = t_conn.elapsed().as_secs_f64();
-    if connected < n {
-        stop.notify_waiters();
-        return json!({
-            "not_measured": format!("only {connected} of {n} subscribed: {}", first_err.unwrap_or_default()),
-        });
-    }
-    let rss_subscribed = server.rss();
-    // Publishers: `window` events outstanding; each waits for its event to reach everyone (or 2 s).
-    let next = Rc::new(RefCell::new(0usize));
-    let published = Rc::new(RefCell::new(0u64));
-    let publish_errors = Rc::new(RefCell::new(Vec::<String>::new()));
-    let meter = CpuMeter::start(Some(server.pid));
-    let t0 = Instant::now();
-    let end = t0 + duration;
-    let pad = "x".repeat(64);
-    let mut pubs = Vec::new();
-    for _ in 0..window {
-        let (next, published, errs, state, app) = (next.clone(), published.clone(), publish_errors.clone(), state.clone(), app.clone());
-        let addr = server.addr;
-        let pad = pad.clone();
-        pubs.push(tokio::task::spawn_local(async move {
-            let mut conn = Conn::new(addr);
-            while Instant::now() < end {
-                let i = {
-                    let mut n = next.borrow_mut();
-                    *n += 1;
-                    *n - 1
-                };
-                if i >= 2_000_000 {
-                    break;
-                }
-                let ts = (Instant::now() - base).as_nanos() as u64;
-                let data = format!("t={ts} i={i} {pad}");
-                let req = pusher::publish_request(&app, &addr.to_string(), channel, &data);
-                match conn.send_timeout(&req, true, Duration::from_secs(5)).await {
-                    Ok(r) if (200..300).contains(&r.status) => *published.borrow_mut() += 1,
-                    Ok(r) => {
-                        {
-                            let mut e = errs.borrow_mut();
-                            if e.len() < 3 {
-                                e.push(format!("HTTP {} {}", r.status, String::from_utf8_lossy(&r.body)));
-                            }
-                        }
-                        state.borrow_mut().per_event[i] = u32::MAX / 2; // never counted complete
-                        tokio::time::sleep(Duration::from_millis(10)).await;
-                        continue;
-                    }
-                    Err(e) => {
-                        errs.borrow_mut().push(e.to_string());
-                        tokio::time::sleep(Duration::from_millis(10)).await;
-                        continue;
-                    }
-                }
-                let wait_until = Instant::now() + Duration::from_secs(2);
-                while state.borrow().per_event[i] < n as u32 && Instant::now() < wait_until {
-                    tokio::time::sleep(Duration::from_micros(200)).await;
-                }
-            }
-        }));
-    }
-    for p in pubs {
-        let _ = p.await;
-    }
-    let published = *published.borrow();
-    let expected = published * n as u64;
-    let drain_until = Instant::now() + Duration::from_secs(3);
-    while state.borrow().delivered < expected && Instant::now() < drain_until {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    let elapsed = t0.elapsed();
-    let (client_cpu, server_cpu) = meter.stop();
-    let rss_after = server.rss();
-
-    // Phase 2: the same fixed load for every server (20,000 deliveries/s), so p99 compares
-    // servers at equal work rather than each at its own maximum.
-    let paced = {
-        let (max_hist, max_delivered) = {
-            let mut st = state.borrow_mut();
-            (std::mem::take(&mut st.hist), std::mem::replace(&mut st.delivered, 0))
-        };
-        let events_per_sec = (20_000.0 / n as f64).max(1.0);
-        let interval = Duration::from_secs_f64(1.0 / events_per_sec);
-        let first = *next.borrow();
-        let mut conn = Conn::new(server.addr);
-        let meter = CpuMeter::start(Some(server.pid));
-        let p0 = Instant::now();
-        let mut sent = 0u64;
-        let mut errors = 0u64;
-        let mut k = 0u32;
-        while p0.elapsed() < duration && first + (k as usize) < 2_000_000 {
-            tokio::time::sleep_until((p0 + interval * k).into()).await;
-            let i = first + k as usize;
-            k += 1;
-            let ts = (Instant::now() - base).as_nanos() as u64;
-            let req = pusher::publish_request(app, &server.addr.to_string(), channel, &format!("t={ts} i={i} {pad}"));
-            match conn.send_timeout(&req, false, Duration::from_secs(5)).await {
-                Ok(r) if (200..300).contains(&r.status) => sent += 1,
-                _ => errors += 1,
-            }
-        }
-        let want = sent * n as u64;
-        let until = Instant::now() + Duration::from_secs(3);
-        while state.borrow().delivered < want && Instant::now() < until {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        // CPU per event, to tell whose work sets the latency of a burst: the server writing n
-        // frames, or the client reading them (one read each at this rate).
-        let paced_secs = p0.elapsed().as_secs_f64();
-        let (client_cpu, server_cpu) = meter.stop();
-        let per_event_ms = |share: f64| round(share * paced_secs * 1000.0 / sent.max(1) as f64, 2);
-        let mut st = state.borrow_mut();
-        let paced_hist = std::mem::replace(&mut st.hist, max_hist);
-        let paced_delivered = std::mem::replace(&mut st.delivered, max_delivered);
-        json!({
-            "target_msg_per_sec": 20_000,
-            "events_per_sec": round(events_per_sec, 2),
-            "published": sent,
-            "publish_errors": errors,
-            "delivered": paced_delivered,
-            "loss": want.saturating_sub(paced_delivered),
-            "latency": paced_hist.summary_ms(),
-            "client_cpu_ms_per_event": per_event_ms(client_cpu),
-            "server_cpu_ms_per_event": server_cpu.map(per_event_ms),
-        })
-    };
-
-    stop.notify_waiters();
-    for r in receivers {
-        let _ = tokio::time::timeout(Duration::from_secs(2), r).await;
-    }
-    let s = state.borrow();
-    json!({
-        "paced": paced,
-        "subscribers": n,
-        "connect_seconds": round(connect_secs, 3),
-        "published": published,
-        "delivered": s.delivered,
-        "loss": expected.saturating_sub(s.delivered),
-        "disconnected": s.closed,
-        "msg_per_sec": round(s.delivered as f64 / elapsed.as_secs_f64(), 1),
-        "events_per_sec": round(published as f64 / elapsed.as_secs_f64(), 1),
-        "seconds": round(elapsed.as_secs_f64(), 3),
-        "latency": s.hist.summary_ms(),
-        "publish_errors": *publish_errors.borrow(),
-        "client_cpu_share": round(client_cpu, 3),
-        "server_cpu_share": server_cpu.map(|c| round(c, 3)),
-        "rss_subscribed_bytes": rss_subscribed,
-        "rss_after_bytes": rss_after,
-    })
 }
 
 pub async fn connections(ctx: &mut Ctx) -> Value {
