@@ -103,6 +103,8 @@ struct Paced {
     delivered: u64,
     loss: u64,
     hist: Hist,
+    /// Per event, the latency of its last delivery: how long it took to reach every subscriber.
+    spread: Hist,
     client_cpu_secs: f64,
     server_cpu_secs: Option<f64>,
 }
@@ -116,9 +118,11 @@ fn merged_json(runs: &[FanoutRun]) -> Value {
     let mean_opt = |f: fn(&FanoutRun) -> Option<u64>| runs.iter().map(f).sum::<Option<u64>>().map(|t| t / runs.len().max(1) as u64);
     let mut hist = Hist::new();
     let mut paced_hist = Hist::new();
+    let mut spread = Hist::new();
     for r in runs {
         hist.merge(&r.hist);
         paced_hist.merge(&r.paced.hist);
+        spread.merge(&r.paced.spread);
     }
     let (secs, delivered, published) = (sum_f(|r| r.secs), sum(|r| r.delivered), sum(|r| r.published));
     let paced_published = sum(|r| r.paced.published);
@@ -136,6 +140,7 @@ fn merged_json(runs: &[FanoutRun]) -> Value {
             "delivered": sum(|r| r.paced.delivered),
             "loss": sum(|r| r.paced.loss),
             "latency": paced_hist.summary_ms(),
+            "event_reaches_all": spread.summary_ms(),
             "client_cpu_ms_per_event": per_event_ms(sum_f(|r| r.paced.client_cpu_secs)),
             "server_cpu_ms_per_event": sum_opt(|r| r.paced.server_cpu_secs).map(per_event_ms),
         },
@@ -158,6 +163,7 @@ fn merged_json(runs: &[FanoutRun]) -> Value {
             "msg_per_sec": round(r.delivered as f64 / r.secs.max(1e-9), 1),
             "p99_ms": round(r.hist.quantile(0.99) as f64 / 1e6, 3),
             "paced_p99_ms": round(r.paced.hist.quantile(0.99) as f64 / 1e6, 3),
+            "paced_slowest_event_ms": round(r.paced.spread.quantile(1.0) as f64 / 1e6, 3),
             "paced_server_cpu_ms_per_event": r.paced.server_cpu_secs.map(|c| round(c * 1000.0 / r.paced.published.max(1) as f64, 2)),
         })).collect::<Vec<_>>(),
     })
@@ -172,6 +178,7 @@ async fn fanout_one(server: &Server, app: &App, n: usize, window: usize, duratio
         hist: Hist::new(),
         delivered: 0,
         per_event: vec![0; 2_000_000],
+        last_arrival_us: vec![0; 2_000_000],
         complete_events: 0,
         subscribers: n as u32,
         closed: 0,
@@ -294,6 +301,7 @@ async fn fanout_one(server: &Server, app: &App, n: usize, window: usize, duratio
         let mut sent = 0u64;
         let mut errors = 0u64;
         let mut k = 0u32;
+        let mut accepted = Vec::new();
         while p0.elapsed() < duration && first + (k as usize) < 2_000_000 {
             tokio::time::sleep_until((p0 + interval * k).into()).await;
             let i = first + k as usize;
@@ -301,7 +309,10 @@ async fn fanout_one(server: &Server, app: &App, n: usize, window: usize, duratio
             let ts = (Instant::now() - base).as_nanos() as u64;
             let req = pusher::publish_request(app, &server.addr.to_string(), channel, &format!("t={ts} i={i} {pad}"));
             match conn.send_timeout(&req, false, Duration::from_secs(5)).await {
-                Ok(r) if (200..300).contains(&r.status) => sent += 1,
+                Ok(r) if (200..300).contains(&r.status) => {
+                    sent += 1;
+                    accepted.push(i);
+                }
                 _ => errors += 1,
             }
         }
@@ -313,6 +324,10 @@ async fn fanout_one(server: &Server, app: &App, n: usize, window: usize, duratio
         let secs = p0.elapsed().as_secs_f64();
         let (client_cpu, server_cpu) = meter.stop();
         let mut st = state.borrow_mut();
+        let mut spread = Hist::new();
+        for &i in &accepted {
+            spread.record(u64::from(st.last_arrival_us[i]) * 1000);
+        }
         let hist = std::mem::replace(&mut st.hist, max_hist);
         let delivered = std::mem::replace(&mut st.delivered, max_delivered);
         Paced {
@@ -322,6 +337,7 @@ async fn fanout_one(server: &Server, app: &App, n: usize, window: usize, duratio
             delivered,
             loss: want.saturating_sub(delivered),
             hist,
+            spread,
             client_cpu_secs: client_cpu * secs,
             server_cpu_secs: server_cpu.map(|c| c * secs),
         }

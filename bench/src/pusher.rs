@@ -92,6 +92,8 @@ pub struct FanoutState {
     pub hist: Hist,
     pub delivered: u64,
     pub per_event: Vec<u32>,
+    /// Per event, the latency (µs) of its latest delivery so far: how long it took to reach everyone.
+    pub last_arrival_us: Vec<u32>,
     pub complete_events: u64,
     pub subscribers: u32,
     pub closed: u64,
@@ -147,8 +149,11 @@ pub async fn receive(mut ws: WsConn, state: Shared, stop: Rc<tokio::sync::Notify
                 let now = Instant::now();
                 if let (Some(ts), Some(i)) = (field(t, b't'), field(t, b'i')) {
                     let mut s = state.borrow_mut();
-                    let lat = (now - s.base).as_nanos() as u64;
-                    s.hist.record(lat.saturating_sub(ts));
+                    let lat = ((now - s.base).as_nanos() as u64).saturating_sub(ts);
+                    s.hist.record(lat);
+                    if let Some(last) = s.last_arrival_us.get_mut(i as usize) {
+                        *last = (*last).max(u32::try_from(lat / 1000).unwrap_or(u32::MAX));
+                    }
                     s.delivered += 1;
                     let subs = s.subscribers;
                     if let Some(c) = s.per_event.get_mut(i as usize) {

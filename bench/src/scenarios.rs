@@ -54,7 +54,7 @@ impl Params {
                 conns: env_or("WEIR_BENCH_CONNS", 64),
                 warmup: Duration::from_secs(2),
                 duration: Duration::from_secs(10),
-                fanout_subs: vec![1_000, 5_000],
+                fanout_subs: env_list("WEIR_BENCH_FANOUT_SUBS").unwrap_or_else(|| vec![1_000, 5_000]),
                 fanout_window: 8,
                 fanout_passes: 2,
                 idle_conns: 19_000,
@@ -487,6 +487,12 @@ impl VerifyPrep {
         }
         Ok(reqs)
     }
+}
+
+/// A comma-separated list of numbers from the environment, if set and every item parses.
+fn env_list(name: &str) -> Option<Vec<usize>> {
+    let v = std::env::var(name).ok()?;
+    v.split(',').map(|x| x.trim().parse().ok()).collect::<Option<Vec<_>>>().filter(|l| !l.is_empty())
 }
 
 /// `name` from the environment if set and parseable, else `default`.

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ws::Utf8Bytes;
+use indexmap::IndexMap;
 use parking_lot::{Mutex, RwLock};
 use serde_json::{json, Value};
 use tokio::time::Instant;
@@ -78,9 +79,15 @@ struct Channels {
     bytes: usize,
 }
 
+/// A channel's subscribers in the order they subscribed (unsubscribing moves the newest into
+/// the gap). Fan-out walks them in this order, which is roughly the order their connections'
+/// state was allocated in, and so the order their sockets become readable to the client: a
+/// hash order sent both sides jumping across memory for every frame (`BENCHMARKS.md`, round nine).
+type Subscribers = IndexMap<u64, Subscriber, foldhash::fast::RandomState>;
+
 struct Channel {
     ty: ChannelType,
-    subscribers: HashMap<u64, Subscriber>,
+    subscribers: Subscribers,
     presence: Presence,
     history: History,
     cache: Option<(Instant, Utf8Bytes)>,
@@ -325,7 +332,7 @@ impl Tenant {
         {
             let mut channels = self.channels.lock();
             let Some(ch) = channels.map.get_mut(name) else { return };
-            let Some(sub) = ch.subscribers.remove(&conn.id) else { return };
+            let Some(sub) = ch.subscribers.swap_remove(&conn.id) else { return };
             self.metrics.subscriptions.decrement(1.0);
             ch.last_active = Instant::now();
             if let Some(user) = sub.user_id {
@@ -482,7 +489,7 @@ impl Channel {
     fn new(ty: ChannelType, floor: u64, now: Instant) -> Self {
         Self {
             ty,
-            subscribers: HashMap::new(),
+            subscribers: Subscribers::default(),
             presence: Presence::default(),
             history: History::new(floor),
             cache: None,
