@@ -68,7 +68,9 @@ fn ratio(a: Option<f64>, b: Option<f64>) -> (String, Option<f64>) {
     match (a, b) {
         (Some(a), Some(b)) if b > 0.0 => {
             let r = a / b;
-            (format!("{r:.2}×"), Some(r))
+            // Below 1 a third decimal: a goal of 0.50× missed at 0.499× must not read "0.50×".
+            let shown = if r < 1.0 { format!("{r:.3}×") } else { format!("{r:.2}×") };
+            (shown, Some(r))
         }
         _ => ("—".into(), None),
     }
