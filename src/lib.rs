@@ -55,7 +55,8 @@
 //!    `POST /api/v1/verify`, or lets its proxy ask `GET /auth/{room}` (forward auth).
 //!
 //! Realtime: a publish (`POST /apps/{id}/events`) → `realtime` fan-out serializes the frame once
-//! and pushes the shared bytes onto each subscriber's bounded outbox, waking that connection's
+//! and pushes the shared bytes onto each subscriber's bounded outbox (in the order they
+//! subscribed, which keeps the walk over connection state close to memory order), waking that connection's
 //! single task (which reads and writes its socket) only when the outbox was empty; a full outbox
 //! disconnects that client with a reconnect code instead of growing memory.
 
