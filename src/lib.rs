@@ -56,9 +56,9 @@
 //!
 //! Realtime: a publish (`POST /apps/{id}/events`) → `realtime` fan-out serializes the frame once
 //! and pushes the shared bytes onto each subscriber's bounded outbox (in the order they
-//! subscribed, which keeps the walk over connection state close to memory order), waking that connection's
-//! single task (which reads and writes its socket) only when the outbox was empty; a full outbox
-//! disconnects that client with a reconnect code instead of growing memory.
+//! subscribed, which keeps the walk over connection state close to memory order), waking that
+//! connection's single task (which reads and writes its socket) only when the outbox was empty; a
+//! full outbox disconnects that client with a reconnect code instead of growing memory.
 
 pub mod admin;
 pub mod clock;
