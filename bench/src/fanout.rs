@@ -367,3 +367,70 @@ async fn fanout_one(server: &Server, app: &App, n: usize, window: usize, duratio
         paced,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A turn whose every delivery took `ms` milliseconds.
+    fn turn(delivered: u64, secs: f64, ms: u64, server_cpu_secs: f64) -> FanoutRun {
+        let mut hist = Hist::new();
+        let mut paced_hist = Hist::new();
+        for _ in 0..100 {
+            hist.record(ms * 1_000_000);
+            paced_hist.record(ms * 1_000_000);
+        }
+        let mut spread = Hist::new();
+        spread.record(ms * 1_000_000);
+        FanoutRun {
+            subscribers: 100,
+            connect_secs: 0.5,
+            published: delivered / 100,
+            delivered,
+            loss: 1,
+            disconnected: 0,
+            secs,
+            hist,
+            publish_errors: vec![],
+            client_cpu_secs: secs / 2.0,
+            server_cpu_secs: Some(server_cpu_secs),
+            rss_subscribed: Some(1_000),
+            rss_after: Some(3_000),
+            paced: Paced {
+                events_per_sec: 200.0,
+                published: 10,
+                errors: 0,
+                delivered: 1_000,
+                loss: 0,
+                hist: paced_hist,
+                spread,
+                client_cpu_secs: 0.01,
+                server_cpu_secs: Some(0.02),
+            },
+        }
+    }
+
+    /// Two turns merge as one longer run: rates over the summed time, counts summed, latency
+    /// from the merged histograms, CPU per event over all events; each turn kept.
+    #[test]
+    fn turns_merge_as_one_run() {
+        let v = merged_json(&[turn(1_000_000, 10.0, 10, 9.0), turn(3_000_000, 10.0, 30, 10.0)]);
+        assert_eq!(v["msg_per_sec"], 200_000.0);
+        assert_eq!(v["delivered"], 4_000_000);
+        assert_eq!(v["loss"], 2);
+        assert_eq!(v["server_cpu_share"], 0.95);
+        assert_eq!(v["client_cpu_share"], 0.5);
+        assert_eq!(v["rss_after_bytes"], 3_000);
+        // Half the deliveries took 10 ms and half 30: the p99 is the slower half's.
+        let p99 = v["latency"]["p99_ms"].as_f64().unwrap();
+        assert!((29.0..=31.0).contains(&p99), "p99 {p99}");
+        assert_eq!(v["paced"]["published"], 20);
+        assert_eq!(v["paced"]["server_cpu_ms_per_event"], 2.0);
+        let slowest = v["paced"]["event_reaches_all"]["max_ms"].as_f64().unwrap();
+        assert!((29.0..=31.0).contains(&slowest), "slowest event {slowest}");
+        let turns = v["turns"].as_array().unwrap();
+        assert_eq!(turns.len(), 2);
+        assert_eq!(turns[0]["msg_per_sec"], 100_000.0);
+        assert_eq!(turns[1]["paced_server_cpu_ms_per_event"], 2.0);
+    }
+}
