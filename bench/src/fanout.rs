@@ -35,11 +35,7 @@ pub async fn fanout(ctx: &mut Ctx) -> Value {
         let order: Vec<&'static str> = if pass % 2 == 0 { installed.clone() } else { installed.iter().rev().copied().collect() };
         for name in order {
             ctx.progress(&format!("fanout on {name} (pass {} of {passes}): starting", pass + 1));
-            let server = match start_rt(ctx, name, max + 100) {
-                Some(Ok(s)) => Ok(s),
-                Some(Err(e)) => Err(e),
-                None => Err("not installed".to_string()),
-            };
+            let server = start_rt(ctx, name, max + 100).unwrap_or_else(|| Err("not installed".to_string()));
             let app = match &server {
                 Ok(s) => app_for(ctx, s).await,
                 Err(e) => Err(e.clone()),
@@ -128,7 +124,7 @@ fn merged_json(runs: &[FanoutRun]) -> Value {
     let paced_published = sum(|r| r.paced.published);
     // CPU per fixed-rate event: whose work sets a burst's latency, the server writing n frames
     // or the client reading them (one read each at this rate).
-    let per_event_ms = |cpu_secs: f64| round(cpu_secs * 1000.0 / paced_published.max(1) as f64, 2);
+    let per_event_ms = |cpu_secs: f64| ms_per_event(cpu_secs, paced_published);
     let mut errors: Vec<String> = runs.iter().flat_map(|r| r.publish_errors.iter().cloned()).collect();
     errors.truncate(3);
     json!({
@@ -164,9 +160,14 @@ fn merged_json(runs: &[FanoutRun]) -> Value {
             "p99_ms": round(r.hist.quantile(0.99) as f64 / 1e6, 3),
             "paced_p99_ms": round(r.paced.hist.quantile(0.99) as f64 / 1e6, 3),
             "paced_slowest_event_ms": round(r.paced.spread.quantile(1.0) as f64 / 1e6, 3),
-            "paced_server_cpu_ms_per_event": r.paced.server_cpu_secs.map(|c| round(c * 1000.0 / r.paced.published.max(1) as f64, 2)),
+            "paced_server_cpu_ms_per_event": r.paced.server_cpu_secs.map(|c| ms_per_event(c, r.paced.published)),
         })).collect::<Vec<_>>(),
     })
+}
+
+/// CPU milliseconds per event, from CPU-seconds over `events` events.
+fn ms_per_event(cpu_secs: f64, events: u64) -> f64 {
+    round(cpu_secs * 1000.0 / events.max(1) as f64, 2)
 }
 
 /// One turn: `n` subscribers on one channel of `server`, both phases.
