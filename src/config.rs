@@ -65,6 +65,12 @@ pub struct Limits {
     pub admin_body_bytes: usize,
     /// `WEIR_LIMITS_MAX_CONNECTIONS`: open TCP connections before new ones wait at accept.
     pub max_connections: usize,
+    /// `WEIR_LIMITS_ACTIVE_CONNECTIONS`: when more connections have requests than this and the
+    /// CPU is the bottleneck, this many are served at a time, in turns (`limits::turns`); 0 turns
+    /// them off. 64 keeps their state in the caches on a small box.
+    pub active_connections: usize,
+    /// `WEIR_LIMITS_TURN_MS`: the longest turn while other connections wait for one.
+    pub turn_ms: u64,
     /// `WEIR_LIMITS_HEADER_TIMEOUT_MS`: a connection whose request head is still arriving after
     /// one to two of these periods is closed (`limits::head_guard`), so clients trickling headers
     /// cannot hold the `max_connections` slots. Idle keep-alive connections are left open.
@@ -78,6 +84,8 @@ impl Default for Limits {
             request_timeout_ms: 10_000,
             admin_body_bytes: 64 * 1024,
             max_connections: 19_500,
+            active_connections: 64,
+            turn_ms: 50,
             header_timeout_ms: 30_000,
         }
     }
@@ -115,6 +123,8 @@ pub const ENV_FIELDS: &[(&str, &[&str])] = &[
     ("WEIR_LIMITS_REQUEST_TIMEOUT_MS", &["limits", "request_timeout_ms"]),
     ("WEIR_LIMITS_ADMIN_BODY_BYTES", &["limits", "admin_body_bytes"]),
     ("WEIR_LIMITS_MAX_CONNECTIONS", &["limits", "max_connections"]),
+    ("WEIR_LIMITS_ACTIVE_CONNECTIONS", &["limits", "active_connections"]),
+    ("WEIR_LIMITS_TURN_MS", &["limits", "turn_ms"]),
     ("WEIR_LIMITS_HEADER_TIMEOUT_MS", &["limits", "header_timeout_ms"]),
 ];
 
@@ -197,6 +207,9 @@ impl Config {
         }
         if self.limits.max_connections == 0 {
             problems.push("limits.max_connections: must be at least 1".into());
+        }
+        if self.limits.turn_ms == 0 || self.limits.turn_ms > 10_000 {
+            problems.push(format!("limits.turn_ms: {} is outside 1..=10000", self.limits.turn_ms));
         }
         if self.limits.request_timeout_ms == 0 {
             problems.push("limits.request_timeout_ms: must be at least 1".into());

@@ -23,12 +23,15 @@
 //! - [`admin`]: the `/api/v1` admin API (bearer admin key) and the `weir` CLI that drives it.
 //! - [`limits`]: load shedding (an in-flight bound per route group, refusing with a
 //!   pre-serialized 503; a refused connection is held unread briefly, up to its `Retry-After`
-//!   while it keeps asking), timeouts, body limits, the slow request-head guard; [`ops`]:
-//!   metrics, health, shutdown.
+//!   while it keeps asking), turns (when more connections have requests than the CPU can
+//!   serve, a few dozen are served at a time, each for a turn of many requests, while the rest
+//!   wait in line — their state stays in the caches), timeouts, body limits, the slow
+//!   request-head guard; [`ops`]: metrics, health, shutdown.
 //! - [`http`]: `AppState`, the router (where every layer's order is decided) and `App`, which
 //!   serves the two hottest routes (forward auth, status) in front of the router under the same
 //!   bound and metrics; [`serve`], the accept loop (hyper HTTP/1.1 connections with upgrades,
-//!   peer address and refusal hold per request, slow-head guard, graceful drain).
+//!   over sockets that honour their refusal hold and their turn; peer address per request,
+//!   slow-head guard, graceful drain).
 //!
 //! ## Data flow of a visitor
 //!
@@ -158,10 +161,11 @@ impl Server {
         let grace = Duration::from_secs(state.config.shutdown_grace_seconds);
         let store = state.store.clone();
         let realtime = state.realtime.clone();
-        let max_connections = state.config.limits.max_connections;
+        let limits = &state.config.limits;
+        let (max_connections, turns) = (limits.max_connections, (limits.active_connections, Duration::from_millis(limits.turn_ms)));
         let header_timeout = Duration::from_millis(state.config.limits.header_timeout_ms);
         let app = http::app(state);
-        let listener = limits::backoff::Listener::new(listener, max_connections);
+        let listener = limits::backoff::Listener::new(listener, max_connections, turns);
         let serve = serve::serve(listener, app, header_timeout, shutdown.clone().cancelled_owned());
         let deadline = async {
             shutdown.cancelled().await;

@@ -27,6 +27,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::head_guard::Activity;
+use super::turns::{Turn, Turns};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, Sleep};
@@ -96,17 +97,21 @@ impl Backoff {
     }
 }
 
-/// A TCP listener whose connections honour their [`Backoff`], with at most `max_connections`
-/// open at once: beyond that, new connections wait in the kernel's accept queue.
+/// A TCP listener whose connections honour their [`Backoff`] and take [`Turns`], with at most
+/// `max_connections` open at once: beyond that, new connections wait in the kernel's accept queue.
 pub struct Listener {
     listener: TcpListener,
     slots: Arc<Semaphore>,
+    turns: Option<Turns>,
 }
 
 impl Listener {
-    pub fn new(listener: TcpListener, max_connections: usize) -> Self {
+    /// `turns`: how many connections are served at once under contention and for how long each
+    /// (`limits::turns`; 0 connections: no turns). Call within a runtime.
+    pub fn new(listener: TcpListener, max_connections: usize, (active, turn_length): (usize, Duration)) -> Self {
         metrics::gauge!("weir_connections_limit").set(max_connections as f64);
-        Self { listener, slots: Arc::new(Semaphore::new(max_connections.max(1))) }
+        let turns = Turns::new(active, turn_length);
+        Self { listener, slots: Arc::new(Semaphore::new(max_connections.max(1))), turns }
     }
 }
 
@@ -124,7 +129,8 @@ impl axum::serve::Listener for Listener {
                 Ok((stream, addr)) => {
                     // Small responses must not wait for Nagle's algorithm.
                     let _ = stream.set_nodelay(true);
-                    let throttled = Throttled { stream, backoff: Backoff::default(), activity: Arc::default(), sleep: None, _slot: slot };
+                    let turn = self.turns.as_ref().map(Turns::join);
+                    let throttled = Throttled { stream, backoff: Backoff::default(), activity: Arc::default(), sleep: None, turn, _slot: slot };
                     return (throttled, addr);
                 }
                 Err(e) => {
@@ -148,6 +154,7 @@ pub struct Throttled {
     activity: Arc<Activity>,
     /// Only exists while a hold is being waited out.
     sleep: Option<Pin<Box<Sleep>>>,
+    turn: Option<Turn>,
     /// This connection's place under `max_connections`, released when it closes.
     _slot: OwnedSemaphorePermit,
 }
@@ -179,7 +186,14 @@ impl AsyncRead for Throttled {
             self.sleep = None;
         }
         let before = buf.filled().len();
-        let read = Pin::new(&mut self.stream).poll_read(cx, buf);
+        let this = &mut *self;
+        if this.turn.is_some() && this.activity.upgraded() {
+            this.turn = None;
+        }
+        let read = match &mut this.turn {
+            Some(turn) => turn.poll_read(&mut this.stream, &this.activity, cx, buf),
+            None => Pin::new(&mut this.stream).poll_read(cx, buf),
+        };
         let bytes = buf.filled().len() - before;
         if bytes > 0 {
             self.activity.read(bytes);
@@ -243,7 +257,7 @@ mod tests {
     async fn a_held_connection_is_not_read_until_its_time() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let mut listener = Listener::new(listener, 1);
+        let mut listener = Listener::new(listener, 1, (0, Duration::ZERO));
         let mut client = TcpStream::connect(addr).await.unwrap();
         let (mut server, _) = axum::serve::Listener::accept(&mut listener).await;
         let _second = TcpStream::connect(addr).await.unwrap();
@@ -257,5 +271,33 @@ mod tests {
         let late = tokio::time::timeout(Duration::from_millis(200), server.read_exact(&mut buf)).await;
         assert!(late.is_ok(), "not read after the hold");
         assert_eq!(&buf, b"ping");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_upgraded_connection_leaves_the_turns() {
+        use crate::limits::head_guard::Finished;
+        use axum::http::StatusCode;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut listener = Listener::new(listener, 16, (1, Duration::from_millis(50)));
+        let mut a_client = TcpStream::connect(addr).await.unwrap();
+        let (mut a, _) = axum::serve::Listener::accept(&mut listener).await;
+        let mut b_client = TcpStream::connect(addr).await.unwrap();
+        let (mut b, _) = axum::serve::Listener::accept(&mut listener).await;
+        let mut buf = [0u8; 4];
+        a_client.write_all(b"ping").await.unwrap();
+        a.read_exact(&mut buf).await.unwrap();
+        // A's request is being served (it holds the one turn); B's waits.
+        a.activity().started();
+        b_client.write_all(b"ping").await.unwrap();
+        let short = Duration::from_millis(10);
+        assert!(tokio::time::timeout(short, b.read_exact(&mut buf)).await.is_err(), "B read while A held the turn");
+        // A's response switches protocols: its reads are WebSocket frames from now on, not requests.
+        let switched = async { Ok(axum::response::Response::builder().status(StatusCode::SWITCHING_PROTOCOLS).body(axum::body::Body::empty()).unwrap()) };
+        Finished::new(switched, a.activity().clone()).await.unwrap();
+        assert!(a.activity().upgraded());
+        a_client.write_all(b"ping").await.unwrap();
+        a.read_exact(&mut buf).await.unwrap();
+        tokio::time::timeout(short, b.read_exact(&mut buf)).await.expect("B still waits for the upgraded connection's turn").unwrap();
     }
 }

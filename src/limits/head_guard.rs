@@ -9,9 +9,10 @@
 //! arriving for between one and two periods is cut off; a complete request, an idle keep-alive
 //! connection and a response still streaming out are never touched.
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -21,6 +22,8 @@ use tokio::time::Sleep;
 /// What one connection has done, counted by its socket and its service.
 #[derive(Default)]
 pub struct Activity {
+    /// Set when a response switched protocols: hyper no longer serves the connection.
+    upgraded: AtomicBool,
     bytes_read: AtomicU64,
     started: AtomicU64,
     finished: AtomicU64,
@@ -36,9 +39,19 @@ impl Activity {
         self.started.fetch_add(1, Relaxed);
     }
 
-    fn finished(&self) {
+    pub(crate) fn finished(&self) {
         self.bytes_read_when_finished.store(self.bytes_read.load(Relaxed), Relaxed);
         self.finished.fetch_add(1, Relaxed);
+    }
+
+    /// Whether the connection was upgraded (to a WebSocket): its reads are no longer requests.
+    pub fn upgraded(&self) -> bool {
+        self.upgraded.load(Relaxed)
+    }
+
+    /// Whether a request has started and its response is not ready yet.
+    pub fn in_flight(&self) -> bool {
+        self.started.load(Relaxed) != self.finished.load(Relaxed)
     }
 
     /// While a request head is arriving (bytes since the last finished request, nothing in
@@ -66,12 +79,15 @@ impl<F> Finished<F> {
     }
 }
 
-impl<F: Future> Future for Finished<F> {
+impl<F: Future<Output = Result<axum::response::Response, Infallible>>> Future for Finished<F> {
     type Output = F::Output;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = self.project();
         let output = std::task::ready!(this.work.poll(cx));
+        if matches!(&output, Ok(response) if response.status() == axum::http::StatusCode::SWITCHING_PROTOCOLS) {
+            this.activity.upgraded.store(true, Relaxed);
+        }
         this.activity.finished();
         Poll::Ready(output)
     }

@@ -4,3 +4,4 @@
 pub mod backoff;
 pub mod head_guard;
 pub mod shed;
+pub mod turns;

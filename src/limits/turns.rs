@@ -1,0 +1,458 @@
+//! Turns: when more connections have requests than the server can serve at once and the CPU is
+//! the bottleneck, `active` of them are served at a time, each for a turn of up to `length`,
+//! and the others wait their turn in line, their requests in the kernel's socket buffers.
+//!
+//! Why: a request costs more CPU the more connections are being served at the same time, because
+//! each one then finds its connection's state (kernel socket, hyper's buffers, the task) cold in
+//! the caches. On the benchmark machine 64 busy keep-alive connections got ~1.3× the requests per
+//! CPU-second that 2,048 did (`BENCHMARKS.md`, overload). A reverse proxy's pool of upstream
+//! keep-alive connections, or a crowd of browsers, makes thousands busy at once; taking them in
+//! turns keeps the working set that of a few dozen, so a flood is served at the server's peak
+//! rate instead of below it.
+//!
+//! The rule, per connection (each accepted socket has a [`Turn`]):
+//! - with nothing to read it holds nothing: it waits for data without a turn;
+//! - with data, it takes a turn (a permit of a semaphore, granted in arrival order) and keeps it
+//!   while its requests are served;
+//! - out of requests, it gives the turn back at once if nobody is waiting (so without contention
+//!   a turn costs two atomic operations a request); if others wait and its client sent the next
+//!   request promptly last time, it keeps the turn for [`GRACE`] more, for that next request;
+//! - a turn ends after `length` if others are waiting: the connection goes to the back of the line.
+//!
+//! While a line exists the [`governor`] sizes the turns to the CPU: `active` when the runtime is
+//! busy, more when it has time to spare (clients slow to send their next request, requests
+//! waiting on a proxied origin, turns held by slow requests that began before the line did), so
+//! turns never leave a core idle while connections wait. So under overload a connection waits
+//! about `connections / active × length` for its turn and is then served at the peak rate.
+//! Upgraded (WebSocket) connections leave the turns at the upgrade.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::{AcquireError, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::time::{Instant, Sleep};
+
+use super::head_guard::Activity;
+
+/// How long a turn stays with a connection that has run out of requests while others wait, if
+/// its client was prompt last time: about what a busy client takes to send the next request.
+pub const GRACE: Duration = Duration::from_millis(2);
+
+/// The turns shared by all connections of one listener.
+#[derive(Clone)]
+pub struct Turns(Arc<Shared>);
+
+struct Shared {
+    permits: Arc<Semaphore>,
+    length: Duration,
+    /// The configured number of turns, the least there are while a line exists.
+    active: usize,
+    /// Connections with data waiting for a turn.
+    waiting: AtomicUsize,
+    /// Turns to take back as they end (the line's [`governor`] lowering the number in use).
+    surplus: AtomicUsize,
+    /// Wakes the governor when the line forms.
+    line_formed: Notify,
+    /// Tests: the governor sees the CPU busy all the time.
+    #[cfg(test)]
+    saturated: bool,
+}
+
+impl Turns {
+    /// `active` connections served at once under contention, for turns of `length`; `None`
+    /// (every connection reads freely) when `active` is 0. Spawns the governor: call within a
+    /// runtime.
+    pub fn new(active: usize, length: Duration) -> Option<Self> {
+        Self::build(active, length, false)
+    }
+
+    fn build(active: usize, length: Duration, #[cfg_attr(not(test), allow(unused))] saturated: bool) -> Option<Self> {
+        if active == 0 {
+            return None;
+        }
+        metrics::gauge!("weir_connection_turns").set(active as f64);
+        let turns = Self(Arc::new(Shared {
+            permits: Arc::new(Semaphore::new(active)),
+            length,
+            active,
+            waiting: AtomicUsize::new(0),
+            surplus: AtomicUsize::new(0),
+            line_formed: Notify::new(),
+            #[cfg(test)]
+            saturated,
+        }));
+        tokio::spawn(governor(turns.0.clone()));
+        Some(turns)
+    }
+
+    /// A new connection's place in the turns.
+    pub fn join(&self) -> Turn {
+        Turn { turns: self.clone(), state: State::Out, idle_since: None, prompt: true, timer: None }
+    }
+
+    fn contended(&self) -> bool {
+        self.0.waiting.load(Relaxed) > 0
+    }
+
+    /// Gives a turn back: to the next in line, or to nobody if there are more turns than the
+    /// governor wants.
+    fn release(&self, permit: OwnedSemaphorePermit) {
+        if self.0.surplus.load(Relaxed) > 0 && self.0.surplus.fetch_update(Relaxed, Relaxed, |e| e.checked_sub(1)).is_ok() {
+            permit.forget();
+        }
+    }
+}
+
+/// Share of the runtime's time busy over a governor period below which a line is a waste: the
+/// turns are held by clients slow to send their next requests, or by requests waiting on
+/// something else (a proxied origin), not by work for the CPU.
+const SPARE_BELOW: f64 = 0.8;
+
+/// Sizes the turns while a line exists: every `length`, more turns (half again as many) if the
+/// runtime's workers had time to spare while connections waited, fewer (down to `active`) if
+/// they did not. Turns only make sense when the CPU is the bottleneck; otherwise every connection
+/// with a request should be read. Once the line is gone, back to `active`.
+async fn governor(s: Arc<Shared>) {
+    let runtime = tokio::runtime::Handle::current().metrics();
+    let busy = || (0..runtime.num_workers()).map(|w| runtime.worker_total_busy_duration(w)).sum::<Duration>();
+    let workers = runtime.num_workers().max(1) as f64;
+    let mut turns = s.active;
+    loop {
+        let waiting = s.waiting.load(Relaxed);
+        metrics::gauge!("weir_connection_turns_waiting").set(waiting as f64);
+        if waiting == 0 {
+            if turns > s.active {
+                s.surplus.fetch_add(turns - s.active, Relaxed);
+                turns = s.active;
+                metrics::gauge!("weir_connection_turns").set(turns as f64);
+            }
+            s.line_formed.notified().await;
+            continue;
+        }
+        let (busy_before, before) = (busy(), Instant::now());
+        tokio::time::sleep(s.length).await;
+        let share = (busy() - busy_before).as_secs_f64() / (before.elapsed().as_secs_f64() * workers);
+        #[cfg(test)]
+        let share = if s.saturated { 1.0 } else { share };
+        if share < SPARE_BELOW && s.waiting.load(Relaxed) > 0 {
+            let more = (turns / 2).max(1);
+            turns += more;
+            // Turns still to be taken back are cancelled first.
+            let cancelled = s.surplus.fetch_update(Relaxed, Relaxed, |e| Some(e.saturating_sub(more))).unwrap_or(0).min(more);
+            s.permits.add_permits(more - cancelled);
+        } else if share >= SPARE_BELOW && turns > s.active {
+            let fewer = (turns / 3).min(turns - s.active);
+            turns -= fewer;
+            s.surplus.fetch_add(fewer, Relaxed);
+        }
+        metrics::gauge!("weir_connection_turns").set(turns as f64);
+    }
+}
+
+type Acquire = Pin<Box<dyn Future<Output = Result<OwnedSemaphorePermit, AcquireError>> + Send>>;
+
+enum State {
+    /// No turn: waits for data without one.
+    Out,
+    /// Has data, waits in line.
+    Waiting(Acquire),
+    /// Being served; the turn's length counts from `since`, when it was first held while
+    /// others waited (so a turn nobody waits for costs no clock read).
+    Holding { permit: OwnedSemaphorePermit, since: Option<Instant> },
+}
+
+/// One connection's place in the [`Turns`].
+pub struct Turn {
+    turns: Turns,
+    state: State,
+    /// When the connection last ran out of requests while others waited.
+    idle_since: Option<Instant>,
+    /// Whether its client sent the next request within [`GRACE`] last time.
+    prompt: bool,
+    /// Ends a turn held under contention (created once, reset after).
+    timer: Option<Pin<Box<Sleep>>>,
+}
+
+impl Turn {
+    /// Reads from `stream` when it is this connection's turn; `activity` tells whether a
+    /// request is being served.
+    pub fn poll_read(&mut self, stream: &mut TcpStream, activity: &Activity, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        loop {
+            match &mut self.state {
+                State::Out => {
+                    // Data (or the end of the stream) first: a turn only once there is something to read.
+                    std::task::ready!(stream.poll_read_ready(cx))?;
+                    if let Some(idle) = self.idle_since.take() {
+                        self.prompt = idle.elapsed() <= GRACE;
+                    }
+                    match self.turns.0.permits.clone().try_acquire_owned() {
+                        Ok(permit) => self.state = State::Holding { permit, since: None },
+                        Err(_) => {
+                            metrics::counter!("weir_connection_turns_waited_total").increment(1);
+                            if self.turns.0.waiting.fetch_add(1, Relaxed) == 0 {
+                                self.turns.0.line_formed.notify_one();
+                            }
+                            self.state = State::Waiting(Box::pin(self.turns.0.permits.clone().acquire_owned()));
+                        }
+                    }
+                }
+                State::Waiting(acquire) => {
+                    let acquired = std::task::ready!(acquire.as_mut().poll(cx));
+                    self.turns.0.waiting.fetch_sub(1, Relaxed);
+                    match acquired {
+                        Ok(permit) => self.state = State::Holding { permit, since: None },
+                        // The semaphore is never closed; were it, reading freely is the safe way out.
+                        Err(_) => {
+                            self.state = State::Out;
+                            return Pin::new(stream).poll_read(cx, buf);
+                        }
+                    }
+                }
+                State::Holding { since, .. } => {
+                    let contended = self.turns.contended();
+                    let turn_end = contended.then(|| *since.get_or_insert_with(Instant::now) + self.turns.0.length);
+                    if turn_end.is_some_and(|end| Instant::now() >= end) {
+                        // Others wait and the turn is over: to the back of the line.
+                        self.leave();
+                        continue;
+                    }
+                    let read = Pin::new(&mut *stream).poll_read(cx, buf);
+                    if read.is_ready() {
+                        if self.idle_since.take().is_some() {
+                            self.prompt = true;
+                        }
+                        return read;
+                    }
+                    let serving = activity.in_flight();
+                    let Some(turn_end) = turn_end else {
+                        if !serving {
+                            self.leave();
+                        }
+                        return Poll::Pending;
+                    };
+                    let end = if serving {
+                        turn_end
+                    } else {
+                        let idle = *self.idle_since.get_or_insert_with(Instant::now);
+                        if !self.prompt {
+                            self.leave();
+                            return Poll::Pending;
+                        }
+                        (idle + GRACE).min(turn_end)
+                    };
+                    let timer = self.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(end)));
+                    if timer.deadline() != end {
+                        timer.as_mut().reset(end);
+                    }
+                    if timer.as_mut().poll(cx).is_ready() {
+                        if !serving {
+                            // The client did not send its next request within the grace.
+                            self.prompt = false;
+                        }
+                        self.leave();
+                    }
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
+
+    /// Out of the turns: gives back a turn held, or leaves the line.
+    pub fn leave(&mut self) {
+        match std::mem::replace(&mut self.state, State::Out) {
+            State::Holding { permit, .. } => self.turns.release(permit),
+            State::Waiting(_) => {
+                self.turns.0.waiting.fetch_sub(1, Relaxed);
+            }
+            State::Out => {}
+        }
+    }
+}
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        self.leave();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::TcpListener;
+
+    /// One accepted connection: the client's end, the server's socket, its turn and activity.
+    struct Conn {
+        client: TcpStream,
+        server: TcpStream,
+        turn: Turn,
+        activity: Activity,
+    }
+
+    impl Conn {
+        async fn open(turns: &Turns) -> Self {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+            let (server, _) = listener.accept().await.unwrap();
+            Self { client, server, turn: turns.join(), activity: Activity::default() }
+        }
+
+        /// The client sends a request; returns once the server's socket is readable.
+        async fn send(&mut self) {
+            self.client.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+            self.server.readable().await.unwrap();
+        }
+
+        /// One poll of a read through the turn: whether it read anything.
+        async fn reads(&mut self) -> bool {
+            let mut bytes = [0u8; 64];
+            let mut buf = ReadBuf::new(&mut bytes);
+            let polled = std::future::poll_fn(|cx| Poll::Ready(self.turn.poll_read(&mut self.server, &self.activity, cx, &mut buf))).await;
+            match polled {
+                Poll::Ready(result) => {
+                    result.unwrap();
+                    assert!(!buf.filled().is_empty(), "read the end of the stream");
+                    true
+                }
+                Poll::Pending => false,
+            }
+        }
+
+        /// Reads a request and serves it: started, answered, then looks for the next one.
+        async fn serve_one(&mut self) {
+            assert!(self.reads().await, "the request was not read");
+            self.activity.started();
+            assert!(!self.reads().await, "read more than one request");
+            self.activity.finished();
+            assert!(!self.reads().await);
+        }
+    }
+
+    fn waiting(turns: &Turns) -> usize {
+        turns.0.waiting.load(Relaxed)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_a_line_a_turn_is_given_back_between_requests() {
+        let turns = Turns::new(1, Duration::from_millis(50)).unwrap();
+        let (mut a, mut b) = (Conn::open(&turns).await, Conn::open(&turns).await);
+        for _ in 0..3 {
+            a.send().await;
+            a.serve_one().await;
+            assert_eq!(turns.0.permits.available_permits(), 1, "an idle connection holds no turn");
+            b.send().await;
+            b.serve_one().await;
+        }
+        assert_eq!(waiting(&turns), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn beyond_active_connections_wait_in_line_and_are_served_in_order() {
+        let turns = Turns::new(1, Duration::from_millis(50)).unwrap();
+        let (mut a, mut b, mut c) = (Conn::open(&turns).await, Conn::open(&turns).await, Conn::open(&turns).await);
+        a.send().await;
+        assert!(a.reads().await);
+        a.activity.started();
+        b.send().await;
+        c.send().await;
+        assert!(!b.reads().await && !c.reads().await, "read without a turn");
+        assert_eq!(waiting(&turns), 2);
+        // A's request is answered; its prompt client sends the next within the grace: A keeps the turn.
+        assert!(!a.reads().await);
+        a.activity.finished();
+        assert!(!a.reads().await);
+        tokio::time::advance(GRACE / 2).await;
+        a.send().await;
+        a.serve_one().await;
+        assert!(!b.reads().await, "A's turn went to B within the grace");
+        // No next request within the grace: the turn goes to the first in line, B.
+        tokio::time::advance(GRACE * 2).await;
+        assert!(!a.reads().await);
+        assert!(!c.reads().await, "C was served before B, who waited longer");
+        assert!(b.reads().await);
+        b.activity.started();
+        assert_eq!(waiting(&turns), 1);
+        // A asks again: it waits behind C now.
+        a.send().await;
+        assert!(!a.reads().await);
+        assert!(!b.reads().await);
+        b.activity.finished();
+        // A was not prompt last time... but B has not been seen idle before: B gets the grace.
+        assert!(!b.reads().await);
+        tokio::time::advance(GRACE * 2).await;
+        assert!(!b.reads().await);
+        assert!(c.reads().await, "C's turn after B's");
+        assert!(!a.reads().await);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_turn_ends_after_its_length_while_others_wait() {
+        let length = Duration::from_millis(50);
+        // The CPU is the bottleneck, so the governor adds no turns.
+        let turns = Turns::build(1, length, true).unwrap();
+        let (mut a, mut b) = (Conn::open(&turns).await, Conn::open(&turns).await);
+        a.send().await;
+        assert!(a.reads().await);
+        a.activity.started();
+        b.send().await;
+        assert!(!b.reads().await);
+        a.activity.finished();
+        // A's client keeps sending at once: A is served for the length of its turn, no longer.
+        let start = Instant::now();
+        let mut served = 1;
+        loop {
+            tokio::time::advance(Duration::from_millis(5)).await;
+            a.send().await;
+            if !a.reads().await {
+                break;
+            }
+            a.activity.started();
+            a.activity.finished();
+            served += 1;
+            assert!(!b.reads().await);
+        }
+        assert!(start.elapsed() >= length && served >= 10, "the turn ended after {:?} and {served} requests", start.elapsed());
+        assert!(b.reads().await, "B's turn came when A's ended");
+        assert_eq!(waiting(&turns), 1, "A is back in line");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_request_does_not_hold_the_line_while_the_cpu_idles() {
+        let turns = Turns::new(1, Duration::from_millis(50)).unwrap();
+        let (mut a, mut b) = (Conn::open(&turns).await, Conn::open(&turns).await);
+        // A's request started before anyone waited (nothing ends its turn) and takes long.
+        a.send().await;
+        assert!(a.reads().await);
+        a.activity.started();
+        assert!(!a.reads().await);
+        b.send().await;
+        assert!(!b.reads().await);
+        // The runtime idles while B waits: the governor adds a turn.
+        tokio::time::sleep(Duration::from_millis(120)).await;
+        assert!(b.reads().await, "B still waits behind a slow request on an idle CPU");
+        assert_eq!(waiting(&turns), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_that_closes_in_line_leaves_it() {
+        let turns = Turns::new(1, Duration::from_millis(50)).unwrap();
+        let (mut a, mut b) = (Conn::open(&turns).await, Conn::open(&turns).await);
+        a.send().await;
+        assert!(a.reads().await);
+        a.activity.started();
+        b.send().await;
+        assert!(!b.reads().await);
+        assert_eq!(waiting(&turns), 1);
+        drop(b);
+        assert_eq!(waiting(&turns), 0);
+        drop(a);
+        assert_eq!(turns.0.permits.available_permits(), 1, "a closed connection's turn is given back");
+    }
+}
