@@ -19,7 +19,7 @@
 //!   request promptly last time, it keeps the turn for [`GRACE`] more, for that next request;
 //! - a turn ends after `length` if others are waiting: the connection goes to the back of the line.
 //!
-//! While a line exists the [`governor`] sizes the turns to the CPU: `active` when the runtime is
+//! While a line exists the governor sizes the turns to the CPU: `active` when the runtime is
 //! busy, more when it has time to spare (clients slow to send their next request, requests
 //! waiting on a proxied origin, turns held by slow requests that began before the line did), so
 //! turns never leave a core idle while connections wait. So under overload a connection waits
@@ -56,7 +56,7 @@ struct Shared {
     active: usize,
     /// Connections with data waiting for a turn.
     waiting: AtomicUsize,
-    /// Turns to take back as they end (the line's [`governor`] lowering the number in use).
+    /// Turns to take back as they end (the governor lowering the number in use).
     surplus: AtomicUsize,
     /// Wakes the governor when the line forms.
     line_formed: Notify,
@@ -339,6 +339,18 @@ mod tests {
         turns.0.waiting.load(Relaxed)
     }
 
+    /// A serving a request on the only turn, B's request waiting in line.
+    async fn a_serving_b_waiting(turns: &Turns) -> (Conn, Conn) {
+        let (mut a, mut b) = (Conn::open(turns).await, Conn::open(turns).await);
+        a.send().await;
+        assert!(a.reads().await);
+        a.activity.started();
+        b.send().await;
+        assert!(!b.reads().await, "read without a turn");
+        assert_eq!(waiting(turns), 1);
+        (a, b)
+    }
+
     #[tokio::test(start_paused = true)]
     async fn without_a_line_a_turn_is_given_back_between_requests() {
         let turns = Turns::new(1, Duration::from_millis(50)).unwrap();
@@ -397,12 +409,7 @@ mod tests {
         let length = Duration::from_millis(50);
         // The CPU is the bottleneck, so the governor adds no turns.
         let turns = Turns::build(1, length, true).unwrap();
-        let (mut a, mut b) = (Conn::open(&turns).await, Conn::open(&turns).await);
-        a.send().await;
-        assert!(a.reads().await);
-        a.activity.started();
-        b.send().await;
-        assert!(!b.reads().await);
+        let (mut a, mut b) = a_serving_b_waiting(&turns).await;
         a.activity.finished();
         // A's client keeps sending at once: A is served for the length of its turn, no longer.
         let start = Instant::now();
@@ -426,14 +433,9 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_slow_request_does_not_hold_the_line_while_the_cpu_idles() {
         let turns = Turns::new(1, Duration::from_millis(50)).unwrap();
-        let (mut a, mut b) = (Conn::open(&turns).await, Conn::open(&turns).await);
-        // A's request started before anyone waited (nothing ends its turn) and takes long.
-        a.send().await;
-        assert!(a.reads().await);
-        a.activity.started();
-        assert!(!a.reads().await);
-        b.send().await;
-        assert!(!b.reads().await);
+        // A's request takes long, and nothing polls A's connection meanwhile, so nothing ends its
+        // turn (as with a request that began before anyone waited).
+        let (_a, mut b) = a_serving_b_waiting(&turns).await;
         // The runtime idles while B waits: the governor adds a turn.
         tokio::time::sleep(Duration::from_millis(120)).await;
         assert!(b.reads().await, "B still waits behind a slow request on an idle CPU");
@@ -443,13 +445,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_connection_that_closes_in_line_leaves_it() {
         let turns = Turns::new(1, Duration::from_millis(50)).unwrap();
-        let (mut a, mut b) = (Conn::open(&turns).await, Conn::open(&turns).await);
-        a.send().await;
-        assert!(a.reads().await);
-        a.activity.started();
-        b.send().await;
-        assert!(!b.reads().await);
-        assert_eq!(waiting(&turns), 1);
+        let (a, b) = a_serving_b_waiting(&turns).await;
         drop(b);
         assert_eq!(waiting(&turns), 0);
         drop(a);
