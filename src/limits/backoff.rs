@@ -15,7 +15,6 @@
 //! connection's [`Backoff`] (with the peer address, as one [`Peer`]), which the shed layer sets
 //! when it refuses.
 
-use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -174,14 +173,8 @@ impl Throttled {
 impl AsyncRead for Throttled {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         if let Some(until) = self.backoff.until() {
-            if Instant::now() < until {
-                let sleep = self.sleep.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(until)));
-                if sleep.deadline() != until {
-                    sleep.as_mut().reset(until);
-                }
-                if sleep.as_mut().poll(cx).is_pending() {
-                    return Poll::Pending;
-                }
+            if Instant::now() < until && super::poll_timer(&mut self.sleep, until, cx).is_pending() {
+                return Poll::Pending;
             }
             self.sleep = None;
         }

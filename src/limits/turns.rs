@@ -216,12 +216,15 @@ impl Turn {
                     }
                 }
                 State::Holding { since, .. } => {
-                    let contended = self.turns.contended();
-                    let turn_end = contended.then(|| *since.get_or_insert_with(Instant::now) + self.turns.0.length);
-                    if turn_end.is_some_and(|end| Instant::now() >= end) {
-                        // Others wait and the turn is over: to the back of the line.
-                        self.leave();
-                        continue;
+                    // The clock is read only while others wait, once a poll.
+                    let now = self.turns.contended().then(Instant::now);
+                    let turn_end = now.map(|now| *since.get_or_insert(now) + self.turns.0.length);
+                    if let (Some(now), Some(end)) = (now, turn_end) {
+                        if now >= end {
+                            // Others wait and the turn is over: to the back of the line.
+                            self.leave();
+                            continue;
+                        }
                     }
                     let read = Pin::new(&mut *stream).poll_read(cx, buf);
                     if read.is_ready() {
@@ -231,7 +234,7 @@ impl Turn {
                         return read;
                     }
                     let serving = activity.in_flight();
-                    let Some(turn_end) = turn_end else {
+                    let (Some(now), Some(turn_end)) = (now, turn_end) else {
                         if !serving {
                             self.leave();
                         }
@@ -240,18 +243,14 @@ impl Turn {
                     let end = if serving {
                         turn_end
                     } else {
-                        let idle = *self.idle_since.get_or_insert_with(Instant::now);
+                        let idle = *self.idle_since.get_or_insert(now);
                         if !self.prompt {
                             self.leave();
                             return Poll::Pending;
                         }
                         (idle + GRACE).min(turn_end)
                     };
-                    let timer = self.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(end)));
-                    if timer.deadline() != end {
-                        timer.as_mut().reset(end);
-                    }
-                    if timer.as_mut().poll(cx).is_ready() {
+                    if super::poll_timer(&mut self.timer, end, cx).is_ready() {
                         if !serving {
                             // The client did not send its next request within the grace.
                             self.prompt = false;
