@@ -71,6 +71,10 @@ pub struct Limits {
     pub active_connections: usize,
     /// `WEIR_LIMITS_TURN_MS`: the longest turn while other connections wait for one.
     pub turn_ms: u64,
+    /// `WEIR_LIMITS_LINE_WAIT_MS`: once connections wait longer than this for a turn, a connection
+    /// arriving with a request is refused (503, `Retry-After`) instead of joining the line, so
+    /// accepted requests wait a bounded time; 0 never refuses.
+    pub line_wait_ms: u64,
     /// `WEIR_LIMITS_HEADER_TIMEOUT_MS`: a connection whose request head is still arriving after
     /// one to two of these periods is closed (`limits::head_guard`), so clients trickling headers
     /// cannot hold the `max_connections` slots. Idle keep-alive connections are left open.
@@ -86,6 +90,7 @@ impl Default for Limits {
             max_connections: 19_500,
             active_connections: 64,
             turn_ms: 50,
+            line_wait_ms: 500,
             header_timeout_ms: 30_000,
         }
     }
@@ -125,6 +130,7 @@ pub const ENV_FIELDS: &[(&str, &[&str])] = &[
     ("WEIR_LIMITS_MAX_CONNECTIONS", &["limits", "max_connections"]),
     ("WEIR_LIMITS_ACTIVE_CONNECTIONS", &["limits", "active_connections"]),
     ("WEIR_LIMITS_TURN_MS", &["limits", "turn_ms"]),
+    ("WEIR_LIMITS_LINE_WAIT_MS", &["limits", "line_wait_ms"]),
     ("WEIR_LIMITS_HEADER_TIMEOUT_MS", &["limits", "header_timeout_ms"]),
 ];
 
@@ -210,6 +216,9 @@ impl Config {
         }
         if self.limits.turn_ms == 0 || self.limits.turn_ms > 10_000 {
             problems.push(format!("limits.turn_ms: {} is outside 1..=10000", self.limits.turn_ms));
+        }
+        if self.limits.line_wait_ms > 60_000 {
+            problems.push(format!("limits.line_wait_ms: {} is outside 0..=60000", self.limits.line_wait_ms));
         }
         if self.limits.request_timeout_ms == 0 {
             problems.push("limits.request_timeout_ms: must be at least 1".into());

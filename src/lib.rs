@@ -25,7 +25,8 @@
 //!   pre-serialized 503; a refused connection is held unread briefly, up to its `Retry-After`
 //!   while it keeps asking), turns (when more connections have requests than the CPU can
 //!   serve, a few dozen are served at a time, each for a turn of many requests, while the rest
-//!   wait in line — their state stays in the caches), timeouts, body limits, the slow
+//!   wait in line — their state stays in the caches; turns shorten to bound the wait in line,
+//!   and a line too long for that is not joined: its arrivals are refused), timeouts, body limits, the slow
 //!   request-head guard; [`ops`]: metrics, health, shutdown.
 //! - [`http`]: `AppState`, the router (where every layer's order is decided) and `App`, which
 //!   serves the two hottest routes (forward auth, status) in front of the router under the same
@@ -162,7 +163,12 @@ impl Server {
         let store = state.store.clone();
         let realtime = state.realtime.clone();
         let limits = &state.config.limits;
-        let (max_connections, turns) = (limits.max_connections, (limits.active_connections, Duration::from_millis(limits.turn_ms)));
+        let turns = limits::turns::Settings {
+            active: limits.active_connections,
+            length: Duration::from_millis(limits.turn_ms),
+            line_wait: Duration::from_millis(limits.line_wait_ms),
+        };
+        let max_connections = limits.max_connections;
         let header_timeout = Duration::from_millis(state.config.limits.header_timeout_ms);
         let app = http::app(state);
         let listener = limits::backoff::Listener::new(listener, max_connections, turns);

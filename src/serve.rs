@@ -225,7 +225,7 @@ mod tests {
         let mut server = tokio::spawn({
             let (stop, app) = (stop.clone(), app(started.clone(), release.clone()));
             async move {
-                serve(Listener::new(listener, 16, (0, Duration::ZERO)), app, Duration::from_secs(30), async move {
+                serve(Listener::new(listener, 16, Default::default()), app, Duration::from_secs(30), async move {
                     stop.notified().await
                 })
                 .await
@@ -281,7 +281,7 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let app = app(Arc::new(Notify::new()), Arc::new(Notify::new()));
-        tokio::spawn(serve(Listener::new(listener, 16, (0, Duration::ZERO)), app, Duration::from_secs(30), std::future::pending()));
+        tokio::spawn(serve(Listener::new(listener, 16, Default::default()), app, Duration::from_secs(30), std::future::pending()));
 
         let mut slow = TcpStream::connect(addr).await.unwrap();
         slow.write_all(b"GET /fast HTTP/1.1\r\nhost: x\r\nx-trickle: 1").await.unwrap();

@@ -85,6 +85,9 @@ fn invalid_configuration_names_the_field() {
     let out = Command::new(weir_bin()).args(["serve"]).env("WEIR_LIMITS_TURN_MS", "0").output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("limits.turn_ms"));
+    let out = Command::new(weir_bin()).args(["serve"]).env("WEIR_LIMITS_LINE_WAIT_MS", "600000").output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("limits.line_wait_ms"));
 }
 
 fn cli(base: &str, args: &[&str]) -> std::process::Output {

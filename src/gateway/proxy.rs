@@ -140,6 +140,12 @@ fn failure(status: StatusCode, headers: &HeaderMap, retry_after: Option<u64>) ->
 }
 
 async fn proxy(State(state): State<AppState>, mut req: Request) -> Response {
+    // Come past a line of connections too long to join (`limits::turns`): refused before any work.
+    if let Some(peer) = req.extensions().get::<crate::limits::backoff::Peer>().filter(|p| p.backoff.take_past_line()) {
+        peer.backoff.hold_after_refusal(Duration::from_secs(1));
+        outcome(ProxyOutcome::Shed);
+        return failure(StatusCode::SERVICE_UNAVAILABLE, req.headers(), Some(1));
+    }
     let path = req.uri().path();
     let room_id = path.strip_prefix("/p/").unwrap_or("").split('/').next().unwrap_or("").to_string();
     let room = match state.rooms.get(&room_id) {

@@ -18,7 +18,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -26,7 +26,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::head_guard::Activity;
-use super::turns::{Turn, Turns};
+use super::turns::{Settings, Turn, Turns};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, Sleep};
@@ -56,6 +56,8 @@ struct Hold {
     until: AtomicU64,
     /// Length of the last hold, in milliseconds.
     length: AtomicU64,
+    /// The request being read came past a line too long to join (`limits::turns`): refuse it.
+    past_line: AtomicBool,
 }
 
 /// The first hold after a refusal. A burst that briefly passes the bound should cost each
@@ -88,6 +90,19 @@ impl Backoff {
         ((Instant::now() + period).duration_since(epoch()).as_millis() as u64).max(1)
     }
 
+    /// Marks whether the request being read came past the line (set once per read with data).
+    pub(crate) fn set_past_line(&self, past: bool) {
+        if self.0.past_line.load(Ordering::Relaxed) != past {
+            self.0.past_line.store(past, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether the request came past a line too long to join, and must be refused; the mark is
+    /// used up.
+    pub fn take_past_line(&self) -> bool {
+        self.0.past_line.load(Ordering::Relaxed) && self.0.past_line.swap(false, Ordering::Relaxed)
+    }
+
     pub(crate) fn until(&self) -> Option<Instant> {
         match self.0.until.load(Ordering::Relaxed) {
             0 => None,
@@ -105,11 +120,11 @@ pub struct Listener {
 }
 
 impl Listener {
-    /// `turns`: how many connections are served at once under contention and for how long each
-    /// (`limits::turns`; 0 connections: no turns). Call within a runtime.
-    pub fn new(listener: TcpListener, max_connections: usize, (active, turn_length): (usize, Duration)) -> Self {
+    /// `turns`: how connections take turns under contention (`limits::turns`). Call within a
+    /// runtime.
+    pub fn new(listener: TcpListener, max_connections: usize, turns: Settings) -> Self {
         metrics::gauge!("weir_connections_limit").set(max_connections as f64);
-        let turns = Turns::new(active, turn_length);
+        let turns = Turns::new(turns);
         Self { listener, slots: Arc::new(Semaphore::new(max_connections.max(1))), turns }
     }
 }
@@ -172,24 +187,29 @@ impl Throttled {
 
 impl AsyncRead for Throttled {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        if let Some(until) = self.backoff.until() {
-            if Instant::now() < until && super::poll_timer(&mut self.sleep, until, cx).is_pending() {
+        let this = &mut *self;
+        if let Some(until) = this.backoff.until() {
+            if Instant::now() < until && super::poll_timer(&mut this.sleep, until, cx).is_pending() {
+                // A held connection is not served: its turn goes to the next in line.
+                if let Some(turn) = &mut this.turn {
+                    turn.leave();
+                }
                 return Poll::Pending;
             }
-            self.sleep = None;
+            this.sleep = None;
         }
         let before = buf.filled().len();
-        let this = &mut *self;
         if this.turn.is_some() && this.activity.upgraded() {
             this.turn = None;
         }
-        let read = match &mut this.turn {
-            Some(turn) => turn.poll_read(&mut this.stream, &this.activity, cx, buf),
-            None => Pin::new(&mut this.stream).poll_read(cx, buf),
+        let (read, past_line) = match &mut this.turn {
+            Some(turn) => (turn.poll_read(&mut this.stream, &this.activity, cx, buf), turn.past_line()),
+            None => (Pin::new(&mut this.stream).poll_read(cx, buf), false),
         };
         let bytes = buf.filled().len() - before;
         if bytes > 0 {
-            self.activity.read(bytes);
+            this.activity.read(bytes);
+            this.backoff.set_past_line(past_line);
         }
         read
     }
@@ -250,7 +270,7 @@ mod tests {
     async fn a_held_connection_is_not_read_until_its_time() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let mut listener = Listener::new(listener, 1, (0, Duration::ZERO));
+        let mut listener = Listener::new(listener, 1, Settings::default());
         let mut client = TcpStream::connect(addr).await.unwrap();
         let (mut server, _) = axum::serve::Listener::accept(&mut listener).await;
         let _second = TcpStream::connect(addr).await.unwrap();
@@ -272,7 +292,7 @@ mod tests {
         use axum::http::StatusCode;
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let mut listener = Listener::new(listener, 16, (1, Duration::from_millis(50)));
+        let mut listener = Listener::new(listener, 16, Settings { active: 1, length: Duration::from_millis(50), line_wait: Duration::ZERO });
         let mut a_client = TcpStream::connect(addr).await.unwrap();
         let (mut a, _) = axum::serve::Listener::accept(&mut listener).await;
         let mut b_client = TcpStream::connect(addr).await.unwrap();

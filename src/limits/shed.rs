@@ -96,11 +96,15 @@ impl<S> BoundService<S> {
 
 impl<S: Service<Request, Response = Response, Error = Infallible>> BoundService<S> {
     /// [`Service::call`], holding the connection through `hold` (else the request's [`Peer`]
-    /// extension) when the request is refused.
+    /// extension) when the request is refused: over the bound, or come past a line too long to
+    /// join (`limits::turns`).
     pub fn call_held(&mut self, request: Request, hold: Option<&Backoff>) -> BoundFuture<S::Future> {
         let bound = &self.bound;
-        if bound.in_flight.fetch_add(1, Ordering::AcqRel) >= bound.max_in_flight {
-            bound.in_flight.fetch_sub(1, Ordering::AcqRel);
+        let past_line = hold.or_else(|| request.extensions().get::<Peer>().map(|p| &p.backoff)).is_some_and(Backoff::take_past_line);
+        if past_line || bound.in_flight.fetch_add(1, Ordering::AcqRel) >= bound.max_in_flight {
+            if !past_line {
+                bound.in_flight.fetch_sub(1, Ordering::AcqRel);
+            }
             bound.shed.increment(1);
             // The answer says "retry in a second"; a connection that keeps asking is held up to that.
             if let Some(backoff) = hold.or_else(|| request.extensions().get::<Peer>().map(|p| &p.backoff)) {
@@ -236,5 +240,23 @@ mod tests {
         request.extensions_mut().insert(Peer { addr: ([127, 0, 0, 1], 9).into(), backoff: in_extension.clone() });
         assert_eq!(service.call(request).await.unwrap().status(), StatusCode::SERVICE_UNAVAILABLE);
         assert!(in_extension.until().is_some(), "refused: the request's peer is held");
+    }
+
+    /// A request read past a line of connections too long to join (`limits::turns`) is refused
+    /// however free the bound, and its connection held; the mark is used up by the refusal.
+    #[tokio::test(start_paused = true)]
+    async fn a_request_come_past_the_line_is_refused() {
+        let mut service = BoundLayer::new("test", 8, Duration::from_secs(5))
+            .layer(tower::service_fn(|_: Request| async { Ok::<_, Infallible>(Response::new(Body::empty())) }));
+        let backoff = Backoff::default();
+        backoff.set_past_line(true);
+        let refused = service.call_held(Request::new(Body::empty()), Some(&backoff)).await.unwrap();
+        assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(refused.headers()[header::RETRY_AFTER], "1");
+        assert!(backoff.until().is_some(), "the refused connection is held");
+        assert!(!backoff.take_past_line(), "the mark outlived its request");
+        let served = service.call_held(Request::new(Body::empty()), Some(&Backoff::default())).await.unwrap();
+        assert_eq!(served.status(), StatusCode::OK, "a request on its turn is served");
+        assert_eq!(service.bound.in_flight.load(Ordering::Relaxed), 0, "the refusal took no slot");
     }
 }

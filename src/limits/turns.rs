@@ -17,19 +17,26 @@
 //! - out of requests, it gives the turn back at once if nobody is waiting (so without contention
 //!   a turn costs two atomic operations a request); if others wait and its client sent the next
 //!   request promptly last time, it keeps the turn for [`GRACE`] more, for that next request;
-//! - a turn ends after `length` if others are waiting: the connection goes to the back of the line.
+//! - a turn ends after `length` (shorter while the line is long, see below) if others are
+//!   waiting: the connection goes to the back of the line.
 //!
 //! While a line exists the governor sizes the turns to the CPU: `active` when the runtime is
 //! busy, more when it has time to spare (clients slow to send their next request, requests
 //! waiting on a proxied origin, turns held by slow requests that began before the line did), so
-//! turns never leave a core idle while connections wait. So under overload a connection waits
-//! about `connections / active × length` for its turn and is then served at the peak rate.
-//! Upgraded (WebSocket) connections leave the turns at the upgrade.
+//! turns never leave a core idle while connections wait. Upgraded (WebSocket) connections leave
+//! the turns at the upgrade.
+//!
+//! A connection joining a line of `waiting` waits about `waiting / turns × turn` for its turn.
+//! The governor keeps that within `line_wait` by shortening the turns as the line grows (down
+//! to [`MIN_TURN`]); a line too long even for the shortest turns is not joined: a connection
+//! arriving with a request is read at once, without a turn, and its request refused (503 with
+//! `Retry-After`, see `shed` and `backoff`). So accepted requests wait a bounded time, and a
+//! refused one is told so without waiting in line.
 
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -45,13 +52,32 @@ use super::head_guard::Activity;
 /// its client was prompt last time: about what a busy client takes to send the next request.
 pub const GRACE: Duration = Duration::from_millis(2);
 
+/// How connections take turns (`limits.active_connections`, `limits.turn_ms`,
+/// `limits.line_wait_ms`).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Settings {
+    /// Connections served at once under contention; 0: no turns, every connection reads freely.
+    pub active: usize,
+    /// The longest turn while others wait.
+    pub length: Duration,
+    /// The longest wait in line: turns shorten to keep it, then arrivals are refused; zero: no
+    /// bound (turns stay `length`, nobody is refused).
+    pub line_wait: Duration,
+}
+
 /// The turns shared by all connections of one listener.
 #[derive(Clone)]
 pub struct Turns(Arc<Shared>);
 
 struct Shared {
     permits: Arc<Semaphore>,
+    /// The longest turn, and the governor's period.
     length: Duration,
+    /// The turn now, in microseconds: `length`, shortened by the governor while the line is long.
+    turn_us: AtomicU64,
+    line_wait: Duration,
+    /// Set by the governor while the line is too long to join: arrivals are refused.
+    line_full: AtomicBool,
     /// The configured number of turns, the least there are while a line exists.
     active: usize,
     /// Connections with data waiting for a turn.
@@ -66,14 +92,13 @@ struct Shared {
 }
 
 impl Turns {
-    /// `active` connections served at once under contention, for turns of `length`; `None`
-    /// (every connection reads freely) when `active` is 0. Spawns the governor: call within a
-    /// runtime.
-    pub fn new(active: usize, length: Duration) -> Option<Self> {
-        Self::build(active, length, false)
+    /// The turns `settings` describe; `None` (every connection reads freely) when
+    /// `settings.active` is 0. Spawns the governor: call within a runtime.
+    pub fn new(settings: Settings) -> Option<Self> {
+        Self::build(settings, false)
     }
 
-    fn build(active: usize, length: Duration, #[cfg_attr(not(test), allow(unused))] saturated: bool) -> Option<Self> {
+    fn build(Settings { active, length, line_wait }: Settings, #[cfg_attr(not(test), allow(unused))] saturated: bool) -> Option<Self> {
         if active == 0 {
             return None;
         }
@@ -81,6 +106,9 @@ impl Turns {
         let turns = Self(Arc::new(Shared {
             permits: Arc::new(Semaphore::new(active)),
             length,
+            turn_us: AtomicU64::new(length.as_micros() as u64),
+            line_wait,
+            line_full: AtomicBool::new(false),
             active,
             waiting: AtomicUsize::new(0),
             surplus: AtomicUsize::new(0),
@@ -94,11 +122,16 @@ impl Turns {
 
     /// A new connection's place in the turns.
     pub fn join(&self) -> Turn {
-        Turn { turns: self.clone(), state: State::Out, idle_since: None, prompt: true, timer: None }
+        Turn { turns: self.clone(), state: State::Out, idle_since: None, prompt: true, past_line: false, timer: None }
     }
 
     fn contended(&self) -> bool {
         self.0.waiting.load(Relaxed) > 0
+    }
+
+    /// How long a turn lasts now while others wait.
+    fn turn(&self) -> Duration {
+        Duration::from_micros(self.0.turn_us.load(Relaxed))
     }
 
     /// Gives a turn back: to the next in line, or to nobody if there are more turns than the
@@ -128,6 +161,8 @@ async fn governor(s: Arc<Shared>) {
         let waiting = s.waiting.load(Relaxed);
         metrics::gauge!("weir_connection_turns_waiting").set(waiting as f64);
         if waiting == 0 {
+            s.turn_us.store(s.length.as_micros() as u64, Relaxed);
+            s.line_full.store(false, Relaxed);
             if turns > s.active {
                 s.surplus.fetch_add(turns - s.active, Relaxed);
                 turns = s.active;
@@ -152,8 +187,25 @@ async fn governor(s: Arc<Shared>) {
             turns -= fewer;
             s.surplus.fetch_add(fewer, Relaxed);
         }
+        let (turn, full) = pace(s.length, s.line_wait, turns, s.waiting.load(Relaxed));
+        s.turn_us.store(turn.as_micros() as u64, Relaxed);
+        s.line_full.store(full, Relaxed);
         metrics::gauge!("weir_connection_turns").set(turns as f64);
     }
+}
+
+/// The shortest a turn gets while the line is long: a few requests' worth, more than [`GRACE`].
+pub const MIN_TURN: Duration = Duration::from_millis(5);
+
+/// The turn length that keeps the wait of a connection joining a line of `waiting` within
+/// `line_wait` (it waits about `waiting / turns` turns), between [`MIN_TURN`] and `length`; and
+/// whether even the shortest turns cannot keep it (the line is full).
+fn pace(length: Duration, line_wait: Duration, turns: usize, waiting: usize) -> (Duration, bool) {
+    if line_wait.is_zero() || waiting == 0 {
+        return (length, false);
+    }
+    let fits = line_wait.mul_f64(turns as f64 / waiting as f64);
+    (fits.clamp(MIN_TURN.min(length), length), fits < MIN_TURN)
 }
 
 type Acquire = Pin<Box<dyn Future<Output = Result<OwnedSemaphorePermit, AcquireError>> + Send>>;
@@ -176,6 +228,8 @@ pub struct Turn {
     idle_since: Option<Instant>,
     /// Whether its client sent the next request within [`GRACE`] last time.
     prompt: bool,
+    /// Whether the last read came past a line too long to join: its request is to be refused.
+    past_line: bool,
     /// Ends a turn held under contention (created once, reset after).
     timer: Option<Pin<Box<Sleep>>>,
 }
@@ -194,6 +248,12 @@ impl Turn {
                     }
                     match self.turns.0.permits.clone().try_acquire_owned() {
                         Ok(permit) => self.state = State::Holding { permit, since: None },
+                        Err(_) if self.turns.0.line_full.load(Relaxed) => {
+                            // Read now, without a turn, for a quick refusal.
+                            metrics::counter!("weir_connection_turns_refused_total").increment(1);
+                            self.past_line = true;
+                            return Pin::new(stream).poll_read(cx, buf);
+                        }
                         Err(_) => {
                             metrics::counter!("weir_connection_turns_waited_total").increment(1);
                             if self.turns.0.waiting.fetch_add(1, Relaxed) == 0 {
@@ -218,7 +278,7 @@ impl Turn {
                 State::Holding { since, .. } => {
                     // The clock is read only while others wait, once a poll.
                     let now = self.turns.contended().then(Instant::now);
-                    let turn_end = now.map(|now| *since.get_or_insert(now) + self.turns.0.length);
+                    let turn_end = now.map(|now| *since.get_or_insert(now) + self.turns.turn());
                     if let (Some(now), Some(end)) = (now, turn_end) {
                         if now >= end {
                             // Others wait and the turn is over: to the back of the line.
@@ -228,6 +288,7 @@ impl Turn {
                     }
                     let read = Pin::new(&mut *stream).poll_read(cx, buf);
                     if read.is_ready() {
+                        self.past_line = false;
                         if self.idle_since.take().is_some() {
                             self.prompt = true;
                         }
@@ -261,6 +322,11 @@ impl Turn {
                 }
             }
         }
+    }
+
+    /// Whether the last read came past a line too long to join: its request is to be refused.
+    pub fn past_line(&self) -> bool {
+        self.past_line
     }
 
     /// Out of the turns: gives back a turn held, or leaves the line.
@@ -334,6 +400,11 @@ mod tests {
         }
     }
 
+    /// One turn of `length`, the line unbounded.
+    fn one_turn(length: Duration) -> Settings {
+        Settings { active: 1, length, line_wait: Duration::ZERO }
+    }
+
     fn waiting(turns: &Turns) -> usize {
         turns.0.waiting.load(Relaxed)
     }
@@ -352,7 +423,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn without_a_line_a_turn_is_given_back_between_requests() {
-        let turns = Turns::new(1, Duration::from_millis(50)).unwrap();
+        let turns = Turns::new(one_turn(Duration::from_millis(50))).unwrap();
         let (mut a, mut b) = (Conn::open(&turns).await, Conn::open(&turns).await);
         for _ in 0..3 {
             a.send().await;
@@ -366,7 +437,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn beyond_active_connections_wait_in_line_and_are_served_in_order() {
-        let turns = Turns::new(1, Duration::from_millis(50)).unwrap();
+        let turns = Turns::new(one_turn(Duration::from_millis(50))).unwrap();
         let (mut a, mut b, mut c) = (Conn::open(&turns).await, Conn::open(&turns).await, Conn::open(&turns).await);
         a.send().await;
         assert!(a.reads().await);
@@ -407,7 +478,7 @@ mod tests {
     async fn a_turn_ends_after_its_length_while_others_wait() {
         let length = Duration::from_millis(50);
         // The CPU is the bottleneck, so the governor adds no turns.
-        let turns = Turns::build(1, length, true).unwrap();
+        let turns = Turns::build(one_turn(length), true).unwrap();
         let (mut a, mut b) = a_serving_b_waiting(&turns).await;
         a.activity.finished();
         // A's client keeps sending at once: A is served for the length of its turn, no longer.
@@ -431,7 +502,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_slow_request_does_not_hold_the_line_while_the_cpu_idles() {
-        let turns = Turns::new(1, Duration::from_millis(50)).unwrap();
+        let turns = Turns::new(one_turn(Duration::from_millis(50))).unwrap();
         // A's request takes long, and nothing polls A's connection meanwhile, so nothing ends its
         // turn (as with a request that began before anyone waited).
         let (_a, mut b) = a_serving_b_waiting(&turns).await;
@@ -441,9 +512,71 @@ mod tests {
         assert_eq!(waiting(&turns), 0);
     }
 
+    #[test]
+    fn turns_shorten_to_bound_the_wait_in_line_until_the_line_is_full() {
+        let (length, line_wait) = (Duration::from_millis(50), Duration::from_millis(500));
+        let ms = Duration::from_millis;
+        assert_eq!(pace(length, line_wait, 64, 0), (length, false), "no line");
+        assert_eq!(pace(length, line_wait, 64, 640), (length, false), "640 / 64 turns of 50 ms: 500 ms");
+        assert_eq!(pace(length, line_wait, 64, 2_048), (ms(15) + Duration::from_micros(625), false));
+        assert_eq!(pace(length, line_wait, 64, 6_400), (MIN_TURN, false), "the shortest turns just keep the wait");
+        assert_eq!(pace(length, line_wait, 64, 6_500), (MIN_TURN, true), "beyond, the line is full");
+        let (turn, full) = pace(length, line_wait, 96, 6_500);
+        assert!(!full && turn > ms(7) && turn < ms(8), "more turns, a longer line: {turn:?}");
+        assert_eq!(pace(length, Duration::ZERO, 64, 100_000), (length, false), "no bound: turns keep their length, nobody is refused");
+        assert_eq!(pace(ms(1), line_wait, 1, 1_000), (ms(1), true), "turns configured shorter than the shortest stay so");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_line_is_not_joined_arrivals_are_read_at_once_to_be_refused() {
+        let length = Duration::from_millis(50);
+        // One turn and a line bound of 5 ms: two connections waiting fill it. The CPU is busy.
+        let turns = Turns::build(Settings { active: 1, length, line_wait: MIN_TURN }, true).unwrap();
+        let (mut a, mut b) = a_serving_b_waiting(&turns).await;
+        assert!(!a.turn.past_line(), "A read on its turn");
+        let mut c = Conn::open(&turns).await;
+        c.send().await;
+        assert!(!c.reads().await, "C joins a line that is not full");
+        assert_eq!(waiting(&turns), 2);
+        // The governor's next look: the line is full, and turns are as short as they get.
+        tokio::time::sleep(length + Duration::from_millis(1)).await;
+        assert_eq!(turns.turn(), MIN_TURN);
+        let mut d = Conn::open(&turns).await;
+        d.send().await;
+        assert!(d.reads().await, "D was not read at once");
+        assert!(d.turn.past_line(), "D's request is not marked for refusal");
+        assert_eq!(waiting(&turns), 2, "D joined a full line");
+        // A's client keeps asking at once, but A's turn ends after the shortened length, and
+        // its next request, finding the line full, is read at once to be refused.
+        a.activity.finished();
+        let start = Instant::now();
+        while start.elapsed() < length {
+            tokio::time::advance(Duration::from_millis(1)).await;
+            a.send().await;
+            assert!(a.reads().await);
+            if a.turn.past_line() {
+                break;
+            }
+            a.activity.started();
+            a.activity.finished();
+        }
+        assert!(start.elapsed() >= MIN_TURN - Duration::from_millis(1) && start.elapsed() < 2 * MIN_TURN, "A's turn lasted {:?}", start.elapsed());
+        // A's turn went to B, first in line, whose request is read on it: not refused.
+        assert!(b.reads().await);
+        assert!(!b.turn.past_line());
+        // The line drains below the bound: arrivals join it again.
+        drop((a, c));
+        tokio::time::sleep(length + Duration::from_millis(1)).await;
+        let mut e = Conn::open(&turns).await;
+        e.send().await;
+        assert!(!e.reads().await, "E joins a line that is no longer full");
+        assert!(!e.turn.past_line());
+        drop(d);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_connection_that_closes_in_line_leaves_it() {
-        let turns = Turns::new(1, Duration::from_millis(50)).unwrap();
+        let turns = Turns::new(one_turn(Duration::from_millis(50))).unwrap();
         let (a, b) = a_serving_b_waiting(&turns).await;
         drop(b);
         assert_eq!(waiting(&turns), 0);
