@@ -121,9 +121,7 @@ impl Server {
         // First: metric handles resolved before the recorder exists would count into nothing.
         let metrics = ops::metrics::handle();
         let mut config = config;
-        let listener = TcpListener::bind(config.listen)
-            .await
-            .map_err(|source| RunError::Bind { addr: config.listen, source })?;
+        let listener = bind(config.listen).map_err(|source| RunError::Bind { addr: config.listen, source })?;
         if config.public_url.is_none() {
             // With port 0 only the bound socket knows the real port.
             let addr = listener.local_addr().unwrap_or(config.listen);
@@ -191,4 +189,18 @@ impl Server {
 /// Runs weir with the system clock until `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunError> {
     Server::start(config, clock::system(), shutdown).await?.run().await
+}
+
+/// Pending connections the kernel queues before `accept` (capped by `net.core.somaxconn`).
+/// A surge opens thousands of connections at once; with tokio's default of 1,024 the rest of
+/// their SYNs are dropped and the clients retry only after a second.
+const ACCEPT_BACKLOG: u32 = 8192;
+
+/// A listening socket on `addr` with room for a surge of connections.
+fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    // As std's `TcpListener::bind` does: a restarted server can bind while old connections linger.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(ACCEPT_BACKLOG)
 }

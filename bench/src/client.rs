@@ -45,6 +45,11 @@ impl Conn {
         Conn { addr, stream: None, buf: Vec::with_capacity(16 * 1024) }
     }
 
+    /// Opens the connection now, so the first request's latency is the request's alone.
+    pub async fn connect(&mut self) -> io::Result<()> {
+        self.stream().await.map(|_| ())
+    }
+
     async fn stream(&mut self) -> io::Result<&mut TcpStream> {
         if self.stream.is_none() {
             let s = TcpStream::connect(self.addr).await?;

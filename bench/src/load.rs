@@ -235,6 +235,9 @@ pub async fn open_loop(
         let slots = slots.clone();
         tasks.push(tokio::task::spawn_local(async move {
             let mut conn = Conn::new(addr);
+            // Connected before its first slot: latency from send is the request's, not the
+            // handshake's (a failure shows at the first send, which reconnects).
+            let _ = conn.connect().await;
             let mut k: u64 = 0;
             let mut after_refusal = false;
             // Until when the server asked this connection to wait (`Retry-After`).

@@ -133,8 +133,13 @@ impl Ctx {
     }
 
     fn start_weir_fresh(&mut self, name: &str) -> Result<(Server, PathBuf), String> {
+        self.start_weir_configured(name, &[])
+    }
+
+    /// A weir of its own, configured by `env` beyond the defaults.
+    fn start_weir_configured(&mut self, name: &str, env: &[(&str, &str)]) -> Result<(Server, PathBuf), String> {
         let dir = self.fresh_dir(name);
-        let s = servers::start_weir(&self.bins, &self.pin, &dir, &self.admin_key, &self.work)?;
+        let s = servers::start_weir(&self.bins, &self.pin, &dir, &self.admin_key, &self.work, env)?;
         Ok((s, dir))
     }
 
@@ -585,6 +590,34 @@ pub async fn overload(ctx: &mut Ctx, capacity: Option<f64>) -> Value {
         point["goodput_ratio"] = json!(round(ok / peak, 3));
     }
     v["curve"] = json!(curve);
+    v["refusal_probe"] = refusal_probe(ctx, oconns, cap * factor, peak, dur / 2).await;
+    v
+}
+
+/// The line bound of the weir [`refusal_probe`] starts: short enough that the overload's
+/// connections fill its line (64 turns of 5 ms keep 50 ms for 640 waiting).
+const PROBE_LINE_WAIT_MS: &str = "50";
+
+/// Refusals: with the defaults the overload's connections fit in weir's line and nothing is
+/// refused, so the same load is offered to a weir whose line they overfill.
+async fn refusal_probe(ctx: &mut Ctx, conns: usize, rate: f64, peak: f64, dur: Duration) -> Value {
+    ctx.progress(&format!("overload: refusals, the same load on a weir with limits.line_wait_ms = {PROBE_LINE_WAIT_MS}"));
+    let key = ctx.admin_key.clone();
+    let (s, _) = match ctx.start_weir_configured("weir-probe", &[("WEIR_LIMITS_LINE_WAIT_MS", PROBE_LINE_WAIT_MS)]) {
+        Ok(s) => s,
+        Err(e) => return not_measured(e),
+    };
+    let v = match EntryPrep("bench-probe").prep(&s, &key).await {
+        Ok(reqs) => {
+            let r = open_loop(s.addr, conns, rate, Rc::new(reqs), dur, Some(s.pid)).await;
+            let mut v = load_json(&r);
+            v["line_wait_ms"] = json!(PROBE_LINE_WAIT_MS.parse::<u64>().unwrap_or(0));
+            v["goodput_ratio"] = json!(round(r.rps() / peak, 3));
+            v
+        }
+        Err(e) => not_measured(format!("weir: {e}")),
+    };
+    s.stop(Duration::from_secs(5));
     v
 }
 
@@ -795,7 +828,7 @@ pub async fn queue_scale(ctx: &mut Ctx) -> Value {
     ctx.progress("queue-scale: restart to ready");
     let addr_before = server.addr;
     server.stop(Duration::from_secs(10));
-    let restarted = servers::start_weir(&ctx.bins, &ctx.pin, &dir, &ctx.admin_key, &ctx.work);
+    let restarted = servers::start_weir(&ctx.bins, &ctx.pin, &dir, &ctx.admin_key, &ctx.work, &[]);
     let (restart_listen, restart_ready, rss_restart) = match &restarted {
         Ok(s) => {
             let ready = wait_ready(s.addr, Duration::from_secs(30)).await;

@@ -135,11 +135,13 @@ fn peer_app() -> App {
     App { id: PEER_APP_ID.into(), key: PEER_APP_KEY.into(), secret: PEER_APP_SECRET.into() }
 }
 
-pub fn start_weir(bins: &Bins, pin: &Pinning, data_dir: &Path, admin_key: &str, logs: &Path) -> Result<Server, String> {
+/// weir with its defaults but for `env` (configuration variables).
+pub fn start_weir(bins: &Bins, pin: &Pinning, data_dir: &Path, admin_key: &str, logs: &Path, env: &[(&str, &str)]) -> Result<Server, String> {
     let mut cmd = pin.command(&bins.weir);
     cmd.arg("serve").arg("--listen").arg("127.0.0.1:0").arg("--data-dir").arg(data_dir);
     cmd.env("WEIR_ADMIN_KEY", admin_key);
     cmd.env("RUST_LOG", "warn");
+    cmd.envs(env.iter().copied());
     spawn_announcing("weir", cmd, logs, Duration::from_secs(30))
 }
 

@@ -36,7 +36,7 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -76,8 +76,8 @@ struct Shared {
     /// The turn now, in microseconds: `length`, shortened by the governor while the line is long.
     turn_us: AtomicU64,
     line_wait: Duration,
-    /// Set by the governor while the line is too long to join: arrivals are refused.
-    line_full: AtomicBool,
+    /// The number of turns the governor has set.
+    turns_now: AtomicUsize,
     /// The configured number of turns, the least there are while a line exists.
     active: usize,
     /// Connections with data waiting for a turn.
@@ -108,7 +108,7 @@ impl Turns {
             length,
             turn_us: AtomicU64::new(length.as_micros() as u64),
             line_wait,
-            line_full: AtomicBool::new(false),
+            turns_now: AtomicUsize::new(active),
             active,
             waiting: AtomicUsize::new(0),
             surplus: AtomicUsize::new(0),
@@ -127,6 +127,14 @@ impl Turns {
 
     fn contended(&self) -> bool {
         self.0.waiting.load(Relaxed) > 0
+    }
+
+    /// Whether a connection joining the line now would wait longer than `line_wait` even with
+    /// the shortest turns. Asked at each arrival, so refusals stop as soon as the line has room:
+    /// a line kept full, not emptied, keeps the CPU busy.
+    fn line_full(&self) -> bool {
+        let s = &self.0;
+        pace(s.length, s.line_wait, s.turns_now.load(Relaxed), s.waiting.load(Relaxed) + 1).1
     }
 
     /// How long a turn lasts now while others wait.
@@ -162,10 +170,10 @@ async fn governor(s: Arc<Shared>) {
         metrics::gauge!("weir_connection_turns_waiting").set(waiting as f64);
         if waiting == 0 {
             s.turn_us.store(s.length.as_micros() as u64, Relaxed);
-            s.line_full.store(false, Relaxed);
             if turns > s.active {
                 s.surplus.fetch_add(turns - s.active, Relaxed);
                 turns = s.active;
+                s.turns_now.store(turns, Relaxed);
                 metrics::gauge!("weir_connection_turns").set(turns as f64);
             }
             s.line_formed.notified().await;
@@ -187,9 +195,9 @@ async fn governor(s: Arc<Shared>) {
             turns -= fewer;
             s.surplus.fetch_add(fewer, Relaxed);
         }
-        let (turn, full) = pace(s.length, s.line_wait, turns, s.waiting.load(Relaxed));
+        let (turn, _) = pace(s.length, s.line_wait, turns, s.waiting.load(Relaxed));
         s.turn_us.store(turn.as_micros() as u64, Relaxed);
-        s.line_full.store(full, Relaxed);
+        s.turns_now.store(turns, Relaxed);
         metrics::gauge!("weir_connection_turns").set(turns as f64);
     }
 }
@@ -248,11 +256,15 @@ impl Turn {
                     }
                     match self.turns.0.permits.clone().try_acquire_owned() {
                         Ok(permit) => self.state = State::Holding { permit, since: None },
-                        Err(_) if self.turns.0.line_full.load(Relaxed) => {
+                        Err(_) if self.turns.line_full() => {
                             // Read now, without a turn, for a quick refusal.
-                            metrics::counter!("weir_connection_turns_refused_total").increment(1);
                             self.past_line = true;
-                            return Pin::new(stream).poll_read(cx, buf);
+                            let before = buf.filled().len();
+                            let read = Pin::new(stream).poll_read(cx, buf);
+                            if buf.filled().len() > before {
+                                metrics::counter!("weir_connection_turns_refused_total").increment(1);
+                            }
+                            return read;
                         }
                         Err(_) => {
                             metrics::counter!("weir_connection_turns_waited_total").increment(1);
@@ -530,15 +542,16 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_full_line_is_not_joined_arrivals_are_read_at_once_to_be_refused() {
         let length = Duration::from_millis(50);
-        // One turn and a line bound of 5 ms: two connections waiting fill it. The CPU is busy.
-        let turns = Turns::build(Settings { active: 1, length, line_wait: MIN_TURN }, true).unwrap();
+        // One turn and a line bound of two of the shortest turns: two connections waiting fill
+        // it. The CPU is busy.
+        let turns = Turns::build(Settings { active: 1, length, line_wait: 2 * MIN_TURN }, true).unwrap();
         let (mut a, mut b) = a_serving_b_waiting(&turns).await;
         assert!(!a.turn.past_line(), "A read on its turn");
         let mut c = Conn::open(&turns).await;
         c.send().await;
         assert!(!c.reads().await, "C joins a line that is not full");
         assert_eq!(waiting(&turns), 2);
-        // The governor's next look: the line is full, and turns are as short as they get.
+        // The governor's next look: turns are as short as they get.
         tokio::time::sleep(length + Duration::from_millis(1)).await;
         assert_eq!(turns.turn(), MIN_TURN);
         let mut d = Conn::open(&turns).await;
@@ -564,9 +577,8 @@ mod tests {
         // A's turn went to B, first in line, whose request is read on it: not refused.
         assert!(b.reads().await);
         assert!(!b.turn.past_line());
-        // The line drains below the bound: arrivals join it again.
+        // The line drains below the bound: arrivals join it again, at once.
         drop((a, c));
-        tokio::time::sleep(length + Duration::from_millis(1)).await;
         let mut e = Conn::open(&turns).await;
         e.send().await;
         assert!(!e.reads().await, "E joins a line that is no longer full");
