@@ -204,3 +204,21 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.bind(addr)?;
     socket.listen(ACCEPT_BACKLOG)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    /// 3,000 connections opened at once, none accepted yet, all complete their handshake: with
+    /// tokio's default backlog of 1,024 the rest would wait out a SYN retry of a second.
+    #[tokio::test]
+    async fn a_surge_of_connections_is_queued_for_accept_not_dropped() {
+        let listener = super::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connects = (0..3_000).map(|_| tokio::time::timeout(Duration::from_millis(500), tokio::net::TcpStream::connect(addr)));
+        let results = futures_util::future::join_all(connects).await;
+        let connected = results.iter().filter(|r| matches!(r, Ok(Ok(_)))).count();
+        assert_eq!(connected, 3_000, "handshakes not completed within 500 ms while the server was busy");
+        drop(listener);
+    }
+}
