@@ -73,7 +73,9 @@ pub struct Limits {
     pub turn_ms: u64,
     /// `WEIR_LIMITS_LINE_WAIT_MS`: once connections wait longer than this for a turn, a connection
     /// arriving with a request is refused (503, `Retry-After`) instead of joining the line, so
-    /// accepted requests wait a bounded time; 0 never refuses.
+    /// accepted requests wait a bounded time however many connections there are; 0: no bound.
+    /// 1 s keeps turns at 30 ms or more up to ~2,000 busy connections (shorter turns serve
+    /// fewer requests per CPU-second, `BENCHMARKS.md`) and refuses only past ~12,800.
     pub line_wait_ms: u64,
     /// `WEIR_LIMITS_HEADER_TIMEOUT_MS`: a connection whose request head is still arriving after
     /// one to two of these periods is closed (`limits::head_guard`), so clients trickling headers
@@ -90,7 +92,7 @@ impl Default for Limits {
             max_connections: 19_500,
             active_connections: 64,
             turn_ms: 50,
-            line_wait_ms: 500,
+            line_wait_ms: 1_000,
             header_timeout_ms: 30_000,
         }
     }

@@ -20,7 +20,7 @@ struct Row {
 }
 
 /// weir's default `limits.line_wait_ms`: what bounds an accepted request's wait under overload.
-const LINE_WAIT_MS: f64 = 500.0;
+const LINE_WAIT_MS: f64 = 1_000.0;
 
 fn f(v: &Value) -> Option<f64> {
     v.as_f64()
