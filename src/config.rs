@@ -71,11 +71,12 @@ pub struct Limits {
     pub active_connections: usize,
     /// `WEIR_LIMITS_TURN_MS`: the longest turn while other connections wait for one.
     pub turn_ms: u64,
-    /// `WEIR_LIMITS_LINE_WAIT_MS`: once connections wait longer than this for a turn, a connection
-    /// arriving with a request is refused (503, `Retry-After`) instead of joining the line, so
-    /// accepted requests wait a bounded time however many connections there are; 0: no bound.
-    /// 1 s keeps turns at 30 ms or more up to ~2,000 busy connections (shorter turns serve
-    /// fewer requests per CPU-second, `BENCHMARKS.md`) and refuses only past ~12,800.
+    /// `WEIR_LIMITS_LINE_WAIT_MS`: the longest wait in line for a turn. Turns shorten (down to
+    /// 5 ms) as the line grows to keep it; a line too long even for those is not joined: the
+    /// arriving request is refused (503, `Retry-After`). So accepted requests wait a bounded
+    /// time however many connections there are; 0: no bound. 1 s keeps turns at 30 ms or more
+    /// up to ~2,000 busy connections (shorter turns serve fewer requests per CPU-second,
+    /// `BENCHMARKS.md`) and refuses only past ~12,800 with the default 64 turns.
     pub line_wait_ms: u64,
     /// `WEIR_LIMITS_HEADER_TIMEOUT_MS`: a connection whose request head is still arriving after
     /// one to two of these periods is closed (`limits::head_guard`), so clients trickling headers
