@@ -270,12 +270,11 @@ fn set_path(table: &mut toml::Table, path: &[&str], value: toml::Value) {
     cursor.insert(last.to_string(), value);
 }
 
-/// Environment values are strings; numeric fields get numbers so serde sees the right type,
-/// and a non-number is passed as a string so the error names the field.
+/// Environment values are strings; numeric fields (every `limits` field, the `_seconds` ones)
+/// get numbers so serde sees the right type, and a non-number is passed as a string so the
+/// error names the field. The string fields (an admin key, say) stay strings even when digits.
 fn env_value(path: &[&str], raw: &str) -> toml::Value {
-    let numeric = path
-        .last()
-        .is_some_and(|f| f.ends_with("_seconds") || f.ends_with("_ms") || f.ends_with("_bytes") || f.starts_with("max_"));
+    let numeric = path.first() == Some(&"limits") || path.last().is_some_and(|f| f.ends_with("_seconds"));
     if numeric {
         if let Ok(n) = raw.trim().parse::<i64>() {
             return toml::Value::Integer(n);
@@ -290,6 +289,21 @@ mod tests {
 
     fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
         pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    /// Every numeric variable is read as a number (`WEIR_LIMITS_ACTIVE_CONNECTIONS` once was not).
+    #[test]
+    fn every_numeric_environment_variable_sets_its_field() {
+        for (var, path) in ENV_FIELDS.iter().filter(|(_, p)| p[0] == "limits" || p[0].ends_with("_seconds")) {
+            let loaded = Config::load(None, &env(&[(var, "7")]), &Flags::default());
+            if let Err(e) = &loaded {
+                assert!(!e.to_string().contains("invalid type"), "{var} ({path:?}) was not read as a number: {e}");
+            }
+        }
+        let c = Config::load(None, &env(&[("WEIR_LIMITS_ACTIVE_CONNECTIONS", "16"), ("WEIR_LIMITS_LINE_WAIT_MS", "250")]), &Flags::default()).unwrap();
+        assert_eq!((c.limits.active_connections, c.limits.line_wait_ms), (16, 250));
+        let c = Config::load(None, &env(&[("WEIR_ADMIN_KEY", "12345678901234567890123456789012")]), &Flags::default()).unwrap();
+        assert_eq!(c.admin_key.as_deref(), Some("12345678901234567890123456789012"), "a key of digits stays a string");
     }
 
     #[test]
