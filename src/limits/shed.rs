@@ -100,14 +100,15 @@ impl<S: Service<Request, Response = Response, Error = Infallible>> BoundService<
     /// join (`limits::turns`).
     pub fn call_held(&mut self, request: Request, hold: Option<&Backoff>) -> BoundFuture<S::Future> {
         let bound = &self.bound;
-        let past_line = hold.or_else(|| request.extensions().get::<Peer>().map(|p| &p.backoff)).is_some_and(Backoff::take_past_line);
+        let held = hold.or_else(|| request.extensions().get::<Peer>().map(|p| &p.backoff));
+        let past_line = held.is_some_and(Backoff::take_past_line);
         if past_line || bound.in_flight.fetch_add(1, Ordering::AcqRel) >= bound.max_in_flight {
             if !past_line {
                 bound.in_flight.fetch_sub(1, Ordering::AcqRel);
             }
             bound.shed.increment(1);
             // The answer says "retry in a second"; a connection that keeps asking is held up to that.
-            if let Some(backoff) = hold.or_else(|| request.extensions().get::<Peer>().map(|p| &p.backoff)) {
+            if let Some(backoff) = held {
                 backoff.hold_after_refusal(RETRY_AFTER);
             }
             return BoundFuture::Refused { response: Some(at_capacity()) };
