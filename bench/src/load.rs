@@ -13,6 +13,7 @@ use serde_json::{json, Value};
 use crate::client::Conn;
 use crate::hist::Hist;
 use crate::pace::Slots;
+use crate::probe::ProbeResult;
 use crate::sys::CpuMeter;
 
 #[derive(Default)]
@@ -45,10 +46,12 @@ pub struct LoadResult {
     pub server_cpu: Option<f64>,
     /// Open loop: how late the pacer released each send slot.
     pub pacer_late: Option<Hist>,
+    /// The latency probe run alongside, if any (`probe::probed`).
+    pub probe: Option<ProbeResult>,
 }
 
 impl Tally {
-    fn merge(&mut self, other: &Tally) {
+    pub fn merge(&mut self, other: &Tally) {
         self.ok += other.ok;
         for (status, n) in &other.by_status {
             *self.by_status.entry(*status).or_default() += n;
@@ -82,6 +85,9 @@ impl LoadResult {
         if let (Some(mine), Some(theirs)) = (&mut self.pacer_late, &other.pacer_late) {
             mine.merge(theirs);
         }
+        if let (Some(mine), Some(theirs)) = (&mut self.probe, &other.probe) {
+            mine.merge(theirs);
+        }
     }
 
     pub fn rps(&self) -> f64 {
@@ -110,13 +116,14 @@ impl LoadResult {
             "client_cpu_share": (self.client_cpu * 1000.0).round() / 1000.0,
             "server_cpu_share": self.server_cpu.map(|c| (c * 1000.0).round() / 1000.0),
             "pacer_lateness": self.pacer_late.as_ref().map(|h| h.summary_ms()),
+            "probe": self.probe.as_ref().map(|p| p.to_json()),
         })
     }
 }
 
 /// Counts one answer: `nanos` is its latency as the scenario defines it, `from_send` the time
 /// since the request actually left.
-fn count(t: &mut Tally, status: u16, retry_after: Option<u64>, nanos: u64, from_send: u64) {
+pub fn count(t: &mut Tally, status: u16, retry_after: Option<u64>, nanos: u64, from_send: u64) {
     *t.by_status.entry(status).or_default() += 1;
     if (200..400).contains(&status) {
         t.ok += 1;
@@ -202,6 +209,7 @@ pub async fn closed_loop(
         client_cpu,
         server_cpu,
         pacer_late: None,
+        probe: None,
     }
 }
 
@@ -303,5 +311,5 @@ pub async fn open_loop(
     let elapsed = t0.elapsed().max(duration);
     let tally = Rc::try_unwrap(tally).ok().expect("tasks done").into_inner();
     let pacer_late = Some(slots.late.take());
-    LoadResult { tally, elapsed, client_cpu, server_cpu, pacer_late }
+    LoadResult { tally, elapsed, client_cpu, server_cpu, pacer_late, probe: None }
 }

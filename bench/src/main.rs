@@ -19,6 +19,7 @@ mod hello;
 mod hist;
 mod load;
 mod pace;
+mod probe;
 mod pusher;
 mod report;
 mod scenarios;

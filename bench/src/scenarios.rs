@@ -12,6 +12,7 @@ use serde_json::{json, Value};
 
 use crate::client::{request, Conn};
 use crate::load::{closed_loop, open_loop, LoadResult};
+use crate::probe::probed;
 use crate::pusher::{self, App};
 use crate::servers::{self, Bins, Pinning, Server};
 
@@ -469,8 +470,8 @@ pub async fn verify(ctx: &mut Ctx) -> Value {
     let slice = duration / rounds as u32;
     let (w, h, _) = in_turns(
         rounds,
-        |_| open_loop(weir.0, conns, cap / 2.0, reqs.clone(), slice, Some(weir.1)),
-        |_| open_loop(hello.0, conns, cap / 2.0, hello_reqs.clone(), slice, Some(hello.1)),
+        |_| probed(weir.0, reqs.to_vec(), open_loop(weir.0, conns, cap / 2.0, reqs.clone(), slice, Some(weir.1))),
+        |_| probed(hello.0, hello_reqs.to_vec(), open_loop(hello.0, conns, cap / 2.0, hello_reqs.clone(), slice, Some(hello.1))),
     )
     .await;
     for (key, r) in [("half_load", w), ("half_load_hello", h)] {
@@ -561,7 +562,7 @@ pub async fn overload(ctx: &mut Ctx, capacity: Option<f64>) -> Value {
         Ok(r) => Rc::new(r),
         Err(e) => return not_measured(format!("weir: {e}")),
     };
-    let r = open_loop(s.addr, oconns, cap * factor, reqs, dur, Some(s.pid)).await;
+    let r = probed(s.addr, reqs.to_vec(), open_loop(s.addr, oconns, cap * factor, reqs.clone(), dur, Some(s.pid))).await;
     ctx.progress(&peak_label("after"));
     let peaks_after = match closed_loops(ctx, peak_conns, &cap_reqs, warm, dur).await {
         Ok(p) => p,
@@ -609,7 +610,7 @@ async fn refusal_probe(ctx: &mut Ctx, conns: usize, rate: f64, peak: f64, dur: D
     };
     let v = match EntryPrep("bench-probe").prep(&s, &key).await {
         Ok(reqs) => {
-            let r = open_loop(s.addr, conns, rate, Rc::new(reqs), dur, Some(s.pid)).await;
+            let r = probed(s.addr, reqs.clone(), open_loop(s.addr, conns, rate, Rc::new(reqs), dur, Some(s.pid))).await;
             let mut v = load_json(&r);
             v["line_wait_ms"] = json!(PROBE_LINE_WAIT_MS.parse::<u64>().unwrap_or(0));
             v["goodput_ratio"] = json!(round(r.rps() / peak, 3));

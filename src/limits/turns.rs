@@ -23,8 +23,11 @@
 //! While a line exists the governor sizes the turns to the CPU: `active` when the runtime is
 //! busy, more when it has time to spare (clients slow to send their next request, requests
 //! waiting on a proxied origin, turns held by slow requests that began before the line did), so
-//! turns never leave a core idle while connections wait. Upgraded (WebSocket) connections leave
-//! the turns at the upgrade.
+//! turns never leave a core idle while connections wait. A line that forms after a period with
+//! time to spare gets more turns at once; turns added stay after the line is gone until the CPU
+//! is busy again or the server quiet, so a moderate load over more connections than `active`
+//! does not form a line (and wait out a turn) at every hiccup. Upgraded (WebSocket) connections
+//! leave the turns at the upgrade.
 //!
 //! A connection joining a line of `waiting` waits about `waiting / turns × turn` for its turn.
 //! The governor keeps that within `line_wait` by shortening the turns as the line grows (down
@@ -86,19 +89,19 @@ struct Shared {
     surplus: AtomicUsize,
     /// Wakes the governor when the line forms.
     line_formed: Notify,
-    /// Tests: the governor sees the CPU busy all the time.
+    /// Tests: the busy share the governor sees instead of the runtime's (`f64` bits; NaN: none).
     #[cfg(test)]
-    saturated: bool,
+    forced_share: AtomicU64,
 }
 
 impl Turns {
     /// The turns `settings` describe; `None` (every connection reads freely) when
     /// `settings.active` is 0. Spawns the governor: call within a runtime.
     pub fn new(settings: Settings) -> Option<Self> {
-        Self::build(settings, false)
+        Self::build(settings, None)
     }
 
-    fn build(Settings { active, length, line_wait }: Settings, #[cfg_attr(not(test), allow(unused))] saturated: bool) -> Option<Self> {
+    fn build(Settings { active, length, line_wait }: Settings, #[cfg_attr(not(test), allow(unused))] forced_share: Option<f64>) -> Option<Self> {
         if active == 0 {
             return None;
         }
@@ -114,7 +117,7 @@ impl Turns {
             surplus: AtomicUsize::new(0),
             line_formed: Notify::new(),
             #[cfg(test)]
-            saturated,
+            forced_share: AtomicU64::new(forced_share.unwrap_or(f64::NAN).to_bits()),
         }));
         tokio::spawn(governor(turns.0.clone()));
         Some(turns)
@@ -155,51 +158,92 @@ impl Turns {
 /// turns are held by clients slow to send their next requests, or by requests waiting on
 /// something else (a proxied origin), not by work for the CPU.
 const SPARE_BELOW: f64 = 0.8;
+/// Without a line, the share at or above which, for [`BUSY_PERIODS`] periods in a row, the CPU
+/// is the bottleneck again and turns added earlier are taken back (above [`SPARE_BELOW`], and
+/// sustained, so a load near it does not swing the turns).
+const BUSY_ABOVE: f64 = 0.9;
+const BUSY_PERIODS: u32 = 3;
+/// Without a line, the share below which the server is quiet: the turns go back to `active` and
+/// the governor rests until a line forms. A half load measured 0.3–0.9 period to period.
+const QUIET_BELOW: f64 = 0.1;
 
-/// Sizes the turns while a line exists: every `length`, more turns (half again as many) if the
-/// runtime's workers had time to spare while connections waited, fewer (down to `active`) if
-/// they did not. Turns only make sense when the CPU is the bottleneck; otherwise every connection
-/// with a request should be read. Once the line is gone, back to `active`.
+/// Sizes the turns: every `length`, while connections wait in line, more turns (half again as
+/// many) if the runtime's workers had time to spare, fewer (down to `active`) if they did not.
+/// Turns only make sense when the CPU is the bottleneck; otherwise every connection with a
+/// request should be read. Turns added stay when the line is gone (unused, they cost nothing)
+/// and are taken back when the CPU is busy again, or all at once when the server is quiet:
+/// shrinking them to `active` as soon as the line was gone made a moderate load over more
+/// connections than `active` form a line again and again, each time leaving requests waiting out
+/// a turn (50 ms) on an idle CPU.
 async fn governor(s: Arc<Shared>) {
     let runtime = tokio::runtime::Handle::current().metrics();
     let busy = || (0..runtime.num_workers()).map(|w| runtime.worker_total_busy_duration(w)).sum::<Duration>();
     let workers = runtime.num_workers().max(1) as f64;
+    let share_since = |busy_before: Duration, before: Instant| s.seen((busy() - busy_before).as_secs_f64() / (before.elapsed().as_secs_f64() * workers));
     let mut turns = s.active;
+    let mut busy_periods = 0;
     loop {
         let waiting = s.waiting.load(Relaxed);
         metrics::gauge!("weir_connection_turns_waiting").set(waiting as f64);
-        if waiting == 0 {
+        if waiting == 0 && turns == s.active {
             s.turn_us.store(s.length.as_micros() as u64, Relaxed);
-            if turns > s.active {
-                s.surplus.fetch_add(turns - s.active, Relaxed);
-                turns = s.active;
-                s.turns_now.store(turns, Relaxed);
-                metrics::gauge!("weir_connection_turns").set(turns as f64);
-            }
+            let (busy_before, before) = (busy(), Instant::now());
             s.line_formed.notified().await;
+            // A line just formed. If the CPU had time to spare over at least a period before it,
+            // the turns are too few for this load: more now, not after a period of waiting.
+            if before.elapsed() >= s.length && share_since(busy_before, before) < SPARE_BELOW {
+                turns = add_turns(&s, turns);
+                s.set_turns(turns);
+            }
             continue;
         }
         let (busy_before, before) = (busy(), Instant::now());
         tokio::time::sleep(s.length).await;
-        let share = (busy() - busy_before).as_secs_f64() / (before.elapsed().as_secs_f64() * workers);
-        #[cfg(test)]
-        let share = if s.saturated { 1.0 } else { share };
-        if share < SPARE_BELOW && s.waiting.load(Relaxed) > 0 {
-            let more = (turns / 2).max(1);
-            turns += more;
-            // Turns still to be taken back are cancelled first.
-            let cancelled = s.surplus.fetch_update(Relaxed, Relaxed, |e| Some(e.saturating_sub(more))).unwrap_or(0).min(more);
-            s.permits.add_permits(more - cancelled);
-        } else if share >= SPARE_BELOW && turns > s.active {
-            let fewer = (turns / 3).min(turns - s.active);
+        let share = share_since(busy_before, before);
+        let line = s.waiting.load(Relaxed) > 0;
+        busy_periods = if share >= BUSY_ABOVE { busy_periods + 1 } else { 0 };
+        if line && share < SPARE_BELOW {
+            turns = add_turns(&s, turns);
+        } else if turns > s.active && if line { share >= SPARE_BELOW } else { busy_periods >= BUSY_PERIODS } {
+            let fewer = (turns / 3).clamp(1, turns - s.active);
             turns -= fewer;
             s.surplus.fetch_add(fewer, Relaxed);
+        } else if !line && share < QUIET_BELOW {
+            s.surplus.fetch_add(turns - s.active, Relaxed);
+            turns = s.active;
         }
         let (turn, _) = pace(s.length, s.line_wait, turns, s.waiting.load(Relaxed));
         s.turn_us.store(turn.as_micros() as u64, Relaxed);
-        s.turns_now.store(turns, Relaxed);
+        s.set_turns(turns);
+    }
+}
+
+impl Shared {
+    /// A busy share as the governor takes it (tests: the forced one, if any).
+    fn seen(&self, share: f64) -> f64 {
+        #[cfg(test)]
+        {
+            let forced = f64::from_bits(self.forced_share.load(Relaxed));
+            if !forced.is_nan() {
+                return forced;
+            }
+        }
+        share
+    }
+
+    fn set_turns(&self, turns: usize) {
+        self.turns_now.store(turns, Relaxed);
         metrics::gauge!("weir_connection_turns").set(turns as f64);
     }
+}
+
+/// Half again as many turns as `turns`; returns the new number.
+fn add_turns(s: &Shared, turns: usize) -> usize {
+    let more = (turns / 2).max(1);
+    // Turns still to be taken back are cancelled first.
+    let cancelled = s.surplus.fetch_update(Relaxed, Relaxed, |e| Some(e.saturating_sub(more))).unwrap_or(0).min(more);
+    s.permits.add_permits(more - cancelled);
+    turns + more
 }
 
 /// The shortest a turn gets while the line is long: a few requests' worth, more than [`GRACE`].
@@ -490,7 +534,7 @@ mod tests {
     async fn a_turn_ends_after_its_length_while_others_wait() {
         let length = Duration::from_millis(50);
         // The CPU is the bottleneck, so the governor adds no turns.
-        let turns = Turns::build(one_turn(length), true).unwrap();
+        let turns = Turns::build(one_turn(length), Some(1.0)).unwrap();
         let (mut a, mut b) = a_serving_b_waiting(&turns).await;
         a.activity.finished();
         // A's client keeps sending at once: A is served for the length of its turn, no longer.
@@ -524,6 +568,69 @@ mod tests {
         assert_eq!(waiting(&turns), 0);
     }
 
+    fn force_share(turns: &Turns, share: f64) {
+        turns.0.forced_share.store(share.to_bits(), Relaxed);
+    }
+
+    fn turns_now(turns: &Turns) -> usize {
+        turns.0.turns_now.load(Relaxed)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn turns_added_for_a_line_stay_until_the_cpu_is_busy_or_quiet() {
+        let length = Duration::from_millis(50);
+        // A moderate load: the CPU has time to spare, but is not quiet.
+        let turns = Turns::build(one_turn(length), Some(0.6)).unwrap();
+        let (mut a, mut b) = a_serving_b_waiting(&turns).await;
+        tokio::time::sleep(length + Duration::from_millis(1)).await;
+        assert!(b.reads().await, "no turn added for B while the CPU had time to spare");
+        assert_eq!(turns_now(&turns), 2);
+        // The line is gone; the turns stay, so the next burst finds them.
+        a.activity.finished();
+        b.activity.started();
+        tokio::time::sleep(10 * length).await;
+        assert_eq!(turns_now(&turns), 2, "turns taken back from a moderate load without a line");
+        // The CPU becomes the bottleneck: after a few busy periods the added turn is taken back.
+        force_share(&turns, 1.0);
+        tokio::time::sleep(length * (BUSY_PERIODS + 1)).await;
+        assert_eq!(turns_now(&turns), 1, "turns kept on a busy CPU");
+        // A quiet server too goes back to `active`, and the governor rests. (The line that
+        // forms first, after a period with time to spare, gets its turn at once.)
+        force_share(&turns, 0.6);
+        let (mut c, mut d) = (Conn::open(&turns).await, Conn::open(&turns).await);
+        drop((a, b));
+        a_serving_c_waiting(&mut c, &mut d, &turns).await;
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert!(d.reads().await);
+        assert_eq!(turns_now(&turns), 2);
+        force_share(&turns, 0.0);
+        tokio::time::sleep(2 * length).await;
+        assert_eq!(turns_now(&turns), 1, "a quiet server kept the added turns");
+    }
+
+    /// C serving a request on a turn, D's request waiting in line.
+    async fn a_serving_c_waiting(c: &mut Conn, d: &mut Conn, turns: &Turns) {
+        c.send().await;
+        assert!(c.reads().await);
+        c.activity.started();
+        d.send().await;
+        assert!(!d.reads().await, "read without a turn");
+        assert_eq!(waiting(turns), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_line_formed_after_a_period_with_time_to_spare_gets_a_turn_at_once() {
+        let length = Duration::from_millis(50);
+        let turns = Turns::build(one_turn(length), Some(0.6)).unwrap();
+        // A period without a line in which the CPU had time to spare.
+        tokio::time::sleep(2 * length).await;
+        let (_a, mut b) = a_serving_b_waiting(&turns).await;
+        // The governor reacts when the line forms, not a period later.
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert!(b.reads().await, "B waited for the governor's next period");
+        assert_eq!(turns_now(&turns), 2);
+    }
+
     #[test]
     fn turns_shorten_to_bound_the_wait_in_line_until_the_line_is_full() {
         let (length, line_wait) = (Duration::from_millis(50), Duration::from_millis(500));
@@ -544,7 +651,7 @@ mod tests {
         let length = Duration::from_millis(50);
         // One turn and a line bound of two of the shortest turns: two connections waiting fill
         // it. The CPU is busy.
-        let turns = Turns::build(Settings { active: 1, length, line_wait: 2 * MIN_TURN }, true).unwrap();
+        let turns = Turns::build(Settings { active: 1, length, line_wait: 2 * MIN_TURN }, Some(1.0)).unwrap();
         let (mut a, mut b) = a_serving_b_waiting(&turns).await;
         assert!(!a.turn.past_line(), "A read on its turn");
         let mut c = Conn::open(&turns).await;
