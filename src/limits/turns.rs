@@ -581,7 +581,7 @@ mod tests {
         let length = Duration::from_millis(50);
         // A moderate load: the CPU has time to spare, but is not quiet.
         let turns = Turns::build(one_turn(length), Some(0.6)).unwrap();
-        let (mut a, mut b) = a_serving_b_waiting(&turns).await;
+        let (a, mut b) = a_serving_b_waiting(&turns).await;
         tokio::time::sleep(length + Duration::from_millis(1)).await;
         assert!(b.reads().await, "no turn added for B while the CPU had time to spare");
         assert_eq!(turns_now(&turns), 2);
