@@ -516,6 +516,10 @@ pub async fn overload(ctx: &mut Ctx, capacity: Option<f64>) -> Value {
     // right before and right after the overload (their mean: the machine's speed drifts over the
     // minute in between). Group commit made entry throughput grow with concurrency once; 256
     // stays within the default in-flight bound (256), so nothing is shed while the peak is measured.
+    // For experiments: with a peak given, only the refusal probe runs, offered `factor` × it.
+    if let Some(peak) = std::env::var("WEIR_BENCH_OVERLOAD_PROBE_ONLY_PEAK").ok().and_then(|v| v.parse::<f64>().ok()) {
+        return json!({ "refusal_probe": refusal_probe(ctx, oconns, peak * factor, peak, dur / 2).await });
+    }
     let peak_conns: &[usize] = if conns < 64 { &[64] } else { &[64, 256] };
     let peak_label = |when: &str| format!("overload: measuring peak entry goodput at {peak_conns:?} connections ({when})");
     ctx.progress(&peak_label("before"));

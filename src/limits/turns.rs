@@ -16,7 +16,8 @@
 //!   while its requests are served;
 //! - out of requests, it gives the turn back at once if nobody is waiting (so without contention
 //!   a turn costs two atomic operations a request); if others wait and its client sent the next
-//!   request promptly last time, it keeps the turn for [`GRACE`] more, for that next request;
+//!   request promptly last time and the CPU is the bottleneck, it keeps the turn for [`GRACE`]
+//!   more, for that next request;
 //! - a turn ends after `length` (shorter while the line is long, see below) if others are
 //!   waiting: the connection goes to the back of the line.
 //!
@@ -39,7 +40,7 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -89,6 +90,10 @@ struct Shared {
     surplus: AtomicUsize,
     /// Wakes the governor when the line forms.
     line_formed: Notify,
+    /// Whether the CPU was the bottleneck at the governor's last look: only then does a prompt
+    /// connection keep its turn between requests while others wait (with time to spare, the
+    /// caches are not what limits, and the turn is worth more to the next in line).
+    cpu_bound: AtomicBool,
     /// Tests: the busy share the governor sees instead of the runtime's (`f64` bits; NaN: none).
     #[cfg(test)]
     forced_share: AtomicU64,
@@ -116,6 +121,7 @@ impl Turns {
             waiting: AtomicUsize::new(0),
             surplus: AtomicUsize::new(0),
             line_formed: Notify::new(),
+            cpu_bound: AtomicBool::new(forced_share.is_some_and(|share| share >= SPARE_BELOW)),
             #[cfg(test)]
             forced_share: AtomicU64::new(forced_share.unwrap_or(f64::NAN).to_bits()),
         }));
@@ -191,9 +197,13 @@ async fn governor(s: Arc<Shared>) {
             s.line_formed.notified().await;
             // A line just formed. If the CPU had time to spare over at least a period before it,
             // the turns are too few for this load: more now, not after a period of waiting.
-            if before.elapsed() >= s.length && share_since(busy_before, before) < SPARE_BELOW {
-                turns = add_turns(&s, turns);
-                s.set_turns(turns);
+            if before.elapsed() >= s.length {
+                let share = share_since(busy_before, before);
+                s.cpu_bound.store(share >= SPARE_BELOW, Relaxed);
+                if share < SPARE_BELOW {
+                    turns = add_turns(&s, turns);
+                    s.set_turns(turns);
+                }
             }
             continue;
         }
@@ -201,6 +211,7 @@ async fn governor(s: Arc<Shared>) {
         tokio::time::sleep(s.length).await;
         let share = share_since(busy_before, before);
         let line = s.waiting.load(Relaxed) > 0;
+        s.cpu_bound.store(share >= SPARE_BELOW, Relaxed);
         busy_periods = if share >= BUSY_ABOVE { busy_periods + 1 } else { 0 };
         if line && share < SPARE_BELOW {
             turns = add_turns(&s, turns);
@@ -350,33 +361,53 @@ impl Turn {
                         }
                         return read;
                     }
-                    let serving = activity.in_flight();
-                    let (Some(now), Some(turn_end)) = (now, turn_end) else {
-                        if !serving {
-                            self.leave();
-                        }
-                        return Poll::Pending;
-                    };
-                    let end = if serving {
-                        turn_end
-                    } else {
-                        let idle = *self.idle_since.get_or_insert(now);
-                        if !self.prompt {
-                            self.leave();
-                            return Poll::Pending;
-                        }
-                        (idle + GRACE).min(turn_end)
-                    };
-                    if super::poll_timer(&mut self.timer, end, cx).is_ready() {
-                        if !serving {
-                            // The client did not send its next request within the grace.
-                            self.prompt = false;
-                        }
-                        self.leave();
-                    }
+                    self.keep_or_leave(activity.in_flight(), now.zip(turn_end), cx);
                     return Poll::Pending;
                 }
             }
+        }
+    }
+
+    /// The connection's response has gone out: if no request is in flight, the turn is given
+    /// back, or kept for the client's next request (with a timer to give it back). hyper reads
+    /// the connection before it writes the response, not after, so without this a turn stayed
+    /// with an idle connection until its next request arrived or its turn ran out.
+    pub fn response_sent(&mut self, activity: &Activity, cx: &mut Context<'_>) {
+        let State::Holding { since, .. } = &mut self.state else { return };
+        if activity.in_flight() {
+            return;
+        }
+        let now = self.turns.contended().then(Instant::now);
+        let turn_end = now.map(|now| *since.get_or_insert(now) + self.turns.turn());
+        self.keep_or_leave(false, now.zip(turn_end), cx);
+    }
+
+    /// With nothing to read: keeps the turn while a request is `serving` (until the turn's end,
+    /// if others wait) or, out of requests, for a prompt client while the CPU is the bottleneck
+    /// (for [`GRACE`]); else gives it back. `clock` is (now, the turn's end) while others wait.
+    fn keep_or_leave(&mut self, serving: bool, clock: Option<(Instant, Instant)>, cx: &mut Context<'_>) {
+        let Some((now, turn_end)) = clock else {
+            if !serving {
+                self.leave();
+            }
+            return;
+        };
+        let end = if serving {
+            turn_end
+        } else {
+            let idle = *self.idle_since.get_or_insert(now);
+            if !self.prompt || !self.turns.0.cpu_bound.load(Relaxed) {
+                self.leave();
+                return;
+            }
+            (idle + GRACE).min(turn_end)
+        };
+        if super::poll_timer(&mut self.timer, end, cx).is_ready() {
+            if !serving {
+                // The client did not send its next request within the grace.
+                self.prompt = false;
+            }
+            self.leave();
         }
     }
 
@@ -492,8 +523,29 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn beyond_active_connections_wait_in_line_and_are_served_in_order() {
+    async fn a_turn_is_given_back_when_the_response_is_sent() {
         let turns = Turns::new(one_turn(Duration::from_millis(50))).unwrap();
+        let mut a = Conn::open(&turns).await;
+        a.send().await;
+        assert!(a.reads().await);
+        a.activity.started();
+        // hyper reads on while the request is served (for the end of the stream), then writes
+        // the response and reads no more until the next request arrives.
+        assert!(!a.reads().await);
+        assert_eq!(turns.0.permits.available_permits(), 0, "the turn was given back mid-request");
+        a.activity.finished();
+        std::future::poll_fn(|cx| {
+            a.turn.response_sent(&a.activity, cx);
+            Poll::Ready(())
+        })
+        .await;
+        assert_eq!(turns.0.permits.available_permits(), 1, "an idle connection kept its turn after its response");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn beyond_active_connections_wait_in_line_and_are_served_in_order() {
+        // The CPU is the bottleneck: prompt connections keep their turns between requests.
+        let turns = Turns::build(one_turn(Duration::from_millis(50)), Some(1.0)).unwrap();
         let (mut a, mut b, mut c) = (Conn::open(&turns).await, Conn::open(&turns).await, Conn::open(&turns).await);
         a.send().await;
         assert!(a.reads().await);
@@ -616,6 +668,17 @@ mod tests {
         d.send().await;
         assert!(!d.reads().await, "read without a turn");
         assert_eq!(waiting(turns), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn with_time_to_spare_a_turn_is_not_kept_between_requests_while_others_wait() {
+        // Turns keep caches warm when the CPU is the bottleneck; with time to spare, the next in
+        // line should not wait out a prompt client's grace.
+        let turns = Turns::build(one_turn(Duration::from_millis(50)), Some(0.6)).unwrap();
+        let (mut a, mut b) = a_serving_b_waiting(&turns).await;
+        a.activity.finished();
+        assert!(!a.reads().await);
+        assert!(b.reads().await, "B waited for A's grace on a CPU with time to spare");
     }
 
     #[tokio::test(start_paused = true)]
