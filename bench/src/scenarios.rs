@@ -177,6 +177,20 @@ async fn call(addr: SocketAddr, method: &str, path: &str, headers: &[String], bo
     c.send_timeout(&req, true, Duration::from_secs(10)).await.map_err(|e| format!("{method} {path}: {e}"))
 }
 
+/// The sum over every series of each counter in `names`, from weir's `/metrics` (null if it
+/// cannot be read): how the server itself counted what the client saw.
+async fn weir_counters(addr: SocketAddr, names: &[&str]) -> Value {
+    let Ok(r) = call(addr, "GET", "/metrics", &[], b"").await else { return Value::Null };
+    let text = String::from_utf8_lossy(&r.body);
+    let sum = |name: &str| -> f64 {
+        text.lines()
+            .filter(|l| l.strip_prefix(name).is_some_and(|rest| rest.starts_with(['{', ' '])))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    names.iter().map(|n| (n.to_string(), json!(sum(n)))).collect::<serde_json::Map<_, _>>().into()
+}
+
 async fn admin(addr: SocketAddr, key: &str, method: &str, path: &str, body: Value) -> Result<Value, String> {
     let b = body.to_string();
     let r = call(
@@ -617,6 +631,9 @@ async fn refusal_probe(ctx: &mut Ctx, conns: usize, rate: f64, peak: f64, dur: D
             let r = probed(s.addr, reqs.clone(), open_loop(s.addr, conns, rate, Rc::new(reqs), dur, Some(s.pid))).await;
             let mut v = load_json(&r);
             v["line_wait_ms"] = json!(PROBE_LINE_WAIT_MS.parse::<u64>().unwrap_or(0));
+            // Refused at the line (read at once) against all refusals of the visitor routes
+            // (the rest: over the in-flight bound, after a wait in line).
+            v["server_counted"] = weir_counters(s.addr, &["weir_connection_turns_refused_total", "weir_shed_total", "weir_timeouts_total"]).await;
             v["goodput_ratio"] = json!(round(r.rps() / peak, 3));
             v
         }
