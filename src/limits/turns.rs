@@ -26,7 +26,7 @@
 //! waiting on a proxied origin, turns held by slow requests that began before the line did), so
 //! turns never leave a core idle while connections wait. A line that forms after a period with
 //! time to spare gets more turns at once; turns added stay after the line is gone until the CPU
-//! is busy again or the server quiet, so a moderate load over more connections than `active`
+//! is busy again, so a moderate load over more connections than `active`
 //! does not form a line (and wait out a turn) at every hiccup. Upgraded (WebSocket) connections
 //! leave the turns at the upgrade.
 //!
@@ -169,18 +169,20 @@ const SPARE_BELOW: f64 = 0.8;
 /// sustained, so a load near it does not swing the turns).
 const BUSY_ABOVE: f64 = 0.9;
 const BUSY_PERIODS: u32 = 3;
-/// Without a line, the share below which the server is quiet: the turns go back to `active` and
-/// the governor rests until a line forms. A half load measured 0.3–0.9 period to period.
+/// Without a line, the share below which the server is quiet: the governor rests until a line
+/// forms (no wake-ups on an idle server), the turns as they are. A half load measured 0.3–0.9
+/// period to period.
 const QUIET_BELOW: f64 = 0.1;
 
 /// Sizes the turns: every `length`, while connections wait in line, more turns (half again as
 /// many) if the runtime's workers had time to spare, fewer (down to `active`) if they did not.
 /// Turns only make sense when the CPU is the bottleneck; otherwise every connection with a
 /// request should be read. Turns added stay when the line is gone (unused, they cost nothing)
-/// and are taken back when the CPU is busy again, or all at once when the server is quiet:
-/// shrinking them to `active` as soon as the line was gone made a moderate load over more
-/// connections than `active` form a line again and again, each time leaving requests waiting out
-/// a turn (50 ms) on an idle CPU.
+/// and are taken back when the CPU is busy again: shrinking them to `active` as soon as the line
+/// was gone (or the server went quiet) made a moderate load over more connections than `active`
+/// form a line again and again, each time leaving requests waiting out a turn (50 ms) on an idle
+/// CPU. (A flood over fewer connections than the turns, right after a quiet spell, forms no line
+/// and is served without turns until one does.)
 async fn governor(s: Arc<Shared>) {
     let runtime = tokio::runtime::Handle::current().metrics();
     let busy = || (0..runtime.num_workers()).map(|w| runtime.worker_total_busy_duration(w)).sum::<Duration>();
@@ -188,10 +190,11 @@ async fn governor(s: Arc<Shared>) {
     let share_since = |busy_before: Duration, before: Instant| s.seen((busy() - busy_before).as_secs_f64() / (before.elapsed().as_secs_f64() * workers));
     let mut turns = s.active;
     let mut busy_periods = 0;
+    let mut quiet = true;
     loop {
         let waiting = s.waiting.load(Relaxed);
         metrics::gauge!("weir_connection_turns_waiting").set(waiting as f64);
-        if waiting == 0 && turns == s.active {
+        if waiting == 0 && (turns == s.active || quiet) {
             s.turn_us.store(s.length.as_micros() as u64, Relaxed);
             let (busy_before, before) = (busy(), Instant::now());
             s.line_formed.notified().await;
@@ -205,6 +208,7 @@ async fn governor(s: Arc<Shared>) {
                     s.set_turns(turns);
                 }
             }
+            quiet = false;
             continue;
         }
         let (busy_before, before) = (busy(), Instant::now());
@@ -219,10 +223,8 @@ async fn governor(s: Arc<Shared>) {
             let fewer = (turns / 3).clamp(1, turns - s.active);
             turns -= fewer;
             s.surplus.fetch_add(fewer, Relaxed);
-        } else if !line && share < QUIET_BELOW {
-            s.surplus.fetch_add(turns - s.active, Relaxed);
-            turns = s.active;
         }
+        quiet = !line && share < QUIET_BELOW;
         let (turn, _) = pace(s.length, s.line_wait, turns, s.waiting.load(Relaxed));
         s.turn_us.store(turn.as_micros() as u64, Relaxed);
         s.set_turns(turns);
@@ -368,20 +370,6 @@ impl Turn {
         }
     }
 
-    /// The connection's response has gone out: if no request is in flight, the turn is given
-    /// back, or kept for the client's next request (with a timer to give it back). hyper reads
-    /// the connection before it writes the response, not after, so without this a turn stayed
-    /// with an idle connection until its next request arrived or its turn ran out.
-    pub fn response_sent(&mut self, activity: &Activity, cx: &mut Context<'_>) {
-        let State::Holding { since, .. } = &mut self.state else { return };
-        if activity.in_flight() {
-            return;
-        }
-        let now = self.turns.contended().then(Instant::now);
-        let turn_end = now.map(|now| *since.get_or_insert(now) + self.turns.turn());
-        self.keep_or_leave(false, now.zip(turn_end), cx);
-    }
-
     /// With nothing to read: keeps the turn while a request is `serving` (until the turn's end,
     /// if others wait) or, out of requests, for a prompt client while the CPU is the bottleneck
     /// (for [`GRACE`]); else gives it back. `clock` is (now, the turn's end) while others wait.
@@ -523,26 +511,6 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_turn_is_given_back_when_the_response_is_sent() {
-        let turns = Turns::new(one_turn(Duration::from_millis(50))).unwrap();
-        let mut a = Conn::open(&turns).await;
-        a.send().await;
-        assert!(a.reads().await);
-        a.activity.started();
-        // hyper reads on while the request is served (for the end of the stream), then writes
-        // the response and reads no more until the next request arrives.
-        assert!(!a.reads().await);
-        assert_eq!(turns.0.permits.available_permits(), 0, "the turn was given back mid-request");
-        a.activity.finished();
-        std::future::poll_fn(|cx| {
-            a.turn.response_sent(&a.activity, cx);
-            Poll::Ready(())
-        })
-        .await;
-        assert_eq!(turns.0.permits.available_permits(), 1, "an idle connection kept its turn after its response");
-    }
-
-    #[tokio::test(start_paused = true)]
     async fn beyond_active_connections_wait_in_line_and_are_served_in_order() {
         // The CPU is the bottleneck: prompt connections keep their turns between requests.
         let turns = Turns::build(one_turn(Duration::from_millis(50)), Some(1.0)).unwrap();
@@ -629,7 +597,7 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn turns_added_for_a_line_stay_until_the_cpu_is_busy_or_quiet() {
+    async fn turns_added_for_a_line_stay_until_the_cpu_is_busy() {
         let length = Duration::from_millis(50);
         // A moderate load: the CPU has time to spare, but is not quiet.
         let turns = Turns::build(one_turn(length), Some(0.6)).unwrap();
@@ -646,8 +614,11 @@ mod tests {
         force_share(&turns, 1.0);
         tokio::time::sleep(length * (BUSY_PERIODS + 1)).await;
         assert_eq!(turns_now(&turns), 1, "turns kept on a busy CPU");
-        // A quiet server too goes back to `active`, and the governor rests. (The line that
-        // forms first, after a period with time to spare, gets its turn at once.)
+        // A quiet spell: the turns stay as they are (the governor rests), and a line that forms
+        // after it, with time to spare, gets a turn at once.
+        force_share(&turns, 0.0);
+        tokio::time::sleep(3 * length).await;
+        assert_eq!(turns_now(&turns), 1);
         force_share(&turns, 0.6);
         let (mut c, mut d) = (Conn::open(&turns).await, Conn::open(&turns).await);
         drop((a, b));
@@ -656,8 +627,8 @@ mod tests {
         assert!(d.reads().await);
         assert_eq!(turns_now(&turns), 2);
         force_share(&turns, 0.0);
-        tokio::time::sleep(2 * length).await;
-        assert_eq!(turns_now(&turns), 1, "a quiet server kept the added turns");
+        tokio::time::sleep(4 * length).await;
+        assert_eq!(turns_now(&turns), 2, "a quiet spell took the added turn back");
     }
 
     /// C serving a request on a turn, D's request waiting in line.
