@@ -487,13 +487,18 @@ mod tests {
     /// A serving a request on the only turn, B's request waiting in line.
     async fn a_serving_b_waiting(turns: &Turns) -> (Conn, Conn) {
         let (mut a, mut b) = (Conn::open(turns).await, Conn::open(turns).await);
-        a.send().await;
-        assert!(a.reads().await);
-        a.activity.started();
-        b.send().await;
-        assert!(!b.reads().await, "read without a turn");
-        assert_eq!(waiting(turns), 1);
+        serving_and_waiting(&mut a, &mut b, turns).await;
         (a, b)
+    }
+
+    /// `serving` takes the free turn with a request being served, `waiting`'s request waits in line.
+    async fn serving_and_waiting(serving: &mut Conn, waiting_conn: &mut Conn, turns: &Turns) {
+        serving.send().await;
+        assert!(serving.reads().await);
+        serving.activity.started();
+        waiting_conn.send().await;
+        assert!(!waiting_conn.reads().await, "read without a turn");
+        assert_eq!(waiting(turns), 1);
     }
 
     #[tokio::test(start_paused = true)]
@@ -622,23 +627,13 @@ mod tests {
         force_share(&turns, 0.6);
         let (mut c, mut d) = (Conn::open(&turns).await, Conn::open(&turns).await);
         drop((a, b));
-        a_serving_c_waiting(&mut c, &mut d, &turns).await;
+        serving_and_waiting(&mut c, &mut d, &turns).await;
         tokio::time::sleep(Duration::from_millis(1)).await;
         assert!(d.reads().await);
         assert_eq!(turns_now(&turns), 2);
         force_share(&turns, 0.0);
         tokio::time::sleep(4 * length).await;
         assert_eq!(turns_now(&turns), 2, "a quiet spell took the added turn back");
-    }
-
-    /// C serving a request on a turn, D's request waiting in line.
-    async fn a_serving_c_waiting(c: &mut Conn, d: &mut Conn, turns: &Turns) {
-        c.send().await;
-        assert!(c.reads().await);
-        c.activity.started();
-        d.send().await;
-        assert!(!d.reads().await, "read without a turn");
-        assert_eq!(waiting(turns), 1);
     }
 
     #[tokio::test(start_paused = true)]
