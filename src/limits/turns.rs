@@ -26,9 +26,9 @@
 //! waiting on a proxied origin, turns held by slow requests that began before the line did), so
 //! turns never leave a core idle while connections wait. A line that forms after a period with
 //! time to spare gets more turns at once; turns added stay after the line is gone until the CPU
-//! is busy again, so a moderate load over more connections than `active`
-//! does not form a line (and wait out a turn) at every hiccup. Upgraded (WebSocket) connections
-//! leave the turns at the upgrade.
+//! is busy again, so a moderate load over more connections than `active` does not form a line
+//! (and wait out a turn) at every hiccup. Upgraded (WebSocket) connections leave the turns at
+//! the upgrade.
 //!
 //! A connection joining a line of `waiting` waits about `waiting / turns × turn` for its turn.
 //! The governor keeps that within `line_wait` by shortening the turns as the line grows (down
