@@ -31,10 +31,16 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, Sleep};
 
-/// Process-wide origin for the compact timestamps below.
+/// Process-wide origin for the compact timestamps below: a day (or as much as the monotonic
+/// clock allows) before it is first asked for, so that an instant read later from another clock
+/// source still falls after it (a test runtime's paused clock starts at the real time of its
+/// creation, which can precede where another test's advanced clock set the origin).
 fn epoch() -> Instant {
     static EPOCH: OnceLock<Instant> = OnceLock::new();
-    *EPOCH.get_or_init(Instant::now)
+    *EPOCH.get_or_init(|| {
+        let now = Instant::now();
+        [86_400, 3_600, 60].into_iter().find_map(|secs| now.checked_sub(Duration::from_secs(secs))).unwrap_or(now)
+    })
 }
 
 /// Where a request came from: `serve` hands it to the app with every request
@@ -84,10 +90,10 @@ impl Backoff {
         self.hold_for(Duration::from_millis(next));
     }
 
-    /// Milliseconds since [`epoch`] `period` from now; never 0, which means "not held" (a test
-    /// runtime's paused clock can lag the epoch).
+    /// Milliseconds since [`epoch`] `period` from now, rounded up (a hold lasts at least its
+    /// period); never 0, which means "not held".
     fn ms_after(period: Duration) -> u64 {
-        ((Instant::now() + period).duration_since(epoch()).as_millis() as u64).max(1)
+        ((Instant::now() + period).duration_since(epoch()).as_micros().div_ceil(1000) as u64).max(1)
     }
 
     /// Marks whether the request being read came past the line (set once per read with data).
@@ -259,11 +265,11 @@ mod tests {
         // Refused again only after a quiet `longest`: back to the first hold.
         tokio::time::sleep(longest + Duration::from_millis(1)).await;
         backoff.hold_after_refusal(longest);
-        assert_eq!(held_for(&backoff), FIRST_HOLD);
-        // A `Retry-After` shorter than the first hold caps it.
+        assert_eq!(held_for(&backoff).as_millis(), FIRST_HOLD.as_millis());
+        // A `Retry-After` shorter than the first hold caps it (holds are kept in whole ms).
         let short = Backoff::default();
         short.hold_after_refusal(Duration::from_millis(50));
-        assert_eq!(held_for(&short), Duration::from_millis(50));
+        assert_eq!(held_for(&short).as_millis(), 50);
     }
 
     #[tokio::test(start_paused = true)]
