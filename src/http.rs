@@ -270,12 +270,23 @@ pub fn app(state: AppState) -> App {
         let service = if matches!(answer, Answer::Now(_)) { service.untimed() } else { service };
         TrackLayer::named(route).layer(service)
     };
-    let hot = vec![
-        hot("/auth/{room}", "/auth/", "", Answer::Now(crate::gateway::forward_auth::answer)),
-        hot("/r/{room}/status", "/r/", "/status", Answer::Now(crate::room::routes::status_answer)),
-        hot("/r/{room}", "/r/", "", Answer::Later(crate::room::routes::entry_answer)),
+    let answers = [
+        Answer::Now(crate::gateway::forward_auth::answer),
+        Answer::Now(crate::room::routes::status_answer),
+        Answer::Later(crate::room::routes::entry_answer),
     ];
+    let hot = HOT_ROUTES.iter().zip(answers).map(|(&(route, prefix, suffix), answer)| hot(route, prefix, suffix, answer)).collect();
     App { router: router(state, visitors_bound), hot }
+}
+
+/// The hot routes, as (name, prefix, suffix), in the order they are tried: forward auth,
+/// status, entry.
+const HOT_ROUTES: [(&str, &str, &str); 3] = [("/auth/{room}", "/auth/", ""), ("/r/{room}/status", "/r/", "/status"), ("/r/{room}", "/r/", "")];
+
+/// The hot route serving `path`, by name: the visitors' routes a flood comes to, which
+/// `limits::door` may refuse on their behalf.
+pub fn hot_route_of(path: &str) -> Option<&'static str> {
+    HOT_ROUTES.iter().find(|(_, prefix, suffix)| room_in(path, prefix, suffix).is_some()).map(|&(route, ..)| route)
 }
 
 impl PeerService for App {
@@ -328,6 +339,9 @@ mod tests {
         assert_eq!(room_in("/r/sale/status", "/r/", "/status"), Some("sale"));
         assert_eq!(room_in("/r/sale/status", "/r/", ""), None, "two segments");
         assert_eq!(room_in("/r/", "/r/", ""), None, "no room");
+        assert_eq!(super::hot_route_of("/r/sale/status"), Some("/r/{room}/status"));
+        assert_eq!(super::hot_route_of("/auth/sale"), Some("/auth/{room}"));
+        assert_eq!(super::hot_route_of("/r/sale/events"), None);
         assert_eq!(room_in("/r/status", "/r/", "/status"), None, "shorter than prefix and suffix");
         assert_eq!(room_in("/r", "/r/", ""), None);
         assert_eq!(room_in("/x/sale", "/r/", ""), None);

@@ -169,7 +169,7 @@ impl Server {
         let max_connections = limits.max_connections;
         let header_timeout = Duration::from_millis(state.config.limits.header_timeout_ms);
         let app = http::app(state);
-        let listener = limits::backoff::Listener::new(listener, max_connections, turns);
+        let listener = limits::backoff::Listener::new(listener, max_connections, turns).with_door(http::hot_route_of);
         let serve = serve::serve(listener, app, header_timeout, shutdown.clone().cancelled_owned());
         let deadline = async {
             shutdown.cancelled().await;

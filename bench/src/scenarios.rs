@@ -633,7 +633,7 @@ async fn refusal_probe(ctx: &mut Ctx, conns: usize, rate: f64, peak: f64, dur: D
             v["line_wait_ms"] = json!(PROBE_LINE_WAIT_MS.parse::<u64>().unwrap_or(0));
             // Refused at the line (read at once) against all refusals of the visitor routes
             // (the rest: over the in-flight bound, after a wait in line).
-            v["server_counted"] = weir_counters(s.addr, &["weir_connection_turns_refused_total", "weir_shed_total", "weir_timeouts_total"]).await;
+            v["server_counted"] = weir_counters(s.addr, &["weir_connection_turns_refused_total", "weir_shed_total", "weir_timeouts_total", "weir_door_refused_total", "weir_door_returned_total", "weir_door_watched_total", "weir_connection_turns_waited_total"]).await;
             v["goodput_ratio"] = json!(round(r.rps() / peak, 3));
             v
         }

@@ -25,6 +25,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use super::door::{Door, Refusable, Watch};
 use super::head_guard::Activity;
 use super::turns::{Settings, Turn, Turns};
 use tokio::net::{TcpListener, TcpStream};
@@ -123,6 +124,7 @@ pub struct Listener {
     listener: TcpListener,
     slots: Arc<Semaphore>,
     turns: Option<Turns>,
+    door: Option<Door>,
 }
 
 impl Listener {
@@ -131,7 +133,23 @@ impl Listener {
     pub fn new(listener: TcpListener, max_connections: usize, turns: Settings) -> Self {
         metrics::gauge!("weir_connections_limit").set(max_connections as f64);
         let turns = Turns::new(turns);
-        Self { listener, slots: Arc::new(Semaphore::new(max_connections.max(1))), turns }
+        Self { listener, slots: Arc::new(Semaphore::new(max_connections.max(1))), turns, door: None }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn door(&self) -> Option<&Door> {
+        self.door.as_ref()
+    }
+
+    /// Refuses the requests `refusable` names at the door (`limits::door`) while the line is
+    /// too long to join; nothing without turns that refuse.
+    pub fn with_door(mut self, refusable: Refusable) -> Self {
+        let Some(turns) = self.turns.as_ref().filter(|turns| turns.refuses()) else { return self };
+        match Door::start(turns.clone(), refusable) {
+            Ok(door) => self.door = Some(door),
+            Err(e) => tracing::warn!(error = %e, "could not start the door's thread; refusals wait for the runtime"),
+        }
+        self
     }
 }
 
@@ -150,7 +168,16 @@ impl axum::serve::Listener for Listener {
                     // Small responses must not wait for Nagle's algorithm.
                     let _ = stream.set_nodelay(true);
                     let turn = self.turns.as_ref().map(Turns::join);
-                    let throttled = Throttled { stream, backoff: Backoff::default(), activity: Arc::default(), sleep: None, turn, _slot: slot };
+                    let throttled = Throttled {
+                        stream,
+                        backoff: Backoff::default(),
+                        activity: Arc::default(),
+                        sleep: None,
+                        turn,
+                        door: self.door.clone(),
+                        watch: None,
+                        _slot: slot,
+                    };
                     return (throttled, addr);
                 }
                 Err(e) => {
@@ -175,6 +202,9 @@ pub struct Throttled {
     /// Only exists while a hold is being waited out.
     sleep: Option<Pin<Box<Sleep>>>,
     turn: Option<Turn>,
+    door: Option<Door>,
+    /// While the connection is handed to the door.
+    watch: Option<Arc<Watch>>,
     /// This connection's place under `max_connections`, released when it closes.
     _slot: OwnedSemaphorePermit,
 }
@@ -204,6 +234,13 @@ impl AsyncRead for Throttled {
             }
             this.sleep = None;
         }
+        if let Some(watch) = &this.watch {
+            std::task::ready!(watch.take_back(cx));
+            if let (true, Some(turn)) = (watch.admitted(), &mut this.turn) {
+                turn.admit();
+            }
+            this.watch = None;
+        }
         let before = buf.filled().len();
         if this.turn.is_some() && this.activity.upgraded() {
             this.turn = None;
@@ -217,7 +254,29 @@ impl AsyncRead for Throttled {
             this.activity.read(bytes);
             this.backoff.set_past_line(past_line);
         }
+        if read.is_pending() {
+            this.hand_to_the_door();
+        }
         read
+    }
+}
+
+impl Throttled {
+    /// With nothing to read, between requests, no turn held and none free: the next request may
+    /// be refused, so the door watches for it (`limits::door`).
+    fn hand_to_the_door(&mut self) {
+        let (Some(door), Some(turn)) = (&self.door, &self.turn) else { return };
+        if turn.is_out() && door.open() && self.activity.between_requests() {
+            self.watch = door.watch(&self.stream, &self.backoff);
+        }
+    }
+}
+
+impl Drop for Throttled {
+    fn drop(&mut self) {
+        if let Some(watch) = &self.watch {
+            watch.close();
+        }
     }
 }
 

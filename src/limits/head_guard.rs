@@ -54,6 +54,12 @@ impl Activity {
         self.started.load(Relaxed) != self.finished.load(Relaxed)
     }
 
+    /// Whether the connection is between requests: not upgraded, nothing in flight, nothing
+    /// read of the next request.
+    pub(crate) fn between_requests(&self) -> bool {
+        !self.upgraded() && self.head_arriving().is_none() && !self.in_flight()
+    }
+
     /// While a request head is arriving (bytes since the last finished request, nothing in
     /// flight): the number of requests started so far, which identifies that head.
     fn head_arriving(&self) -> Option<u64> {

@@ -1,7 +1,8 @@
 //! Bounds on work: load shedding per route group, request timeouts, body limits, connections
-//! held open by slow request heads, connections served in turns under overload.
+//! held open by slow request heads, connections served in turns under overload, refusals answered at the door.
 
 pub mod backoff;
+pub mod door;
 pub mod head_guard;
 pub mod shed;
 pub mod turns;

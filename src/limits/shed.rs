@@ -28,7 +28,7 @@ use super::backoff::{Backoff, Peer};
 use crate::error::ApiError;
 
 /// What a refusal asks the client to wait (and holds its connection to, see `backoff`).
-const RETRY_AFTER: Duration = Duration::from_secs(1);
+pub(crate) const RETRY_AFTER: Duration = Duration::from_secs(1);
 
 /// Wraps every route of `router` in one shared in-flight bound and a timeout.
 pub fn bounded<S: Clone + Send + Sync + 'static>(
@@ -177,16 +177,20 @@ impl<F: Future<Output = Result<Response, Infallible>>> Future for BoundFuture<F>
     }
 }
 
-/// The refusal: the API's JSON error shape, serialized once.
-pub fn at_capacity() -> Response {
+/// The refusal's body: the API's JSON error shape, serialized once.
+pub(crate) fn at_capacity_body() -> &'static Bytes {
     static BODY: OnceLock<Bytes> = OnceLock::new();
-    let body = BODY.get_or_init(|| {
+    BODY.get_or_init(|| {
         let error = ApiError::unavailable("server is at capacity; retry shortly", 1);
         serde_json::to_vec(&serde_json::json!({"error": {"code": error.code, "message": error.message}}))
             .map(Bytes::from)
             .unwrap_or_default()
-    });
-    let mut response = Response::new(Body::from(body.clone()));
+    })
+}
+
+/// The refusal: 503, `Retry-After` and the JSON error body.
+pub fn at_capacity() -> Response {
+    let mut response = Response::new(Body::from(at_capacity_body().clone()));
     *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));

@@ -52,6 +52,10 @@ use tokio::time::{Instant, Sleep};
 
 use super::head_guard::Activity;
 
+/// How long after the line was last found full an overload counts as on ([`Turns::refusing`]):
+/// the `Retry-After` of a refusal, after which refused clients come back.
+pub const REFUSING_FOR: Duration = Duration::from_secs(1);
+
 /// How long a turn stays with a connection that has run out of requests while others wait, if
 /// its client was prompt last time: about what a busy client takes to send the next request.
 pub const GRACE: Duration = Duration::from_millis(2);
@@ -94,6 +98,9 @@ struct Shared {
     /// connection keep its turn between requests while others wait (with time to spare, the
     /// caches are not what limits, and the turn is worth more to the next in line).
     cpu_bound: AtomicBool,
+    /// When the line was last found full, in ms since `born` (0: never).
+    last_full_ms: AtomicU64,
+    born: Instant,
     /// Tests: the busy share the governor sees instead of the runtime's (`f64` bits; NaN: none).
     #[cfg(test)]
     forced_share: AtomicU64,
@@ -122,6 +129,9 @@ impl Turns {
             surplus: AtomicUsize::new(0),
             line_formed: Notify::new(),
             cpu_bound: AtomicBool::new(forced_share.is_some_and(|share| share >= SPARE_BELOW)),
+            last_full_ms: AtomicU64::new(0),
+            // A day back, so that a line found full at once is not at 0 ms ("never").
+            born: Instant::now().checked_sub(Duration::from_secs(86_400)).unwrap_or_else(Instant::now),
             #[cfg(test)]
             forced_share: AtomicU64::new(forced_share.unwrap_or(f64::NAN).to_bits()),
         }));
@@ -131,7 +141,7 @@ impl Turns {
 
     /// A new connection's place in the turns.
     pub fn join(&self) -> Turn {
-        Turn { turns: self.clone(), state: State::Out, idle_since: None, prompt: true, past_line: false, timer: None }
+        Turn { turns: self.clone(), state: State::Out, idle_since: None, prompt: true, past_line: false, admitted: false, timer: None }
     }
 
     fn contended(&self) -> bool {
@@ -141,9 +151,31 @@ impl Turns {
     /// Whether a connection joining the line now would wait longer than `line_wait` even with
     /// the shortest turns. Asked at each arrival, so refusals stop as soon as the line has room:
     /// a line kept full, not emptied, keeps the CPU busy.
-    fn line_full(&self) -> bool {
+    pub(crate) fn line_full(&self) -> bool {
         let s = &self.0;
-        pace(s.length, s.line_wait, s.turns_now.load(Relaxed), s.waiting.load(Relaxed) + 1).1
+        let full = pace(s.length, s.line_wait, s.turns_now.load(Relaxed), s.waiting.load(Relaxed) + 1).1;
+        if full {
+            s.last_full_ms.store(s.born.elapsed().as_millis() as u64, Relaxed);
+        }
+        full
+    }
+
+    /// Whether the line was found full within the last [`REFUSING_FOR`]: an overload is on,
+    /// and may be again in a moment even if the line has room now.
+    pub(crate) fn refusing(&self) -> bool {
+        let s = &self.0;
+        let last = s.last_full_ms.load(Relaxed);
+        last != 0 && (s.born.elapsed().as_millis() as u64).saturating_sub(last) < REFUSING_FOR.as_millis() as u64
+    }
+
+    /// Whether requests are refused when the line is too long (a `line_wait` is set).
+    pub(crate) fn refuses(&self) -> bool {
+        !self.0.line_wait.is_zero()
+    }
+
+    /// Whether no turn is free: a connection with a request now waits in line or is refused.
+    pub(crate) fn crowded(&self) -> bool {
+        self.0.permits.available_permits() == 0
     }
 
     /// How long a turn lasts now while others wait.
@@ -295,6 +327,9 @@ pub struct Turn {
     prompt: bool,
     /// Whether the last read came past a line too long to join: its request is to be refused.
     past_line: bool,
+    /// Whether the next request was seen arriving while the line had room (`limits::door`):
+    /// it joins the line even if the line has grown since.
+    admitted: bool,
     /// Ends a turn held under contention (created once, reset after).
     timer: Option<Pin<Box<Sleep>>>,
 }
@@ -311,9 +346,10 @@ impl Turn {
                     if let Some(idle) = self.idle_since.take() {
                         self.prompt = idle.elapsed() <= GRACE;
                     }
+                    let admitted = std::mem::take(&mut self.admitted);
                     match self.turns.0.permits.clone().try_acquire_owned() {
                         Ok(permit) => self.state = State::Holding { permit, since: None },
-                        Err(_) if self.turns.line_full() => {
+                        Err(_) if !admitted && self.turns.line_full() => {
                             // Read now, without a turn, for a quick refusal.
                             self.past_line = true;
                             let before = buf.filled().len();
@@ -324,6 +360,12 @@ impl Turn {
                             return read;
                         }
                         Err(_) => {
+                            // A new socket is reported readable before anything arrives: only a
+                            // connection with data (or at its end) takes a place in line.
+                            let mut byte = [0u8; 1];
+                            if std::task::ready!(stream.poll_peek(cx, &mut ReadBuf::new(&mut byte)))? == 0 {
+                                return Pin::new(stream).poll_read(cx, buf);
+                            }
                             metrics::counter!("weir_connection_turns_waited_total").increment(1);
                             if self.turns.0.waiting.fetch_add(1, Relaxed) == 0 {
                                 self.turns.0.line_formed.notify_one();
@@ -397,6 +439,16 @@ impl Turn {
             }
             self.leave();
         }
+    }
+
+    /// The next request arrived while the line had room: it is not refused for the line.
+    pub(crate) fn admit(&mut self) {
+        self.admitted = true;
+    }
+
+    /// Whether the connection neither holds a turn nor waits for one.
+    pub(crate) fn is_out(&self) -> bool {
+        matches!(self.state, State::Out)
     }
 
     /// Whether the last read came past a line too long to join: its request is to be refused.
@@ -499,6 +551,47 @@ mod tests {
         waiting_conn.send().await;
         assert!(!waiting_conn.reads().await, "read without a turn");
         assert_eq!(waiting(turns), 1);
+    }
+
+    /// With the line full, a request read at once is refused (read past the line) unless the
+    /// door saw it arrive while the line had room: then it joins the line. The overload counts
+    /// as on for `REFUSING_FOR` after the line was last found full.
+    #[tokio::test(start_paused = true)]
+    async fn a_full_line_refuses_but_what_the_door_admitted_joins_it() {
+        let turns = Turns::new(Settings { active: 1, length: Duration::from_millis(50), line_wait: Duration::from_millis(1) }).unwrap();
+        let mut holder = Conn::open(&turns).await;
+        holder.send().await;
+        assert!(holder.reads().await);
+        holder.activity.started();
+        assert!(turns.crowded() && !turns.refusing());
+        let mut refused = Conn::open(&turns).await;
+        refused.send().await;
+        assert!(refused.reads().await && refused.turn.past_line(), "not read past the full line");
+        assert!(turns.refusing());
+        let mut admitted = Conn::open(&turns).await;
+        admitted.turn.admit();
+        admitted.send().await;
+        assert!(!admitted.reads().await, "read past the line though admitted");
+        assert_eq!(waiting(&turns), 1);
+        tokio::time::advance(REFUSING_FOR).await;
+        assert!(!turns.refusing(), "still refusing a while after the line was last full");
+    }
+
+    /// A new socket is reported readable before anything has arrived: it does not take a place
+    /// in line for that.
+    #[tokio::test(start_paused = true)]
+    async fn a_new_connection_without_data_does_not_join_the_line() {
+        let turns = Turns::new(Settings { active: 1, length: Duration::from_millis(50), line_wait: Duration::from_secs(60) }).unwrap();
+        let mut holder = Conn::open(&turns).await;
+        holder.send().await;
+        assert!(holder.reads().await);
+        holder.activity.started();
+        let mut quiet = Conn::open(&turns).await;
+        assert!(!quiet.reads().await);
+        assert_eq!(waiting(&turns), 0, "joined the line with nothing to read");
+        quiet.send().await;
+        assert!(!quiet.reads().await);
+        assert_eq!(waiting(&turns), 1, "its request does join it");
     }
 
     #[tokio::test(start_paused = true)]

@@ -1,0 +1,490 @@
+//! The door: while no turn is free, idle connections are watched by a thread of their own, which
+//! refuses a visitor's request there (503 with `Retry-After`) when the line is too long to join,
+//! instead of leaving it to wait for the busy runtime.
+//!
+//! Why: under overload the runtime's run queue is long, and a request that is only to be told
+//! "no" waited its place in it behind the requests being served: on the benchmark's saturated
+//! core the probe saw such refusals take 2–4 ms at the median and 10–30 ms at p99
+//! (`BENCHMARKS.md`, overload). The door's thread sleeps until a watched socket is readable; a
+//! thread woken after a sleep gets the core within ~0.1 ms (the kernel's fair scheduler favours
+//! it over the runtime's busy worker), and a refusal is a peek, a parse and two small copies.
+//!
+//! How: a connection's task hands its connection to the door when it is between requests, holds
+//! no turn, and finds none free or the line was full a moment ago (`backoff::Throttled`). The
+//! door watches a duplicate of the socket on its own runtime; the task waits for the door to
+//! hand the connection back (a `Watch`, one atomic state they share), so the socket is read by
+//! one side at a time and the door, woken at once, decides for each request. When data arrives:
+//! - the line has room: the request is admitted, and joins the line even if the line has grown
+//!   by the time the task reads it;
+//! - the line is full and the head is a complete, bodyless `GET` of a route the door may refuse
+//!   (the visitors' hot routes: the flood's): the door reads the head, writes the refusal and
+//!   holds the connection (`backoff`), as the shed layer would;
+//! - anything else (another route, a body, an incomplete head, the end of the stream) is left
+//!   unread for the task, which serves it as usual.
+//!
+//! A connection closed by its task while watched is let go by the door at once.
+
+use std::io;
+use std::net::{Shutdown, TcpStream as StdTcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering::AcqRel, Ordering::Acquire, Ordering::Release};
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll, Waker};
+use std::time::Instant;
+
+use parking_lot::Mutex;
+use tokio::io::ReadBuf;
+use tokio::net::TcpStream;
+use tokio::sync::{oneshot, Notify};
+
+use super::backoff::Backoff;
+use super::shed::{at_capacity_body, RETRY_AFTER};
+use super::turns::Turns;
+
+/// The route of a path the door may refuse (the name the request metrics give it), if any.
+pub type Refusable = fn(&str) -> Option<&'static str>;
+
+/// How much of a request the door looks at: a visitor's `GET` head is a few hundred bytes; a
+/// longer one is handed back (hyper reads it).
+const HEAD_PEEK: usize = 4096;
+
+/// The door of one listener: its thread, which runs while a handle to it exists.
+#[derive(Clone)]
+pub struct Door(Arc<Shared>);
+
+struct Shared {
+    runtime: tokio::runtime::Handle,
+    desk: Arc<Desk>,
+    /// Dropped with the last handle: the thread's runtime stops, ending its watches.
+    _stop: oneshot::Sender<()>,
+}
+
+/// What the door's watches share: what to refuse, and how to count it.
+struct Desk {
+    turns: Turns,
+    refusable: Refusable,
+    /// Per route the door may refuse: its request counter (503) and duration histogram.
+    routes: Mutex<Vec<(&'static str, metrics::Counter, metrics::Histogram)>>,
+    watching: metrics::Gauge,
+    watched: metrics::Counter,
+    refused: metrics::Counter,
+    returned: metrics::Counter,
+    shed: metrics::Counter,
+    line_refused: metrics::Counter,
+    #[cfg(test)]
+    seen: std::sync::atomic::AtomicU64,
+    #[cfg(test)]
+    refused_here: std::sync::atomic::AtomicU64,
+}
+
+impl Door {
+    /// Starts the door's thread, which refuses on behalf of `turns` the paths `refusable`
+    /// names.
+    pub fn start(turns: Turns, refusable: Refusable) -> io::Result<Door> {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_io().build()?;
+        let handle = runtime.handle().clone();
+        let (stop, stopped) = oneshot::channel::<()>();
+        std::thread::Builder::new().name("weir-door".into()).spawn(move || {
+            runtime.block_on(async {
+                let _ = stopped.await;
+            });
+        })?;
+        let desk = Desk {
+            turns,
+            refusable,
+            routes: Mutex::new(Vec::new()),
+            watching: metrics::gauge!("weir_door_watching"),
+            watched: metrics::counter!("weir_door_watched_total"),
+            refused: metrics::counter!("weir_door_refused_total"),
+            returned: metrics::counter!("weir_door_returned_total"),
+            shed: metrics::counter!("weir_shed_total", "group" => "visitors"),
+            line_refused: metrics::counter!("weir_connection_turns_refused_total"),
+            #[cfg(test)]
+            seen: Default::default(),
+            #[cfg(test)]
+            refused_here: Default::default(),
+        };
+        Ok(Door(Arc::new(Shared { runtime: handle, desk: Arc::new(desk), _stop: stop })))
+    }
+
+    /// Tests: requests the door has looked at (refused or handed back).
+    #[cfg(test)]
+    fn seen(&self) -> u64 {
+        self.0.desk.seen.load(Acquire)
+    }
+
+    /// Tests: requests the door has refused.
+    #[cfg(test)]
+    fn refused(&self) -> u64 {
+        self.0.desk.refused_here.load(Acquire)
+    }
+
+    /// Whether an idle connection should be handed to the door now: no turn is free, or the
+    /// line was full a moment ago, so its next request may come past a full line.
+    pub(crate) fn open(&self) -> bool {
+        let turns = &self.0.desk.turns;
+        turns.crowded() || turns.refusing()
+    }
+
+    /// Hands the idle connection on `stream` to the door; its [`Watch`], or `None` if the socket
+    /// could not be duplicated (out of descriptors: the task keeps the connection).
+    pub(crate) fn watch(&self, stream: &TcpStream, backoff: &Backoff) -> Option<Arc<Watch>> {
+        let socket: StdTcpStream = socket2::SockRef::from(stream).try_clone().ok()?.into();
+        let watch = Arc::new(Watch { state: AtomicU8::new(WATCHED), task: Mutex::new(None), ended: Notify::new(), admitted: AtomicBool::new(false) });
+        self.0.desk.watched.increment(1);
+        self.0.runtime.spawn(watch_at_the_door(socket, watch.clone(), self.0.desk.clone(), backoff.clone()));
+        Some(watch)
+    }
+}
+
+/// The connection's task has it.
+const TASK: u8 = 0;
+/// The door watches it: the task waits for the door to hand it back.
+const WATCHED: u8 = 1;
+/// The door is answering on it.
+const DOOR: u8 = 2;
+
+/// One hand-over of a connection to the door.
+pub(crate) struct Watch {
+    state: AtomicU8,
+    /// The task, waiting for the door to finish.
+    task: Mutex<Option<Waker>>,
+    /// Tells the door the task closed the connection.
+    ended: Notify,
+    /// Set by the door: the request arrived while the line had room.
+    admitted: AtomicBool,
+}
+
+impl Watch {
+    /// Whether the door saw the request arrive while the line had room (`Answer::Admitted`).
+    pub(crate) fn admitted(&self) -> bool {
+        self.admitted.load(Acquire)
+    }
+
+    /// From the connection's task: takes the connection back once the door has looked at its
+    /// request. Pending until then (the task is woken when the door hands it back): the door,
+    /// woken at once, decides for the request, not the task, woken later by its busy runtime.
+    pub(crate) fn take_back(&self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.state.load(Acquire) == TASK {
+            return Poll::Ready(());
+        }
+        *self.task.lock() = Some(cx.waker().clone());
+        if self.state.load(Acquire) == TASK {
+            return Poll::Ready(());
+        }
+        Poll::Pending
+    }
+
+    /// From the connection's task, closing: the door lets go of the socket.
+    pub(crate) fn close(&self) {
+        if self.state.compare_exchange(WATCHED, TASK, AcqRel, Acquire).is_ok() {
+            self.ended.notify_one();
+        }
+    }
+
+    /// From the door, on data: whether the connection is still open.
+    fn claim(&self) -> bool {
+        self.state.compare_exchange(WATCHED, DOOR, AcqRel, Acquire).is_ok()
+    }
+
+    /// From the door, done: the connection goes back to its task.
+    fn hand_back(&self) {
+        self.state.store(TASK, Release);
+        if let Some(task) = self.task.lock().take() {
+            task.wake();
+        }
+    }
+}
+
+/// Watches one idle connection until it has data (answered or handed back) or its task takes
+/// it back. The duplicate socket is closed when this ends.
+async fn watch_at_the_door(socket: StdTcpStream, watch: Arc<Watch>, desk: Arc<Desk>, backoff: Backoff) {
+    // Registered with the door's runtime: its readiness wakes the door, not the task's runtime.
+    let Ok(socket) = TcpStream::from_std(socket) else {
+        watch.hand_back();
+        return;
+    };
+    desk.watching.increment(1.0);
+    tokio::select! {
+        readable = socket.readable() => {
+            if watch.claim() {
+                let answer = if readable.is_ok() { desk.answer(&socket, &backoff) } else { Answer::Returned };
+                match answer {
+                    Answer::Refused => {}
+                    Answer::Admitted => {
+                        watch.admitted.store(true, Release);
+                        desk.returned.increment(1);
+                    }
+                    Answer::Returned => desk.returned.increment(1),
+                }
+                #[cfg(test)]
+                desk.seen.fetch_add(1, AcqRel);
+                watch.hand_back();
+            }
+        }
+        () = watch.ended.notified() => {}
+    }
+    desk.watching.decrement(1.0);
+}
+
+impl Desk {
+    /// Refuses the request waiting on `socket` if the line is full and the request is one the
+    /// door may refuse. What it does not refuse it leaves unread.
+    fn answer(&self, socket: &TcpStream, backoff: &Backoff) -> Answer {
+        let started = Instant::now();
+        if !self.turns.crowded() || !self.turns.line_full() {
+            return Answer::Admitted;
+        }
+        let mut head = [0u8; HEAD_PEEK];
+        let mut peeked = ReadBuf::new(&mut head);
+        // Readable: the peek does not wait (nothing to wake).
+        if !matches!(socket.poll_peek(&mut Context::from_waker(Waker::noop()), &mut peeked), Poll::Ready(Ok(_))) {
+            return Answer::Returned;
+        }
+        let Some((length, route)) = refusable_head(peeked.filled(), self.refusable) else { return Answer::Returned };
+        // The head was peeked whole: it is in the socket's buffer, and is read in one call.
+        let read = socket.try_read(&mut head[..length]);
+        let refusal = refusal();
+        if !matches!(read, Ok(n) if n == length) || !matches!(socket.try_write(refusal), Ok(n) if n == refusal.len()) {
+            // Cannot happen on an idle connection (its send buffer is empty); if it does, the
+            // connection is out of step: the task finds it closed.
+            let _ = socket2::SockRef::from(socket).shutdown(Shutdown::Both);
+        }
+        backoff.hold_after_refusal(RETRY_AFTER);
+        self.refused.increment(1);
+        #[cfg(test)]
+        self.refused_here.fetch_add(1, AcqRel);
+        self.shed.increment(1);
+        self.line_refused.increment(1);
+        let mut routes = self.routes.lock();
+        let index = routes.iter().position(|(name, ..)| *name == route).unwrap_or_else(|| {
+            let requests = metrics::counter!("weir_http_requests_total", "route" => route, "method" => "GET", "status" => "503");
+            routes.push((route, requests, metrics::histogram!("weir_http_request_duration_seconds", "route" => route, "method" => "GET")));
+            routes.len() - 1
+        });
+        let (_, requests, duration) = &routes[index];
+        requests.increment(1);
+        duration.record(started.elapsed().as_secs_f64());
+        Answer::Refused
+    }
+}
+
+/// What the door did with a request.
+enum Answer {
+    /// Refused it.
+    Refused,
+    /// Left it: the line had room when it arrived, so it joins the line (as it would have,
+    /// read at once), even if the line has grown by the time its connection reads it.
+    Admitted,
+    /// Left it for the connection to decide (not a request the door refuses, or unreadable).
+    Returned,
+}
+
+/// The length of `head` and the route of its request, if it is a complete HTTP/1.1 `GET` head
+/// of a path `refusable` names, with no body and nothing that changes what a refusal does to
+/// the connection (`Connection: close`, an upgrade).
+fn refusable_head(head: &[u8], refusable: Refusable) -> Option<(usize, &'static str)> {
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut request = httparse::Request::new(&mut headers);
+    let httparse::Status::Complete(length) = request.parse(head).ok()? else { return None };
+    if request.method != Some("GET") || request.version != Some(1) {
+        return None;
+    }
+    let path = request.path?;
+    let route = refusable(path.split_once('?').map_or(path, |(path, _)| path))?;
+    let plain = request.headers.iter().all(|h| {
+        let name = h.name;
+        let value = h.value;
+        if name.eq_ignore_ascii_case("content-length") {
+            value.trim_ascii() == b"0"
+        } else if name.eq_ignore_ascii_case("connection") {
+            let value = value.to_ascii_lowercase();
+            !value.windows(5).any(|w| w == b"close") && !value.windows(7).any(|w| w == b"upgrade")
+        } else {
+            !name.eq_ignore_ascii_case("transfer-encoding") && !name.eq_ignore_ascii_case("upgrade")
+        }
+    });
+    plain.then_some((length, route))
+}
+
+/// The refusal on the wire: what the shed layer answers (`shed::at_capacity`).
+fn refusal() -> &'static [u8] {
+    static RESPONSE: OnceLock<Vec<u8>> = OnceLock::new();
+    RESPONSE.get_or_init(|| {
+        let body = at_capacity_body();
+        let mut response = format!(
+            "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: {}\r\ncontent-length: {}\r\n\r\n",
+            RETRY_AFTER.as_secs(),
+            body.len()
+        )
+        .into_bytes();
+        response.extend_from_slice(body);
+        response
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::limits::backoff::{Listener, Throttled};
+    use crate::limits::turns::Settings;
+    use std::io::{Read as _, Write as _};
+    use std::net::SocketAddr;
+    use std::time::Duration;
+    use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+
+    /// A listener with one turn and a door; a `line_wait` of 1 ms keeps the line full (a
+    /// connection without the turn is refused), one of a minute leaves it room.
+    async fn listener(line_wait: Duration) -> (Listener, SocketAddr) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let settings = Settings { active: 1, length: Duration::from_millis(50), line_wait };
+        (Listener::new(listener, 16, settings).with_door(visitor_route), addr)
+    }
+
+    async fn accept(listener: &mut Listener) -> Throttled {
+        axum::serve::Listener::accept(listener).await.0
+    }
+
+    /// One poll of a read: what it read, or `None` if it had to wait.
+    async fn read_now(server: &mut Throttled) -> Option<Vec<u8>> {
+        let mut bytes = [0u8; 256];
+        let mut buf = ReadBuf::new(&mut bytes);
+        let polled = std::future::poll_fn(|cx| Poll::Ready(std::pin::Pin::new(&mut *server).poll_read(cx, &mut buf))).await;
+        match polled {
+            Poll::Ready(read) => Some(read.map(|()| buf.filled().to_vec()).unwrap()),
+            Poll::Pending => None,
+        }
+    }
+
+    /// A connection holding the one turn, a request in flight, and an idle one the door
+    /// watches (no turn is free). Returns the listener with both, and the idle one's client.
+    async fn crowded(line_wait: Duration) -> (Listener, Throttled, Throttled, std::net::TcpStream) {
+        let (mut listener, addr) = listener(line_wait).await;
+        let mut holder_client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut holder = accept(&mut listener).await;
+        holder_client.write_all(b"ping").await.unwrap();
+        let mut buf = [0u8; 4];
+        holder.read_exact(&mut buf).await.unwrap();
+        holder.activity().started();
+        // Kept open with the holder: the test ends before it matters.
+        std::mem::forget(holder_client);
+        let idle_client = std::net::TcpStream::connect(addr).unwrap();
+        idle_client.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut idle = accept(&mut listener).await;
+        assert_eq!(read_now(&mut idle).await, None, "the idle connection read something");
+        (listener, holder, idle, idle_client)
+    }
+
+    /// Waits (on the real clock) until the door has looked at `n` requests.
+    async fn door_saw(door: &Door, n: u64) {
+        for _ in 0..5000 {
+            if door.seen() >= n {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        panic!("the door saw {} requests, not {n}", door.seen());
+    }
+
+    /// The door answers while the connection's runtime is blocked: the refusal does not wait
+    /// for it. What follows the refused request is left for the connection, which is held.
+    #[tokio::test]
+    async fn a_request_past_a_full_line_is_refused_at_the_door_while_the_runtime_is_busy() {
+        let (listener, _holder, mut idle, mut client) = crowded(Duration::from_millis(1)).await;
+        let door = listener.door().expect("a door").clone();
+        let asked = std::thread::spawn(move || {
+            client.write_all(b"GET /r/sale HTTP/1.1\r\nhost: x\r\n\r\nping").unwrap();
+            let mut response = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !String::from_utf8_lossy(&response).ends_with('}') {
+                let n = client.read(&mut buf).expect("no answer while the runtime was blocked");
+                assert!(n > 0, "closed without an answer");
+                response.extend_from_slice(&buf[..n]);
+            }
+            String::from_utf8(response).unwrap()
+        });
+        // Blocks this runtime (the connection's) until the client has its answer.
+        let response = asked.join().expect("the client's thread failed");
+        assert!(response.starts_with("HTTP/1.1 503 Service Unavailable\r\n"), "{response}");
+        assert!(response.contains("\r\nretry-after: 1\r\n"), "{response}");
+        let body = response.split_once("\r\n\r\n").unwrap().1;
+        let json: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(json["error"]["code"], "unavailable");
+        assert!(response.contains(&format!("content-length: {}\r\n", body.len())), "{response}");
+        assert_eq!(door.refused(), 1);
+        assert!(idle.backoff().until().is_some(), "the refused connection is not held");
+        let mut rest = [0u8; 4];
+        tokio::time::timeout(Duration::from_secs(5), idle.read_exact(&mut rest)).await.expect("not read after the hold").unwrap();
+        assert_eq!(&rest, b"ping", "the door read more than the refused request");
+    }
+
+    /// Whatever the door does not refuse reaches the connection whole, and is not held.
+    #[tokio::test]
+    async fn what_the_door_does_not_refuse_it_leaves_for_the_connection() {
+        let cases: [(&str, Duration); 5] = [
+            ("GET /r/sale HTTP/1.1\r\nhost: x\r\n\r\n", Duration::from_secs(60)),
+            ("GET /readyz HTTP/1.1\r\nhost: x\r\n\r\n", Duration::from_millis(1)),
+            ("POST /r/sale HTTP/1.1\r\ncontent-length: 2\r\n\r\nhi", Duration::from_millis(1)),
+            ("GET /r/sa", Duration::from_millis(1)),
+            // The line has room: the request is to wait in it, not to be refused.
+            ("GET /r/sale HTTP/1.1\r\nhost: x\r\n\r\n", Duration::from_secs(60)),
+        ];
+        for (request, line_wait) in cases {
+            let (listener, mut holder, mut idle, mut client) = crowded(line_wait).await;
+            let door = listener.door().expect("a door").clone();
+            client.write_all(request.as_bytes()).unwrap();
+            door_saw(&door, 1).await;
+            assert_eq!(door.refused(), 0, "{request:?} was refused");
+            // The turn is free again: the connection with the request may take it.
+            holder.activity().finished();
+            assert_eq!(read_now(&mut holder).await, None);
+            let mut got = vec![0u8; request.len()];
+            tokio::time::timeout(Duration::from_secs(5), idle.read_exact(&mut got)).await.expect("the request never reached the connection").unwrap();
+            assert_eq!(String::from_utf8_lossy(&got), request);
+            assert!(idle.backoff().until().is_none(), "{request:?}: held");
+        }
+    }
+
+    /// A connection closed while the door watches it is closed for its client too: the door's
+    /// duplicate of the socket does not keep it open.
+    #[tokio::test]
+    async fn a_connection_closed_while_at_the_door_is_closed() {
+        let (listener, _holder, idle, client) = crowded(Duration::from_millis(1)).await;
+        drop(idle);
+        let mut client = tokio::net::TcpStream::from_std({
+            client.set_nonblocking(true).unwrap();
+            client
+        })
+        .unwrap();
+        let mut buf = [0u8; 16];
+        let read = tokio::time::timeout(Duration::from_secs(5), client.read(&mut buf)).await.expect("still open after the server closed it");
+        assert_eq!(read.unwrap(), 0);
+        assert_eq!(listener.door().expect("a door").seen(), 0);
+    }
+
+    fn visitor_route(path: &str) -> Option<&'static str> {
+        path.strip_prefix("/r/").filter(|room| !room.is_empty() && !room.contains('/')).map(|_| "/r/{room}")
+    }
+
+    #[test]
+    fn only_a_whole_bodyless_get_of_a_refusable_route_is_refused() {
+        let refused = |head: &str| refusable_head(head.as_bytes(), visitor_route);
+        let get = "GET /r/sale?from=ad HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\nconnection: keep-alive\r\n\r\n";
+        assert_eq!(refused(get), Some((get.len(), "/r/{room}")));
+        assert_eq!(refused(&format!("{get}GET /r/next HTTP/1.1\r\n")), Some((get.len(), "/r/{room}")), "a pipelined request after it is left");
+        for head in [
+            "GET /r/sale HTTP/1.1\r\nhost: x\r\n",
+            "POST /r/sale HTTP/1.1\r\ncontent-length: 2\r\n\r\nhi",
+            "GET /r/sale HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n",
+            "GET /r/sale HTTP/1.1\r\ncontent-length: 5\r\n\r\nhello",
+            "GET /r/sale HTTP/1.1\r\nConnection: Close\r\n\r\n",
+            "GET /r/sale HTTP/1.1\r\nconnection: Upgrade\r\nupgrade: websocket\r\n\r\n",
+            "GET /r/sale HTTP/1.0\r\n\r\n",
+            "GET /readyz HTTP/1.1\r\n\r\n",
+            "GET /r/sale/extra HTTP/1.1\r\n\r\n",
+            "\u{1}\u{2} nonsense\r\n\r\n",
+        ] {
+            assert_eq!(refused(head), None, "{head:?}");
+        }
+    }
+}
