@@ -52,7 +52,7 @@ use tokio::time::{Instant, Sleep};
 
 use super::head_guard::Activity;
 
-/// How long after the line was last found full an overload counts as on ([`Turns::refusing`]):
+/// How long after the line was last found full an overload counts as on (`Turns::refusing`):
 /// the `Retry-After` of a refusal, after which refused clients come back.
 pub const REFUSING_FOR: Duration = Duration::from_secs(1);
 
