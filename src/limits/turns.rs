@@ -155,9 +155,19 @@ impl Turns {
         let s = &self.0;
         let full = pace(s.length, s.line_wait, s.turns_now.load(Relaxed), s.waiting.load(Relaxed) + 1).1;
         if full {
-            s.last_full_ms.store(s.born.elapsed().as_millis() as u64, Relaxed);
+            self.found_full();
         }
         full
+    }
+
+    fn found_full(&self) {
+        self.0.last_full_ms.store(self.0.born.elapsed().as_millis() as u64, Relaxed);
+    }
+
+    /// Tests: as if the line had just been found full.
+    #[cfg(test)]
+    pub(crate) fn refusing_now(&self) {
+        self.found_full();
     }
 
     /// Whether the line was found full within the last [`REFUSING_FOR`]: an overload is on,
