@@ -1,5 +1,6 @@
 //! Refusal that sticks: a connection that was answered 503 + `Retry-After` is not read again
-//! for a while — briefly the first time, up to the `Retry-After` period while it keeps asking.
+//! for a while — briefly the first time, up to nearly the `Retry-After` period while it keeps
+//! asking (`shed::LONGEST_HOLD`: a client that waits as told is read at once).
 //!
 //! Under overload an HTTP refusal still costs a parse and a response — a good part of what
 //! serving costs once serving is cheap — and a client that ignores `Retry-After` and asks again

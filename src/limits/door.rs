@@ -38,7 +38,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{oneshot, Notify};
 
 use super::backoff::Backoff;
-use super::shed::{at_capacity_body, RETRY_AFTER};
+use super::shed::{at_capacity_body, LONGEST_HOLD, RETRY_AFTER};
 use super::turns::Turns;
 
 /// The route of a path the door may refuse (the name the request metrics give it), if any.
@@ -288,7 +288,7 @@ impl Desk {
         // The head was peeked whole: it is in the socket's buffer, and is read in one call.
         let read = socket.try_read(&mut head[..length]);
         // Held and counted before the answer goes out: the client may ask again at once.
-        backoff.hold_after_refusal(RETRY_AFTER);
+        backoff.hold_after_refusal(LONGEST_HOLD);
         self.count_refusal(route);
         let refusal = refusal();
         if !matches!(read, Ok(n) if n == length) || !matches!(socket.try_write(refusal), Ok(n) if n == refusal.len()) {

@@ -27,8 +27,14 @@ use tower::{Layer, Service};
 use super::backoff::{Backoff, Peer};
 use crate::error::ApiError;
 
-/// What a refusal asks the client to wait (and holds its connection to, see `backoff`).
+/// What a refusal asks the client to wait.
 pub(crate) const RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// The longest a refused connection is held (`backoff`): a little less than [`RETRY_AFTER`], so
+/// a client that waits as told finds its connection read again when it asks. (Held for the
+/// whole `Retry-After`, such a client's next request arrived within the last moments of the
+/// hold, and waited them out: refusals of a few ms instead of a fraction of one.)
+pub(crate) const LONGEST_HOLD: Duration = Duration::from_millis(900);
 
 /// Wraps every route of `router` in one shared in-flight bound and a timeout.
 pub fn bounded<S: Clone + Send + Sync + 'static>(
@@ -109,7 +115,7 @@ impl<S: Service<Request, Response = Response, Error = Infallible>> BoundService<
             bound.shed.increment(1);
             // The answer says "retry in a second"; a connection that keeps asking is held up to that.
             if let Some(backoff) = held {
-                backoff.hold_after_refusal(RETRY_AFTER);
+                backoff.hold_after_refusal(LONGEST_HOLD);
             }
             return BoundFuture::Refused { response: Some(at_capacity()) };
         }
