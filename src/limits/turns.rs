@@ -53,8 +53,9 @@ use tokio::time::{Instant, Sleep};
 use super::head_guard::Activity;
 
 /// How long after the line was last found full an overload counts as on (`Turns::refusing`):
-/// the `Retry-After` of a refusal, after which refused clients come back.
-pub const REFUSING_FOR: Duration = Duration::from_secs(1);
+/// a few times the `Retry-After` of a refusal, since refused clients come back in waves and the
+/// line can have room for a second between them.
+pub const REFUSING_FOR: Duration = Duration::from_secs(5);
 
 /// How long a turn stays with a connection that has run out of requests while others wait, if
 /// its client was prompt last time: about what a busy client takes to send the next request.
