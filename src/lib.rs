@@ -22,12 +22,15 @@
 //! - [`realtime`]: the Pusher-protocol server (apps, WebSocket, channels, HTTP API, webhooks).
 //! - [`admin`]: the `/api/v1` admin API (bearer admin key) and the `weir` CLI that drives it.
 //! - [`limits`]: load shedding (an in-flight bound per route group, refusing with a
-//!   pre-serialized 503; a refused connection is held unread briefly, up to its `Retry-After`
-//!   while it keeps asking), turns (when more connections have requests than the CPU can
-//!   serve, a few dozen are served at a time, each for a turn of many requests, while the rest
-//!   wait in line — their state stays in the caches; turns shorten to bound the wait in line,
-//!   and a line too long for that is not joined: its arrivals are refused), timeouts, body limits, the slow
-//!   request-head guard; [`ops`]: metrics, health, shutdown.
+//!   pre-serialized 503; a refused connection is held unread briefly, up to nearly its
+//!   `Retry-After` while it keeps asking), turns (when more connections have requests than the
+//!   CPU can serve, a few dozen are served at a time, each for a turn of many requests, while
+//!   the rest wait in line — their state stays in the caches; turns shorten to bound the wait in
+//!   line, and a line too long for that is not joined: its arrivals are refused), the door
+//!   (while the line is refused, idle connections are watched by a thread of its own, at a
+//!   higher priority, which refuses visitors' requests there instead of behind the busy
+//!   workers), timeouts, body limits, the slow request-head guard; [`ops`]: metrics, health,
+//!   shutdown.
 //! - [`http`]: `AppState`, the router (where every layer's order is decided) and `App`, which
 //!   serves the two hottest routes (forward auth, status) in front of the router under the same
 //!   bound and metrics; [`serve`], the accept loop (hyper HTTP/1.1 connections with upgrades,

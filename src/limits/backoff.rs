@@ -146,7 +146,7 @@ impl Listener {
     /// too long to join; nothing without turns that refuse.
     pub fn with_door(mut self, refusable: Refusable) -> Self {
         let Some(turns) = self.turns.as_ref().filter(|turns| turns.refuses()) else { return self };
-        match Door::start(turns.clone(), refusable) {
+        match Door::start(turns.clone(), refusable, self.slots.clone()) {
             Ok(door) => self.door = Some(door),
             Err(e) => tracing::warn!(error = %e, "could not start the door's thread; refusals wait for the runtime"),
         }

@@ -35,7 +35,7 @@ use std::time::Instant;
 use parking_lot::Mutex;
 use tokio::io::ReadBuf;
 use tokio::net::TcpStream;
-use tokio::sync::{oneshot, Notify};
+use tokio::sync::{oneshot, Notify, Semaphore};
 
 use super::backoff::Backoff;
 use super::shed::{at_capacity_body, LONGEST_HOLD, RETRY_AFTER};
@@ -55,6 +55,9 @@ pub struct Door(Arc<Shared>);
 struct Shared {
     runtime: tokio::runtime::Handle,
     desk: Arc<Desk>,
+    /// The listener's connection slots: a watched connection's duplicate socket takes one, so
+    /// the door never holds more sockets than `limits.max_connections` leaves room for.
+    slots: Arc<Semaphore>,
     /// Dropped with the last handle: the thread's runtime stops, ending its watches.
     _stop: oneshot::Sender<()>,
 }
@@ -79,8 +82,8 @@ struct Desk {
 
 impl Door {
     /// Starts the door's thread, which refuses on behalf of `turns` the paths `refusable`
-    /// names.
-    pub fn start(turns: Turns, refusable: Refusable) -> io::Result<Door> {
+    /// names; its duplicate sockets take `slots` (the listener's connection slots).
+    pub fn start(turns: Turns, refusable: Refusable, slots: Arc<Semaphore>) -> io::Result<Door> {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_io().build()?;
         let handle = runtime.handle().clone();
         let (stop, stopped) = oneshot::channel::<()>();
@@ -109,7 +112,7 @@ impl Door {
             #[cfg(test)]
             refused_here: Default::default(),
         };
-        Ok(Door(Arc::new(Shared { runtime: handle, desk: Arc::new(desk), _stop: stop })))
+        Ok(Door(Arc::new(Shared { runtime: handle, desk: Arc::new(desk), slots, _stop: stop })))
     }
 
     /// Tests: requests the door has looked at (refused or handed back).
@@ -133,13 +136,19 @@ impl Door {
         self.0.desk.turns.refusing()
     }
 
-    /// Hands the idle connection on `stream` to the door; its [`Watch`], or `None` if the socket
-    /// could not be duplicated (out of descriptors: the task keeps the connection).
+    /// Hands the idle connection on `stream` to the door; its [`Watch`], or `None` if no
+    /// connection slot is free for the duplicate socket or it could not be made (the task keeps
+    /// the connection).
     pub(crate) fn watch(&self, stream: &TcpStream, backoff: &Backoff) -> Option<Arc<Watch>> {
+        let slot = self.0.slots.clone().try_acquire_owned().ok()?;
         let socket: StdTcpStream = socket2::SockRef::from(stream).try_clone().ok()?.into();
         let watch = Arc::new(Watch { state: AtomicU8::new(WATCHED), task: Mutex::new(None), ended: Notify::new(), admitted: AtomicBool::new(false) });
         self.0.desk.watched.increment(1);
-        self.0.runtime.spawn(watch_at_the_door(socket, watch.clone(), self.0.desk.clone(), backoff.clone()));
+        let (watch_for_door, desk, backoff) = (watch.clone(), self.0.desk.clone(), backoff.clone());
+        self.0.runtime.spawn(async move {
+            watch_at_the_door(socket, &watch_for_door, &desk, &backoff).await;
+            drop(slot);
+        });
         Some(watch)
     }
 }
@@ -223,7 +232,7 @@ impl Watch {
 
 /// Watches one idle connection until it has data (answered or handed back) or its task takes
 /// it back. The duplicate socket is closed when this ends.
-async fn watch_at_the_door(socket: StdTcpStream, watch: Arc<Watch>, desk: Arc<Desk>, backoff: Backoff) {
+async fn watch_at_the_door(socket: StdTcpStream, watch: &Watch, desk: &Desk, backoff: &Backoff) {
     // Registered with the door's runtime: its readiness wakes the door, not the task's runtime.
     let Ok(socket) = TcpStream::from_std(socket) else {
         watch.hand_back();
@@ -242,7 +251,7 @@ async fn watch_at_the_door(socket: StdTcpStream, watch: Arc<Watch>, desk: Arc<De
                     continue;
                 }
                 if watch.claim() {
-                    let answer = if readable.is_ok() { desk.answer(&socket, &backoff) } else { Answer::Returned };
+                    let answer = if readable.is_ok() { desk.answer(&socket, backoff) } else { Answer::Returned };
                     match answer {
                         Answer::Refused => {}
                         Answer::Admitted => {
@@ -395,11 +404,11 @@ mod tests {
 
     /// A listener with one turn and a door; a `line_wait` of 1 ms keeps the line full (a
     /// connection without the turn is refused), one of a minute leaves it room.
-    async fn listener(line_wait: Duration) -> (Listener, SocketAddr) {
+    async fn listener(line_wait: Duration, max_connections: usize) -> (Listener, SocketAddr) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let settings = Settings { active: 1, length: Duration::from_millis(50), line_wait };
-        (Listener::new(listener, 16, settings).with_door(visitor_route), addr)
+        (Listener::new(listener, max_connections, settings).with_door(visitor_route), addr)
     }
 
     async fn accept(listener: &mut Listener) -> Throttled {
@@ -420,7 +429,12 @@ mod tests {
     /// A connection holding the one turn, a request in flight, and an idle one the door
     /// watches (the line was full a moment ago). Returns the listener with both, and the idle one's client.
     async fn crowded(line_wait: Duration) -> (Listener, Throttled, Throttled, std::net::TcpStream) {
-        let (mut listener, addr) = listener(line_wait).await;
+        crowded_within(line_wait, 16).await
+    }
+
+    /// [`crowded`], with `max_connections` connection slots.
+    async fn crowded_within(line_wait: Duration, max_connections: usize) -> (Listener, Throttled, Throttled, std::net::TcpStream) {
+        let (mut listener, addr) = listener(line_wait, max_connections).await;
         let mut holder_client = tokio::net::TcpStream::connect(addr).await.unwrap();
         let mut holder = accept(&mut listener).await;
         holder_client.write_all(b"ping").await.unwrap();
@@ -506,6 +520,19 @@ mod tests {
             assert_eq!(String::from_utf8_lossy(&got), request);
             assert!(idle.backoff().until().is_none(), "{request:?}: held");
         }
+    }
+
+    /// The door's duplicate socket takes a connection slot: with none free, the connection stays
+    /// with its task, which reads (and here refuses) the request itself.
+    #[tokio::test]
+    async fn the_door_holds_no_more_sockets_than_the_connection_slots_leave() {
+        let (listener, _holder, mut idle, mut client) = crowded_within(Duration::from_millis(1), 2).await;
+        let request = "GET /r/sale HTTP/1.1\r\nhost: x\r\n\r\n";
+        client.write_all(request.as_bytes()).unwrap();
+        let mut got = vec![0u8; request.len()];
+        tokio::time::timeout(Duration::from_secs(5), idle.read_exact(&mut got)).await.expect("the request never reached the connection").unwrap();
+        assert_eq!(String::from_utf8_lossy(&got), request);
+        assert_eq!(listener.door().expect("a door").seen(), 0, "the door watched without a slot");
     }
 
     /// A connection closed while the door watches it is closed for its client too: the door's

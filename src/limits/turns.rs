@@ -295,12 +295,21 @@ impl Shared {
 
 /// Half again as many turns as `turns`; returns the new number.
 fn add_turns(s: &Shared, turns: usize) -> usize {
-    let more = (turns / 2).max(1);
+    let more = (turns / 2).max(1).min(MAX_TURNS.saturating_sub(turns));
+    if more == 0 {
+        return turns;
+    }
     // Turns still to be taken back are cancelled first.
     let cancelled = s.surplus.fetch_update(Relaxed, Relaxed, |e| Some(e.saturating_sub(more))).unwrap_or(0).min(more);
     s.permits.add_permits(more - cancelled);
     turns + more
 }
+
+/// The most turns the governor sets: more than a process's connections (file descriptors) can
+/// be. A line that persists with the CPU idle (every turn held by a request waiting on a slow
+/// origin) grows the turns by half each period, and without a bound that overflowed within
+/// seconds.
+const MAX_TURNS: usize = 1 << 20;
 
 /// The shortest a turn gets while the line is long: a few requests' worth, more than [`GRACE`].
 pub const MIN_TURN: Duration = Duration::from_millis(5);
@@ -312,7 +321,7 @@ fn pace(length: Duration, line_wait: Duration, turns: usize, waiting: usize) -> 
     if line_wait.is_zero() || waiting == 0 {
         return (length, false);
     }
-    let fits = line_wait.mul_f64(turns as f64 / waiting as f64);
+    let fits = Duration::try_from_secs_f64(line_wait.as_secs_f64() * turns as f64 / waiting as f64).unwrap_or(Duration::MAX);
     (fits.clamp(MIN_TURN.min(length), length), fits < MIN_TURN)
 }
 
@@ -588,6 +597,15 @@ mod tests {
         assert!(!turns.refusing(), "still refusing a while after the line was last full");
     }
 
+    /// However long a line persists with the CPU idle, the turns stop growing at [`MAX_TURNS`].
+    #[tokio::test(start_paused = true)]
+    async fn the_turns_have_a_ceiling() {
+        let turns = Turns::new(one_turn(Duration::from_millis(50))).unwrap();
+        assert_eq!(add_turns(&turns.0, MAX_TURNS - 1), MAX_TURNS);
+        assert_eq!(add_turns(&turns.0, MAX_TURNS), MAX_TURNS);
+        assert_eq!(add_turns(&turns.0, 4), 6);
+    }
+
     /// A new socket is reported readable before anything has arrived: it does not take a place
     /// in line for that.
     #[tokio::test(start_paused = true)]
@@ -776,6 +794,7 @@ mod tests {
         let (turn, full) = pace(length, line_wait, 96, 6_500);
         assert!(!full && turn > ms(7) && turn < ms(8), "more turns, a longer line: {turn:?}");
         assert_eq!(pace(length, Duration::ZERO, 64, 100_000), (length, false), "no bound: turns keep their length, nobody is refused");
+        assert_eq!(pace(length, Duration::from_secs(60), usize::MAX, 1), (length, false), "many turns: no overflow");
         assert_eq!(pace(ms(1), line_wait, 1, 1_000), (ms(1), true), "turns configured shorter than the shortest stay so");
     }
 
