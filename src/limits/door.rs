@@ -162,7 +162,8 @@ const PRIORITY_ABOVE: i32 = 10;
 /// Why: at equal priority the fair scheduler let the door's thread, runnable, wait behind a
 /// saturated worker for up to 18 ms (its `schedstat`), and a request arriving then waited too.
 /// Ten levels up (about nine times the weight) the door ran within 0.6 ms for 90 % of the
-/// probe's requests, against 4.6 ms at equal priority (`BENCHMARKS.md`, overload). The door
+/// probe's requests in one run, against 4.6 ms at equal priority; not in every run
+/// (`BENCHMARKS.md`, thirteenth round). The door
 /// uses little CPU, so the workers lose next to nothing.
 fn raise_priority() -> bool {
     let thread = rustix::thread::gettid();
