@@ -573,16 +573,23 @@ mod tests {
         assert_eq!(waiting(turns), 1);
     }
 
+    /// One turn of 50 ms with a line bound of `line_wait`, held by a connection whose request is
+    /// being served.
+    async fn one_turn_held(line_wait: Duration) -> (Turns, Conn) {
+        let turns = Turns::new(Settings { active: 1, length: Duration::from_millis(50), line_wait }).unwrap();
+        let mut holder = Conn::open(&turns).await;
+        holder.send().await;
+        assert!(holder.reads().await);
+        holder.activity.started();
+        (turns, holder)
+    }
+
     /// With the line full, a request read at once is refused (read past the line) unless the
     /// door saw it arrive while the line had room: then it joins the line. The overload counts
     /// as on for `REFUSING_FOR` after the line was last found full.
     #[tokio::test(start_paused = true)]
     async fn a_full_line_refuses_but_what_the_door_admitted_joins_it() {
-        let turns = Turns::new(Settings { active: 1, length: Duration::from_millis(50), line_wait: Duration::from_millis(1) }).unwrap();
-        let mut holder = Conn::open(&turns).await;
-        holder.send().await;
-        assert!(holder.reads().await);
-        holder.activity.started();
+        let (turns, _holder) = one_turn_held(Duration::from_millis(1)).await;
         assert!(turns.crowded() && !turns.refusing());
         let mut refused = Conn::open(&turns).await;
         refused.send().await;
@@ -610,11 +617,7 @@ mod tests {
     /// in line for that.
     #[tokio::test(start_paused = true)]
     async fn a_new_connection_without_data_does_not_join_the_line() {
-        let turns = Turns::new(Settings { active: 1, length: Duration::from_millis(50), line_wait: Duration::from_secs(60) }).unwrap();
-        let mut holder = Conn::open(&turns).await;
-        holder.send().await;
-        assert!(holder.reads().await);
-        holder.activity.started();
+        let (turns, _holder) = one_turn_held(Duration::from_secs(60)).await;
         let mut quiet = Conn::open(&turns).await;
         assert!(!quiet.reads().await);
         assert_eq!(waiting(&turns), 0, "joined the line with nothing to read");
