@@ -263,8 +263,9 @@ impl AsyncRead for Throttled {
 }
 
 impl Throttled {
-    /// With nothing to read, between requests, no turn held and none free: the next request may
-    /// be refused, so the door watches for it (`limits::door`).
+    /// With nothing to read, between requests and no turn held while the line is being
+    /// refused: the next request may be refused too, so the door watches for it
+    /// (`limits::door`).
     fn hand_to_the_door(&mut self) {
         let (Some(door), Some(turn)) = (&self.door, &self.turn) else { return };
         if turn.is_out() && door.open() && self.activity.between_requests() {

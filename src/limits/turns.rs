@@ -34,8 +34,9 @@
 //! The governor keeps that within `line_wait` by shortening the turns as the line grows (down
 //! to [`MIN_TURN`]); a line too long even for the shortest turns is not joined: a connection
 //! arriving with a request is read at once, without a turn, and its request refused (503 with
-//! `Retry-After`, see `shed` and `backoff`). So accepted requests wait a bounded time, and a
-//! refused one is told so without waiting in line.
+//! `Retry-After`, see `shed` and `backoff`; while refusals go on, idle connections are watched by
+//! the door, which answers them off the busy workers, see `door`). So accepted requests wait a
+//! bounded time, and a refused one is told so without waiting in line.
 
 use std::future::Future;
 use std::io;
