@@ -163,7 +163,12 @@ impl Turns {
     }
 
     fn found_full(&self) {
-        self.0.last_full_ms.store(self.0.born.elapsed().as_millis() as u64, Relaxed);
+        // Asked at every refusal, from the workers and the door: written once a millisecond at
+        // most, so the line stays in the caches that read it.
+        let now = self.0.born.elapsed().as_millis() as u64;
+        if self.0.last_full_ms.load(Relaxed) != now {
+            self.0.last_full_ms.store(now, Relaxed);
+        }
     }
 
     /// Tests: as if the line had just been found full.
