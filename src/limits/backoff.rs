@@ -16,6 +16,7 @@
 //! connection's [`Backoff`] (with the peer address, as one [`Peer`]), which the shed layer sets
 //! when it refuses.
 
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -30,6 +31,7 @@ use super::door::{Door, Refusable, Watch};
 use super::head_guard::Activity;
 use super::turns::{Settings, Turn, Turns};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::futures::OwnedNotified;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, Sleep};
 
@@ -177,6 +179,7 @@ impl axum::serve::Listener for Listener {
                         turn,
                         door: self.door.clone(),
                         watch: None,
+                        door_bell: None,
                         _slot: slot,
                     };
                     return (throttled, addr);
@@ -206,6 +209,9 @@ pub struct Throttled {
     door: Option<Door>,
     /// While the connection is handed to the door.
     watch: Option<Arc<Watch>>,
+    /// Rings when refusals begin, for an idle connection not handed to the door while a line
+    /// exists (made once, reused).
+    door_bell: Option<Pin<Box<OwnedNotified>>>,
     /// This connection's place under `max_connections`, released when it closes.
     _slot: OwnedSemaphorePermit,
 }
@@ -256,7 +262,7 @@ impl AsyncRead for Throttled {
             this.backoff.set_past_line(past_line);
         }
         if read.is_pending() {
-            this.hand_to_the_door();
+            this.hand_to_the_door(cx);
         }
         read
     }
@@ -265,12 +271,30 @@ impl AsyncRead for Throttled {
 impl Throttled {
     /// With nothing to read, between requests and no turn held while the line is being
     /// refused: the next request may be refused too, so the door watches for it
-    /// (`limits::door`).
-    fn hand_to_the_door(&mut self) {
+    /// (`limits::door`). While a line exists but nothing is refused yet, the connection is
+    /// woken when refusals begin, to be handed over then: otherwise a connection that went idle
+    /// before would have its first refusal made by a busy worker, milliseconds later.
+    fn hand_to_the_door(&mut self, cx: &mut Context<'_>) {
         let (Some(door), Some(turn)) = (&self.door, &self.turn) else { return };
-        if turn.is_out() && door.open() && self.activity.between_requests() {
-            self.watch = door.watch(&self.stream, &self.backoff);
+        if !turn.is_out() || !self.activity.between_requests() {
+            return;
         }
+        if !door.open() {
+            if !door.has_line() {
+                return;
+            }
+            let bell = self.door_bell.get_or_insert_with(|| Box::pin(door.when_refusals_begin()));
+            if bell.as_mut().poll(cx).is_ready() {
+                // Rung for an earlier idle spell: the next ring is for the next time.
+                bell.set(door.when_refusals_begin());
+                let _ = bell.as_mut().poll(cx);
+            }
+            // Checked again once the bell is set: refusals may have begun in between.
+            if !door.open() {
+                return;
+            }
+        }
+        self.watch = door.watch(&self.stream, &self.backoff);
     }
 }
 

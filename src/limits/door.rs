@@ -136,6 +136,16 @@ impl Door {
         self.0.desk.turns.refusing()
     }
 
+    /// Whether connections wait in line for a turn: refusals may begin soon.
+    pub(crate) fn has_line(&self) -> bool {
+        self.0.desk.turns.has_line()
+    }
+
+    /// Ready once refusals begin, for a future polled before (`Turns::when_refusals_begin`).
+    pub(crate) fn when_refusals_begin(&self) -> tokio::sync::futures::OwnedNotified {
+        self.0.desk.turns.when_refusals_begin()
+    }
+
     /// Hands the idle connection on `stream` to the door; its [`Watch`], or `None` if no
     /// connection slot is free for the duplicate socket or it could not be made (the task keeps
     /// the connection).
@@ -521,6 +531,47 @@ mod tests {
             assert_eq!(String::from_utf8_lossy(&got), request);
             assert!(idle.backoff().until().is_none(), "{request:?}: held");
         }
+    }
+
+    /// A connection that went idle while a line existed but nothing was refused yet is handed
+    /// to the door as soon as refusals begin, without waiting for its next request: so even its
+    /// first request after that is looked at by the door, not read by its busy task.
+    #[tokio::test]
+    async fn an_idle_connection_goes_to_the_door_when_refusals_begin() {
+        let (mut listener, addr) = listener(Duration::from_secs(60), 16).await;
+        let door = listener.door().expect("a door").clone();
+        let mut holder_client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut holder = accept(&mut listener).await;
+        holder_client.write_all(b"ping").await.unwrap();
+        let mut buf = [0u8; 4];
+        holder.read_exact(&mut buf).await.unwrap();
+        holder.activity().started();
+        // A second connection with a request waits in line for the one turn.
+        let mut waiter_client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut waiter = accept(&mut listener).await;
+        waiter_client.write_all(b"ping").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(read_now(&mut waiter).await, None, "the waiter read without the turn");
+        let mut idle_client = std::net::TcpStream::connect(addr).unwrap();
+        let mut idle = accept(&mut listener).await;
+        // The idle connection's task waits for a request, as hyper's would between requests.
+        let (read_tx, read_rx) = oneshot::channel();
+        tokio::spawn(async move {
+            let mut request = [0u8; 64];
+            let n = idle.read(&mut request).await.unwrap();
+            let _ = read_tx.send(request[..n].to_vec());
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(door.seen(), 0);
+        listener.door().expect("a door").0.desk.turns.refusing_now();
+        let request = "GET /r/sale HTTP/1.1\r\nhost: x\r\n\r\n";
+        idle_client.write_all(request.as_bytes()).unwrap();
+        door_saw(&door, 1).await;
+        // The line had room: the door admitted the request, and the task read it whole.
+        let got = tokio::time::timeout(Duration::from_secs(5), read_rx).await.expect("the request never reached the connection").unwrap();
+        assert_eq!(String::from_utf8_lossy(&got), request);
+        assert_eq!(door.refused(), 0);
+        drop((holder_client, waiter_client));
     }
 
     /// The door's duplicate socket takes a connection slot: with none free, the connection stays

@@ -48,6 +48,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::sync::futures::OwnedNotified;
 use tokio::sync::{AcquireError, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, Sleep};
 
@@ -96,6 +97,9 @@ struct Shared {
     surplus: AtomicUsize,
     /// Wakes the governor when the line forms.
     line_formed: Notify,
+    /// Wakes idle connections waiting in a line's presence when refusals begin (the line was
+    /// found full after [`REFUSING_FOR`] or more without), so that they go to the door at once.
+    refusals_began: Arc<Notify>,
     /// Whether the CPU was the bottleneck at the governor's last look: only then does a prompt
     /// connection keep its turn between requests while others wait (with time to spare, the
     /// caches are not what limits, and the turn is worth more to the next in line).
@@ -130,6 +134,7 @@ impl Turns {
             waiting: AtomicUsize::new(0),
             surplus: AtomicUsize::new(0),
             line_formed: Notify::new(),
+            refusals_began: Arc::new(Notify::new()),
             cpu_bound: AtomicBool::new(forced_share.is_some_and(|share| share >= SPARE_BELOW)),
             last_full_ms: AtomicU64::new(0),
             // A day back, so that a line found full at once is not at 0 ms ("never").
@@ -166,9 +171,23 @@ impl Turns {
         // Asked at every refusal, from the workers and the door: written once a millisecond at
         // most, so the line stays in the caches that read it.
         let now = self.0.born.elapsed().as_millis() as u64;
-        if self.0.last_full_ms.load(Relaxed) != now {
+        let last = self.0.last_full_ms.load(Relaxed);
+        if last != now {
             self.0.last_full_ms.store(now, Relaxed);
+            if last == 0 || now.saturating_sub(last) >= REFUSING_FOR.as_millis() as u64 {
+                self.0.refusals_began.notify_waiters();
+            }
         }
+    }
+
+    /// Ready once refusals begin ([`Turns::refusing`] turns true), for a future polled before.
+    pub(crate) fn when_refusals_begin(&self) -> OwnedNotified {
+        self.0.refusals_began.clone().notified_owned()
+    }
+
+    /// Whether connections with requests wait in line for a turn: the line may fill.
+    pub(crate) fn has_line(&self) -> bool {
+        self.contended()
     }
 
     /// Tests: as if the line had just been found full.
