@@ -231,23 +231,29 @@ impl Throttled {
 impl AsyncRead for Throttled {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
-        if let Some(until) = this.backoff.until() {
-            if Instant::now() < until && super::poll_timer(&mut this.sleep, until, cx).is_pending() {
-                // A held connection is not served: its turn goes to the next in line.
-                if let Some(turn) = &mut this.turn {
-                    turn.leave();
+        loop {
+            if let Some(watch) = &this.watch {
+                std::task::ready!(watch.take_back(cx));
+                if let (true, Some(turn)) = (watch.admitted(), &mut this.turn) {
+                    turn.admit();
                 }
-                return Poll::Pending;
+                this.watch = None;
             }
-            this.sleep = None;
-        }
-        if let Some(watch) = &this.watch {
-            std::task::ready!(watch.take_back(cx));
-            if let (true, Some(turn)) = (watch.admitted(), &mut this.turn) {
-                turn.admit();
+            let Some(until) = this.backoff.until().filter(|until| Instant::now() < *until) else { break };
+            // A held connection is not served: its turn goes to the next in line.
+            if let Some(turn) = &mut this.turn {
+                turn.leave();
             }
-            this.watch = None;
+            // While refusals go on, the hold is waited out at the door, which reads the next
+            // request the moment the hold ends; this runtime, busy, would wake late, and find
+            // it there to be refused by a worker.
+            this.hand_to_the_door(cx);
+            if this.watch.is_none() {
+                std::task::ready!(super::poll_timer(&mut this.sleep, until, cx));
+                break;
+            }
         }
+        this.sleep = None;
         let before = buf.filled().len();
         if this.turn.is_some() && this.activity.upgraded() {
             this.turn = None;

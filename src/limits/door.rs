@@ -11,7 +11,9 @@
 //! two small copies.
 //!
 //! How: a connection's task hands its connection to the door when it is between requests and
-//! holds no turn while the line was full a moment ago (`backoff::Throttled`). The
+//! holds no turn while the line was full a moment ago (`backoff::Throttled`): when it runs out of
+//! requests, when it is held after a refusal a worker made, and, for one that went idle beside a
+//! line before anything was refused, when refusals begin (`Turns::when_refusals_begin`). The
 //! door watches a duplicate of the socket on its own runtime; the task waits for the door to
 //! hand the connection back (a `Watch`, one atomic state they share), so the socket is read by
 //! one side at a time and the door, woken at once, decides for each request. When data arrives:
@@ -19,7 +21,8 @@
 //!   by the time the task reads it;
 //! - the line is full and the head is a complete, bodyless `GET` of a route the door may refuse
 //!   (the visitors' hot routes: the flood's): the door reads the head, writes the refusal and
-//!   holds the connection (`backoff`), as the shed layer would;
+//!   holds the connection (`backoff`), as the shed layer would, and keeps it: the hold is
+//!   waited out at the door, which looks at the next request the moment the hold ends;
 //! - anything else (another route, a body, an incomplete head, the end of the stream) is left
 //!   unread for the task, which serves it as usual.
 //!
@@ -84,7 +87,7 @@ impl Door {
     /// Starts the door's thread, which refuses on behalf of `turns` the paths `refusable`
     /// names; its duplicate sockets take `slots` (the listener's connection slots).
     pub fn start(turns: Turns, refusable: Refusable, slots: Arc<Semaphore>) -> io::Result<Door> {
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_io().build()?;
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_io().enable_time().build()?;
         let handle = runtime.handle().clone();
         let (stop, stopped) = oneshot::channel::<()>();
         std::thread::Builder::new().name("weir-door".into()).spawn(move || {
@@ -220,11 +223,18 @@ impl Watch {
         Poll::Pending
     }
 
-    /// From the connection's task, closing: the door lets go of the socket.
+    /// From the connection's task, closing: the door lets go of the socket (at once if it is
+    /// watching; when done, if it is answering).
     pub(crate) fn close(&self) {
-        if self.state.compare_exchange(WATCHED, TASK, AcqRel, Acquire).is_ok() {
+        if self.state.swap(TASK, AcqRel) == WATCHED {
             self.ended.notify_one();
         }
+    }
+
+    /// From the door, having refused: goes on watching; false if the task closed the
+    /// connection meanwhile.
+    fn keep(&self) -> bool {
+        self.state.compare_exchange(DOOR, WATCHED, AcqRel, Acquire).is_ok()
     }
 
     /// From the door, on data: whether the connection is still open.
@@ -251,6 +261,13 @@ async fn watch_at_the_door(socket: StdTcpStream, watch: &Watch, desk: &Desk, bac
     };
     desk.watching.increment(1.0);
     loop {
+        // A held connection is not read before its hold ends (`backoff`), at the door either.
+        if let Some(until) = backoff.until() {
+            tokio::select! {
+                () = tokio::time::sleep_until(until) => {}
+                () = watch.ended.notified() => break,
+            }
+        }
         tokio::select! {
             readable = socket.readable() => {
                 // A new registration is reported readable before anything has arrived: only
@@ -264,7 +281,15 @@ async fn watch_at_the_door(socket: StdTcpStream, watch: &Watch, desk: &Desk, bac
                 if watch.claim() {
                     let answer = if readable.is_ok() { desk.answer(&socket, backoff) } else { Answer::Returned };
                     match answer {
-                        Answer::Refused => {}
+                        // Kept, held: its next request is looked at here too, once the hold ends.
+                        Answer::Refused => {
+                            #[cfg(test)]
+                            desk.seen.fetch_add(1, AcqRel);
+                            if watch.keep() {
+                                continue;
+                            }
+                            break;
+                        }
                         Answer::Admitted => {
                             watch.admitted.store(true, Release);
                             desk.returned.increment(1);
@@ -474,23 +499,48 @@ mod tests {
         panic!("the door saw {} requests, not {n}", door.seen());
     }
 
+    /// Sends `request` on `client` and reads the answer up to the end of a JSON body.
+    fn ask(client: &mut std::net::TcpStream, request: &[u8]) -> String {
+        client.write_all(request).unwrap();
+        let mut response = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !String::from_utf8_lossy(&response).ends_with('}') {
+            let n = client.read(&mut buf).expect("no answer while the runtime was blocked");
+            assert!(n > 0, "closed without an answer");
+            response.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8(response).unwrap()
+    }
+
+    const VISIT: &[u8] = b"GET /r/sale HTTP/1.1\r\nhost: x\r\n\r\n";
+
+    /// Blocks the calling runtime while a client thread asks a visit on `client` after each of
+    /// `pauses`: the answers, which only the door can give, and how long after its request each came.
+    fn ask_while_blocked(mut client: std::net::TcpStream, pauses: &[Duration]) -> Vec<(String, Duration)> {
+        let pauses = pauses.to_vec();
+        let asked = std::thread::spawn(move || {
+            pauses
+                .into_iter()
+                .map(|pause| {
+                    std::thread::sleep(pause);
+                    let sent = Instant::now();
+                    (ask(&mut client, VISIT), sent.elapsed())
+                })
+                .collect()
+        });
+        asked.join().expect("the client's thread failed")
+    }
+
+    /// Longer than a first hold (`backoff`, 125 ms).
+    const PAST_A_HOLD: Duration = Duration::from_millis(150);
+
     /// The door answers while the connection's runtime is blocked: the refusal does not wait
     /// for it. What follows the refused request is left for the connection, which is held.
     #[tokio::test]
     async fn a_request_past_a_full_line_is_refused_at_the_door_while_the_runtime_is_busy() {
         let (listener, _holder, mut idle, mut client) = crowded(Duration::from_millis(1)).await;
         let door = listener.door().expect("a door").clone();
-        let asked = std::thread::spawn(move || {
-            client.write_all(b"GET /r/sale HTTP/1.1\r\nhost: x\r\n\r\nping").unwrap();
-            let mut response = Vec::new();
-            let mut buf = [0u8; 1024];
-            while !String::from_utf8_lossy(&response).ends_with('}') {
-                let n = client.read(&mut buf).expect("no answer while the runtime was blocked");
-                assert!(n > 0, "closed without an answer");
-                response.extend_from_slice(&buf[..n]);
-            }
-            String::from_utf8(response).unwrap()
-        });
+        let asked = std::thread::spawn(move || ask(&mut client, b"GET /r/sale HTTP/1.1\r\nhost: x\r\n\r\nping"));
         // Blocks this runtime (the connection's) until the client has its answer.
         let response = asked.join().expect("the client's thread failed");
         assert!(response.starts_with("HTTP/1.1 503 Service Unavailable\r\n"), "{response}");
@@ -504,6 +554,51 @@ mod tests {
         let mut rest = [0u8; 4];
         tokio::time::timeout(Duration::from_secs(5), idle.read_exact(&mut rest)).await.expect("not read after the hold").unwrap();
         assert_eq!(&rest, b"ping", "the door read more than the refused request");
+    }
+
+    /// A connection the door refused stays at the door while held: the request its client sends
+    /// once the hold is over is refused there too, with the connection's runtime still blocked.
+    #[tokio::test]
+    async fn a_refused_connection_waits_out_its_hold_at_the_door() {
+        let (listener, _holder, _idle, client) = crowded(Duration::from_millis(1)).await;
+        let door = listener.door().expect("a door").clone();
+        // The second visit is sent at once: the door answers it only once the hold is over.
+        let answers = ask_while_blocked(client, &[Duration::ZERO, Duration::ZERO]);
+        assert!(answers.iter().all(|(a, _)| a.starts_with("HTTP/1.1 503 ")), "{answers:?}");
+        assert!(answers[1].1 >= Duration::from_millis(120), "answered {:?} into a 125 ms hold", answers[1].1);
+        assert_eq!(door.refused(), 2);
+    }
+
+    /// A connection whose request its task refused (it was not at the door when the request
+    /// came) waits out its hold at the door, which answers its next request.
+    #[tokio::test]
+    async fn a_connection_refused_by_its_task_goes_to_the_door_for_its_hold() {
+        let (mut listener, addr) = listener(Duration::from_millis(1), 16).await;
+        let door = listener.door().expect("a door").clone();
+        let mut holder_client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut holder = accept(&mut listener).await;
+        holder_client.write_all(b"ping").await.unwrap();
+        let mut buf = [0u8; 4];
+        holder.read_exact(&mut buf).await.unwrap();
+        holder.activity().started();
+        // Nothing refused yet: the connection is not at the door when its request arrives.
+        let mut client = std::net::TcpStream::connect(addr).unwrap();
+        client.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut conn = accept(&mut listener).await;
+        client.write_all(VISIT).unwrap();
+        let mut request = vec![0u8; VISIT.len()];
+        tokio::time::timeout(Duration::from_secs(5), conn.read_exact(&mut request)).await.expect("not read").unwrap();
+        assert!(conn.backoff().take_past_line(), "read without coming past the full line");
+        // Refused as the shed layer does: held, the request finished.
+        conn.activity().started();
+        conn.backoff().hold_after_refusal(LONGEST_HOLD);
+        conn.activity().finished();
+        assert_eq!(read_now(&mut conn).await, None);
+        assert_eq!(door.refused(), 0);
+        let answers = ask_while_blocked(client, &[PAST_A_HOLD]);
+        assert!(answers[0].0.starts_with("HTTP/1.1 503 "), "{answers:?}");
+        assert_eq!(door.refused(), 1);
+        drop(holder_client);
     }
 
     /// Whatever the door does not refuse reaches the connection whole, and is not held.
