@@ -275,11 +275,16 @@ async fn watch_at_the_door(socket: StdTcpStream, watch: &Watch, desk: &Desk, bac
                 // nothing made the task hand the connection over again at once, and so on: the
                 // connection spent half its time with the task, where a request that arrived
                 // waited for the busy runtime.
-                if readable.is_ok() && !arrived(&socket) {
-                    continue;
-                }
+                let mut head = [0u8; HEAD_PEEK];
+                let peeked = match readable {
+                    Ok(()) => match peek_head(&socket, &mut head) {
+                        Some(peeked) => peeked,
+                        None => continue,
+                    },
+                    Err(_) => 0,
+                };
                 if watch.claim() {
-                    let answer = if readable.is_ok() { desk.answer(&socket, backoff) } else { Answer::Returned };
+                    let answer = if peeked > 0 { desk.answer(&socket, &mut head, peeked, backoff) } else { Answer::Returned };
                     match answer {
                         // Kept, held: its next request is looked at here too, once the hold ends.
                         Answer::Refused => {
@@ -308,28 +313,28 @@ async fn watch_at_the_door(socket: StdTcpStream, watch: &Watch, desk: &Desk, bac
     desk.watching.decrement(1.0);
 }
 
-/// Whether data (or the end of the stream, or an error) has arrived on `socket`, which was
-/// reported readable; if not, its readiness is cleared.
-fn arrived(socket: &TcpStream) -> bool {
-    let mut byte = [0u8; 1];
-    socket.poll_peek(&mut Context::from_waker(Waker::noop()), &mut ReadBuf::new(&mut byte)).is_ready()
+/// Copies what has arrived on `socket`, which was reported readable, into `head` without
+/// taking it from the socket: how many bytes (0: the end of the stream, or an error), or `None`
+/// if nothing has arrived after all (its readiness is then cleared).
+fn peek_head(socket: &TcpStream, head: &mut [u8]) -> Option<usize> {
+    let mut peeked = ReadBuf::new(head);
+    match socket.poll_peek(&mut Context::from_waker(Waker::noop()), &mut peeked) {
+        Poll::Pending => None,
+        Poll::Ready(Ok(n)) => Some(n),
+        Poll::Ready(Err(_)) => Some(0),
+    }
 }
 
 impl Desk {
-    /// Refuses the request waiting on `socket` if the line is full and the request is one the
-    /// door may refuse. What it does not refuse it leaves unread.
-    fn answer(&self, socket: &TcpStream, backoff: &Backoff) -> Answer {
+    /// Refuses the request waiting on `socket`, whose first `peeked` bytes are in `head`, if
+    /// the line is full and the request is one the door may refuse. What it does not refuse it
+    /// leaves unread.
+    fn answer(&self, socket: &TcpStream, head: &mut [u8], peeked: usize, backoff: &Backoff) -> Answer {
         let started = Instant::now();
         if !self.turns.crowded() || !self.turns.line_full() {
             return Answer::Admitted;
         }
-        let mut head = [0u8; HEAD_PEEK];
-        let mut peeked = ReadBuf::new(&mut head);
-        // Readable: the peek does not wait (nothing to wake).
-        if !matches!(socket.poll_peek(&mut Context::from_waker(Waker::noop()), &mut peeked), Poll::Ready(Ok(_))) {
-            return Answer::Returned;
-        }
-        let Some((length, route)) = refusable_head(peeked.filled(), self.refusable) else { return Answer::Returned };
+        let Some((length, route)) = refusable_head(&head[..peeked], self.refusable) else { return Answer::Returned };
         // The head was peeked whole: it is in the socket's buffer, and is read in one call.
         let read = socket.try_read(&mut head[..length]);
         // Held and counted before the answer goes out: the client may ask again at once.

@@ -44,6 +44,11 @@ impl Activity {
         self.finished.fetch_add(1, Relaxed);
     }
 
+    /// Whether anything has been read from the connection yet.
+    pub(crate) fn has_read(&self) -> bool {
+        self.bytes_read.load(Relaxed) > 0
+    }
+
     /// Whether the connection was upgraded (to a WebSocket): its reads are no longer requests.
     pub fn upgraded(&self) -> bool {
         self.upgraded.load(Relaxed)

@@ -406,9 +406,11 @@ impl Turn {
                         }
                         Err(_) => {
                             // A new socket is reported readable before anything arrives: only a
-                            // connection with data (or at its end) takes a place in line.
+                            // connection with data (or at its end) takes a place in line. Once
+                            // read from, its readiness is news (a read that found nothing
+                            // cleared it), and the peek's system call is spared.
                             let mut byte = [0u8; 1];
-                            if std::task::ready!(stream.poll_peek(cx, &mut ReadBuf::new(&mut byte)))? == 0 {
+                            if !activity.has_read() && std::task::ready!(stream.poll_peek(cx, &mut ReadBuf::new(&mut byte)))? == 0 {
                                 return Pin::new(stream).poll_read(cx, buf);
                             }
                             metrics::counter!("weir_connection_turns_waited_total").increment(1);
