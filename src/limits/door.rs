@@ -285,24 +285,18 @@ async fn watch_at_the_door(socket: StdTcpStream, watch: &Watch, desk: &Desk, bac
                 };
                 if watch.claim() {
                     let answer = if peeked > 0 { desk.answer(&socket, &mut head, peeked, backoff) } else { Answer::Returned };
+                    #[cfg(test)]
+                    desk.seen.fetch_add(1, AcqRel);
                     match answer {
                         // Kept, held: its next request is looked at here too, once the hold ends.
-                        Answer::Refused => {
-                            #[cfg(test)]
-                            desk.seen.fetch_add(1, AcqRel);
-                            if watch.keep() {
-                                continue;
-                            }
-                            break;
-                        }
+                        Answer::Refused if watch.keep() => continue,
+                        Answer::Refused => break,
                         Answer::Admitted => {
                             watch.admitted.store(true, Release);
                             desk.returned.increment(1);
                         }
                         Answer::Returned => desk.returned.increment(1),
                     }
-                    #[cfg(test)]
-                    desk.seen.fetch_add(1, AcqRel);
                     watch.hand_back();
                 }
                 break;
@@ -473,17 +467,23 @@ mod tests {
         crowded_within(line_wait, 16).await
     }
 
-    /// [`crowded`], with `max_connections` connection slots.
-    async fn crowded_within(line_wait: Duration, max_connections: usize) -> (Listener, Throttled, Throttled, std::net::TcpStream) {
-        let (mut listener, addr) = listener(line_wait, max_connections).await;
+    /// A connection holding the one turn of `listener`, at `addr`, with a request in flight.
+    async fn turn_held(listener: &mut Listener, addr: SocketAddr) -> Throttled {
         let mut holder_client = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let mut holder = accept(&mut listener).await;
+        let mut holder = accept(listener).await;
         holder_client.write_all(b"ping").await.unwrap();
         let mut buf = [0u8; 4];
         holder.read_exact(&mut buf).await.unwrap();
         holder.activity().started();
         // Kept open with the holder: the test ends before it matters.
         std::mem::forget(holder_client);
+        holder
+    }
+
+    /// [`crowded`], with `max_connections` connection slots.
+    async fn crowded_within(line_wait: Duration, max_connections: usize) -> (Listener, Throttled, Throttled, std::net::TcpStream) {
+        let (mut listener, addr) = listener(line_wait, max_connections).await;
+        let holder = turn_held(&mut listener, addr).await;
         let idle_client = std::net::TcpStream::connect(addr).unwrap();
         idle_client.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         let mut idle = accept(&mut listener).await;
@@ -580,12 +580,7 @@ mod tests {
     async fn a_connection_refused_by_its_task_goes_to_the_door_for_its_hold() {
         let (mut listener, addr) = listener(Duration::from_millis(1), 16).await;
         let door = listener.door().expect("a door").clone();
-        let mut holder_client = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let mut holder = accept(&mut listener).await;
-        holder_client.write_all(b"ping").await.unwrap();
-        let mut buf = [0u8; 4];
-        holder.read_exact(&mut buf).await.unwrap();
-        holder.activity().started();
+        let _holder = turn_held(&mut listener, addr).await;
         // Nothing refused yet: the connection is not at the door when its request arrives.
         let mut client = std::net::TcpStream::connect(addr).unwrap();
         client.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -603,7 +598,6 @@ mod tests {
         let answers = ask_while_blocked(client, &[PAST_A_HOLD]);
         assert!(answers[0].0.starts_with("HTTP/1.1 503 "), "{answers:?}");
         assert_eq!(door.refused(), 1);
-        drop(holder_client);
     }
 
     /// Whatever the door does not refuse reaches the connection whole, and is not held.
@@ -640,12 +634,7 @@ mod tests {
     async fn an_idle_connection_goes_to_the_door_when_refusals_begin() {
         let (mut listener, addr) = listener(Duration::from_secs(60), 16).await;
         let door = listener.door().expect("a door").clone();
-        let mut holder_client = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let mut holder = accept(&mut listener).await;
-        holder_client.write_all(b"ping").await.unwrap();
-        let mut buf = [0u8; 4];
-        holder.read_exact(&mut buf).await.unwrap();
-        holder.activity().started();
+        let _holder = turn_held(&mut listener, addr).await;
         // A second connection with a request waits in line for the one turn.
         let mut waiter_client = tokio::net::TcpStream::connect(addr).await.unwrap();
         let mut waiter = accept(&mut listener).await;
@@ -671,7 +660,7 @@ mod tests {
         let got = tokio::time::timeout(Duration::from_secs(5), read_rx).await.expect("the request never reached the connection").unwrap();
         assert_eq!(String::from_utf8_lossy(&got), request);
         assert_eq!(door.refused(), 0);
-        drop((holder_client, waiter_client));
+        drop(waiter_client);
     }
 
     /// The door's duplicate socket takes a connection slot: with none free, the connection stays
