@@ -458,10 +458,16 @@ fn rows(res: &Value) -> Vec<Row> {
         let refused = q["refused"].as_u64().unwrap_or(0);
         let with_ra = q["refused_with_retry_after"].as_u64().unwrap_or(0);
         let rp = f(&q["refused_latency"]["p99_ms"]).filter(|_| refused > 0);
+        // Who answered: weir's door (off the busy workers) or the workers themselves.
+        let counted = &q["server_counted"];
+        let door = match (f(&counted["weir_door_refused_total"]), f(&counted["weir_shed_total"])) {
+            (Some(door), Some(all)) if all > 0.0 => format!("; weir's door answered {door:.0} of the {all:.0} it refused"),
+            _ => String::new(),
+        };
         rows.push(Row {
             scenario: "overload".into(),
             figure: format!(
-                "refusals as the load generator saw them: p99 from send ({refused} refused, {with_ra} with Retry-After; the client honours it: {} sends deferred{on})",
+                "refusals as the load generator saw them: p99 from send ({refused} refused, {with_ra} with Retry-After; the client honours it: {} sends deferred{on}{door})",
                 q["deferred"].as_u64().unwrap_or(0)
             ),
             weir: if refused == 0 { nm(o).unwrap_or("none refused".into()) } else { cell(rp, " ms", &None) },
