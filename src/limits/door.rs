@@ -288,9 +288,14 @@ async fn watch_at_the_door(socket: StdTcpStream, watch: &Watch, desk: &Desk, bac
                     #[cfg(test)]
                     desk.seen.fetch_add(1, AcqRel);
                     match answer {
-                        // Kept, held: its next request is looked at here too, once the hold ends.
-                        Answer::Refused if watch.keep() => continue,
-                        Answer::Refused => break,
+                        // Kept, held: its next request is looked at here too, once the hold ends
+                        // (unless the task closed the connection meanwhile).
+                        Answer::Refused => {
+                            if watch.keep() {
+                                continue;
+                            }
+                            break;
+                        }
                         Answer::Admitted => {
                             watch.admitted.store(true, Release);
                             desk.returned.increment(1);
