@@ -29,6 +29,11 @@ pub const CONNS: usize = 64;
 /// it the thread runs at the client's priority, which the result says. The probe sleeps between
 /// its few requests, so it takes no time from the generator beyond its own small share.
 const FIFO_PRIORITY: i32 = 1;
+/// When the probe's `settled` figures begin. Why: the load starts all at once, the line fills
+/// within its first 200 ms, and the connections refused then come back together a second later
+/// (and again, less together, a second after that): the onset of a flood. Reported apart, so
+/// that a figure is read for the flood's onset and for its course.
+pub const SETTLED_AFTER: Duration = Duration::from_secs(3);
 
 /// Runs `load` with a [`Probe`] of `addr` alongside; the probe's result goes with the load's.
 pub async fn probed(addr: SocketAddr, reqs: Vec<Vec<u8>>, load: impl std::future::Future<Output = LoadResult>) -> LoadResult {
@@ -46,6 +51,9 @@ pub struct Probe {
 
 pub struct ProbeResult {
     pub tally: Tally,
+    /// The answers to requests sent [`SETTLED_AFTER`] or more after the probe began: the load
+    /// past its onset, when the first refusals come back together.
+    pub settled: Tally,
     /// Whether the thread got its raised priority.
     pub raised: bool,
 }
@@ -60,8 +68,8 @@ impl Probe {
             let raised = raise_priority();
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("probe runtime");
             let local = tokio::task::LocalSet::new();
-            let tally = local.block_on(&rt, run(addr, Arc::new(reqs), flag));
-            ProbeResult { tally, raised }
+            let (tally, settled) = local.block_on(&rt, run(addr, Arc::new(reqs), flag));
+            ProbeResult { tally, settled, raised }
         });
         Probe { stop, thread }
     }
@@ -69,7 +77,7 @@ impl Probe {
     /// Stops sending (requests in flight are answered first) and returns what was measured.
     pub fn finish(self) -> ProbeResult {
         self.stop.store(true, Ordering::Relaxed);
-        self.thread.join().unwrap_or_else(|_| ProbeResult { tally: Tally::default(), raised: false })
+        self.thread.join().unwrap_or_else(|_| ProbeResult { tally: Tally::default(), settled: Tally::default(), raised: false })
     }
 }
 
@@ -80,14 +88,16 @@ fn raise_priority() -> bool {
     unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) == 0 }
 }
 
-async fn run(addr: SocketAddr, reqs: Arc<Vec<Vec<u8>>>, stop: Arc<AtomicBool>) -> Tally {
+/// Probes until `stop`: every answer, and those to requests scheduled [`SETTLED_AFTER`] or more
+/// after the start.
+async fn run(addr: SocketAddr, reqs: Arc<Vec<Vec<u8>>>, stop: Arc<AtomicBool>) -> (Tally, Tally) {
     let t0 = Instant::now() + Duration::from_millis(20);
     let interval = Duration::from_secs_f64(CONNS as f64 / RATE);
     let mut tasks = Vec::new();
     for c in 0..CONNS {
         let (reqs, stop) = (reqs.clone(), stop.clone());
         tasks.push(tokio::task::spawn_local(async move {
-            let mut tally = Tally::default();
+            let (mut tally, mut settled) = (Tally::default(), Tally::default());
             let mut conn = Conn::new(addr);
             let _ = conn.connect().await;
             // Connection `c` sends at `t0 + c/RATE + k·interval`: evenly spread over the probe.
@@ -116,25 +126,30 @@ async fn run(addr: SocketAddr, reqs: Arc<Vec<Vec<u8>>>, stop: Arc<AtomicBool>) -
                         let from_send = (done - sent).as_nanos() as u64;
                         let nanos = if behind { (done - scheduled).as_nanos() as u64 } else { from_send };
                         count(&mut tally, r.status, r.retry_after, nanos, from_send);
+                        if scheduled >= t0 + SETTLED_AFTER {
+                            count(&mut settled, r.status, r.retry_after, nanos, from_send);
+                        }
                     }
                     Err(_) => tally.errors += 1,
                 }
             }
-            tally
+            (tally, settled)
         }));
     }
-    let mut all = Tally::default();
+    let (mut all, mut all_settled) = (Tally::default(), Tally::default());
     for t in tasks {
-        if let Ok(t) = t.await {
+        if let Ok((t, settled)) = t.await {
             all.merge(&t);
+            all_settled.merge(&settled);
         }
     }
-    all
+    (all, all_settled)
 }
 
 impl ProbeResult {
     pub fn merge(&mut self, other: &ProbeResult) {
         self.tally.merge(&other.tally);
+        self.settled.merge(&other.settled);
         self.raised &= other.raised;
     }
 
@@ -151,6 +166,13 @@ impl ProbeResult {
             "refused_latency": t.refused_hist.summary_ms(),
             "errors": t.errors,
             "deferred": t.deferred,
+            "settled": {
+                "after_s": SETTLED_AFTER.as_secs_f64(),
+                "ok": self.settled.ok,
+                "latency": self.settled.ok_hist.summary_ms(),
+                "refused": self.settled.refused,
+                "refused_latency": self.settled.refused_hist.summary_ms(),
+            },
         })
     }
 }

@@ -429,6 +429,28 @@ fn rows(res: &Value) -> Vec<Row> {
             goal: "≥ 0.90× peak".into(),
             verdict: verdict(rv.map(|x| x >= 0.9)),
         });
+        // What the connection count alone costs: bare hyper's closed loop over the overload's
+        // connections against its best over the peak's.
+        let hello = &o["hello_by_connections"];
+        if let (Some(hr), Some(points)) = (f(&hello["ratio"]), hello["points"].as_array()) {
+            let text: Vec<String> = points.iter().map(|p| format!("{} conns {}", p["connections"], fmt_num(f(&p["ok_per_sec"]).unwrap_or(0.0)))).collect();
+            let weir_at_conns = rv
+                .filter(|_| hr > 0.0)
+                .map(|x| format!("; weir's goodput at {}× reads {:.2}× against it", f(&o["offered_factor"]).unwrap_or(3.0), x / hr))
+                .unwrap_or_default();
+            rows.push(Row {
+                scenario: "overload".into(),
+                figure: format!(
+                    "bare hyper's closed loop over {} conns, × its best over the peak's connections: what the connection count alone costs a server here{weir_at_conns}",
+                    o["connections"]
+                ),
+                weir: "—".into(),
+                baseline: format!("{} req/s (hello)", text.join(", ")),
+                ratio: format!("{hr:.3}×"),
+                goal: "—".into(),
+                verdict: "",
+            });
+        }
         if let Some(points) = o["curve"].as_array().filter(|c| !c.is_empty()) {
             let text: Vec<String> = points
                 .iter()
@@ -490,6 +512,24 @@ fn rows(res: &Value) -> Vec<Row> {
             goal: "< 1 ms, all with Retry-After".into(),
             verdict: if p_refused == 0 { "not measured" } else { verdict(pp.map(|x| x < 1.0 && p_with_ra == p_refused)) },
         });
+        // The same refusals without the flood's onset, whose first refusals come back together.
+        let settled = &qp["settled"];
+        let s_refused = settled["refused"].as_u64().unwrap_or(0);
+        if s_refused > 0 {
+            let s50 = f(&settled["refused_latency"]["p50_ms"]).map(|p| format!("; p50 {p:.2} ms")).unwrap_or_default();
+            rows.push(Row {
+                scenario: "overload".into(),
+                figure: format!(
+                    "the probe's refusals of requests sent {:.0} s or more into the load, past the flood's onset: p99 ({s_refused} of the {p_refused}{s50})",
+                    f(&settled["after_s"]).unwrap_or(0.0)
+                ),
+                weir: cell(probe_p99(settled, "refused_latency"), " ms", &None),
+                baseline: "—".into(),
+                ratio: "—".into(),
+                goal: "—".into(),
+                verdict: "",
+            });
+        }
         let fresh = q["refused_fresh"].as_u64().unwrap_or(0);
         if fresh > 0 {
             let p50 = f(&q["refused_latency"]["p50_ms"]).map(|p| format!("; p50 of all refusals {p:.2} ms")).unwrap_or_default();

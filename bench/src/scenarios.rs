@@ -29,6 +29,8 @@ pub struct Params {
     pub idle_conns: usize,
     pub queue_visitors: u64,
     pub overload_conns: usize,
+    /// How long the refusal probe runs (`overload`).
+    pub refusal_probe: Duration,
     pub startup_runs: usize,
     pub idle_cpu_window: Duration,
 }
@@ -46,6 +48,7 @@ impl Params {
                 idle_conns: 200,
                 queue_visitors: 2_000,
                 overload_conns: 128,
+                refusal_probe: Duration::from_millis(500),
                 startup_runs: 1,
                 idle_cpu_window: Duration::from_secs(1),
             }
@@ -61,6 +64,9 @@ impl Params {
                 idle_conns: 19_000,
                 queue_visitors: 1_000_000,
                 overload_conns: 2_048,
+                // The probe's refusals are ~1 in 20 of its requests, and a p99 wants a few
+                // hundred of them: twice the other loads' time.
+                refusal_probe: Duration::from_secs(20),
                 startup_runs: 3,
                 idle_cpu_window: Duration::from_secs(3),
             }
@@ -532,7 +538,7 @@ pub async fn overload(ctx: &mut Ctx, capacity: Option<f64>) -> Value {
     // stays within the default in-flight bound (256), so nothing is shed while the peak is measured.
     // For experiments: with a peak given, only the refusal probe runs, offered `factor` × it.
     if let Some(peak) = std::env::var("WEIR_BENCH_OVERLOAD_PROBE_ONLY_PEAK").ok().and_then(|v| v.parse::<f64>().ok()) {
-        return json!({ "refusal_probe": refusal_probe(ctx, oconns, peak * factor, peak, dur / 2).await });
+        return json!({ "refusal_probe": refusal_probe(ctx, oconns, peak * factor, peak, ctx.params.refusal_probe).await });
     }
     let peak_conns: &[usize] = if conns < 64 { &[64] } else { &[64, 256] };
     let peak_label = |when: &str| format!("overload: measuring peak entry goodput at {peak_conns:?} connections ({when})");
@@ -586,6 +592,8 @@ pub async fn overload(ctx: &mut Ctx, capacity: Option<f64>) -> Value {
         Ok(p) => p,
         Err(e) => return not_measured(e),
     };
+    ctx.progress(&format!("overload: bare hyper's closed loops at {peak_conns:?} and at {oconns} connections"));
+    let hello_by_conns = hello_by_conns(ctx, peak_conns, oconns, warm, dur / 2).await;
     let peaks: Vec<f64> = peaks_before.iter().zip(&peaks_after).map(|(b, a)| (b + a) / 2.0).collect();
     let peak = peaks.iter().copied().fold(0.0, f64::max);
     let mut v = load_json(&r);
@@ -609,7 +617,8 @@ pub async fn overload(ctx: &mut Ctx, capacity: Option<f64>) -> Value {
         point["goodput_ratio"] = json!(round(ok / peak, 3));
     }
     v["curve"] = json!(curve);
-    v["refusal_probe"] = refusal_probe(ctx, oconns, cap * factor, peak, dur / 2).await;
+    v["hello_by_connections"] = hello_by_conns;
+    v["refusal_probe"] = refusal_probe(ctx, oconns, cap * factor, peak, ctx.params.refusal_probe).await;
     v
 }
 
@@ -641,6 +650,28 @@ async fn refusal_probe(ctx: &mut Ctx, conns: usize, rate: f64, peak: f64, dur: D
     };
     s.stop(Duration::from_secs(5));
     v
+}
+
+/// Bare hyper's closed loops at each of `peak_conns` and at the overload's `conns`: what the
+/// connection count alone costs a server on this machine (the kernel's share, the same for
+/// any server), against which weir's goodput over `conns` connections reads.
+async fn hello_by_conns(ctx: &mut Ctx, peak_conns: &[usize], conns: usize, warm: Duration, dur: Duration) -> Value {
+    let (addr, pid) = match ctx.shared_hello() {
+        Ok(s) => (s.addr, s.pid),
+        Err(e) => return not_measured(e),
+    };
+    let reqs = hello_requests(addr);
+    let mut points = Vec::new();
+    for &n in peak_conns.iter().chain([conns].iter()) {
+        let r = closed_loop(addr, n, reqs.clone(), warm, dur, None, Some(pid)).await;
+        points.push(json!({"connections": n, "ok_per_sec": round(r.rps(), 1), "server_cpu_share": r.server_cpu.map(|c| round(c, 3))}));
+    }
+    let best_peak = points[..peak_conns.len()].iter().filter_map(|p| p["ok_per_sec"].as_f64()).fold(0.0, f64::max);
+    let at_conns = points.last().and_then(|p| p["ok_per_sec"].as_f64()).unwrap_or(0.0);
+    json!({
+        "points": points,
+        "ratio": (best_peak > 0.0).then(|| round(at_conns / best_peak, 3)),
+    })
 }
 
 /// Closed loops of entries at each of `conns` connections in turn: their req/s.
