@@ -21,8 +21,9 @@
 //!   by the time the task reads it;
 //! - the line is full and the head is a complete, bodyless `GET` of a route the door may refuse
 //!   (the visitors' hot routes: the flood's): the door reads the head, writes the refusal and
-//!   holds the connection (`backoff`), as the shed layer would, and keeps it: the hold is
-//!   waited out at the door, which looks at the next request the moment the hold ends;
+//!   holds the connection (`backoff`), as the shed layer would, and keeps it: the door looks
+//!   at the next request when it comes, or, if it comes before the hold is over, when the
+//!   hold ends;
 //! - anything else (another route, a body, an incomplete head, the end of the stream) is left
 //!   unread for the task, which serves it as usual.
 //!
@@ -260,14 +261,9 @@ async fn watch_at_the_door(socket: StdTcpStream, watch: &Watch, desk: &Desk, bac
         return;
     };
     desk.watching.increment(1.0);
+    let ended = watch.ended.notified();
+    tokio::pin!(ended);
     loop {
-        // A held connection is not read before its hold ends (`backoff`), at the door either.
-        if let Some(until) = backoff.until() {
-            tokio::select! {
-                () = tokio::time::sleep_until(until) => {}
-                () = watch.ended.notified() => break,
-            }
-        }
         tokio::select! {
             readable = socket.readable() => {
                 // A new registration is reported readable before anything has arrived: only
@@ -283,12 +279,25 @@ async fn watch_at_the_door(socket: StdTcpStream, watch: &Watch, desk: &Desk, bac
                     },
                     Err(_) => 0,
                 };
+                // A held connection is not read before its hold ends (`backoff`), at the door
+                // either: what came early (a request, the end of the stream) waits it out, then
+                // is looked at again. Handed back early, the connection would be handed over
+                // again at once by its task, still held, and so on until the hold ended. Only
+                // when something came: a client that waits as told comes back after the hold,
+                // and its connection needs no timer (a timer and a wake-up a refusal: the door
+                // took ~15 % more of the core per event with them, `BENCHMARKS.md`).
+                if let Some(until) = backoff.until().filter(|until| *until > tokio::time::Instant::now()) {
+                    tokio::select! {
+                        () = tokio::time::sleep_until(until) => continue,
+                        () = &mut ended => break,
+                    }
+                }
                 if watch.claim() {
                     let answer = if peeked > 0 { desk.answer(&socket, &mut head, peeked, backoff) } else { Answer::Returned };
                     #[cfg(test)]
                     desk.seen.fetch_add(1, AcqRel);
                     match answer {
-                        // Kept, held: its next request is looked at here too, once the hold ends
+                        // Kept, held: its next request is looked at here too, not before the hold ends
                         // (unless the task closed the connection meanwhile).
                         Answer::Refused => {
                             if watch.keep() {
@@ -306,7 +315,7 @@ async fn watch_at_the_door(socket: StdTcpStream, watch: &Watch, desk: &Desk, bac
                 }
                 break;
             }
-            () = watch.ended.notified() => break,
+            () = &mut ended => break,
         }
     }
     desk.watching.decrement(1.0);
@@ -577,6 +586,26 @@ mod tests {
         assert!(answers.iter().all(|(a, _)| a.starts_with("HTTP/1.1 503 ")), "{answers:?}");
         assert!(answers[1].1 >= Duration::from_millis(120), "answered {:?} into a 125 ms hold", answers[1].1);
         assert_eq!(door.refused(), 2);
+    }
+
+    /// A client that closes its connection while it is held: the door hands the connection back
+    /// once, when the hold is over, not each time its task (which will not read a held
+    /// connection) hands it over again.
+    #[tokio::test]
+    async fn a_connection_closed_during_its_hold_goes_back_once_the_hold_is_over() {
+        let (listener, _holder, mut idle, mut client) = crowded(Duration::from_millis(1)).await;
+        let door = listener.door().expect("a door").clone();
+        let refused = std::thread::spawn(move || {
+            let answer = ask(&mut client, VISIT);
+            client.shutdown(Shutdown::Write).unwrap();
+            (answer, client)
+        });
+        let (answer, _client) = refused.join().expect("the client's thread failed");
+        assert!(answer.starts_with("HTTP/1.1 503 "), "{answer}");
+        let mut rest = [0u8; 4];
+        let read = tokio::time::timeout(Duration::from_secs(5), idle.read(&mut rest)).await.expect("the end of the stream not read");
+        assert_eq!(read.unwrap(), 0);
+        assert_eq!((door.refused(), door.seen()), (1, 2), "looked at more than the request and the end of the stream");
     }
 
     /// A connection whose request its task refused (it was not at the door when the request
