@@ -234,18 +234,25 @@ pub fn choose(forced: Option<&str>, headers: &HeaderMap) -> &'static Strings {
     let mut best: Option<(f32, &'static Strings)> = None;
     for entry in header.split(',').take(32) {
         let mut parts = entry.split(';');
-        let tag = parts.next().unwrap_or("").trim().to_ascii_lowercase();
+        let tag = parts.next().unwrap_or("").trim();
         let q = parts
             .find_map(|p| p.trim().strip_prefix("q=").and_then(|q| q.parse::<f32>().ok()))
             .unwrap_or(1.0);
-        let primary = tag.split('-').next().unwrap_or("");
-        if let Some(s) = by_code(primary) {
+        if let Some(s) = by_primary_subtag(tag.split('-').next().unwrap_or("")) {
             if q > 0.0 && best.is_none_or(|(bq, _)| q > bq) {
                 best = Some((q, s));
             }
         }
     }
     best.map(|(_, s)| s).unwrap_or(&EN)
+}
+
+/// The strings for a language tag's primary subtag in any case (`EN`, `en`), without
+/// allocating: asked for every entry of every new visitor's `Accept-Language`.
+fn by_primary_subtag(subtag: &str) -> Option<&'static Strings> {
+    let &[a, b] = subtag.as_bytes() else { return None };
+    let lower = [a.to_ascii_lowercase(), b.to_ascii_lowercase()];
+    by_code(std::str::from_utf8(&lower).ok()?)
 }
 
 /// "about 3 minutes", "less than a minute", "about 2 hours" in the page's language.
@@ -321,6 +328,10 @@ mod tests {
         assert_eq!(choose(None, &with("fr;q=0")).lang, "en");
         assert_eq!(choose(Some("es"), &with("de")).lang, "es");
         assert_eq!(choose(None, &with(&"x,".repeat(5000))).lang, "en");
+        // Tags are case-insensitive (RFC 4647), and only the primary subtag picks the language.
+        assert_eq!(choose(None, &with("DE-AT, EN;q=0.5")).lang, "de");
+        assert_eq!(choose(None, &with("Fr-CA")).lang, "fr");
+        assert_eq!(choose(None, &with("deu, e, esp;q=0.9")).lang, "en");
     }
 
     #[test]
