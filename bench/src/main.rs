@@ -186,7 +186,8 @@ fn run(args: RunArgs) -> std::process::ExitCode {
         .map(|s| match s.as_str() {
             "entry" => 2,
             "status" => 1,
-            "overload" => 6,
+            // The peak before and after, the curve, the 3× load, bare hyper, the refusal probe.
+            "overload" => 5 + scenarios::CURVE.len(),
             "verify" => 2,
             "fanout" => ctx.params.fanout_passes * rt_servers * (1 + ctx.params.fanout_subs.len()),
             "connections" => rt_servers,

@@ -685,7 +685,7 @@ async fn closed_loops(ctx: &mut Ctx, conns: &[usize], reqs: &Rc<Vec<Vec<u8>>>, w
 }
 
 /// Offered multiples of capacity for the goodput curve, below the overload run's own.
-const CURVE: [(f64, &str); 3] = [(0.5, "bench-curve-a"), (1.0, "bench-curve-b"), (2.0, "bench-curve-c")];
+pub const CURVE: [(f64, &str); 3] = [(0.5, "bench-curve-a"), (1.0, "bench-curve-b"), (2.0, "bench-curve-c")];
 
 /// One point of the goodput curve; its `goodput_ratio` is set once the peak is known.
 fn curve_point(factor: f64, r: &crate::load::LoadResult) -> Value {
