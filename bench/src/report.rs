@@ -456,7 +456,9 @@ fn rows(res: &Value) -> Vec<Row> {
                 .iter()
                 .map(|p| {
                     let busy = f(&p["server_cpu_share"]).map(|c| format!(", server {:.0} %", c * 100.0)).unwrap_or_default();
-                    format!("{}× → {:.2}× ({} refused{busy})", f(&p["offered_factor"]).unwrap_or(0.0), f(&p["goodput_ratio"]).unwrap_or(0.0), p["refused"])
+                    let client = f(&p["client_cpu_share"]).map(|c| format!(", client {:.0} %", c * 100.0)).unwrap_or_default();
+                    let late = f(&p["pacer_lateness_p99_ms"]).map(|ms| format!(", sends ≤ {ms:.1} ms late at p99")).unwrap_or_default();
+                    format!("{}× → {:.2}× ({} refused{busy}{client}{late})", f(&p["offered_factor"]).unwrap_or(0.0), f(&p["goodput_ratio"]).unwrap_or(0.0), p["refused"])
                 })
                 .collect();
             rows.push(Row {
