@@ -911,11 +911,6 @@ pub async fn queue_scale(ctx: &mut Ctx) -> Value {
         "rss_after_restart_bytes": rss_restart,
         "client_cpu_share": round(r.client_cpu, 3),
         "server_cpu_share": r.server_cpu.map(|c| round(c, 3)),
-        // Whether the client kept up: below capacity, goodput short of the offered load with the
-        // server not busy is the client's (or the turns') doing, not the server's work.
-        "client_cpu_share": round(r.client_cpu, 3),
-        "pacer_lateness_p99_ms": r.pacer_late.as_ref().map(|h| h.summary_ms()["p99_ms"].clone()),
-        "latency_from_send_p99_ms": r.tally.ok_from_send_hist.summary_ms()["p99_ms"].clone(),
     })
 }
 
