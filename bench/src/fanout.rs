@@ -1,13 +1,20 @@
 //! The fan-out scenario: `n` subscribers on one channel of each Pusher server, events published
 //! through its HTTP API, end-to-end latency from a timestamp in each event's payload.
 //!
-//! Each turn has two phases: publishers as fast as a window of outstanding events allows
-//! (throughput, and p99 at each server's own maximum), then a fixed 20,000 deliveries a second
-//! (p99 at equal work). The servers take turns in two passes (one with `--quick`), the second in reverse order
-//! (weir, sockudo, soketi, soketi, sockudo, weir): the machine's speed drifts over the minutes a
-//! pass takes, and the fixed-rate p99 over 5,000 subscribers rests on a few tens of events, so
-//! one pass would compare servers measured minutes apart. Each server's figures merge both of its
-//! turns; each turn's own are kept under `turns`.
+//! Two parts. First, throughput: publishers as fast as a window of outstanding events allows (and
+//! p99 at each server's own maximum). The servers take turns in two passes (one with `--quick`), the
+//! second in reverse order (weir, sockudo, soketi, soketi, sockudo, weir), since the machine's speed
+//! drifts over the minutes a pass takes; each server's figures merge both of its turns, and each
+//! turn's own are kept under `turns`.
+//!
+//! Then latency at equal work, a fixed 20,000 deliveries a second, with every server up at once
+//! and `n` subscribers on each: the publisher moves from one server to the next every slice of
+//! about a second (round robin, reversed every other round), and waits for a slice's events to
+//! reach everyone before the next server's slice. On this shared virtual machine the host takes
+//! the cores away in waves of seconds (the `steal` of `/proc/stat`; events published under one
+//! took twice as long to reach everyone at p99, for weir alone): turns of ten seconds put one
+//! server in a wave and the next out of it, slices of one second give every server the same
+//! share of them. The steal each server's slices saw is reported beside its figures.
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -18,10 +25,10 @@ use serde_json::{json, Value};
 
 use crate::client::Conn;
 use crate::hist::Hist;
-use crate::pusher::{self, App, FanoutState};
+use crate::pusher::{self, App, FanoutState, Shared};
 use crate::scenarios::{app_for, not_measured, round, start_rt, Ctx};
 use crate::servers::Server;
-use crate::sys::CpuMeter;
+use crate::sys::{current_core, CpuMeter, Steal};
 
 /// Every Pusher server the harness knows, in the first pass's order.
 pub const SERVERS: [&str; 3] = ["weir", "sockudo", "soketi"];
@@ -57,12 +64,14 @@ pub async fn fanout(ctx: &mut Ctx) -> Value {
     }
     let mut out = serde_json::Map::new();
     for &n in &subs_list {
+        ctx.progress(&format!("fanout at a fixed rate: {n} subscribers on every server, in slices"));
+        let mut paced = paced_interleaved(ctx, &installed, n).await;
         let mut by_server = serde_json::Map::new();
         for name in SERVERS {
             let v = match turns.remove(&(n, name)) {
                 None => not_measured("not installed (run bench/setup)"),
                 Some(runs) => match runs.into_iter().collect::<Result<Vec<_>, _>>() {
-                    Ok(runs) => merged_json(&runs),
+                    Ok(runs) => merged_json(&runs, paced.remove(name).unwrap_or_else(|| Err("not measured".into()))),
                     Err(e) => not_measured(e),
                 },
             };
@@ -88,12 +97,17 @@ struct FanoutRun {
     server_cpu_secs: Option<f64>,
     rss_subscribed: Option<u64>,
     rss_after: Option<u64>,
-    paced: Paced,
 }
 
-/// The fixed-rate phase of a turn.
+/// One server's part of the fixed-rate phase, over all its slices.
 struct Paced {
     events_per_sec: f64,
+    slices: u32,
+    events_per_slice: u32,
+    /// Seconds of its slices, and of them the host took from the server's core and the client's.
+    secs: f64,
+    stolen_server_secs: f64,
+    stolen_client_secs: f64,
     published: u64,
     errors: u64,
     delivered: u64,
@@ -106,39 +120,23 @@ struct Paced {
 }
 
 /// One server's turns merged (sums; latency histograms merged; shares over the summed time),
-/// with each turn's headline figures under `turns`.
-fn merged_json(runs: &[FanoutRun]) -> Value {
+/// with each turn's headline figures under `turns`, and its part of the fixed-rate phase.
+fn merged_json(runs: &[FanoutRun], paced: Result<Paced, String>) -> Value {
     let sum = |f: fn(&FanoutRun) -> u64| runs.iter().map(f).sum::<u64>();
     let sum_f = |f: fn(&FanoutRun) -> f64| runs.iter().map(f).sum::<f64>();
     let sum_opt = |f: fn(&FanoutRun) -> Option<f64>| runs.iter().map(f).sum::<Option<f64>>();
     let mean_opt = |f: fn(&FanoutRun) -> Option<u64>| runs.iter().map(f).sum::<Option<u64>>().map(|t| t / runs.len().max(1) as u64);
     let mut hist = Hist::new();
-    let mut paced_hist = Hist::new();
-    let mut spread = Hist::new();
     for r in runs {
         hist.merge(&r.hist);
-        paced_hist.merge(&r.paced.hist);
-        spread.merge(&r.paced.spread);
     }
     let (secs, delivered, published) = (sum_f(|r| r.secs), sum(|r| r.delivered), sum(|r| r.published));
-    let paced_published = sum(|r| r.paced.published);
-    // CPU per fixed-rate event: whose work sets a burst's latency, the server writing n frames
-    // or the client reading them (one read each at this rate).
-    let per_event_ms = |cpu_secs: f64| ms_per_event(cpu_secs, paced_published);
     let mut errors: Vec<String> = runs.iter().flat_map(|r| r.publish_errors.iter().cloned()).collect();
     errors.truncate(3);
     json!({
-        "paced": {
-            "target_msg_per_sec": 20_000,
-            "events_per_sec": round(runs.first().map_or(0.0, |r| r.paced.events_per_sec), 2),
-            "published": paced_published,
-            "publish_errors": sum(|r| r.paced.errors),
-            "delivered": sum(|r| r.paced.delivered),
-            "loss": sum(|r| r.paced.loss),
-            "latency": paced_hist.summary_ms(),
-            "event_reaches_all": spread.summary_ms(),
-            "client_cpu_ms_per_event": per_event_ms(sum_f(|r| r.paced.client_cpu_secs)),
-            "server_cpu_ms_per_event": sum_opt(|r| r.paced.server_cpu_secs).map(per_event_ms),
+        "paced": match paced {
+            Ok(p) => paced_json(&p),
+            Err(e) => not_measured(e),
         },
         "subscribers": runs.first().map_or(0, |r| r.subscribers),
         "connect_seconds": round(sum_f(|r| r.connect_secs) / runs.len().max(1) as f64, 3),
@@ -158,10 +156,31 @@ fn merged_json(runs: &[FanoutRun]) -> Value {
         "turns": runs.iter().map(|r| json!({
             "msg_per_sec": round(r.delivered as f64 / r.secs.max(1e-9), 1),
             "p99_ms": round(r.hist.quantile(0.99) as f64 / 1e6, 3),
-            "paced_p99_ms": round(r.paced.hist.quantile(0.99) as f64 / 1e6, 3),
-            "paced_slowest_event_ms": round(r.paced.spread.quantile(1.0) as f64 / 1e6, 3),
-            "paced_server_cpu_ms_per_event": r.paced.server_cpu_secs.map(|c| ms_per_event(c, r.paced.published)),
         })).collect::<Vec<_>>(),
+    })
+}
+
+fn paced_json(p: &Paced) -> Value {
+    // CPU per fixed-rate event: whose work sets a burst's latency, the server writing n frames
+    // or the client reading them (one read each at this rate).
+    let per_event_ms = |cpu_secs: f64| ms_per_event(cpu_secs, p.published);
+    let pct = |stolen: f64| round(100.0 * stolen / p.secs.max(1e-9), 2);
+    json!({
+        "target_msg_per_sec": 20_000,
+        "events_per_sec": round(p.events_per_sec, 2),
+        "slices": p.slices,
+        "events_per_slice": p.events_per_slice,
+        "seconds": round(p.secs, 3),
+        "steal_server_core_pct": pct(p.stolen_server_secs),
+        "steal_client_core_pct": pct(p.stolen_client_secs),
+        "published": p.published,
+        "publish_errors": p.errors,
+        "delivered": p.delivered,
+        "loss": p.loss,
+        "latency": p.hist.summary_ms(),
+        "event_reaches_all": p.spread.summary_ms(),
+        "client_cpu_ms_per_event": per_event_ms(p.client_cpu_secs),
+        "server_cpu_ms_per_event": p.server_cpu_secs.map(per_event_ms),
     })
 }
 
@@ -170,55 +189,96 @@ fn ms_per_event(cpu_secs: f64, events: u64) -> f64 {
     round(cpu_secs * 1000.0 / events.max(1) as f64, 2)
 }
 
-/// One turn: `n` subscribers on one channel of `server`, both phases.
-async fn fanout_one(server: &Server, app: &App, n: usize, window: usize, duration: Duration) -> Result<FanoutRun, String> {
-    let channel = "bench-fanout";
-    let base = Instant::now();
-    let state = Rc::new(RefCell::new(FanoutState {
-        base,
-        hist: Hist::new(),
-        delivered: 0,
-        per_event: vec![0; 2_000_000],
-        last_arrival_us: vec![0; 2_000_000],
-        complete_events: 0,
-        subscribers: n as u32,
-        closed: 0,
-        pongs: 0,
-    }));
-    let stop = Rc::new(tokio::sync::Notify::new());
-    // Connect and subscribe, 100 handshakes at a time.
-    let t_conn = Instant::now();
-    let sem = Rc::new(tokio::sync::Semaphore::new(100));
-    let mut joins = Vec::new();
-    for _ in 0..n {
-        let sem = sem.clone();
-        let key = app.key.clone();
-        let addr = server.addr;
-        joins.push(tokio::task::spawn_local(async move {
-            let _p = sem.acquire().await.expect("open");
-            let ws = pusher::connect(addr, None, &key).await?;
-            pusher::subscribe(ws, channel).await
+/// Subscribers that record into one state until `stop` fires.
+struct Subscribers {
+    state: Shared,
+    stop: Rc<tokio::sync::Notify>,
+    receivers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Subscribers {
+    /// Connects and subscribes `n` clients to `CHANNEL` of `server`, 100 handshakes at a time.
+    async fn connect(server: &Server, app: &App, n: usize) -> Result<(Self, f64), String> {
+        let state = Rc::new(RefCell::new(FanoutState {
+            base: Instant::now(),
+            hist: Hist::new(),
+            delivered: 0,
+            per_event: vec![0; MAX_EVENTS],
+            last_arrival_us: vec![0; MAX_EVENTS],
+            complete_events: 0,
+            subscribers: n as u32,
+            closed: 0,
+            pongs: 0,
         }));
-    }
-    let mut receivers = Vec::new();
-    let mut first_err = None;
-    for j in joins {
-        match j.await {
-            Ok(Ok(ws)) => receivers.push(tokio::task::spawn_local(pusher::receive(ws, state.clone(), stop.clone()))),
-            Ok(Err(e)) => {
-                first_err.get_or_insert(e);
-            }
-            Err(e) => {
-                first_err.get_or_insert(e.to_string());
+        let stop = Rc::new(tokio::sync::Notify::new());
+        let t_conn = Instant::now();
+        let sem = Rc::new(tokio::sync::Semaphore::new(100));
+        let mut joins = Vec::new();
+        for _ in 0..n {
+            let sem = sem.clone();
+            let key = app.key.clone();
+            let addr = server.addr;
+            joins.push(tokio::task::spawn_local(async move {
+                let _p = sem.acquire().await.expect("open");
+                let ws = pusher::connect(addr, None, &key).await?;
+                pusher::subscribe(ws, CHANNEL).await
+            }));
+        }
+        let mut receivers = Vec::new();
+        let mut first_err = None;
+        for j in joins {
+            match j.await {
+                Ok(Ok(ws)) => receivers.push(tokio::task::spawn_local(pusher::receive(ws, state.clone(), stop.clone()))),
+                Ok(Err(e)) => {
+                    first_err.get_or_insert(e);
+                }
+                Err(e) => {
+                    first_err.get_or_insert(e.to_string());
+                }
             }
         }
+        let subs = Subscribers { state, stop, receivers };
+        let connected = subs.receivers.len();
+        if connected < n {
+            subs.close().await;
+            return Err(format!("only {connected} of {n} subscribed: {}", first_err.unwrap_or_default()));
+        }
+        Ok((subs, t_conn.elapsed().as_secs_f64()))
     }
-    let connected = receivers.len();
-    let connect_secs = t_conn.elapsed().as_secs_f64();
-    if connected < n {
-        stop.notify_waiters();
-        return Err(format!("only {connected} of {n} subscribed: {}", first_err.unwrap_or_default()));
+
+    async fn close(self) {
+        self.stop.notify_waiters();
+        for r in self.receivers {
+            let _ = tokio::time::timeout(Duration::from_secs(2), r).await;
+        }
     }
+
+    /// Waits until `want` deliveries have arrived, or `limit` has passed.
+    async fn wait_delivered(&self, want: u64, limit: Duration) {
+        let until = Instant::now() + limit;
+        while self.state.borrow().delivered < want && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+}
+
+/// Event numbers index the subscribers' per-event counters.
+const MAX_EVENTS: usize = 2_000_000;
+const CHANNEL: &str = "bench-fanout";
+/// Padding that brings an event's data to a realistic size.
+const PAD: &str = "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx";
+
+/// Event `i`'s publish request to the server at `host`, stamped with the time it is sent.
+fn event_request(host: &str, app: &App, state: &Shared, i: usize) -> Vec<u8> {
+    let ts = state.borrow().base.elapsed().as_nanos() as u64;
+    pusher::publish_request(app, host, CHANNEL, &format!("t={ts} i={i} {PAD}"))
+}
+
+/// One turn's throughput part: `n` subscribers on one channel of `server`, publishers as fast as
+/// `window` outstanding events allow, for `duration`.
+async fn fanout_one(server: &Server, app: &App, n: usize, window: usize, duration: Duration) -> Result<FanoutRun, String> {
+    let (subs, connect_secs) = Subscribers::connect(server, app, n).await?;
+    let state = subs.state.clone();
     let rss_subscribed = server.rss();
     // Publishers: `window` events outstanding; each waits for its event to reach everyone (or 2 s).
     let next = Rc::new(RefCell::new(0usize));
@@ -227,12 +287,10 @@ async fn fanout_one(server: &Server, app: &App, n: usize, window: usize, duratio
     let meter = CpuMeter::start(Some(server.pid));
     let t0 = Instant::now();
     let end = t0 + duration;
-    let pad = "x".repeat(64);
     let mut pubs = Vec::new();
     for _ in 0..window {
         let (next, published, errs, state, app) = (next.clone(), published.clone(), publish_errors.clone(), state.clone(), app.clone());
         let addr = server.addr;
-        let pad = pad.clone();
         pubs.push(tokio::task::spawn_local(async move {
             let mut conn = Conn::new(addr);
             while Instant::now() < end {
@@ -241,12 +299,10 @@ async fn fanout_one(server: &Server, app: &App, n: usize, window: usize, duratio
                     *n += 1;
                     *n - 1
                 };
-                if i >= 2_000_000 {
+                if i >= MAX_EVENTS {
                     break;
                 }
-                let ts = (Instant::now() - base).as_nanos() as u64;
-                let data = format!("t={ts} i={i} {pad}");
-                let req = pusher::publish_request(&app, &addr.to_string(), channel, &data);
+                let req = event_request(&addr.to_string(), &app, &state, i);
                 match conn.send_timeout(&req, true, Duration::from_secs(5)).await {
                     Ok(r) if (200..300).contains(&r.status) => *published.borrow_mut() += 1,
                     Ok(r) => {
@@ -278,160 +334,172 @@ async fn fanout_one(server: &Server, app: &App, n: usize, window: usize, duratio
     }
     let published = *published.borrow();
     let expected = published * n as u64;
-    let drain_until = Instant::now() + Duration::from_secs(3);
-    while state.borrow().delivered < expected && Instant::now() < drain_until {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    subs.wait_delivered(expected, Duration::from_secs(3)).await;
     let elapsed = t0.elapsed();
     let (client_cpu, server_cpu) = meter.stop();
     let rss_after = server.rss();
-
-    // Phase 2: the same fixed load for every server (20,000 deliveries/s), so p99 compares
-    // servers at equal work rather than each at its own maximum.
-    let paced = {
-        let (max_hist, max_delivered) = {
-            let mut st = state.borrow_mut();
-            (std::mem::take(&mut st.hist), std::mem::replace(&mut st.delivered, 0))
-        };
-        let events_per_sec = (20_000.0 / n as f64).max(1.0);
-        let interval = Duration::from_secs_f64(1.0 / events_per_sec);
-        let first = *next.borrow();
-        let mut conn = Conn::new(server.addr);
-        let meter = CpuMeter::start(Some(server.pid));
-        let p0 = Instant::now();
-        let mut sent = 0u64;
-        let mut errors = 0u64;
-        let mut k = 0u32;
-        let mut accepted = Vec::new();
-        while p0.elapsed() < duration && first + (k as usize) < 2_000_000 {
-            tokio::time::sleep_until((p0 + interval * k).into()).await;
-            let i = first + k as usize;
-            k += 1;
-            let ts = (Instant::now() - base).as_nanos() as u64;
-            let req = pusher::publish_request(app, &server.addr.to_string(), channel, &format!("t={ts} i={i} {pad}"));
-            match conn.send_timeout(&req, false, Duration::from_secs(5)).await {
-                Ok(r) if (200..300).contains(&r.status) => {
-                    sent += 1;
-                    accepted.push(i);
-                }
-                _ => errors += 1,
-            }
-        }
-        let want = sent * n as u64;
-        let until = Instant::now() + Duration::from_secs(3);
-        while state.borrow().delivered < want && Instant::now() < until {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        let secs = p0.elapsed().as_secs_f64();
-        let (client_cpu, server_cpu) = meter.stop();
-        let mut st = state.borrow_mut();
-        let mut spread = Hist::new();
-        for &i in &accepted {
-            spread.record(u64::from(st.last_arrival_us[i]) * 1000);
-        }
-        let hist = std::mem::replace(&mut st.hist, max_hist);
-        let delivered = std::mem::replace(&mut st.delivered, max_delivered);
-        Paced {
-            events_per_sec,
-            published: sent,
-            errors,
-            delivered,
-            loss: want.saturating_sub(delivered),
-            hist,
-            spread,
-            client_cpu_secs: client_cpu * secs,
-            server_cpu_secs: server_cpu.map(|c| c * secs),
-        }
+    let (delivered, closed, hist) = {
+        let s = state.borrow();
+        (s.delivered, s.closed, s.hist.clone())
     };
-
-    stop.notify_waiters();
-    for r in receivers {
-        let _ = tokio::time::timeout(Duration::from_secs(2), r).await;
-    }
-    let s = state.borrow();
+    subs.close().await;
     let secs = elapsed.as_secs_f64();
     let publish_errors = publish_errors.borrow().clone();
     Ok(FanoutRun {
         subscribers: n,
         connect_secs,
         published,
-        delivered: s.delivered,
-        loss: expected.saturating_sub(s.delivered),
-        disconnected: s.closed,
+        delivered,
+        loss: expected.saturating_sub(delivered),
+        disconnected: closed,
         secs,
-        hist: s.hist.clone(),
+        hist,
         publish_errors,
         client_cpu_secs: client_cpu * secs,
         server_cpu_secs: server_cpu.map(|c| c * secs),
         rss_subscribed,
         rss_after,
-        paced,
     })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// About how long one server's slice of the fixed-rate phase lasts (at least four events).
+const SLICE: Duration = Duration::from_secs(1);
 
-    /// A turn whose every delivery took `ms` milliseconds.
-    fn turn(delivered: u64, secs: f64, ms: u64, server_cpu_secs: f64) -> FanoutRun {
-        let mut hist = Hist::new();
-        let mut paced_hist = Hist::new();
-        for _ in 0..100 {
-            hist.record(ms * 1_000_000);
-            paced_hist.record(ms * 1_000_000);
-        }
-        let mut spread = Hist::new();
-        spread.record(ms * 1_000_000);
-        FanoutRun {
-            subscribers: 100,
-            connect_secs: 0.5,
-            published: delivered / 100,
-            delivered,
-            loss: 1,
-            disconnected: 0,
-            secs,
-            hist,
-            publish_errors: vec![],
-            client_cpu_secs: secs / 2.0,
-            server_cpu_secs: Some(server_cpu_secs),
-            rss_subscribed: Some(1_000),
-            rss_after: Some(3_000),
-            paced: Paced {
-                events_per_sec: 200.0,
-                published: 10,
+/// One server in the fixed-rate phase.
+struct Lane {
+    name: &'static str,
+    server: Server,
+    app: App,
+    subs: Subscribers,
+    conn: Conn,
+    accepted: Vec<usize>,
+    errors: u64,
+    slices: u32,
+    secs: f64,
+    client_cpu_secs: f64,
+    server_cpu_secs: Option<f64>,
+    stolen_server_secs: f64,
+    stolen_client_secs: f64,
+}
+
+/// The fixed-rate phase (20,000 deliveries a second: `20,000 / n` events a second) with every
+/// server in `names` up at once and `n` subscribers on each, published in slices, round robin
+/// (see the module's doc). Each server gets `duration` × passes of events in all.
+async fn paced_interleaved(ctx: &mut Ctx, names: &[&'static str], n: usize) -> BTreeMap<&'static str, Result<Paced, String>> {
+    let mut out = BTreeMap::new();
+    let mut lanes = Vec::new();
+    for &name in names {
+        let server = match start_rt(ctx, name, n + 100) {
+            Some(Ok(s)) => s,
+            Some(Err(e)) => {
+                out.insert(name, Err(e));
+                continue;
+            }
+            None => continue,
+        };
+        let ready = match app_for(ctx, &server).await {
+            Ok(app) => Subscribers::connect(&server, &app, n).await.map(|(subs, _)| (app, subs)),
+            Err(e) => Err(e),
+        };
+        match ready {
+            Ok((app, subs)) => lanes.push(Lane {
+                name,
+                conn: Conn::new(server.addr),
+                server,
+                app,
+                subs,
+                accepted: Vec::new(),
                 errors: 0,
-                delivered: 1_000,
-                loss: 0,
-                hist: paced_hist,
-                spread,
-                client_cpu_secs: 0.01,
-                server_cpu_secs: Some(0.02),
-            },
+                slices: 0,
+                secs: 0.0,
+                client_cpu_secs: 0.0,
+                server_cpu_secs: Some(0.0),
+                stolen_server_secs: 0.0,
+                stolen_client_secs: 0.0,
+            }),
+            Err(e) => {
+                out.insert(name, Err(e));
+                server.stop(Duration::from_secs(3));
+            }
         }
     }
-
-    /// Two turns merge as one longer run: rates over the summed time, counts summed, latency
-    /// from the merged histograms, CPU per event over all events; each turn kept.
-    #[test]
-    fn turns_merge_as_one_run() {
-        let v = merged_json(&[turn(1_000_000, 10.0, 10, 9.0), turn(3_000_000, 10.0, 30, 10.0)]);
-        assert_eq!(v["msg_per_sec"], 200_000.0);
-        assert_eq!(v["delivered"], 4_000_000);
-        assert_eq!(v["loss"], 2);
-        assert_eq!(v["server_cpu_share"], 0.95);
-        assert_eq!(v["client_cpu_share"], 0.5);
-        assert_eq!(v["rss_after_bytes"], 3_000);
-        // Half the deliveries took 10 ms and half 30: the p99 is the slower half's.
-        let p99 = v["latency"]["p99_ms"].as_f64().unwrap();
-        assert!((29.0..=31.0).contains(&p99), "p99 {p99}");
-        assert_eq!(v["paced"]["published"], 20);
-        assert_eq!(v["paced"]["server_cpu_ms_per_event"], 2.0);
-        let slowest = v["paced"]["event_reaches_all"]["max_ms"].as_f64().unwrap();
-        assert!((29.0..=31.0).contains(&slowest), "slowest event {slowest}");
-        let turns = v["turns"].as_array().unwrap();
-        assert_eq!(turns.len(), 2);
-        assert_eq!(turns[0]["msg_per_sec"], 100_000.0);
-        assert_eq!(turns[1]["paced_server_cpu_ms_per_event"], 2.0);
+    let events_per_sec = (20_000.0 / n as f64).max(1.0);
+    let interval = Duration::from_secs_f64(1.0 / events_per_sec);
+    let per_slice = ((SLICE.as_secs_f64() * events_per_sec).round() as u32).max(4);
+    let total = (ctx.params.duration.as_secs_f64() * ctx.params.fanout_passes as f64 * events_per_sec).round() as u32;
+    let rounds = total.div_ceil(per_slice).max(1);
+    let (server_core, client_core) = (ctx.pin.server_core.unwrap_or(0), current_core().unwrap_or(0));
+    for round_no in 0..rounds {
+        // Reversed every other round, so no server always follows the same one.
+        let order: Vec<usize> = if round_no % 2 == 0 { (0..lanes.len()).collect() } else { (0..lanes.len()).rev().collect() };
+        for li in order {
+            let lane = &mut lanes[li];
+            let meter = CpuMeter::start(Some(lane.server.pid));
+            let steal = Steal::now();
+            let p0 = Instant::now();
+            for k in 0..per_slice {
+                tokio::time::sleep_until((p0 + interval * k).into()).await;
+                let i = lane.accepted.len() + lane.errors as usize;
+                if i >= MAX_EVENTS {
+                    break;
+                }
+                let req = event_request(&lane.server.addr.to_string(), &lane.app, &lane.subs.state, i);
+                match lane.conn.send_timeout(&req, false, Duration::from_secs(5)).await {
+                    Ok(r) if (200..300).contains(&r.status) => lane.accepted.push(i),
+                    _ => {
+                        lane.errors += 1;
+                        lane.subs.state.borrow_mut().per_event[i] = u32::MAX / 2;
+                    }
+                }
+            }
+            // The slice ends when its events have reached everyone: the next server's slice
+            // starts on a quiet machine.
+            let want = lane.accepted.len() as u64 * n as u64;
+            lane.subs.wait_delivered(want, Duration::from_secs(3)).await;
+            let secs = p0.elapsed().as_secs_f64();
+            let (client_cpu, server_cpu) = meter.stop();
+            let [stolen_server, stolen_client] = steal.stolen_secs([server_core, client_core]);
+            lane.slices += 1;
+            lane.secs += secs;
+            lane.client_cpu_secs += client_cpu * secs;
+            lane.server_cpu_secs = lane.server_cpu_secs.zip(server_cpu).map(|(a, c)| a + c * secs);
+            lane.stolen_server_secs += stolen_server;
+            lane.stolen_client_secs += stolen_client;
+        }
     }
+    let mut stopping = Vec::new();
+    for lane in lanes {
+        let paced = {
+            let st = lane.subs.state.borrow();
+            let mut spread = Hist::new();
+            for &i in &lane.accepted {
+                spread.record(u64::from(st.last_arrival_us[i]) * 1000);
+            }
+            let published = lane.accepted.len() as u64;
+            Paced {
+                events_per_sec,
+                slices: lane.slices,
+                events_per_slice: per_slice,
+                secs: lane.secs,
+                stolen_server_secs: lane.stolen_server_secs,
+                stolen_client_secs: lane.stolen_client_secs,
+                published,
+                errors: lane.errors,
+                delivered: st.delivered,
+                loss: (published * n as u64).saturating_sub(st.delivered),
+                hist: st.hist.clone(),
+                spread,
+                client_cpu_secs: lane.client_cpu_secs,
+                server_cpu_secs: lane.server_cpu_secs,
+            }
+        };
+        lane.subs.close().await;
+        lane.server.terminate();
+        stopping.push(lane.server);
+        out.insert(lane.name, Ok(paced));
+    }
+    for server in stopping {
+        server.stop(Duration::from_secs(3));
+    }
+    out
 }

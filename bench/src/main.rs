@@ -189,7 +189,8 @@ fn run(args: RunArgs) -> std::process::ExitCode {
             // The peak before and after, the curve, the 3× load, bare hyper, the refusal probe.
             "overload" => 5 + scenarios::CURVE.len(),
             "verify" => 2,
-            "fanout" => ctx.params.fanout_passes * rt_servers * (1 + ctx.params.fanout_subs.len()),
+            // Each turn's start and subscriber counts, then the fixed-rate phase per count.
+            "fanout" => ctx.params.fanout_passes * rt_servers * (1 + ctx.params.fanout_subs.len()) + ctx.params.fanout_subs.len(),
             "connections" => rt_servers,
             "queue-scale" => 2,
             "startup" => ctx.params.startup_runs,

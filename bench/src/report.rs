@@ -308,19 +308,25 @@ fn rows(res: &Value) -> Vec<Row> {
                 (Some(s), Some(c)) => format!("; CPU per event: server {s:.1} ms, client {c:.1} ms"),
                 _ => String::new(),
             };
-            // Each pass's p99 (the servers take turns, `fanout`): how far one pass moves it.
-            let per_pass = |v: &Value| {
-                let t: Vec<String> = v["turns"].as_array().into_iter().flatten().filter_map(|t| f(&t["paced_p99_ms"])).map(|x| format!("{x:.1}")).collect();
-                (t.len() > 1).then(|| t.join(" / "))
+            // The servers' slices alternate (`fanout`): the host's steal each one's slices saw.
+            let steal = |v: &Value| match (f(&v["paced"]["steal_server_core_pct"]), f(&v["paced"]["steal_client_core_pct"])) {
+                (Some(s), Some(c)) => Some(format!("{s:.1} / {c:.1} %")),
+                _ => None,
             };
-            let passes = match (per_pass(w), peer_q.as_ref().and_then(|(_, p)| per_pass(&m[p.as_str()]).map(|t| (p, t)))) {
-                (Some(wt), Some((p, pt))) => format!(" (per pass: weir {wt} ms, {p} {pt} ms)"),
-                (Some(wt), None) => format!(" (per pass: weir {wt} ms)"),
-                _ => String::new(),
+            let slices = match (f(&w["paced"]["slices"]), f(&w["paced"]["events_per_slice"])) {
+                (Some(s), Some(e)) => Some(format!("every server up at once, published to in {s:.0} slices of {e:.0} events each, round robin")),
+                _ => None,
             };
+            let stolen: Vec<String> = std::iter::once("weir")
+                .chain(peer_q.as_ref().map(|(_, p)| p.as_str()))
+                .filter_map(|name| steal(if name == "weir" { w } else { &m[name] }).map(|s| format!("{name} {s}")))
+                .collect();
+            let stolen = (!stolen.is_empty()).then(|| format!("the host's steal of the server's / client's core in each one's slices: {}", stolen.join(", ")));
+            let about: Vec<String> = slices.into_iter().chain(stolen).collect();
+            let about = if about.is_empty() { String::new() } else { format!(" ({})", about.join("; ")) };
             rows.push(Row {
                 scenario: "fanout".into(),
-                figure: format!("{k} subscribers: p99 at a fixed 20,000 msg/s{passes}"),
+                figure: format!("{k} subscribers: p99 at a fixed 20,000 msg/s{about}"),
                 weir: format!("{}{}", cell(wq, " ms", &nm(w)), cpu(w)),
                 baseline: match &peer_q {
                     Some((x, p)) => format!("{} ms ({p}{})", fmt_num(*x), cpu(&m[p.as_str()])),

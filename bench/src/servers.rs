@@ -225,6 +225,12 @@ impl Server {
         crate::sys::rss_bytes(self.pid)
     }
 
+    /// SIGTERM without waiting: several servers then shut down side by side (`stop` after).
+    pub fn terminate(&self) {
+        // SAFETY: signalling our own child by its pid.
+        unsafe { libc::kill(self.pid as i32, libc::SIGTERM) };
+    }
+
     /// SIGTERM, then SIGKILL after `grace`.
     pub fn stop(mut self, grace: Duration) {
         self.stop_inner(grace);

@@ -21,6 +21,44 @@ fn clock_ticks() -> u64 {
     if t > 0 { t as u64 } else { 100 }
 }
 
+/// Time the hypervisor ran something else while a core wanted to run ours ("steal", the 8th
+/// figure of each `cpuN` line in `/proc/stat`), per core, since boot. On a shared virtual machine
+/// it comes in waves of seconds; a latency measured under one is the host's, not the server's.
+#[derive(Clone)]
+pub struct Steal {
+    ticks: Vec<u64>,
+}
+
+impl Steal {
+    pub fn now() -> Self {
+        let ticks = std::fs::read_to_string("/proc/stat")
+            .map(|s| {
+                s.lines()
+                    .filter(|l| l.starts_with("cpu") && l.as_bytes().get(3).is_some_and(u8::is_ascii_digit))
+                    .map(|l| l.split_whitespace().nth(8).and_then(|v| v.parse().ok()).unwrap_or(0))
+                    .collect()
+            })
+            .unwrap_or_default();
+        Steal { ticks }
+    }
+
+    /// Seconds stolen from each of `cores` since `self`.
+    pub fn stolen_secs<const N: usize>(&self, cores: [usize; N]) -> [f64; N] {
+        let now = Steal::now();
+        cores.map(|c| match (self.ticks.get(c), now.ticks.get(c)) {
+            (Some(a), Some(b)) => b.saturating_sub(*a) as f64 / clock_ticks() as f64,
+            _ => 0.0,
+        })
+    }
+}
+
+/// The core this thread last ran on (the client's, when it is pinned to one).
+pub fn current_core() -> Option<usize> {
+    // SAFETY: sched_getcpu has no preconditions.
+    let c = unsafe { libc::sched_getcpu() };
+    usize::try_from(c).ok()
+}
+
 /// CPU time (user + system, all threads) of process `pid`, from /proc/PID/stat.
 pub fn proc_cpu(pid: u32) -> Option<Duration> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -118,4 +156,18 @@ pub fn nproc_all() -> usize {
         .ok()
         .filter(|n| *n > 0)
         .unwrap_or_else(nproc)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn steal_is_read_per_core_and_never_runs_backwards() {
+        let before = Steal::now();
+        assert_eq!(before.ticks.len(), std::fs::read_to_string("/proc/stat").unwrap().lines().filter(|l| l.starts_with("cpu") && !l.starts_with("cpu ")).count());
+        let [first, missing] = before.stolen_secs([0, usize::MAX]);
+        assert!(first >= 0.0, "steal since a snapshot cannot be negative: {first}");
+        assert_eq!(missing, 0.0, "a core that does not exist has nothing stolen");
+    }
 }
