@@ -28,7 +28,7 @@ use crate::hist::Hist;
 use crate::pusher::{self, App, FanoutState, Shared};
 use crate::scenarios::{app_for, not_measured, round, start_rt, Ctx};
 use crate::servers::Server;
-use crate::sys::{current_core, CpuMeter, Steal};
+use crate::sys::CpuMeter;
 
 /// Every Pusher server the harness knows, in the first pass's order.
 pub const SERVERS: [&str; 3] = ["weir", "sockudo", "soketi"];
@@ -428,14 +428,12 @@ async fn paced_interleaved(ctx: &mut Ctx, names: &[&'static str], n: usize) -> B
     let per_slice = ((SLICE.as_secs_f64() * events_per_sec).round() as u32).max(4);
     let total = (ctx.params.duration.as_secs_f64() * ctx.params.fanout_passes as f64 * events_per_sec).round() as u32;
     let rounds = total.div_ceil(per_slice).max(1);
-    let (server_core, client_core) = (ctx.pin.server_core.unwrap_or(0), current_core().unwrap_or(0));
     for round_no in 0..rounds {
         // Reversed every other round, so no server always follows the same one.
         let order: Vec<usize> = if round_no % 2 == 0 { (0..lanes.len()).collect() } else { (0..lanes.len()).rev().collect() };
         for li in order {
             let lane = &mut lanes[li];
             let meter = CpuMeter::start(Some(lane.server.pid));
-            let steal = Steal::now();
             let p0 = Instant::now();
             for k in 0..per_slice {
                 tokio::time::sleep_until((p0 + interval * k).into()).await;
@@ -458,13 +456,13 @@ async fn paced_interleaved(ctx: &mut Ctx, names: &[&'static str], n: usize) -> B
             lane.subs.wait_delivered(want, Duration::from_secs(3)).await;
             let secs = p0.elapsed().as_secs_f64();
             let (client_cpu, server_cpu) = meter.stop();
-            let [stolen_server, stolen_client] = steal.stolen_secs([server_core, client_core]);
+            let (stolen_server, stolen_client) = meter.stolen();
             lane.slices += 1;
             lane.secs += secs;
             lane.client_cpu_secs += client_cpu * secs;
             lane.server_cpu_secs = lane.server_cpu_secs.zip(server_cpu).map(|(a, c)| a + c * secs);
-            lane.stolen_server_secs += stolen_server;
-            lane.stolen_client_secs += stolen_client;
+            lane.stolen_server_secs += stolen_server * secs;
+            lane.stolen_client_secs += stolen_client * secs;
         }
     }
     let mut stopping = Vec::new();

@@ -48,6 +48,8 @@ pub struct LoadResult {
     pub pacer_late: Option<Hist>,
     /// The latency probe run alongside, if any (`probe::probed`).
     pub probe: Option<ProbeResult>,
+    /// Shares of the window the host took from the server's core and from the client's.
+    pub stolen: (f64, f64),
 }
 
 impl Tally {
@@ -81,6 +83,7 @@ impl LoadResult {
             (Some(x), Some(y)) => Some(weighted(x, y)),
             _ => None,
         };
+        self.stolen = (weighted(self.stolen.0, other.stolen.0), weighted(self.stolen.1, other.stolen.1));
         self.elapsed += other.elapsed;
         if let (Some(mine), Some(theirs)) = (&mut self.pacer_late, &other.pacer_late) {
             mine.merge(theirs);
@@ -115,6 +118,8 @@ impl LoadResult {
             "ok_per_server_cpu_sec": self.server_cpu.filter(|c| *c > 0.0).map(|c| (self.rps() / c).round()),
             "client_cpu_share": (self.client_cpu * 1000.0).round() / 1000.0,
             "server_cpu_share": self.server_cpu.map(|c| (c * 1000.0).round() / 1000.0),
+            "steal_server_core_pct": (self.stolen.0 * 10_000.0).round() / 100.0,
+            "steal_client_core_pct": (self.stolen.1 * 10_000.0).round() / 100.0,
             "pacer_lateness": self.pacer_late.as_ref().map(|h| h.summary_ms()),
             "probe": self.probe.as_ref().map(|p| p.to_json()),
         })
@@ -197,11 +202,14 @@ pub async fn closed_loop(
         let _ = t.await;
     }
     let finished = Instant::now().min(end);
-    let (client_cpu, server_cpu) = meter
+    let (client_cpu, server_cpu, stolen) = meter
         .borrow()
         .as_ref()
-        .map(|m| m.stop())
-        .unwrap_or((0.0, None));
+        .map(|m| {
+            let (client, server) = m.stop();
+            (client, server, m.stolen())
+        })
+        .unwrap_or((0.0, None, (0.0, 0.0)));
     let tally = Rc::try_unwrap(tally).ok().expect("tasks done").into_inner();
     LoadResult {
         tally,
@@ -210,6 +218,7 @@ pub async fn closed_loop(
         server_cpu,
         pacer_late: None,
         probe: None,
+        stolen,
     }
 }
 
@@ -307,9 +316,10 @@ pub async fn open_loop(
     }
     let _ = pacer.await;
     let (client_cpu, server_cpu) = meter.stop();
+    let stolen = meter.stolen();
     // Responses still arriving after the window stretch it: rates use the real span.
     let elapsed = t0.elapsed().max(duration);
     let tally = Rc::try_unwrap(tally).ok().expect("tasks done").into_inner();
     let pacer_late = Some(slots.late.take());
-    LoadResult { tally, elapsed, client_cpu, server_cpu, pacer_late, probe: None }
+    LoadResult { tally, elapsed, client_cpu, server_cpu, pacer_late, probe: None, stolen }
 }

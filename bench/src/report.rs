@@ -162,7 +162,14 @@ fn http_row(rows: &mut Vec<Row>, res: &Value, name: &str, goal_ratio: f64) {
         let (r, _) = ratio(pp, hpp);
         rows.push(Row {
             scenario: name.into(),
-            figure: format!("p99 at half load, as the latency probe saw it ({})", probe_text(&half["probe"])),
+            figure: format!(
+                "p99 at half load, as the latency probe saw it ({}{})",
+                probe_text(&half["probe"]),
+                match (steal_of(half), steal_of(hello_half)) {
+                    (Some(w), Some(h)) => format!("; the host's steal of the server's / client's core: weir's turns {w}, hello's {h}"),
+                    _ => String::new(),
+                }
+            ),
             weir: cell(pp, " ms", &nm(half).or(missing.clone())),
             baseline: cell(hpp, " ms (hello)", &nm(hello_half)),
             ratio: r,
@@ -191,6 +198,14 @@ fn probe_p99(probe: &Value, key: &str) -> Option<f64> {
 }
 
 /// How the latency probe ran, for a row's figure.
+/// The host's steal of the server's and the client's core over a measured window ("0.4 / 1.2 %").
+fn steal_of(v: &Value) -> Option<String> {
+    match (f(&v["steal_server_core_pct"]), f(&v["steal_client_core_pct"])) {
+        (Some(s), Some(c)) => Some(format!("{s:.1} / {c:.1} %")),
+        _ => None,
+    }
+}
+
 fn probe_text(probe: &Value) -> String {
     let priority = if probe["priority_raised"].as_bool().unwrap_or(false) { "a real-time-priority thread" } else { "a thread at the client's priority (real-time priority refused)" };
     format!("{:.0} req/s on {} connections of its own, from {priority} beside the load", f(&probe["rate_per_sec"]).unwrap_or(0.0), probe["connections"])
@@ -309,17 +324,13 @@ fn rows(res: &Value) -> Vec<Row> {
                 _ => String::new(),
             };
             // The servers' slices alternate (`fanout`): the host's steal each one's slices saw.
-            let steal = |v: &Value| match (f(&v["paced"]["steal_server_core_pct"]), f(&v["paced"]["steal_client_core_pct"])) {
-                (Some(s), Some(c)) => Some(format!("{s:.1} / {c:.1} %")),
-                _ => None,
-            };
             let slices = match (f(&w["paced"]["slices"]), f(&w["paced"]["events_per_slice"])) {
                 (Some(s), Some(e)) => Some(format!("every server up at once, published to in {s:.0} slices of {e:.0} events each, round robin")),
                 _ => None,
             };
             let stolen: Vec<String> = std::iter::once("weir")
                 .chain(peer_q.as_ref().map(|(_, p)| p.as_str()))
-                .filter_map(|name| steal(if name == "weir" { w } else { &m[name] }).map(|s| format!("{name} {s}")))
+                .filter_map(|name| steal_of(if name == "weir" { &w["paced"] } else { &m[name]["paced"] }).map(|s| format!("{name} {s}")))
                 .collect();
             let stolen = (!stolen.is_empty()).then(|| format!("the host's steal of the server's / client's core in each one's slices: {}", stolen.join(", ")));
             let about: Vec<String> = slices.into_iter().chain(stolen).collect();
@@ -513,7 +524,11 @@ fn rows(res: &Value) -> Vec<Row> {
         let p50 = f(&qp["refused_latency"]["p50_ms"]).filter(|_| p_refused > 0).map(|p| format!("; p50 {p:.2} ms")).unwrap_or_default();
         rows.push(Row {
             scenario: "overload".into(),
-            figure: format!("refusals as the latency probe saw them: p99 ({p_refused} refused, {p_with_ra} with Retry-After{p50}; {})", probe_text(qp)),
+            figure: format!(
+                "refusals as the latency probe saw them: p99 ({p_refused} refused, {p_with_ra} with Retry-After{p50}; {}{})",
+                probe_text(qp),
+                steal_of(q).map(|x| format!("; the host's steal of the server's / client's core {x}")).unwrap_or_default()
+            ),
             weir: if p_refused == 0 { nm(qp).unwrap_or("none refused".into()) } else { cell(pp, " ms", &None) },
             baseline: "—".into(),
             ratio: "—".into(),

@@ -70,6 +70,12 @@ pub fn proc_cpu(pid: u32) -> Option<Duration> {
     Some(Duration::from_nanos(ticks * 1_000_000_000 / clock_ticks()))
 }
 
+/// The core process `pid` last ran on (`/proc/PID/stat`, field 39).
+fn proc_core(pid: u32) -> Option<usize> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    s[s.rfind(')')? + 2..].split_whitespace().nth(36)?.parse().ok()
+}
+
 /// Time on CPU of the live threads of `pid`, in nanoseconds (`/proc/PID/task/*/schedstat`).
 /// Finer than [`proc_cpu`]'s clock ticks (10 ms), which cannot tell 0 % from 0.3 % over a few
 /// idle seconds; threads that exit during the window are not counted, so use it only for idle
@@ -111,15 +117,28 @@ pub struct CpuMeter {
     start: std::time::Instant,
     self0: Duration,
     server: Option<(u32, Duration)>,
+    steal: Steal,
+    /// The server's core (where it last ran: it is pinned to one) and the client's.
+    cores: [usize; 2],
 }
 
 impl CpuMeter {
     pub fn start(server_pid: Option<u32>) -> Self {
+        let client_core = current_core().unwrap_or(0);
         CpuMeter {
             start: std::time::Instant::now(),
             self0: self_cpu(),
             server: server_pid.and_then(|p| proc_cpu(p).map(|c| (p, c))),
+            steal: Steal::now(),
+            cores: [server_pid.and_then(proc_core).unwrap_or(client_core), client_core],
         }
+    }
+
+    /// Shares of the time since `start` the host took from (the server's core, the client's).
+    pub fn stolen(&self) -> (f64, f64) {
+        let wall = self.start.elapsed().as_secs_f64().max(1e-9);
+        let [server, client] = self.steal.stolen_secs(self.cores);
+        (server / wall, client / wall)
     }
 
     /// (client share of one core, server share of one core), e.g. 0.93 = 93 %.
