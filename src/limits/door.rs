@@ -6,9 +6,9 @@
 //! "no" waited its place in it behind the requests being served: on the benchmark's saturated
 //! core the probe saw such refusals take 2–4 ms at the median and 10–30 ms at p99
 //! (`BENCHMARKS.md`, overload). The door's thread sleeps until a watched socket is readable and
-//! runs at a higher priority than the workers when the process may ask for one
-//! (`CAP_SYS_NICE`), so the kernel gives it the core at once; a refusal is a peek, a parse and
-//! two small copies.
+//! runs under the real-time policy when the process may ask for it (`CAP_SYS_NICE`), so the
+//! kernel gives it the core the moment it wakes; a refusal is a peek, a parse and two small
+//! copies.
 //!
 //! How: a connection's task hands its connection to the door when it is between requests and
 //! holds no turn while the line was full a moment ago (`backoff::Throttled`): when it runs out of
@@ -92,10 +92,14 @@ impl Door {
         let handle = runtime.handle().clone();
         let (stop, stopped) = oneshot::channel::<()>();
         std::thread::Builder::new().name("weir-door".into()).spawn(move || {
-            let raised = raise_priority();
-            metrics::gauge!("weir_door_priority_raised").set(if raised { 1.0 } else { 0.0 });
-            if !raised {
-                tracing::info!("the door's thread runs at the workers' priority (no CAP_SYS_NICE): refusals under overload may wait for the CPU");
+            let priority = raise_priority();
+            metrics::gauge!("weir_door_priority_raised").set(priority as u8 as f64);
+            match priority {
+                Priority::RealTime => {}
+                Priority::Nice => tracing::info!("the door's thread could not take the real-time policy; it runs {PRIORITY_ABOVE} nice levels above the workers"),
+                Priority::Workers => {
+                    tracing::info!("the door's thread runs at the workers' priority (no CAP_SYS_NICE): refusals under overload may wait for the CPU")
+                }
             }
             runtime.block_on(async {
                 let _ = stopped.await;
@@ -167,23 +171,47 @@ impl Door {
     }
 }
 
-/// How many nice levels above the process's threads the door's thread asks to run.
+/// How many nice levels above the process's threads the door's thread asks to run when it may
+/// not take the real-time policy.
 const PRIORITY_ABOVE: i32 = 10;
 
-/// Asks the kernel to run the calling thread [`PRIORITY_ABOVE`] nice levels above the rest of
-/// the process; whether it could (a lower nice value needs `CAP_SYS_NICE`).
+/// The priority the door's thread got (the `weir_door_priority_raised` gauge's value).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Priority {
+    /// The workers': the door waits for the core like any of them.
+    Workers = 0,
+    /// [`PRIORITY_ABOVE`] nice levels above the workers.
+    Nice = 1,
+    /// `SCHED_FIFO` at its lowest priority.
+    RealTime = 2,
+}
+
+/// Moves the calling thread to the real-time FIFO policy at its lowest priority, or, if the
+/// process may not, [`PRIORITY_ABOVE`] nice levels above the rest of the process; which it got
+/// (either needs `CAP_SYS_NICE`).
 ///
-/// Why: at equal priority the fair scheduler let the door's thread, runnable, wait behind a
-/// saturated worker for up to 18 ms (its `schedstat`), and a request arriving then waited too.
-/// Ten levels up (about nine times the weight) the door ran within 0.6 ms for 90 % of the
-/// probe's requests in one run, against 4.6 ms at equal priority; not in every run
-/// (`BENCHMARKS.md`, thirteenth round). The door
-/// uses little CPU, so the workers lose next to nothing.
-fn raise_priority() -> bool {
+/// Why real time: under the fair scheduler, even ten nice levels up, the woken door waited for
+/// the saturated worker's time slice often enough to make the refusals' tail: in five
+/// alternating probe-only pairs (`BENCHMARKS.md`, eighteenth round) their p99 from 3 s into the
+/// flood was 0.24–0.36 ms under `SCHED_FIFO` against 0.60–1.84 ms ten nice levels up, with the
+/// same goodput. A real-time thread preempts the workers the moment it wakes. What bounds it:
+/// it sleeps until a watched socket has data, its work per request is a peek, a parse and two
+/// small copies, and the kernel keeps 5 % of every second for other threads whatever real-time
+/// threads do (`sched_rt_runtime_us`).
+fn raise_priority() -> Priority {
+    use thread_priority::unix::{set_thread_priority_and_policy, thread_native_id, RealtimeThreadSchedulePolicy, ThreadSchedulePolicy};
+    let fifo = ThreadSchedulePolicy::Realtime(RealtimeThreadSchedulePolicy::Fifo);
+    if set_thread_priority_and_policy(thread_native_id(), thread_priority::ThreadPriority::Min, fifo).is_ok() {
+        return Priority::RealTime;
+    }
     let thread = rustix::thread::gettid();
-    let Ok(nice) = rustix::process::getpriority_process(Some(thread)) else { return false };
+    let Ok(nice) = rustix::process::getpriority_process(Some(thread)) else { return Priority::Workers };
     let wanted = (nice - PRIORITY_ABOVE).max(-20);
-    wanted < nice && rustix::process::setpriority_process(Some(thread), wanted).is_ok()
+    if wanted < nice && rustix::process::setpriority_process(Some(thread), wanted).is_ok() {
+        Priority::Nice
+    } else {
+        Priority::Workers
+    }
 }
 
 /// The connection's task has it.
@@ -450,6 +478,32 @@ mod tests {
     use std::net::SocketAddr;
     use std::time::Duration;
     use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+
+    /// What the door's thread reports about its priority is what the kernel then says the
+    /// thread has, whichever of the three the process may ask for.
+    #[test]
+    fn the_door_reports_the_priority_its_thread_got() {
+        use thread_priority::unix::{thread_schedule_policy, NormalThreadSchedulePolicy, RealtimeThreadSchedulePolicy, ThreadSchedulePolicy};
+        let nice_now = || rustix::process::getpriority_process(Some(rustix::thread::gettid())).unwrap();
+        let (got, policy, nice_before, nice_after) = std::thread::spawn(move || {
+            let before = nice_now();
+            let got = raise_priority();
+            (got, thread_schedule_policy().unwrap(), before, nice_now())
+        })
+        .join()
+        .unwrap();
+        match got {
+            Priority::RealTime => assert_eq!(policy, ThreadSchedulePolicy::Realtime(RealtimeThreadSchedulePolicy::Fifo)),
+            Priority::Nice => {
+                assert_eq!(policy, ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Other));
+                assert!(nice_after < nice_before, "nice {nice_before} → {nice_after}");
+            }
+            Priority::Workers => {
+                assert_eq!(policy, ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Other));
+                assert_eq!(nice_after, nice_before);
+            }
+        }
+    }
 
     /// A listener with one turn and a door; a `line_wait` of 1 ms keeps the line full (a
     /// connection without the turn is refused), one of a minute leaves it room.
