@@ -28,7 +28,7 @@
 //!   the rest wait in line — their state stays in the caches; turns shorten to bound the wait in
 //!   line, and a line too long for that is not joined: its arrivals are refused), the door
 //!   (while the line is refused, idle and held connections are watched by a thread of its own,
-//!   at a higher priority, which refuses visitors' requests there instead of behind the busy
+//!   under the real-time policy where the process may ask for it, which refuses visitors' requests there instead of behind the busy
 //!   workers, and keeps what it refused until its hold is over), timeouts, body limits, the slow request-head guard; [`ops`]: metrics, health,
 //!   shutdown.
 //! - [`http`]: `AppState`, the router (where every layer's order is decided) and `App`, which
