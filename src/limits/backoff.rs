@@ -22,12 +22,12 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use super::door::{Door, Refusable, Watch};
+use super::door::{Door, Offer, Refusable, Watch};
 use super::head_guard::Activity;
 use super::turns::{Settings, Turn, Turns};
 use tokio::net::{TcpListener, TcpStream};
@@ -180,6 +180,9 @@ impl axum::serve::Listener for Listener {
                         door: self.door.clone(),
                         watch: None,
                         door_bell: None,
+                        offer: None,
+                        line_bell: None,
+                        line_bell_set_at: None,
                         _slot: slot,
                     };
                     return (throttled, addr);
@@ -212,6 +215,12 @@ pub struct Throttled {
     /// Rings when refusals begin, for an idle connection not handed to the door while a line
     /// exists (made once, reused).
     door_bell: Option<Pin<Box<OwnedNotified>>>,
+    /// While the idle connection is offered to the door beside a line (`door::Offer`).
+    offer: Option<Arc<Offer>>,
+    /// Rings when a line forms, for an idle connection that saw none (made once, reused).
+    line_bell: Option<Pin<Box<OwnedNotified>>>,
+    /// The bell's ring count (`Door::line_rings`) when it was last set with this task's waker.
+    line_bell_set_at: Option<u64>,
     /// This connection's place under `max_connections`, released when it closes.
     _slot: OwnedSemaphorePermit,
 }
@@ -231,6 +240,9 @@ impl Throttled {
 impl AsyncRead for Throttled {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
+        if let Some(offer) = this.offer.take() {
+            this.watch = offer.withdraw();
+        }
         loop {
             if let Some(watch) = &this.watch {
                 std::task::ready!(watch.take_back(cx));
@@ -278,34 +290,51 @@ impl Throttled {
     /// With nothing to read, between requests and no turn held while the line is being
     /// refused: the next request may be refused too, so the door watches for it
     /// (`limits::door`). While a line exists but nothing is refused yet, the connection is
-    /// woken when refusals begin, to be handed over then: otherwise a connection that went idle
-    /// before would have its first refusal made by a busy worker, milliseconds later.
+    /// offered to the door, which takes it when refusals begin; with no line, it is woken when
+    /// one forms, to be offered then. Otherwise a connection that went idle before would have
+    /// its first refusal made by a busy worker, milliseconds later.
     fn hand_to_the_door(&mut self, cx: &mut Context<'_>) {
         let (Some(door), Some(turn)) = (&self.door, &self.turn) else { return };
         if !turn.is_out() || !self.activity.between_requests() {
             return;
         }
-        if !door.open() {
-            if !door.has_line() {
-                return;
-            }
-            let bell = self.door_bell.get_or_insert_with(|| Box::pin(door.when_refusals_begin()));
-            if bell.as_mut().poll(cx).is_ready() {
-                // Rung for an earlier idle spell: the next ring is for the next time.
-                bell.set(door.when_refusals_begin());
-                let _ = bell.as_mut().poll(cx);
-            }
-            // Checked again once the bell is set: refusals may have begun in between.
-            if !door.open() {
-                return;
-            }
+        if door.open() {
+            self.watch = door.watch(&self.stream, &self.backoff);
+            return;
         }
-        self.watch = door.watch(&self.stream, &self.backoff);
+        if !door.has_line() {
+            let rings = door.line_rings();
+            if self.line_bell_set_at != Some(rings) {
+                poll_bell(&mut self.line_bell, || door.when_line_forms(), cx);
+                self.line_bell_set_at = Some(rings);
+            }
+            return;
+        }
+        let Some(offer) = door.offer(&self.stream, &self.backoff) else { return };
+        poll_bell(&mut self.door_bell, || door.when_refusals_begin(), &mut Context::from_waker(&Waker::from(offer.clone())));
+        // Refusals may have begun before the bell was set: the door takes the connection now.
+        if door.open() {
+            Waker::from(offer.clone()).wake_by_ref();
+        }
+        self.offer = Some(offer);
+    }
+}
+
+/// Polls the bell in `slot` (made by `bell` the first time) with `cx`'s waker; one that rang
+/// for an earlier idle spell is made anew, for the next time.
+fn poll_bell(slot: &mut Option<Pin<Box<OwnedNotified>>>, bell: impl Fn() -> OwnedNotified, cx: &mut Context<'_>) {
+    let notified = slot.get_or_insert_with(|| Box::pin(bell()));
+    if notified.as_mut().poll(cx).is_ready() {
+        notified.set(bell());
+        let _ = notified.as_mut().poll(cx);
     }
 }
 
 impl Drop for Throttled {
     fn drop(&mut self) {
+        if let Some(offer) = self.offer.take() {
+            self.watch = offer.withdraw();
+        }
         if let Some(watch) = &self.watch {
             watch.close();
         }

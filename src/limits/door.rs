@@ -33,13 +33,13 @@ use std::io;
 use std::net::{Shutdown, TcpStream as StdTcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering::AcqRel, Ordering::Acquire, Ordering::Release};
 use std::sync::{Arc, OnceLock};
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::Instant;
 
 use parking_lot::Mutex;
 use tokio::io::ReadBuf;
 use tokio::net::TcpStream;
-use tokio::sync::{oneshot, Notify, Semaphore};
+use tokio::sync::{oneshot, Notify, OwnedSemaphorePermit, Semaphore};
 
 use super::backoff::Backoff;
 use super::shed::{at_capacity_body, LONGEST_HOLD, RETRY_AFTER};
@@ -154,20 +154,94 @@ impl Door {
         self.0.desk.turns.when_refusals_begin()
     }
 
+    /// How many times the bell of [`Door::when_line_forms`] has rung (`Turns::line_rings`).
+    pub(crate) fn line_rings(&self) -> u64 {
+        self.0.desk.turns.line_rings()
+    }
+
+    /// Ready once a line forms after a while without one (`Turns::when_line_forms`).
+    pub(crate) fn when_line_forms(&self) -> tokio::sync::futures::OwnedNotified {
+        self.0.desk.turns.when_line_forms()
+    }
+
     /// Hands the idle connection on `stream` to the door; its [`Watch`], or `None` if no
     /// connection slot is free for the duplicate socket or it could not be made (the task keeps
     /// the connection).
     pub(crate) fn watch(&self, stream: &TcpStream, backoff: &Backoff) -> Option<Arc<Watch>> {
+        let (socket, slot) = self.duplicate(stream)?;
+        let watch = Arc::new(Watch::new(WATCHED));
+        self.spawn_watch(socket, slot, watch.clone(), backoff.clone());
+        Some(watch)
+    }
+
+    /// Offers the idle connection on `stream` to the door, which takes it over the moment
+    /// refusals begin, from whichever thread finds the line full, without waiting for the
+    /// connection's task to be polled: poll the refusal bell with the offer as its waker. `None`
+    /// if no slot is free for the duplicate socket or it could not be made.
+    pub(crate) fn offer(&self, stream: &TcpStream, backoff: &Backoff) -> Option<Arc<Offer>> {
+        let (socket, slot) = self.duplicate(stream)?;
+        let watch = Arc::new(Watch::new(OFFERED));
+        Some(Arc::new(Offer { watch, socket: Mutex::new(Some((socket, slot))), door: self.clone(), backoff: backoff.clone() }))
+    }
+
+    /// A duplicate of `stream`'s socket for the door, and the connection slot it takes.
+    fn duplicate(&self, stream: &TcpStream) -> Option<(StdTcpStream, OwnedSemaphorePermit)> {
         let slot = self.0.slots.clone().try_acquire_owned().ok()?;
         let socket: StdTcpStream = socket2::SockRef::from(stream).try_clone().ok()?.into();
-        let watch = Arc::new(Watch { state: AtomicU8::new(WATCHED), task: Mutex::new(None), ended: Notify::new(), admitted: AtomicBool::new(false) });
+        Some((socket, slot))
+    }
+
+    fn spawn_watch(&self, socket: StdTcpStream, slot: OwnedSemaphorePermit, watch: Arc<Watch>, backoff: Backoff) {
         self.0.desk.watched.increment(1);
-        let (watch_for_door, desk, backoff) = (watch.clone(), self.0.desk.clone(), backoff.clone());
+        let desk = self.0.desk.clone();
         self.0.runtime.spawn(async move {
-            watch_at_the_door(socket, &watch_for_door, &desk, &backoff).await;
+            watch_at_the_door(socket, &watch, &desk, &backoff).await;
             drop(slot);
         });
-        Some(watch)
+    }
+}
+
+/// An idle connection offered to the door beside a line, before anything is refused: whoever
+/// moves first has it, the door when refusals begin (the offer is the refusal bell's waker) or
+/// the connection's task when it is polled again.
+///
+/// Why: handed over only once refusals began, idle connections were handed over by their tasks,
+/// woken through the busy workers' run queue behind the flood's own tasks, and requests that
+/// arrived meanwhile were refused by a worker, milliseconds late: the refusals of a flood's
+/// onset (`BENCHMARKS.md`, eighteenth round).
+pub(crate) struct Offer {
+    watch: Arc<Watch>,
+    /// The duplicate socket and its slot, until the door takes them or the task withdraws.
+    socket: Mutex<Option<(StdTcpStream, OwnedSemaphorePermit)>>,
+    door: Door,
+    backoff: Backoff,
+}
+
+impl Offer {
+    /// From the connection's task, polled again: withdraws the offer. The task keeps the
+    /// connection (`None`), or, if the door has taken it, waits on the [`Watch`] returned.
+    pub(crate) fn withdraw(&self) -> Option<Arc<Watch>> {
+        if self.watch.state.compare_exchange(OFFERED, TASK, AcqRel, Acquire).is_ok() {
+            // The duplicate is closed and its slot freed.
+            self.socket.lock().take();
+            return None;
+        }
+        Some(self.watch.clone())
+    }
+}
+
+impl Wake for Offer {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    /// Refusals began: the door takes the connection, unless its task has it back.
+    fn wake_by_ref(self: &Arc<Self>) {
+        if self.watch.state.compare_exchange(OFFERED, WATCHED, AcqRel, Acquire).is_ok() {
+            if let Some((socket, slot)) = self.socket.lock().take() {
+                self.door.spawn_watch(socket, slot, self.watch.clone(), self.backoff.clone());
+            }
+        }
     }
 }
 
@@ -220,6 +294,8 @@ const TASK: u8 = 0;
 const WATCHED: u8 = 1;
 /// The door is answering on it.
 const DOOR: u8 = 2;
+/// Offered to the door: the door or the task takes it (`Offer`).
+const OFFERED: u8 = 3;
 
 /// One hand-over of a connection to the door.
 pub(crate) struct Watch {
@@ -233,6 +309,10 @@ pub(crate) struct Watch {
 }
 
 impl Watch {
+    fn new(state: u8) -> Self {
+        Watch { state: AtomicU8::new(state), task: Mutex::new(None), ended: Notify::new(), admitted: AtomicBool::new(false) }
+    }
+
     /// Whether the door saw the request arrive while the line had room (`Answer::Admitted`).
     pub(crate) fn admitted(&self) -> bool {
         self.admitted.load(Acquire)
@@ -748,6 +828,73 @@ mod tests {
         let got = tokio::time::timeout(Duration::from_secs(5), read_rx).await.expect("the request never reached the connection").unwrap();
         assert_eq!(String::from_utf8_lossy(&got), request);
         assert_eq!(door.refused(), 0);
+        drop(waiter_client);
+    }
+
+    /// An idle connection's task that waits for a request, as hyper's would between requests;
+    /// what it reads comes out of the receiver.
+    fn reading(mut idle: Throttled) -> oneshot::Receiver<Vec<u8>> {
+        let (read_tx, read_rx) = oneshot::channel();
+        tokio::spawn(async move {
+            let mut request = [0u8; 64];
+            let n = idle.read(&mut request).await.unwrap();
+            let _ = read_tx.send(request[..n].to_vec());
+        });
+        read_rx
+    }
+
+    /// Rings the start of refusals, then keeps this (the idle connections' runtime's) thread
+    /// busy while a request arrives on `idle_client`: whether the door saw it meanwhile.
+    async fn refusals_begin_while_the_runtime_is_busy(door: &Door, idle_client: &mut std::net::TcpStream) -> bool {
+        door.0.desk.turns.refusing_now();
+        idle_client.write_all(b"GET /r/sale HTTP/1.1\r\nhost: x\r\n\r\n").unwrap();
+        let busy_until = Instant::now() + Duration::from_millis(300);
+        while Instant::now() < busy_until && door.seen() == 0 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        door.seen() == 1
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_beside_a_line_is_taken_by_the_door_when_refusals_begin_without_its_task() {
+        let (mut listener, addr) = listener(Duration::from_secs(60), 16).await;
+        let door = listener.door().expect("a door").clone();
+        let _holder = turn_held(&mut listener, addr).await;
+        let mut waiter_client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut waiter = accept(&mut listener).await;
+        waiter_client.write_all(b"ping").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(read_now(&mut waiter).await, None, "the waiter read without the turn");
+        let mut idle_client = std::net::TcpStream::connect(addr).unwrap();
+        let read_rx = reading(accept(&mut listener).await);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(door.seen(), 0);
+        assert!(refusals_begin_while_the_runtime_is_busy(&door, &mut idle_client).await, "the door waited for the idle connection's task to hand it over");
+        // The line had room: the door admitted the request, and the task read it whole.
+        let got = tokio::time::timeout(Duration::from_secs(5), read_rx).await.expect("the request never reached the connection").unwrap();
+        assert!(got.starts_with(b"GET /r/sale"));
+        drop(waiter_client);
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_that_saw_no_line_is_offered_to_the_door_when_one_forms() {
+        let (mut listener, addr) = listener(Duration::from_secs(60), 16).await;
+        let door = listener.door().expect("a door").clone();
+        // Idle before any line exists.
+        let mut idle_client = std::net::TcpStream::connect(addr).unwrap();
+        let read_rx = reading(accept(&mut listener).await);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let _holder = turn_held(&mut listener, addr).await;
+        let mut waiter_client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut waiter = accept(&mut listener).await;
+        waiter_client.write_all(b"ping").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(read_now(&mut waiter).await, None, "the waiter read without the turn");
+        // The line formed: the idle connection's task was woken, and offered it.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(refusals_begin_while_the_runtime_is_busy(&door, &mut idle_client).await, "the idle connection was not offered when the line formed");
+        let got = tokio::time::timeout(Duration::from_secs(5), read_rx).await.expect("the request never reached the connection").unwrap();
+        assert!(got.starts_with(b"GET /r/sale"));
         drop(waiter_client);
     }
 

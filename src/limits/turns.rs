@@ -100,6 +100,14 @@ struct Shared {
     /// Wakes idle connections waiting in a line's presence when refusals begin (the line was
     /// found full after [`REFUSING_FOR`] or more without), so that they go to the door at once.
     refusals_began: Arc<Notify>,
+    /// Wakes idle connections that saw no line when a line forms after [`REFUSING_FOR`] or more
+    /// without one forming, so that they are offered to the door (`door::Offer`) before the line
+    /// can fill.
+    line_began: Arc<Notify>,
+    /// When a line last formed, in ms since `born` (0: never).
+    last_line_ms: AtomicU64,
+    /// How many times `line_began` has rung.
+    line_rings: AtomicU64,
     /// Whether the CPU was the bottleneck at the governor's last look: only then does a prompt
     /// connection keep its turn between requests while others wait (with time to spare, the
     /// caches are not what limits, and the turn is worth more to the next in line).
@@ -135,6 +143,9 @@ impl Turns {
             surplus: AtomicUsize::new(0),
             line_formed: Notify::new(),
             refusals_began: Arc::new(Notify::new()),
+            line_began: Arc::new(Notify::new()),
+            last_line_ms: AtomicU64::new(0),
+            line_rings: AtomicU64::new(0),
             cpu_bound: AtomicBool::new(forced_share.is_some_and(|share| share >= SPARE_BELOW)),
             last_full_ms: AtomicU64::new(0),
             // A day back, so that a line found full at once is not at 0 ms ("never").
@@ -178,6 +189,31 @@ impl Turns {
                 self.0.refusals_began.notify_waiters();
             }
         }
+    }
+
+    /// Ready once a line forms after [`REFUSING_FOR`] or more without one forming, for a future
+    /// polled before.
+    pub(crate) fn when_line_forms(&self) -> OwnedNotified {
+        self.0.line_began.clone().notified_owned()
+    }
+
+    /// A line formed: wakes the idle connections that saw none, unless one formed within
+    /// [`REFUSING_FOR`] (they were woken then; under a steady load lines come and go, and each
+    /// would wake them all).
+    fn line_formed(&self) {
+        self.0.line_formed.notify_one();
+        let now = self.0.born.elapsed().as_millis() as u64;
+        let last = self.0.last_line_ms.swap(now, Relaxed);
+        if last == 0 || now.saturating_sub(last) >= REFUSING_FOR.as_millis() as u64 {
+            self.0.line_rings.fetch_add(1, Relaxed);
+            self.0.line_began.notify_waiters();
+        }
+    }
+
+    /// How many times the bell of [`Turns::when_line_forms`] has rung: a connection that set
+    /// it at the same count need not poll it again (a lock) at every idle spell.
+    pub(crate) fn line_rings(&self) -> u64 {
+        self.0.line_rings.load(Relaxed)
     }
 
     /// Ready once refusals begin ([`Turns::refusing`] turns true), for a future polled before.
@@ -415,7 +451,7 @@ impl Turn {
                             }
                             metrics::counter!("weir_connection_turns_waited_total").increment(1);
                             if self.turns.0.waiting.fetch_add(1, Relaxed) == 0 {
-                                self.turns.0.line_formed.notify_one();
+                                self.turns.line_formed();
                             }
                             self.state = State::Waiting(Box::pin(self.turns.0.permits.clone().acquire_owned()));
                         }
