@@ -12,9 +12,11 @@
 //!
 //! How: a connection's task hands its connection to the door when it is between requests and
 //! holds no turn while the line was full a moment ago (`backoff::Throttled`): when it runs out of
-//! requests, when it is held after a refusal a worker made, and, for one that went idle beside a
-//! line before anything was refused, when refusals begin (`Turns::when_refusals_begin`). The
-//! door watches a duplicate of the socket on its own runtime; the task waits for the door to
+//! requests, and when it is held after a refusal a worker made. One that goes idle beside a line
+//! before anything is refused is offered to the door instead (an `Offer`: a duplicate socket
+//! made ready), which takes it over the moment refusals begin, on whichever thread finds the
+//! line full (`Turns::when_refusals_begin`); one that went idle with no line at all is woken
+//! when a line forms, to be offered then (`Turns::when_line_forms`). The door watches a duplicate of the socket on its own runtime; the task waits for the door to
 //! hand the connection back (a `Watch`, one atomic state they share), so the socket is read by
 //! one side at a time and the door, woken at once, decides for each request. When data arrives:
 //! - the line has room: the request is admitted, and joins the line even if the line has grown
