@@ -797,41 +797,8 @@ mod tests {
         }
     }
 
-    /// A connection that went idle while a line existed but nothing was refused yet is handed
-    /// to the door as soon as refusals begin, without waiting for its next request: so even its
-    /// first request after that is looked at by the door, not read by its busy task.
-    #[tokio::test]
-    async fn an_idle_connection_goes_to_the_door_when_refusals_begin() {
-        let (mut listener, addr) = listener(Duration::from_secs(60), 16).await;
-        let door = listener.door().expect("a door").clone();
-        let _holder = turn_held(&mut listener, addr).await;
-        // A second connection with a request waits in line for the one turn.
-        let mut waiter_client = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let mut waiter = accept(&mut listener).await;
-        waiter_client.write_all(b"ping").await.unwrap();
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        assert_eq!(read_now(&mut waiter).await, None, "the waiter read without the turn");
-        let mut idle_client = std::net::TcpStream::connect(addr).unwrap();
-        let mut idle = accept(&mut listener).await;
-        // The idle connection's task waits for a request, as hyper's would between requests.
-        let (read_tx, read_rx) = oneshot::channel();
-        tokio::spawn(async move {
-            let mut request = [0u8; 64];
-            let n = idle.read(&mut request).await.unwrap();
-            let _ = read_tx.send(request[..n].to_vec());
-        });
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        assert_eq!(door.seen(), 0);
-        listener.door().expect("a door").0.desk.turns.refusing_now();
-        let request = "GET /r/sale HTTP/1.1\r\nhost: x\r\n\r\n";
-        idle_client.write_all(request.as_bytes()).unwrap();
-        door_saw(&door, 1).await;
-        // The line had room: the door admitted the request, and the task read it whole.
-        let got = tokio::time::timeout(Duration::from_secs(5), read_rx).await.expect("the request never reached the connection").unwrap();
-        assert_eq!(String::from_utf8_lossy(&got), request);
-        assert_eq!(door.refused(), 0);
-        drop(waiter_client);
-    }
+    /// A visitor's request the door may refuse.
+    const REQUEST: &str = "GET /r/sale HTTP/1.1\r\nhost: x\r\n\r\n";
 
     /// An idle connection's task that waits for a request, as hyper's would between requests;
     /// what it reads comes out of the receiver.
@@ -849,7 +816,7 @@ mod tests {
     /// busy while a request arrives on `idle_client`: whether the door saw it meanwhile.
     async fn refusals_begin_while_the_runtime_is_busy(door: &Door, idle_client: &mut std::net::TcpStream) -> bool {
         door.0.desk.turns.refusing_now();
-        idle_client.write_all(b"GET /r/sale HTTP/1.1\r\nhost: x\r\n\r\n").unwrap();
+        idle_client.write_all(REQUEST.as_bytes()).unwrap();
         let busy_until = Instant::now() + Duration::from_millis(300);
         while Instant::now() < busy_until && door.seen() == 0 {
             std::thread::sleep(Duration::from_millis(1));
@@ -857,16 +824,26 @@ mod tests {
         door.seen() == 1
     }
 
+    /// The one turn held and a second connection waiting in line for it: a line with room (its
+    /// bound is a minute). Returns what keeps it so: the holder, the waiter and its client.
+    async fn a_line(listener: &mut Listener, addr: SocketAddr) -> impl Sized {
+        let holder = turn_held(listener, addr).await;
+        let mut waiter_client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut waiter = accept(listener).await;
+        waiter_client.write_all(b"ping").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(read_now(&mut waiter).await, None, "the waiter read without the turn");
+        (holder, waiter, waiter_client)
+    }
+
+    /// A connection that went idle while a line existed but nothing was refused yet is taken by
+    /// the door the moment refusals begin, without its task (whose runtime is busy): so even
+    /// its first request after that is looked at by the door, not read by its busy task.
     #[tokio::test]
     async fn an_idle_connection_beside_a_line_is_taken_by_the_door_when_refusals_begin_without_its_task() {
         let (mut listener, addr) = listener(Duration::from_secs(60), 16).await;
         let door = listener.door().expect("a door").clone();
-        let _holder = turn_held(&mut listener, addr).await;
-        let mut waiter_client = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let mut waiter = accept(&mut listener).await;
-        waiter_client.write_all(b"ping").await.unwrap();
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        assert_eq!(read_now(&mut waiter).await, None, "the waiter read without the turn");
+        let _line = a_line(&mut listener, addr).await;
         let mut idle_client = std::net::TcpStream::connect(addr).unwrap();
         let read_rx = reading(accept(&mut listener).await);
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -874,8 +851,8 @@ mod tests {
         assert!(refusals_begin_while_the_runtime_is_busy(&door, &mut idle_client).await, "the door waited for the idle connection's task to hand it over");
         // The line had room: the door admitted the request, and the task read it whole.
         let got = tokio::time::timeout(Duration::from_secs(5), read_rx).await.expect("the request never reached the connection").unwrap();
-        assert!(got.starts_with(b"GET /r/sale"));
-        drop(waiter_client);
+        assert_eq!(String::from_utf8_lossy(&got), REQUEST);
+        assert_eq!(door.refused(), 0);
     }
 
     #[tokio::test]
@@ -886,18 +863,12 @@ mod tests {
         let mut idle_client = std::net::TcpStream::connect(addr).unwrap();
         let read_rx = reading(accept(&mut listener).await);
         tokio::time::sleep(Duration::from_millis(20)).await;
-        let _holder = turn_held(&mut listener, addr).await;
-        let mut waiter_client = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let mut waiter = accept(&mut listener).await;
-        waiter_client.write_all(b"ping").await.unwrap();
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        assert_eq!(read_now(&mut waiter).await, None, "the waiter read without the turn");
+        let _line = a_line(&mut listener, addr).await;
         // The line formed: the idle connection's task was woken, and offered it.
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert!(refusals_begin_while_the_runtime_is_busy(&door, &mut idle_client).await, "the idle connection was not offered when the line formed");
         let got = tokio::time::timeout(Duration::from_secs(5), read_rx).await.expect("the request never reached the connection").unwrap();
-        assert!(got.starts_with(b"GET /r/sale"));
-        drop(waiter_client);
+        assert_eq!(String::from_utf8_lossy(&got), REQUEST);
     }
 
     /// The door's duplicate socket takes a connection slot: with none free, the connection stays
