@@ -212,8 +212,8 @@ pub struct Throttled {
     door: Option<Door>,
     /// While the connection is handed to the door.
     watch: Option<Arc<Watch>>,
-    /// Rings when refusals begin, for an idle connection not handed to the door while a line
-    /// exists (made once, reused).
+    /// Rings when refusals begin, polled with the current offer as its waker (made once,
+    /// reused).
     door_bell: Option<Pin<Box<OwnedNotified>>>,
     /// While the idle connection is offered to the door beside a line (`door::Offer`).
     offer: Option<Arc<Offer>>,

@@ -97,8 +97,9 @@ struct Shared {
     surplus: AtomicUsize,
     /// Wakes the governor when the line forms.
     line_formed: Notify,
-    /// Wakes idle connections waiting in a line's presence when refusals begin (the line was
-    /// found full after [`REFUSING_FOR`] or more without), so that they go to the door at once.
+    /// Rings when refusals begin (the line was found full after [`REFUSING_FOR`] or more
+    /// without): its wakers are the offers of idle connections (`door::Offer`), so the door
+    /// takes them over on the ringing thread.
     refusals_began: Arc<Notify>,
     /// Wakes idle connections that saw no line when a line forms after [`REFUSING_FOR`] or more
     /// without one forming, so that they are offered to the door (`door::Offer`) before the line
