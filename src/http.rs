@@ -3,6 +3,7 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -142,13 +143,17 @@ pub struct HotRoute {
     prefix: &'static str,
     suffix: &'static str,
     answer: Answer,
+    /// The address of the peer whose request is being called (the app, and so this route, is
+    /// cloned for each connection): given to a route that reads it without putting it in the
+    /// request's extensions, a map allocated for each request.
+    peer_ip: IpAddr,
 }
 
 /// How a hot route answers: within its call, or later (entry waits for a durable ticket).
 #[derive(Clone, Copy)]
 enum Answer {
     Now(fn(&AppState, &str, &Request) -> Response),
-    Later(fn(AppState, Box<str>, Request) -> LaterAnswer),
+    Later(fn(AppState, Box<str>, IpAddr, Request) -> LaterAnswer),
 }
 
 pub type LaterAnswer = Pin<Box<dyn Future<Output = Response> + Send>>;
@@ -180,8 +185,8 @@ impl HotRoute {
         room_in(request.uri().path(), self.prefix, self.suffix)
     }
 
-    /// Entry reads the peer's address (the per-IP limit) from the request, as its routed
-    /// handler does; the others need it only to hold a refused connection.
+    /// Entry reads the peer's address (the per-IP limit); the others need the peer only to
+    /// hold a refused connection.
     fn reads_peer(&self) -> bool {
         matches!(self.answer, Answer::Later(_))
     }
@@ -211,7 +216,7 @@ impl Service<Request> for HotRoute {
             (Some(room), Answer::Now(answer)) => answer(&self.state, room, &request),
             (Some(room), Answer::Later(answer)) => {
                 let room = room.into();
-                return HotFuture::Later(answer(self.state.clone(), room, request));
+                return HotFuture::Later(answer(self.state.clone(), room, self.peer_ip, request));
             }
             (None, _) => crate::error::ApiError::not_found("no such route").into_response(),
         };
@@ -265,7 +270,7 @@ pub fn app(state: AppState) -> App {
     let limits = &state.config.limits;
     let visitors_bound = shed::BoundLayer::new("visitors", limits.max_in_flight, Duration::from_millis(limits.request_timeout_ms));
     let hot = |route: &'static str, prefix, suffix, answer| {
-        let service = visitors_bound.layer(HotRoute { state: state.clone(), prefix, suffix, answer });
+        let service = visitors_bound.layer(HotRoute { state: state.clone(), prefix, suffix, answer, peer_ip: IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED) });
         // A route that answers within its call has nothing to time out.
         let service = if matches!(answer, Answer::Now(_)) { service.untimed() } else { service };
         TrackLayer::named(route).layer(service)
@@ -297,8 +302,9 @@ impl PeerService for App {
     fn call_from(&mut self, mut request: Request, peer: &Peer) -> AppFuture {
         match self.hot.iter_mut().find(|h| h.inner().inner().room_of(&request).is_some()) {
             Some(hot) => {
-                if hot.inner().inner().reads_peer() {
-                    request.extensions_mut().insert(peer.clone());
+                let route = hot.inner_mut().inner_mut();
+                if route.reads_peer() {
+                    route.peer_ip = peer.addr.ip();
                 }
                 AppFuture::Hot { work: hot.call_with(request, |bound, request| bound.call_held(request, Some(&peer.backoff))) }
             }

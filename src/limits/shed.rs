@@ -94,6 +94,10 @@ impl<S> BoundService<S> {
         &self.inner
     }
 
+    pub fn inner_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
     /// For a service whose future is ready when `call` returns: no timer is armed.
     pub fn untimed(self) -> Self {
         Self { timed: false, ..self }

@@ -105,6 +105,10 @@ impl<S> Track<S> {
         &self.inner
     }
 
+    pub fn inner_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
     /// Tracks `request` as handed to the inner service by `call` (a call other than
     /// `Service::call`, e.g. one that takes more than the request).
     pub fn call_with<F>(&mut self, request: Request, call: impl FnOnce(&mut S, Request) -> F) -> TrackFuture<F> {

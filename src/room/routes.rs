@@ -53,10 +53,11 @@ async fn entry(
 
 /// `GET /r/{room}` answered in front of the router (`http::HotRoute`): the same as the routed
 /// `entry`, and compressed as the router's layer would.
-pub fn entry_answer(state: AppState, room_id: Box<str>, request: axum::extract::Request) -> crate::http::LaterAnswer {
+pub fn entry_answer(state: AppState, room_id: Box<str>, peer_ip: IpAddr, request: axum::extract::Request) -> crate::http::LaterAnswer {
     Box::pin(async move {
-        let query = Query::<EntryQuery>::try_from_uri(request.uri()).ok().map(|Query(q)| q);
-        let (peer_ip, headers) = (peer_ip(&request), request.headers());
+        // Most entries have no query: skip the deserializer for them.
+        let query = request.uri().query().and_then(|_| Query::<EntryQuery>::try_from_uri(request.uri()).ok()).map(|Query(q)| q);
+        let headers = request.headers();
         let response = enter(&state, &room_id, query, peer_ip, headers).await;
         crate::http::compress_text(response, headers).await
     })

@@ -61,33 +61,63 @@ pub struct GzipWriter {
     out: Vec<u8>,
     crc: crc32fast::Hasher,
     len: u32,
+    /// Where the stored block being written starts (its header, patched when the block ends).
+    open_block: Option<usize>,
 }
 
 impl GzipWriter {
     pub fn with_capacity(capacity: usize) -> Self {
-        let mut out = Vec::with_capacity(capacity + HEADER.len() + LAST_BLOCK.len() + 8);
+        let mut capacity = capacity + HEADER.len() + LAST_BLOCK.len() + 8;
+        // A buffer over 1 KiB whose size is not a power of two takes mimalloc's slower
+        // over-allocating path (the `mimalloc` crate asks for every block aligned); a page is
+        // 1-4 KiB, so round it up.
+        if capacity <= 4096 {
+            capacity = capacity.next_power_of_two();
+        }
+        let mut out = Vec::with_capacity(capacity);
         out.extend_from_slice(&HEADER);
-        Self { out, crc: crc32fast::Hasher::new(), len: 0 }
+        Self { out, crc: crc32fast::Hasher::new(), len: 0, open_block: None }
     }
 
     /// Text whose [`deflate_piece`] is `deflated`.
     pub fn precompressed(&mut self, plain: &[u8], deflated: &[u8]) {
+        self.end_stored_block();
         self.out.extend_from_slice(deflated);
         self.count(plain);
     }
 
     /// Text sent as it is, in stored blocks: for values a few bytes long, cheaper than
-    /// compressing them and hardly larger.
+    /// compressing them and hardly larger. Consecutive calls share a block, written in place:
+    /// the values between two pre-compressed pieces cost one block header and one CRC pass.
     pub fn stored(&mut self, plain: &[u8]) {
-        // Nothing to store, no block (`chunks` yields nothing for an empty slice).
-        for chunk in plain.chunks(MAX_STORED) {
-            let len = chunk.len() as u16;
-            self.out.push(0);
-            self.out.extend_from_slice(&len.to_le_bytes());
-            self.out.extend_from_slice(&(!len).to_le_bytes());
-            self.out.extend_from_slice(chunk);
+        let mut rest = plain;
+        while !rest.is_empty() {
+            let start = *self.open_block.get_or_insert_with(|| {
+                let start = self.out.len();
+                self.out.extend_from_slice(&[0; 5]);
+                start
+            });
+            let room = MAX_STORED - (self.out.len() - start - 5);
+            if room == 0 {
+                self.end_stored_block();
+                continue;
+            }
+            let (now, later) = rest.split_at(rest.len().min(room));
+            self.out.extend_from_slice(now);
+            rest = later;
         }
-        self.count(plain);
+    }
+
+    /// Writes the open stored block's header (BFINAL 0, BTYPE 00, LEN, NLEN) and counts its text.
+    fn end_stored_block(&mut self) {
+        let Some(start) = self.open_block.take() else { return };
+        let stored = self.out.len() - start - 5;
+        let len = u16::try_from(stored).expect("`stored` ends a block at MAX_STORED bytes");
+        self.out[start + 1..start + 3].copy_from_slice(&len.to_le_bytes());
+        self.out[start + 3..start + 5].copy_from_slice(&(!len).to_le_bytes());
+        let Self { out, crc, len: total, .. } = self;
+        crc.update(&out[start + 5..]);
+        *total = total.wrapping_add(stored as u32);
     }
 
     fn count(&mut self, plain: &[u8]) {
@@ -97,6 +127,7 @@ impl GzipWriter {
     }
 
     pub fn finish(mut self) -> Vec<u8> {
+        self.end_stored_block();
         self.out.extend_from_slice(&LAST_BLOCK);
         self.out.extend_from_slice(&self.crc.finalize().to_le_bytes());
         self.out.extend_from_slice(&self.len.to_le_bytes());
@@ -136,9 +167,14 @@ mod tests {
         gzip.precompressed(tail.as_bytes(), &deflate_piece(tail.as_bytes()).unwrap());
         gzip.stored(long_value.as_bytes());
         gzip.precompressed(b"", &deflate_piece(b"").unwrap());
+        // Consecutive values share a block, and past 65,535 bytes go on in the next one.
+        let values: Vec<String> = (0..3).map(|i| char::from(b'a' + i).to_string().repeat(30_000)).collect();
+        for value in &values {
+            gzip.stored(value.as_bytes());
+        }
         let body = gzip.finish();
-        assert_eq!(gunzip(&body), [head.as_str(), "12345", &tail, &long_value].concat().into_bytes());
-        assert!(body.len() < head.len() / 4 + tail.len() / 4 + long_value.len() + 200, "the fixed text is compressed");
+        assert_eq!(gunzip(&body), [head.as_str(), "12345", &tail, &long_value, &values.concat()].concat().into_bytes());
+        assert!(body.len() < head.len() / 4 + tail.len() / 4 + long_value.len() + 90_000 + 200, "the fixed text is compressed");
     }
 
     #[test]

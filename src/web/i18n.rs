@@ -229,7 +229,7 @@ pub fn choose(forced: Option<&str>, headers: &HeaderMap) -> &'static Strings {
     if let Some(s) = forced.and_then(by_code) {
         return s;
     }
-    let header = headers.get(header::ACCEPT_LANGUAGE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let Some(header) = headers.get(header::ACCEPT_LANGUAGE).and_then(|v| v.to_str().ok()) else { return &EN };
     let header = header.get(..header.len().min(MAX_ACCEPT_LANGUAGE)).unwrap_or("");
     let mut best: Option<(f32, &'static Strings)> = None;
     for entry in header.split(',').take(32) {
@@ -274,7 +274,10 @@ pub fn duration(t: &Strings, seconds: u64) -> String {
 fn with_number(template: &str, n: u64) -> String {
     let mut digits = itoa::Buffer::new();
     let n = digits.format(n);
-    let Some((before, after)) = template.split_once("{n}") else { return template.to_string() };
+    // A byte scan: `split_once` with a string pattern first builds a substring searcher,
+    // which costs more than scanning these twenty-odd bytes.
+    let Some(at) = template.as_bytes().windows(3).position(|w| w == b"{n}") else { return template.to_string() };
+    let (before, after) = (&template[..at], &template[at + 3..]);
     let mut out = String::with_capacity(before.len() + n.len() + after.len());
     for part in [before, n, after] {
         out.push_str(part);

@@ -292,6 +292,9 @@ fn value_or_marker<T: Into<Value>>(values: Option<&Dynamic>, slot: Slot, get: im
     values.map_or_else(|| Value::from(marker(slot)), |v| get(v).into())
 }
 
+/// The longest per-visitor value a page shows (an ETA text; numbers are at most 20 digits).
+const VALUE_MAX: usize = 64;
+
 /// A built-in page rendered with markers in place of the per-visitor values, split at them.
 struct Skeleton {
     pieces: Vec<Piece>,
@@ -347,8 +350,7 @@ impl Skeleton {
             .map(|t| gzip::deflate_piece(t.as_bytes()).map(|d| (d.len() < t.len()).then_some(d)))
             .collect();
         let deflated_len = deflated.iter().flatten().map(|d| d.as_ref().map_or(0, |d| d.len())).sum::<usize>();
-        // An upper bound: every stored text and every value (none is longer than this) in one run.
-        const VALUE_MAX: usize = 64;
+        // An upper bound: every stored text and every value in one run.
         let stored_text: usize = pieces
             .iter()
             .filter_map(|p| match p {
@@ -379,21 +381,20 @@ impl Skeleton {
         let mut deflated = self.deflated.as_ref()?.iter();
         // Each stored block adds a 5-byte header.
         let mut body = gzip::GzipWriter::with_capacity(self.deflated_len + self.stored_len + 5 * self.pieces.len());
-        let mut stored = String::with_capacity(self.stored_len);
+        let mut value = String::with_capacity(VALUE_MAX);
         for piece in &self.pieces {
             match piece {
                 Piece::Text(t) => match deflated.next()? {
-                    Some(d) => {
-                        body.stored(stored.as_bytes());
-                        stored.clear();
-                        body.precompressed(t.as_bytes(), d);
-                    }
-                    None => stored.push_str(t),
+                    Some(d) => body.precompressed(t.as_bytes(), d),
+                    None => body.stored(t.as_bytes()),
                 },
-                Piece::Slot(slot) => write_slot(&mut stored, *slot, v),
+                Piece::Slot(slot) => {
+                    value.clear();
+                    write_slot(&mut value, *slot, v);
+                    body.stored(value.as_bytes());
+                }
             }
         }
-        body.stored(stored.as_bytes());
         Some(body.finish())
     }
 }
