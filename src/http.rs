@@ -245,7 +245,8 @@ pub async fn compress_text(response: Response, request_headers: &HeaderMap) -> R
         return Response::from_parts(parts, body);
     }
     // weir's own pages and JSON: small, and already whole in memory.
-    let Ok(plain) = axum::body::to_bytes(body, usize::MAX).await else {
+    // Boxed, so that an entry's future, which awaits this one, does not carry its state.
+    let Ok(plain) = Box::pin(axum::body::to_bytes(body, usize::MAX)).await else {
         return StatusCode::INTERNAL_SERVER_ERROR.into_response();
     };
     match crate::web::gzip::compress(&plain) {

@@ -159,7 +159,9 @@ async fn admit_new_visitor(state: &AppState, room: &Arc<Room>, arrival: Arrival<
     }
     let cookie = rooms.enter(room, deep_link, now_ms).await.map_err(IntoResponse::into_response)?;
     if spec.safety_net && room.effective_state(now_ms) == RoomState::Open {
-        rooms.admit_if_within_policy(room, cookie.ticket).await.map_err(IntoResponse::into_response)?;
+        // Boxed: its future (a lock, a durable write) would otherwise sit in every entry's
+        // future, which is allocated and moved for each new visitor; few rooms are safety nets.
+        Box::pin(rooms.admit_if_within_policy(room, cookie.ticket)).await.map_err(IntoResponse::into_response)?;
     }
     Ok(NewVisitor::Ticket(cookie))
 }
