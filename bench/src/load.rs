@@ -50,6 +50,8 @@ pub struct LoadResult {
     pub probe: Option<ProbeResult>,
     /// Shares of the window the host took from the server's core and from the client's.
     pub stolen: (f64, f64),
+    /// Times the client went to sleep waiting in the window (`sys::self_sleeps`).
+    pub client_sleeps: u64,
 }
 
 impl Tally {
@@ -84,6 +86,7 @@ impl LoadResult {
             _ => None,
         };
         self.stolen = (weighted(self.stolen.0, other.stolen.0), weighted(self.stolen.1, other.stolen.1));
+        self.client_sleeps += other.client_sleeps;
         self.elapsed += other.elapsed;
         if let (Some(mine), Some(theirs)) = (&mut self.pacer_late, &other.pacer_late) {
             mine.merge(theirs);
@@ -120,6 +123,7 @@ impl LoadResult {
             "server_cpu_share": self.server_cpu.map(|c| (c * 1000.0).round() / 1000.0),
             "steal_server_core_pct": (self.stolen.0 * 10_000.0).round() / 100.0,
             "steal_client_core_pct": (self.stolen.1 * 10_000.0).round() / 100.0,
+            "client_sleeps_per_response": (self.tally.ok > 0).then(|| (self.client_sleeps as f64 / self.tally.ok as f64 * 1000.0).round() / 1000.0),
             "pacer_lateness": self.pacer_late.as_ref().map(|h| h.summary_ms()),
             "probe": self.probe.as_ref().map(|p| p.to_json()),
         })
@@ -202,14 +206,14 @@ pub async fn closed_loop(
         let _ = t.await;
     }
     let finished = Instant::now().min(end);
-    let (client_cpu, server_cpu, stolen) = meter
+    let (client_cpu, server_cpu, stolen, client_sleeps) = meter
         .borrow()
         .as_ref()
         .map(|m| {
             let (client, server) = m.stop();
-            (client, server, m.stolen())
+            (client, server, m.stolen(), m.client_sleeps())
         })
-        .unwrap_or((0.0, None, (0.0, 0.0)));
+        .unwrap_or((0.0, None, (0.0, 0.0), 0));
     let tally = Rc::try_unwrap(tally).ok().expect("tasks done").into_inner();
     LoadResult {
         tally,
@@ -219,6 +223,7 @@ pub async fn closed_loop(
         pacer_late: None,
         probe: None,
         stolen,
+        client_sleeps,
     }
 }
 
@@ -316,10 +321,10 @@ pub async fn open_loop(
     }
     let _ = pacer.await;
     let (client_cpu, server_cpu) = meter.stop();
-    let stolen = meter.stolen();
+    let (stolen, client_sleeps) = (meter.stolen(), meter.client_sleeps());
     // Responses still arriving after the window stretch it: rates use the real span.
     let elapsed = t0.elapsed().max(duration);
     let tally = Rc::try_unwrap(tally).ok().expect("tasks done").into_inner();
     let pacer_late = Some(slots.late.take());
-    LoadResult { tally, elapsed, client_cpu, server_cpu, pacer_late, probe: None, stolen }
+    LoadResult { tally, elapsed, client_cpu, server_cpu, pacer_late, probe: None, stolen, client_sleeps }
 }

@@ -91,6 +91,12 @@ fn http_row(rows: &mut Vec<Row>, res: &Value, name: &str, goal_ratio: f64) {
         (Some(lo), Some(hi)) if rounds.len() > 1 => format!("; measured in {} turns each, ratio per turn {lo:.2}–{hi:.2}", rounds.len()),
         _ => String::new(),
     };
+    // On loopback a sleeping client is woken by the server's send, on the server's core: the
+    // less busy the client, the more of that the server pays (BENCHMARKS.md, nineteenth round).
+    let sleeps = match (f(&w["client_sleeps_per_response"]), f(&h["client_sleeps_per_response"])) {
+        (Some(ws), Some(hs)) => format!("; the client slept {ws:.2} times per response against weir, {hs:.2} against hello"),
+        _ => String::new(),
+    };
     let wv = f(&w["ok_per_sec"]).filter(|x| *x > 0.0);
     let hv = f(&h["ok_per_sec"]);
     let (r, rv) = ratio(wv, hv);
@@ -104,7 +110,7 @@ fn http_row(rows: &mut Vec<Row>, res: &Value, name: &str, goal_ratio: f64) {
     rows.push(Row {
         scenario: name.into(),
         figure: format!(
-            "req/s (2xx), {} keep-alive conns; server got {} / hello {} of its core{spread}",
+            "req/s (2xx), {} keep-alive conns; server got {} / hello {} of its core{sleeps}{spread}",
             w["connections"].as_u64().unwrap_or(64),
             f(&w["server_cpu_share"]).map(|c| format!("{:.0} %", c * 100.0)).unwrap_or("?".into()),
             f(&h["server_cpu_share"]).map(|c| format!("{:.0} %", c * 100.0)).unwrap_or("?".into())

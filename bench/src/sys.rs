@@ -3,12 +3,24 @@
 
 use std::time::Duration;
 
-/// CPU time (user + system) this process has used so far.
-pub fn self_cpu() -> Duration {
+fn self_rusage() -> libc::rusage {
     // SAFETY: getrusage writes into the struct we hand it and nothing else.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
     unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    ru
+}
+
+/// CPU time (user + system) this process has used so far.
+pub fn self_cpu() -> Duration {
+    let ru = self_rusage();
     tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+/// Times this process's threads went to sleep waiting so far (voluntary context switches): for
+/// the load client, mostly waits in epoll for the next response. On loopback the server's send
+/// wakes a sleeping client itself, so how often the client sleeps shows in the server's CPU.
+pub fn self_sleeps() -> u64 {
+    u64::try_from(self_rusage().ru_nvcsw).unwrap_or(0)
 }
 
 fn tv(t: libc::timeval) -> Duration {
@@ -116,6 +128,7 @@ pub fn raise_nofile() -> u64 {
 pub struct CpuMeter {
     start: std::time::Instant,
     self0: Duration,
+    sleeps0: u64,
     server: Option<(u32, Duration)>,
     steal: Steal,
     /// The server's core (where it last ran: it is pinned to one) and the client's.
@@ -128,6 +141,7 @@ impl CpuMeter {
         CpuMeter {
             start: std::time::Instant::now(),
             self0: self_cpu(),
+            sleeps0: self_sleeps(),
             server: server_pid.and_then(|p| proc_cpu(p).map(|c| (p, c))),
             steal: Steal::now(),
             cores: [server_pid.and_then(proc_core).unwrap_or(client_core), client_core],
@@ -139,6 +153,11 @@ impl CpuMeter {
         let wall = self.start.elapsed().as_secs_f64().max(1e-9);
         let [server, client] = self.steal.stolen_secs(self.cores);
         (server / wall, client / wall)
+    }
+
+    /// Times the client went to sleep waiting since `start` ([`self_sleeps`]).
+    pub fn client_sleeps(&self) -> u64 {
+        self_sleeps().saturating_sub(self.sleeps0)
     }
 
     /// (client share of one core, server share of one core), e.g. 0.93 = 93 %.
@@ -188,5 +207,14 @@ mod tests {
         let [first, missing] = before.stolen_secs([0, usize::MAX]);
         assert!(first >= 0.0, "steal since a snapshot cannot be negative: {first}");
         assert_eq!(missing, 0.0, "a core that does not exist has nothing stolen");
+    }
+
+    #[test]
+    fn each_wait_of_a_thread_counts_as_a_sleep() {
+        let before = self_sleeps();
+        for _ in 0..3 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(self_sleeps() >= before + 3, "three waits, {} sleeps counted", self_sleeps() - before);
     }
 }
