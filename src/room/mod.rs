@@ -135,18 +135,19 @@ impl Room {
         self.engine.lock().last_ticket()
     }
 
-    /// The state in force at `now_ms`: a scheduled room whose start has passed is open.
+    /// The state in force at `now_ms` ([`RoomSpec::state_at`]).
     pub fn effective_state(&self, now_ms: i64) -> RoomState {
-        let spec = self.spec();
-        match spec.state {
-            RoomState::Scheduled if spec.starts_at_ms().is_some_and(|t| now_ms >= t) => RoomState::Open,
-            s => s,
-        }
+        self.spec().state_at(now_ms)
     }
 
     /// The rate the room admits at now: the adaptive controller's when configured.
     pub fn effective_rate(&self) -> f64 {
-        let spec = self.spec();
+        self.rate_under(&self.spec())
+    }
+
+    /// [`effective_rate`](Self::effective_rate) for a caller holding the room's spec already
+    /// (each read of the spec is a lock and a reference count, and an entry needs it often).
+    fn rate_under(&self, spec: &RoomSpec) -> f64 {
         match (&spec.adaptive, self.adaptive.lock().as_ref()) {
             (Some(_), Some(c)) => c.rate,
             _ => spec.rate_per_minute,
@@ -160,21 +161,22 @@ impl Room {
     /// Honest wait for someone `position` places back: only live visitors ahead count, at the
     /// measured admission rate (the configured one until there is a measurement).
     pub fn eta_seconds(&self, position: u64, now_ms: i64) -> Option<u64> {
-        let state = self.effective_state(now_ms);
+        let spec = self.spec();
+        let state = spec.state_at(now_ms);
         let measured = if state == RoomState::Open { self.engine.lock().measured_per_minute() } else { None };
-        self.eta_seconds_in(state, position, measured, now_ms)
+        self.eta_seconds_in(&spec, state, position, measured, now_ms)
     }
 
-    /// [`eta_seconds`](Self::eta_seconds) for a caller that already has the room's state and
-    /// its measured rate (read under an engine lock it holds anyway).
-    fn eta_seconds_in(&self, state: RoomState, position: u64, measured: Option<f64>, now_ms: i64) -> Option<u64> {
+    /// [`eta_seconds`](Self::eta_seconds) for a caller that already has the room's spec, its
+    /// state and its measured rate (read under an engine lock it holds anyway).
+    fn eta_seconds_in(&self, spec: &RoomSpec, state: RoomState, position: u64, measured: Option<f64>, now_ms: i64) -> Option<u64> {
         let census = *self.census.lock();
         let measured = if state == RoomState::Open { measured } else { None };
-        let eta = policy::engine::eta_seconds(position, &census, measured, self.effective_rate());
+        let eta = policy::engine::eta_seconds(position, &census, measured, self.rate_under(spec));
         match state {
             RoomState::Open => eta,
             RoomState::Scheduled => {
-                let start = self.spec().starts_at_ms()?;
+                let start = spec.starts_at_ms()?;
                 eta.map(|e| e + ((start - now_ms).max(0) as u64).div_ceil(1000))
             }
             _ => None,
@@ -481,7 +483,7 @@ impl Rooms {
     /// [`status`](Self::status) at `now` (ms), for a request that has read the clock already.
     pub fn status_at(&self, room: &Room, cookie: Option<&VisitorCookie>, now: i64) -> VisitorStatus {
         let spec = room.spec();
-        let state = room.effective_state(now);
+        let state = spec.state_at(now);
         let ticket = cookie.map(|c| c.ticket);
         let (admitted, position, measured) = match (state, ticket) {
             (RoomState::Passthrough, _) => (true, None, None),
@@ -492,7 +494,7 @@ impl Rooms {
             }
             _ => (false, None, None),
         };
-        let eta_seconds = if admitted { None } else { position.and_then(|p| room.eta_seconds_in(state, p, measured, now)) };
+        let eta_seconds = if admitted { None } else { position.and_then(|p| room.eta_seconds_in(&spec, state, p, measured, now)) };
         let (token, redirect_url) = if admitted {
             let visitor = cookie.map(|c| c.visitor.clone()).unwrap_or_else(visitor::new_visitor_id);
             self.token_redirect(room, &visitor, ticket.unwrap_or(0), cookie.and_then(|c| c.deep_link.as_deref()))

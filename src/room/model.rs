@@ -304,6 +304,14 @@ impl RoomSpec {
         Ok(())
     }
 
+    /// The state in force at `now_ms`: a scheduled room whose start has passed is open.
+    pub fn state_at(&self, now_ms: i64) -> RoomState {
+        match self.state {
+            RoomState::Scheduled if self.starts_at_ms().is_some_and(|t| now_ms >= t) => RoomState::Open,
+            s => s,
+        }
+    }
+
     pub fn starts_at_ms(&self) -> Option<i64> {
         self.starts_at.as_deref().and_then(|s| parse_time_ms("starts_at", s).ok())
     }

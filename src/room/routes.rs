@@ -12,7 +12,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde::Deserialize;
 
-use super::model::RoomState;
+use super::model::{RoomSpec, RoomState};
 use super::policy::abuse;
 use super::visitor::{cookie_in, cookie_name, safe_deep_link, VisitorCookie};
 use super::{Room, VisitorStatus};
@@ -89,12 +89,12 @@ async fn enter(state: &AppState, room_id: &str, query: Option<EntryQuery>, peer_
             }
             Some(c)
         }
-        None => match room.effective_state(now_ms) {
-            RoomState::Closed => return closed(json, &room, rooms.status_at(&room, None, now_ms), headers),
-            RoomState::Passthrough => None,
-            _ => {
+        None => match room.spec() {
+            spec if spec.state_at(now_ms) == RoomState::Closed => return closed(json, &room, rooms.status_at(&room, None, now_ms), headers),
+            spec if spec.state_at(now_ms) == RoomState::Passthrough => None,
+            spec => {
                 let ip = abuse::client_ip(peer_ip, headers, &rooms.trusted_proxies, &rooms.client_ip_header);
-                let arrival = Arrival { ip, headers, deep_link, pow: pow.as_deref(), json, now_ms };
+                let arrival = Arrival { spec, ip, headers, deep_link, pow: pow.as_deref(), json, now_ms };
                 match admit_new_visitor(state, &room, arrival).await {
                     Ok(NewVisitor::Bypass(response)) | Err(response) => return response,
                     Ok(NewVisitor::Ticket(c)) => {
@@ -117,6 +117,8 @@ enum NewVisitor {
 
 /// A visitor without a ticket, as the entry request describes them.
 struct Arrival<'a> {
+    /// The room's spec as the request found it (read once).
+    spec: Arc<RoomSpec>,
     ip: IpAddr,
     headers: &'a HeaderMap,
     deep_link: Option<String>,
@@ -128,9 +130,8 @@ struct Arrival<'a> {
 /// The gate before a new ticket: bypass rules, proof-of-work, the per-IP limit; then the
 /// durable ticket and, in a safety-net room with no queue, immediate admission.
 async fn admit_new_visitor(state: &AppState, room: &Arc<Room>, arrival: Arrival<'_>) -> Result<NewVisitor, Response> {
-    let Arrival { ip, headers, deep_link, pow, json, now_ms } = arrival;
+    let Arrival { spec, ip, headers, deep_link, pow, json, now_ms } = arrival;
     let rooms = &state.rooms;
-    let spec = room.spec();
     if spec.bypass.as_ref().is_some_and(|b| abuse::bypasses(b, ip, headers)) {
         metrics::counter!("weir_room_bypassed_total", "room" => room.id.clone()).increment(1);
         let mut status = rooms.status_at(room, None, now_ms);
@@ -158,7 +159,7 @@ async fn admit_new_visitor(state: &AppState, room: &Arc<Room>, arrival: Arrival<
         }
     }
     let cookie = rooms.enter(room, deep_link, now_ms).await.map_err(IntoResponse::into_response)?;
-    if spec.safety_net && room.effective_state(now_ms) == RoomState::Open {
+    if spec.safety_net && spec.state_at(now_ms) == RoomState::Open {
         // Boxed: its future (a lock, a durable write) would otherwise sit in every entry's
         // future, which is allocated and moved for each new visitor; few rooms are safety nets.
         Box::pin(rooms.admit_if_within_policy(room, cookie.ticket)).await.map_err(IntoResponse::into_response)?;
@@ -295,8 +296,11 @@ fn respond(
 fn page(room: &Room, status: &VisitorStatus, headers: &HeaderMap, code: StatusCode) -> Response {
     let spec = room.spec();
     // The page computes its position from its rank (place in line) and the serving counter.
-    let rank = status.ticket.map(|t| room.engine.lock().rank(t)).unwrap_or(0);
-    pages::RoomPage { spec: &spec, status, rank, serving: room.serving(), now_ms: status.now_ms, headers }.render(code)
+    let (rank, serving) = {
+        let engine = room.engine.lock();
+        (status.ticket.map(|t| engine.rank(t)).unwrap_or(0), engine.serving())
+    };
+    pages::RoomPage { spec: &spec, status, rank, serving, now_ms: status.now_ms, headers }.render(code)
 }
 
 fn closed(json: bool, room: &Room, status: VisitorStatus, headers: &HeaderMap) -> Response {
