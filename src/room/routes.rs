@@ -89,21 +89,24 @@ async fn enter(state: &AppState, room_id: &str, query: Option<EntryQuery>, peer_
             }
             Some(c)
         }
-        None => match room.spec() {
-            spec if spec.state_at(now_ms) == RoomState::Closed => return closed(json, &room, rooms.status_at(&room, None, now_ms), headers),
-            spec if spec.state_at(now_ms) == RoomState::Passthrough => None,
-            spec => {
-                let ip = abuse::client_ip(peer_ip, headers, &rooms.trusted_proxies, &rooms.client_ip_header);
-                let arrival = Arrival { spec, ip, headers, deep_link, pow: pow.as_deref(), json, now_ms };
-                match admit_new_visitor(state, &room, arrival).await {
-                    Ok(NewVisitor::Bypass(response)) | Err(response) => return response,
-                    Ok(NewVisitor::Ticket(c)) => {
-                        set_cookies.push(visitor_cookie(state, &room, &c));
-                        Some(c)
+        None => {
+            let spec = room.spec();
+            match spec.state_at(now_ms) {
+                RoomState::Closed => return closed(json, &room, rooms.status_at(&room, None, now_ms), headers),
+                RoomState::Passthrough => None,
+                _ => {
+                    let ip = abuse::client_ip(peer_ip, headers, &rooms.trusted_proxies, &rooms.client_ip_header);
+                    let arrival = Arrival { spec, ip, headers, deep_link, pow: pow.as_deref(), json, now_ms };
+                    match admit_new_visitor(state, &room, arrival).await {
+                        Ok(NewVisitor::Bypass(response)) | Err(response) => return response,
+                        Ok(NewVisitor::Ticket(c)) => {
+                            set_cookies.push(visitor_cookie(state, &room, &c));
+                            Some(c)
+                        }
                     }
                 }
             }
-        },
+        }
     };
     let status = rooms.status_at(&room, cookie.as_ref(), now_ms);
     respond(state, json, &room, status, set_cookies, headers)
