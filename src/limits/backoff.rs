@@ -268,7 +268,15 @@ impl AsyncRead for Throttled {
         this.sleep = None;
         let before = buf.filled().len();
         if this.turn.is_some() && this.activity.upgraded() {
+            // A WebSocket takes no turns and is never refused at the door, so what was set up
+            // for those goes too. The bells' wakers are the ended HTTP connection's task: kept,
+            // they would keep its ~2.4 KB for as long as the WebSocket lives (`bench/run
+            // connections` found one in four idle WebSockets carrying one).
             this.turn = None;
+            this.door = None;
+            this.line_bell = None;
+            this.line_bell_set_at = None;
+            this.door_bell = None;
         }
         let (read, past_line) = match &mut this.turn {
             Some(turn) => (turn.poll_read(&mut this.stream, &this.activity, cx, buf), turn.past_line()),
@@ -438,5 +446,40 @@ mod tests {
         a_client.write_all(b"ping").await.unwrap();
         a.read_exact(&mut buf).await.unwrap();
         tokio::time::timeout(short, b.read_exact(&mut buf)).await.expect("B still waits for the upgraded connection's turn").unwrap();
+    }
+
+    /// Counts nothing; its `Arc`'s strong count tells who still holds a waker made from it.
+    struct Tally;
+    impl std::task::Wake for Tally {
+        fn wake(self: Arc<Self>) {}
+    }
+
+    #[tokio::test]
+    async fn an_upgraded_connection_lets_go_of_the_task_that_upgraded_it() {
+        use crate::limits::head_guard::Finished;
+        use axum::http::StatusCode;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let settings = Settings { active: 1, length: Duration::from_millis(50), line_wait: Duration::from_millis(50) };
+        let mut listener = Listener::new(listener, 16, settings).with_door(|_| None);
+        assert!(listener.door().is_some());
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        let (mut conn, _) = axum::serve::Listener::accept(&mut listener).await;
+        // The HTTP connection's task finds nothing to read yet: the connection waits for a line
+        // to form with that task's waker.
+        let http_task = Arc::new(Tally);
+        let waker = Waker::from(http_task.clone());
+        let mut buf = [0u8; 4];
+        let idle = Pin::new(&mut conn).poll_read(&mut Context::from_waker(&waker), &mut ReadBuf::new(&mut buf));
+        assert!(idle.is_pending());
+        drop(waker);
+        assert_eq!(Arc::strong_count(&http_task), 3, "the socket and the line's bell keep the task's waker");
+        // It switches protocols; the WebSocket's task reads from then on.
+        let switched = async { Ok(axum::response::Response::builder().status(StatusCode::SWITCHING_PROTOCOLS).body(axum::body::Body::empty()).unwrap()) };
+        Finished::new(switched, conn.activity().clone()).await.unwrap();
+        client.write_all(b"ping").await.unwrap();
+        conn.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"ping");
+        assert_eq!(Arc::strong_count(&http_task), 1, "the WebSocket still holds the ended HTTP task's waker");
     }
 }
