@@ -73,6 +73,7 @@ async fn wait_for(ws: &mut WsConn, want: &str, deadline: tokio::time::Instant) -
 pub async fn connect(addr: SocketAddr, src: Option<IpAddr>, key: &str) -> Result<WsConn, String> {
     let sock = TcpSocket::new_v4().map_err(|e| e.to_string())?;
     if let Some(ip) = src {
+        crate::sys::pick_port_at_connect(&sock);
         sock.bind(SocketAddr::new(ip, 0)).map_err(|e| format!("bind {ip}: {e}"))?;
     }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
