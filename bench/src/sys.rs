@@ -110,7 +110,6 @@ pub fn rss_bytes(pid: u32) -> Option<u64> {
     Some(kb * 1024)
 }
 
-/// Raises the soft open-files limit to the hard one (children inherit it).
 /// Leaves the choice of `sock`'s local port to `connect`, when it binds to an address with port 0.
 ///
 /// Why: `bind` with port 0 must find a port no other socket of that address has bound, and
@@ -120,8 +119,9 @@ pub fn rss_bytes(pid: u32) -> Option<u64> {
 /// server idle. `connect` only needs the four-tuple to be unique.
 pub fn pick_port_at_connect(sock: &impl std::os::fd::AsRawFd) {
     let on: libc::c_int = 1;
-    // SAFETY: the descriptor is `sock`'s, open while it is borrowed; the call reads `on`, of the
-    // length given, and nothing else.
+    // Best effort: without it, `bind` still works, only slower. SAFETY: the descriptor is
+    // `sock`'s, open while it is borrowed; the call reads `on`, of the length given, and nothing
+    // else.
     unsafe {
         libc::setsockopt(
             sock.as_raw_fd(),
@@ -133,6 +133,7 @@ pub fn pick_port_at_connect(sock: &impl std::os::fd::AsRawFd) {
     }
 }
 
+/// Raises the soft open-files limit to the hard one (children inherit it).
 pub fn raise_nofile() -> u64 {
     // SAFETY: plain get/set of this process's own limit.
     unsafe {

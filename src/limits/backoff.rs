@@ -269,9 +269,9 @@ impl AsyncRead for Throttled {
         let before = buf.filled().len();
         if this.turn.is_some() && this.activity.upgraded() {
             // A WebSocket takes no turns and is never refused at the door, so what was set up
-            // for those goes too. The bells' wakers are the ended HTTP connection's task: kept,
-            // they would keep its ~2.4 KB for as long as the WebSocket lives (`bench/run
-            // connections` found one in four idle WebSockets carrying one).
+            // for those goes too. The line's bell holds the ended HTTP connection's task's
+            // waker: kept, it would keep that task's ~2.4 KB for as long as the WebSocket lives
+            // (`bench/run connections` found one in four idle WebSockets carrying one).
             this.turn = None;
             this.door = None;
             this.line_bell = None;
