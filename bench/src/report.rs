@@ -331,7 +331,10 @@ fn rows(res: &Value) -> Vec<Row> {
             };
             // The servers' slices alternate (`fanout`): the host's steal each one's slices saw.
             let slices = match (f(&w["paced"]["slices"]), f(&w["paced"]["events_per_slice"])) {
-                (Some(s), Some(e)) => Some(format!("every server up at once, published to in {s:.0} slices of {e:.0} events each, round robin")),
+                (Some(s), Some(e)) => {
+                    let events = if e == 1.0 { "1 event".to_string() } else { format!("{e:.0} events") };
+                    Some(format!("every server up at once, published to in {s:.0} slices of {events} each, round robin"))
+                }
                 _ => None,
             };
             let stolen: Vec<String> = std::iter::once("weir")
