@@ -52,6 +52,16 @@ pub struct LoadResult {
     pub stolen: (f64, f64),
     /// Times the client went to sleep waiting in the window (`sys::self_sleeps`).
     pub client_sleeps: u64,
+    /// Whether the client polled without sleeping ([`client_spins`]).
+    pub client_spun: bool,
+}
+
+/// Diagnostic (`WEIR_BENCH_CLIENT_SPIN=1`, BENCHMARKS.md): the closed loops' client polls for
+/// answers without ever sleeping. On loopback a sleeping client is woken by the server's send, on
+/// the server's core, so this takes that cost off whichever server is measured. Never the
+/// goals' figures: it also hides how busy the client is.
+pub fn client_spins() -> bool {
+    std::env::var_os("WEIR_BENCH_CLIENT_SPIN").is_some_and(|v| v == "1")
 }
 
 impl Tally {
@@ -87,6 +97,7 @@ impl LoadResult {
         };
         self.stolen = (weighted(self.stolen.0, other.stolen.0), weighted(self.stolen.1, other.stolen.1));
         self.client_sleeps += other.client_sleeps;
+        self.client_spun |= other.client_spun;
         self.elapsed += other.elapsed;
         if let (Some(mine), Some(theirs)) = (&mut self.pacer_late, &other.pacer_late) {
             mine.merge(theirs);
@@ -123,6 +134,7 @@ impl LoadResult {
             "server_cpu_share": self.server_cpu.map(|c| (c * 1000.0).round() / 1000.0),
             "steal_server_core_pct": (self.stolen.0 * 10_000.0).round() / 100.0,
             "steal_client_core_pct": (self.stolen.1 * 10_000.0).round() / 100.0,
+            "client_spun": self.client_spun,
             "client_sleeps_per_response": (self.tally.ok > 0).then(|| (self.client_sleeps as f64 / self.tally.ok as f64 * 1000.0).round() / 1000.0),
             "pacer_lateness": self.pacer_late.as_ref().map(|h| h.summary_ms()),
             "probe": self.probe.as_ref().map(|p| p.to_json()),
@@ -164,6 +176,16 @@ pub async fn closed_loop(
     let measure_from = t0 + warmup;
     let end = measure_from + duration;
     let meter = Rc::new(RefCell::new(None::<CpuMeter>));
+    let client_spun = client_spins();
+    // A task always ready to run: the runtime then polls its sockets with a zero timeout
+    // between tasks and never blocks in `epoll_wait`.
+    let spinner = client_spun.then(|| {
+        tokio::task::spawn_local(async move {
+            while Instant::now() < end {
+                tokio::task::yield_now().await;
+            }
+        })
+    });
     let mut tasks = Vec::new();
     for c in 0..conns {
         let reqs = reqs.clone();
@@ -205,6 +227,9 @@ pub async fn closed_loop(
     for t in tasks {
         let _ = t.await;
     }
+    if let Some(spinner) = spinner {
+        spinner.abort();
+    }
     let finished = Instant::now().min(end);
     let (client_cpu, server_cpu, stolen, client_sleeps) = meter
         .borrow()
@@ -224,6 +249,7 @@ pub async fn closed_loop(
         probe: None,
         stolen,
         client_sleeps,
+        client_spun,
     }
 }
 
@@ -326,5 +352,5 @@ pub async fn open_loop(
     let elapsed = t0.elapsed().max(duration);
     let tally = Rc::try_unwrap(tally).ok().expect("tasks done").into_inner();
     let pacer_late = Some(slots.late.take());
-    LoadResult { tally, elapsed, client_cpu, server_cpu, pacer_late, probe: None, stolen, client_sleeps }
+    LoadResult { tally, elapsed, client_cpu, server_cpu, pacer_late, probe: None, stolen, client_sleeps, client_spun: false }
 }
