@@ -56,10 +56,9 @@ pub struct LoadResult {
     pub client_spun: bool,
 }
 
-/// Diagnostic (`WEIR_BENCH_CLIENT_SPIN=1`, BENCHMARKS.md): the closed loops' client polls for
-/// answers without ever sleeping. On loopback a sleeping client is woken by the server's send, on
-/// the server's core, so this takes that cost off whichever server is measured. Never the
-/// goals' figures: it also hides how busy the client is.
+/// Diagnostic (`WEIR_BENCH_CLIENT_SPIN=1`, BENCHMARKS.md): every closed loop's client polls for
+/// answers without ever sleeping (see `closed_loop`'s `spin`). Never the goals' figures: it also
+/// hides how busy the client is.
 pub fn client_spins() -> bool {
     std::env::var_os("WEIR_BENCH_CLIENT_SPIN").is_some_and(|v| v == "1")
 }
@@ -161,7 +160,10 @@ pub fn count(t: &mut Tally, status: u16, retry_after: Option<u64>, nanos: u64, f
 
 /// Closed loop: `conns` connections for `warmup` + `duration`; connection `c` sends
 /// `reqs[(c + k·conns) % len]` for its k-th request. Only the measured window is counted.
-/// Stops early once `max_ok` successful requests were counted (if given).
+/// Stops early once `max_ok` successful requests were counted (if given). With `spin` the client
+/// polls for answers without ever sleeping: on loopback a sleeping client is woken by the
+/// server's send, on the server's core, so this takes that cost off whichever server is measured.
+#[allow(clippy::too_many_arguments)]
 pub async fn closed_loop(
     addr: SocketAddr,
     conns: usize,
@@ -170,13 +172,14 @@ pub async fn closed_loop(
     duration: Duration,
     max_ok: Option<u64>,
     server_pid: Option<u32>,
+    spin: bool,
 ) -> LoadResult {
     let tally = Rc::new(RefCell::new(Tally::default()));
     let t0 = Instant::now();
     let measure_from = t0 + warmup;
     let end = measure_from + duration;
     let meter = Rc::new(RefCell::new(None::<CpuMeter>));
-    let client_spun = client_spins();
+    let client_spun = spin;
     // A task always ready to run: the runtime then polls its sockets with a zero timeout
     // between tasks and never blocks in `epoll_wait`.
     let spinner = client_spun.then(|| {

@@ -184,7 +184,8 @@ fn run(args: RunArgs) -> std::process::ExitCode {
     ctx.steps = selected
         .iter()
         .map(|s| match s.as_str() {
-            "entry" => 2,
+            // With the polling client's turns beside the goal's, unless every loop polls.
+            "entry" => 2 + usize::from(!load::client_spins()),
             "status" => 1,
             // The peak before and after, the curve, the 3× load, bare hyper, the refusal probe.
             "overload" => 5 + scenarios::CURVE.len(),

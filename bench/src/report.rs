@@ -79,6 +79,15 @@ fn ratio(a: Option<f64>, b: Option<f64>) -> (String, Option<f64>) {
     }
 }
 
+/// How many turns weir and hello took (`weir_http`) and the spread of weir's ratio over them.
+fn turn_spread(w: &Value) -> String {
+    let rounds: Vec<f64> = w["round_ratios"].as_array().map(|a| a.iter().filter_map(Value::as_f64).collect()).unwrap_or_default();
+    match (rounds.iter().copied().reduce(f64::min), rounds.iter().copied().reduce(f64::max)) {
+        (Some(lo), Some(hi)) if rounds.len() > 1 => format!("; measured in {} turns each, ratio per turn {lo:.2}–{hi:.2}", rounds.len()),
+        _ => String::new(),
+    }
+}
+
 fn http_row(rows: &mut Vec<Row>, res: &Value, name: &str, goal_ratio: f64) {
     if res["scenarios"][name].is_null() {
         return;
@@ -86,11 +95,7 @@ fn http_row(rows: &mut Vec<Row>, res: &Value, name: &str, goal_ratio: f64) {
     let w = &res["scenarios"][name]["weir"];
     // The hello measured in turns with this route (`weir_http`); runs before that had one hello.
     let h = if w["hello"].is_null() { &res["scenarios"]["hello"] } else { &w["hello"] };
-    let rounds: Vec<f64> = w["round_ratios"].as_array().map(|a| a.iter().filter_map(Value::as_f64).collect()).unwrap_or_default();
-    let spread = match (rounds.iter().copied().reduce(f64::min), rounds.iter().copied().reduce(f64::max)) {
-        (Some(lo), Some(hi)) if rounds.len() > 1 => format!("; measured in {} turns each, ratio per turn {lo:.2}–{hi:.2}", rounds.len()),
-        _ => String::new(),
-    };
+    let spread = turn_spread(w);
     let spun = w["client_spun"].as_bool() == Some(true);
     let judged = |met: Option<bool>| if spun { "not judged (diagnostic client)" } else { verdict(met) };
     // On loopback a sleeping client is woken by the server's send, on the server's core: the
@@ -199,6 +204,25 @@ fn http_row(rows: &mut Vec<Row>, res: &Value, name: &str, goal_ratio: f64) {
             }
             r.figure.push(')');
         }
+    }
+    // Entry's diagnostic beside it (`scenarios::entry`): the same turns with a client that never
+    // sleeps. Not judged; it shows what the loopback client's sleeping costs the server.
+    let pc = &w["polling_client"];
+    if pc.is_object() {
+        let (pw, ph) = (f(&pc["ok_per_sec"]).filter(|x| *x > 0.0), f(&pc["hello"]["ok_per_sec"]));
+        let (r, _) = ratio(pw, ph);
+        rows.push(Row {
+            scenario: name.into(),
+            figure: format!(
+                "req/s with a client that polls instead of sleeping (diagnostic, not judged: on loopback a sleeping client is woken by the server's send, on the server's core){}",
+                turn_spread(pc)
+            ),
+            weir: cell(pw, "", &nm(pc)),
+            baseline: cell(ph, " (hello)", &nm(&pc["hello"])),
+            ratio: r,
+            goal: "—".into(),
+            verdict: "",
+        });
     }
 }
 
