@@ -14,7 +14,7 @@
 //! the cores away in waves of seconds (the `steal` of `/proc/stat`; events published under one
 //! took twice as long to reach everyone at p99, for weir alone): turns of ten seconds put one
 //! server in a wave and the next out of it. Slices of a second still let a wave of one or two
-//! seconds fall on one server's slices and spare the others' (one run: eight of weir's 80 events
+//! seconds fall on one server's slices and spare the others' (one run: six of weir's 80 events
 //! at 5,000 subscribers, one of soketi's): with slices of a quarter second, a wave covers every
 //! server's. The steal each server's slices saw is reported beside its figures.
 

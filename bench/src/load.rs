@@ -179,10 +179,9 @@ pub async fn closed_loop(
     let measure_from = t0 + warmup;
     let end = measure_from + duration;
     let meter = Rc::new(RefCell::new(None::<CpuMeter>));
-    let client_spun = spin;
     // A task always ready to run: the runtime then polls its sockets with a zero timeout
     // between tasks and never blocks in `epoll_wait`.
-    let spinner = client_spun.then(|| {
+    let spinner = spin.then(|| {
         tokio::task::spawn_local(async move {
             while Instant::now() < end {
                 tokio::task::yield_now().await;
@@ -252,7 +251,7 @@ pub async fn closed_loop(
         probe: None,
         stolen,
         client_sleeps,
-        client_spun,
+        client_spun: spin,
     }
 }
 
