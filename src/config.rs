@@ -41,6 +41,26 @@ pub struct Config {
     pub client_ip_header: String,
     /// Pusher apps defined in the file (apps created through the API live in the store).
     pub apps: Vec<AppSpec>,
+    /// Several nodes sharing realtime traffic through Redis; see [`ClusterConfig`].
+    pub cluster: ClusterConfig,
+}
+
+/// Realtime across nodes (`realtime::cluster`): off unless `redis_url` is set.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// `WEIR_CLUSTER_REDIS_URL`: `redis://[user:password@]host:port[/db]` of the Redis (7.x)
+    /// every node of the cluster uses.
+    pub redis_url: Option<String>,
+    /// `WEIR_CLUSTER_PREFIX`: the prefix of weir's Redis keys and channels, so that several
+    /// clusters can share one Redis.
+    pub prefix: String,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self { redis_url: None, prefix: "weir".into() }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -113,6 +133,7 @@ impl Default for Config {
             trusted_proxies: Vec::new(),
             client_ip_header: "x-forwarded-for".into(),
             apps: Vec::new(),
+            cluster: ClusterConfig::default(),
         }
     }
 }
@@ -135,6 +156,8 @@ pub const ENV_FIELDS: &[(&str, &[&str])] = &[
     ("WEIR_LIMITS_TURN_MS", &["limits", "turn_ms"]),
     ("WEIR_LIMITS_LINE_WAIT_MS", &["limits", "line_wait_ms"]),
     ("WEIR_LIMITS_HEADER_TIMEOUT_MS", &["limits", "header_timeout_ms"]),
+    ("WEIR_CLUSTER_REDIS_URL", &["cluster", "redis_url"]),
+    ("WEIR_CLUSTER_PREFIX", &["cluster", "prefix"]),
 ];
 
 /// Values given on the command line; `None` means "not given".
@@ -233,6 +256,16 @@ impl Config {
             if crate::room::policy::abuse::Cidr::parse(c).is_none() {
                 problems.push(format!("trusted_proxies: {c:?} is not a CIDR range"));
             }
+        }
+        if let Some(url) = &self.cluster.redis_url {
+            match url::Url::parse(url) {
+                Ok(u) if u.scheme() == "redis" && u.host_str().is_some_and(|h| !h.is_empty()) => {}
+                _ => problems.push(format!("cluster.redis_url: {url:?} is not a redis://host:port URL")),
+            }
+        }
+        let prefix = &self.cluster.prefix;
+        if prefix.is_empty() || prefix.len() > 64 || !prefix.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) {
+            problems.push(format!("cluster.prefix: {prefix:?} must be 1-64 characters of [A-Za-z0-9._-]"));
         }
         for (i, app) in self.apps.iter().enumerate() {
             if let Err(e) = app.validate() {

@@ -1,4 +1,5 @@
-//! `/healthz` (the process answers) and `/readyz` (the store is open and we are not draining).
+//! `/healthz` (the process answers) and `/readyz` (the store is open, a cluster node receives
+//! the other nodes' events, and we are not draining).
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -14,7 +15,12 @@ pub async fn healthz() -> Json<serde_json::Value> {
 pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<serde_json::Value>) {
     let store = state.store.is_ready();
     let draining = state.shutdown.is_cancelled();
-    let ready = store && !draining;
+    let cluster = state.realtime.cluster_connected();
+    let ready = store && !draining && cluster != Some(false);
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    (status, Json(json!({"ready": ready, "store": store, "draining": draining})))
+    let mut body = json!({"ready": ready, "store": store, "draining": draining});
+    if let Some(connected) = cluster {
+        body["cluster"] = json!(connected);
+    }
+    (status, Json(body))
 }

@@ -172,7 +172,7 @@ impl Realtime {
         if !self.store.insert_new(Table::Apps, &spec.id, raw).await? {
             return Err(ApiError::conflict(format!("an app with id {} exists", spec.id)));
         }
-        let t = Tenant::new(spec.clone(), false, self.serials.clone(), &self.hooks);
+        let t = Tenant::new(spec.clone(), false, self.serials.clone(), &self.hooks, self.cluster.clone());
         let mut reg = self.registry.write();
         reg.by_id.insert(spec.id.clone(), t.clone());
         reg.by_key.insert(spec.key.clone(), t);

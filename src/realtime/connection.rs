@@ -617,7 +617,7 @@ impl Session {
             );
         }
         let user_id = user_id.clone();
-        self.tenant.publish(channel, &msg.event, &data, Some(self.conn.id), user_id.as_deref());
+        self.tenant.publish_client_event(&self.conn, channel, &msg.event, &data, user_id.as_deref());
         let mut hook = json!({ "name": "client_event", "channel": channel, "event": msg.event, "data": data,
                                "socket_id": self.conn.socket_id });
         if let Some(u) = user_id {

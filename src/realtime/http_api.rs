@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{FromRequestParts, OriginalUri, Path};
+use axum::extract::{FromRequestParts, OriginalUri, Path, State};
 use axum::http::Method;
 use axum::Json;
 use serde::Deserialize;
@@ -15,7 +15,7 @@ use serde_json::{json, Map, Value};
 
 use super::protocol::{self, ChannelKind, ChannelType};
 use super::signature;
-use super::tenant::Tenant;
+use super::tenant::{ChannelFilter, ChannelReport, Tenant};
 use crate::error::ApiError;
 use crate::http::AppState;
 
@@ -184,23 +184,26 @@ fn parse_body<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiErro
     serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("invalid body: {e}")))
 }
 
-fn publish(tenant: &Tenant, event: &Event) {
-    let exclude = event.socket_id.as_deref().and_then(|s| tenant.conn_id_of(s));
-    for channel in &event.channels {
-        tenant.publish(channel, &event.name, &event.data, exclude, None);
-    }
+async fn publish(state: &AppState, tenant: &Tenant, event: &Event) -> Result<(), ApiError> {
+    state.realtime.publish(tenant, &event.channels, &event.name, &event.data, event.socket_id.as_deref()).await
 }
 
-fn channel_info(tenant: &Tenant, channel: &str, info: Info) -> Value {
-    let stats = tenant.channel(channel);
+/// The `info` attributes asked for, of one channel's merged report (`None`: not occupied).
+fn info_of(report: Option<&ChannelReport>, info: Info) -> Map<String, Value> {
     let mut v = Map::new();
-    if info.subscription_count {
-        v.insert("subscription_count".into(), json!(stats.as_ref().map_or(0, |s| s.subscription_count)));
-    }
     if info.user_count {
-        v.insert("user_count".into(), json!(stats.as_ref().and_then(|s| s.user_count).unwrap_or(0)));
+        v.insert("user_count".into(), json!(report.and_then(|r| r.users.as_ref()).map_or(0, Vec::len)));
     }
-    Value::Object(v)
+    if info.subscription_count {
+        v.insert("subscription_count".into(), json!(report.map_or(0, |r| r.subscriptions)));
+    }
+    v
+}
+
+/// One channel's report, merged across the nodes of a cluster.
+async fn report(state: &AppState, tenant: &Tenant, channel: &str) -> Result<Option<ChannelReport>, ApiError> {
+    let reports = state.realtime.channel_reports(tenant, ChannelFilter::Name(channel.into())).await?;
+    Ok(reports.into_iter().next())
 }
 
 fn take_budget(tenant: &Tenant, n: usize) -> Result<(), ApiError> {
@@ -211,6 +214,7 @@ fn take_budget(tenant: &Tenant, n: usize) -> Result<(), ApiError> {
 
 /// `POST /apps/{app_id}/events`
 pub async fn trigger(
+    State(state): State<AppState>,
     Signed { tenant, body, .. }: Signed,
 ) -> Result<Json<Value>, ApiError> {
     let spec = tenant.spec();
@@ -219,17 +223,21 @@ pub async fn trigger(
         return Err(ApiError::invalid_field("info", "user_count is only available for presence channels"));
     }
     take_budget(&tenant, event.channels.len())?;
-    publish(&tenant, &event);
+    publish(&state, &tenant, &event).await?;
     if !event.info.user_count && !event.info.subscription_count {
         return Ok(Json(json!({})));
     }
-    let channels: Map<String, Value> =
-        event.channels.iter().map(|c| (c.clone(), channel_info(&tenant, c, event.info))).collect();
+    let mut channels = Map::new();
+    for c in &event.channels {
+        let r = report(&state, &tenant, c).await?;
+        channels.insert(c.clone(), Value::Object(info_of(r.as_ref(), event.info)));
+    }
     Ok(Json(json!({ "channels": channels })))
 }
 
 /// `POST /apps/{app_id}/batch_events`
 pub async fn batch(
+    State(state): State<AppState>,
     Signed { tenant, body, .. }: Signed,
 ) -> Result<Json<Value>, ApiError> {
     let spec = tenant.spec();
@@ -250,17 +258,22 @@ pub async fn batch(
         .collect::<Result<Vec<_>, _>>()?;
     take_budget(&tenant, events.len())?;
     for e in &events {
-        publish(&tenant, e);
+        publish(&state, &tenant, e).await?;
     }
     if events.iter().all(|e| !e.info.user_count && !e.info.subscription_count) {
         return Ok(Json(json!({})));
     }
-    let infos: Vec<Value> = events.iter().map(|e| channel_info(&tenant, &e.channels[0], e.info)).collect();
+    let mut infos = Vec::with_capacity(events.len());
+    for e in &events {
+        let r = report(&state, &tenant, &e.channels[0]).await?;
+        infos.push(Value::Object(info_of(r.as_ref(), e.info)));
+    }
     Ok(Json(json!({ "batch": infos })))
 }
 
 /// `GET /apps/{app_id}/channels?filter_by_prefix=&info=user_count,subscription_count`
 pub async fn channels(
+    State(state): State<AppState>,
     Signed { tenant, uri, .. }: Signed,
 ) -> Result<Json<Value>, ApiError> {
     let prefix = query_param(&uri, "filter_by_prefix").unwrap_or_default();
@@ -268,22 +281,14 @@ pub async fn channels(
     if info.user_count && !prefix.starts_with("presence-") {
         return Err(ApiError::invalid_field("info", "user_count needs filter_by_prefix=presence-"));
     }
-    let mut out = Map::new();
-    for s in tenant.channels(&prefix) {
-        let mut v = Map::new();
-        if info.user_count {
-            v.insert("user_count".into(), json!(s.user_count.unwrap_or(0)));
-        }
-        if info.subscription_count {
-            v.insert("subscription_count".into(), json!(s.subscription_count));
-        }
-        out.insert(s.name, Value::Object(v));
-    }
+    let reports = state.realtime.channel_reports(&tenant, ChannelFilter::Prefix(prefix)).await?;
+    let out: Map<String, Value> = reports.iter().map(|r| (r.name.clone(), Value::Object(info_of(Some(r), info)))).collect();
     Ok(Json(json!({ "channels": out })))
 }
 
 /// `GET /apps/{app_id}/channels/{channel}?info=user_count,subscription_count`
 pub async fn channel(
+    State(state): State<AppState>,
     Path((_app_id, channel)): Path<(String, String)>,
     Signed { tenant, uri, .. }: Signed,
 ) -> Result<Json<Value>, ApiError> {
@@ -292,20 +297,16 @@ pub async fn channel(
     if info.user_count && ty.kind != ChannelKind::Presence {
         return Err(ApiError::invalid_field("info", "user_count is only available for presence channels"));
     }
-    let stats = tenant.channel(&channel);
+    let r = report(&state, &tenant, &channel).await?;
     let mut v = Map::new();
-    v.insert("occupied".into(), json!(stats.is_some()));
-    if info.user_count {
-        v.insert("user_count".into(), json!(stats.as_ref().and_then(|s| s.user_count).unwrap_or(0)));
-    }
-    if info.subscription_count {
-        v.insert("subscription_count".into(), json!(stats.as_ref().map_or(0, |s| s.subscription_count)));
-    }
+    v.insert("occupied".into(), json!(r.is_some()));
+    v.extend(info_of(r.as_ref(), info));
     Ok(Json(Value::Object(v)))
 }
 
 /// `GET /apps/{app_id}/channels/{channel}/users` (presence channels only)
 pub async fn users(
+    State(state): State<AppState>,
     Path((_app_id, channel)): Path<(String, String)>,
     Signed { tenant, .. }: Signed,
 ) -> Result<Json<Value>, ApiError> {
@@ -313,16 +314,18 @@ pub async fn users(
     if ty.kind != ChannelKind::Presence {
         return Err(ApiError::invalid_field("channel", "users are only listed for presence channels"));
     }
-    let users: Vec<Value> = tenant.channel_users(&channel).into_iter().map(|id| json!({ "id": id })).collect();
+    let r = report(&state, &tenant, &channel).await?;
+    let users: Vec<Value> = r.and_then(|r| r.users).unwrap_or_default().into_iter().map(|id| json!({ "id": id })).collect();
     Ok(Json(json!({ "users": users })))
 }
 
 /// `POST /apps/{app_id}/users/{user_id}/terminate_connections`
 pub async fn terminate(
+    State(state): State<AppState>,
     Path((_app_id, user_id)): Path<(String, String)>,
     Signed { tenant, .. }: Signed,
 ) -> Result<Json<Value>, ApiError> {
-    tenant.terminate_user(&user_id);
+    state.realtime.terminate_user(&tenant, &user_id).await?;
     Ok(Json(json!({})))
 }
 
@@ -330,9 +333,10 @@ pub async fn terminate(
 /// `pusher` SDK (3.3.x) uses for `terminate_user_connections()`. The app is found by `auth_key`;
 /// the request is verified exactly as on the documented path.
 pub async fn terminate_by_key(
+    State(state): State<AppState>,
     Path(user_id): Path<String>,
     Signed { tenant, .. }: Signed,
 ) -> Result<Json<Value>, ApiError> {
-    tenant.terminate_user(&user_id);
+    state.realtime.terminate_user(&tenant, &user_id).await?;
     Ok(Json(json!({})))
 }

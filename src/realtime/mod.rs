@@ -17,6 +17,7 @@
 
 pub mod admin_api;
 pub mod app;
+pub mod cluster;
 pub mod connection;
 pub mod history;
 pub mod http_api;
@@ -42,7 +43,9 @@ use crate::clock::Clock;
 use crate::config::Config;
 use crate::http::AppState;
 use crate::store::{Store, StoreError, Table};
-use tenant::Tenant;
+use crate::error::ApiError;
+use cluster::Cluster;
+use tenant::{ChannelFilter, ChannelReport, Tenant};
 
 /// Key of weir's internal app (waiting-room updates and other events weir emits).
 pub const INTERNAL_APP_KEY: &str = "weir-internal";
@@ -73,6 +76,8 @@ pub struct Realtime {
     /// Serializes admin writes (check-then-store-then-register) so two creates cannot take the
     /// same key. Held across the store await on purpose; only admin calls take it.
     admin_lock: tokio::sync::Mutex<()>,
+    /// Set when `cluster.redis_url` is: events, channel queries and terminations cross nodes.
+    cluster: Option<Arc<Cluster>>,
 }
 
 impl Realtime {
@@ -80,6 +85,10 @@ impl Realtime {
     /// (webhook delivery, history expiry); they stop when `shutdown` is cancelled.
     pub async fn start(config: &Config, store: Arc<dyn Store>, shutdown: CancellationToken) -> Result<Arc<Self>, StoreError> {
         let hooks = webhook::Deliverer::new(shutdown.clone());
+        let cluster = match &config.cluster.redis_url {
+            Some(url) => Some(Cluster::new(url, &config.cluster.prefix).map_err(|e| StoreError::Backend(format!("cluster: {e}")))?),
+            None => None,
+        };
         // Seeded with the wall clock (µs) so serials keep increasing across restarts.
         let seed = (crate::clock::SystemClock.now_ms().max(0) as u64).saturating_mul(1000);
         let serials = Arc::new(AtomicU64::new(seed));
@@ -87,14 +96,14 @@ impl Realtime {
         let mut config_ids = HashSet::new();
         let mut internal_spec = AppSpec::new(INTERNAL_APP_ID.into(), INTERNAL_APP_KEY.into(), hex::encode(rand::random::<[u8; 16]>()));
         internal_spec.max_message_bytes = 64 * 1024;
-        let internal = Tenant::new(internal_spec, true, serials.clone(), &hooks);
+        let internal = Tenant::new(internal_spec, true, serials.clone(), &hooks, None);
         registry.by_key.insert(INTERNAL_APP_KEY.into(), internal.clone());
         for spec in &config.apps {
             if registry.by_key.contains_key(&spec.key) || registry.by_id.contains_key(&spec.id) {
                 tracing::warn!(app = %spec.id, "config app skipped: duplicate id or key");
                 continue;
             }
-            let t = Tenant::new(spec.clone(), false, serials.clone(), &hooks);
+            let t = Tenant::new(spec.clone(), false, serials.clone(), &hooks, cluster.clone());
             registry.by_id.insert(spec.id.clone(), t.clone());
             registry.by_key.insert(spec.key.clone(), t);
             config_ids.insert(spec.id.clone());
@@ -111,7 +120,7 @@ impl Realtime {
                 tracing::warn!(app = %id, "stored app skipped: its id or key is taken by a config app");
                 continue;
             }
-            let t = Tenant::new(spec.clone(), false, serials.clone(), &hooks);
+            let t = Tenant::new(spec.clone(), false, serials.clone(), &hooks, cluster.clone());
             registry.by_id.insert(spec.id.clone(), t.clone());
             registry.by_key.insert(spec.key.clone(), t);
         }
@@ -125,7 +134,12 @@ impl Realtime {
             next_conn: AtomicU64::new(1),
             closing: AtomicBool::new(false),
             admin_lock: tokio::sync::Mutex::new(()),
+            cluster,
         });
+        if let Some(cluster) = &rt.cluster {
+            cluster.start(Arc::downgrade(&rt), shutdown.clone());
+            tracing::info!(node = cluster.node(), "cluster: realtime events cross nodes through Redis");
+        }
         let weak = Arc::downgrade(&rt);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(SWEEP_INTERVAL);
@@ -159,6 +173,56 @@ impl Realtime {
     /// `/api/v1/apps...`, mounted behind the admin key check.
     pub fn admin_routes() -> Router<AppState> {
         admin_api::routes()
+    }
+
+    /// Publishes an event to `channels` of `tenant`, except to `socket_id`: on this node, or
+    /// with a cluster on every node once Redis has taken it.
+    pub async fn publish(&self, tenant: &Tenant, channels: &[String], event: &str, data: &str, socket_id: Option<&str>) -> Result<(), ApiError> {
+        match &self.cluster {
+            Some(cluster) => cluster
+                .publish_event(&tenant.spec().id, channels, event, data, socket_id)
+                .await
+                .map_err(|e| ApiError::unavailable(format!("cluster: event not published: {e}"), 1)),
+            None => {
+                let exclude = socket_id.and_then(|s| tenant.conn_id_of(s));
+                for channel in channels {
+                    tenant.publish(channel, event, data, exclude, None);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// The occupied channels of `tenant` matching `filter`, on every node of a cluster.
+    pub async fn channel_reports(&self, tenant: &Tenant, filter: ChannelFilter) -> Result<Vec<ChannelReport>, ApiError> {
+        let local = tenant.reports(&filter);
+        match &self.cluster {
+            Some(cluster) => cluster
+                .query(&tenant.spec().id, filter, local)
+                .await
+                .map(tenant::merge_reports)
+                .map_err(|e| ApiError::unavailable(format!("cluster: {e}"), 1)),
+            None => Ok(local),
+        }
+    }
+
+    /// Closes a signed-in user's connections, on every node of a cluster.
+    pub async fn terminate_user(&self, tenant: &Tenant, user_id: &str) -> Result<(), ApiError> {
+        match &self.cluster {
+            Some(cluster) => cluster
+                .terminate_user(&tenant.spec().id, user_id)
+                .await
+                .map_err(|e| ApiError::unavailable(format!("cluster: {e}"), 1)),
+            None => {
+                tenant.terminate_user(user_id);
+                Ok(())
+            }
+        }
+    }
+
+    /// Whether this node receives the other nodes' events (always, without a cluster).
+    pub fn cluster_connected(&self) -> Option<bool> {
+        self.cluster.as_ref().map(|c| c.is_connected())
     }
 
     /// Publishes an event on a (public) channel of weir's internal app, key [`INTERNAL_APP_KEY`].

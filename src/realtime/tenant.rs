@@ -19,6 +19,7 @@ use serde_json::{json, Value};
 use tokio::time::Instant;
 
 use super::app::AppSpec;
+use super::cluster::Cluster;
 use super::connection::Conn;
 use super::history::History;
 use super::presence::Presence;
@@ -105,11 +106,45 @@ pub enum SubscribeError {
     PresenceFull(usize),
 }
 
-/// A channel as the HTTP API reports it.
-pub struct ChannelStats {
+/// An occupied channel as one node sees it: what the HTTP API's channel queries merge across
+/// nodes ([`merge_reports`]).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct ChannelReport {
     pub name: String,
-    pub subscription_count: usize,
-    pub user_count: Option<usize>,
+    pub subscriptions: usize,
+    /// A presence channel's user ids (a user connected to two nodes counts once).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub users: Option<Vec<String>>,
+}
+
+/// Which channels a query asks about.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "by", content = "value", rename_all = "snake_case")]
+pub enum ChannelFilter {
+    Prefix(String),
+    Name(String),
+}
+
+/// Joins reports of the same channels from several nodes, sorted by name.
+pub fn merge_reports(reports: Vec<ChannelReport>) -> Vec<ChannelReport> {
+    let mut merged: std::collections::BTreeMap<String, ChannelReport> = std::collections::BTreeMap::new();
+    for r in reports {
+        match merged.get_mut(&r.name) {
+            None => {
+                merged.insert(r.name.clone(), r);
+            }
+            Some(m) => {
+                m.subscriptions += r.subscriptions;
+                if let Some(users) = r.users {
+                    let all = m.users.get_or_insert_with(Vec::new);
+                    all.extend(users);
+                    all.sort_unstable();
+                    all.dedup();
+                }
+            }
+        }
+    }
+    merged.into_values().collect()
 }
 
 pub struct Tenant {
@@ -126,10 +161,12 @@ pub struct Tenant {
     webhooks: RwLock<WebhookTargets>,
     pub metrics: AppMetrics,
     serials: Arc<AtomicU64>,
+    /// With a cluster, client events go to every node through it.
+    cluster: Option<Arc<Cluster>>,
 }
 
 impl Tenant {
-    pub fn new(spec: AppSpec, internal: bool, serials: Arc<AtomicU64>, hooks: &webhook::Deliverer) -> Arc<Self> {
+    pub fn new(spec: AppSpec, internal: bool, serials: Arc<AtomicU64>, hooks: &webhook::Deliverer, cluster: Option<Arc<Cluster>>) -> Arc<Self> {
         let spec = Arc::new(spec);
         let metrics = AppMetrics::new(&spec.id);
         let webhooks = hooks.targets_for(&spec);
@@ -144,6 +181,8 @@ impl Tenant {
             webhooks: RwLock::new(webhooks),
             metrics,
             serials,
+            // weir's internal app (the waiting rooms' updates) stays on its node.
+            cluster: cluster.filter(|_| !internal),
         })
     }
 
@@ -362,6 +401,27 @@ impl Tenant {
     /// channel's history (and cache), and queues it to every subscriber except `exclude`.
     /// Returns the number of recipients.
     pub fn publish(&self, name: &str, event: &str, data: &str, exclude: Option<u64>, user_id: Option<&str>) -> usize {
+        self.fan_out(name, event, data, exclude, user_id, None)
+    }
+
+    /// [`publish`](Self::publish) of an event the cluster numbered `serial` (the same on every
+    /// node); later local serials stay above it.
+    pub fn deliver(&self, name: &str, event: &str, data: &str, exclude: Option<u64>, user_id: Option<&str>, serial: u64) -> usize {
+        self.fan_out(name, event, data, exclude, user_id, Some(serial))
+    }
+
+    /// A client event from `conn`: to this node's subscribers, or through the cluster to every
+    /// node's.
+    pub fn publish_client_event(&self, conn: &Conn, name: &str, event: &str, data: &str, user_id: Option<&str>) {
+        match &self.cluster {
+            Some(cluster) => cluster.publish_client_event(&self.spec().id, name, event, data, user_id, &conn.socket_id),
+            None => {
+                self.publish(name, event, data, Some(conn.id), user_id);
+            }
+        }
+    }
+
+    fn fan_out(&self, name: &str, event: &str, data: &str, exclude: Option<u64>, user_id: Option<&str>, serial: Option<u64>) -> usize {
         let spec = self.spec();
         let now = Instant::now();
         let mut guard = self.channels.lock();
@@ -376,7 +436,13 @@ impl Tenant {
             map.insert(name.to_string(), Channel::new(ty, floor, now));
         }
         let Some(ch) = map.get_mut(name) else { return 0 };
-        let serial = self.serials.fetch_add(1, Ordering::SeqCst) + 1;
+        let serial = match serial {
+            Some(s) => {
+                self.serials.fetch_max(s, Ordering::SeqCst);
+                s
+            }
+            None => self.serials.fetch_add(1, Ordering::SeqCst) + 1,
+        };
         let frame = protocol::channel_event(event, name, data, user_id, Some(serial));
         let held = ch.held_bytes();
         let len = frame.as_str().len();
@@ -410,26 +476,25 @@ impl Tenant {
         self.publish_bucket.lock().take(n, Instant::now())
     }
 
-    /// Occupied channels whose names start with `prefix`.
-    pub fn channels(&self, prefix: &str) -> Vec<ChannelStats> {
+    /// This node's occupied channels that match `filter`.
+    pub fn reports(&self, filter: &ChannelFilter) -> Vec<ChannelReport> {
         let channels = self.channels.lock();
-        channels
-            .map
-            .iter()
-            .filter(|(name, ch)| !ch.subscribers.is_empty() && name.starts_with(prefix))
-            .map(|(name, ch)| ch.stats(name))
-            .collect()
-    }
-
-    pub fn channel(&self, name: &str) -> Option<ChannelStats> {
-        let channels = self.channels.lock();
-        channels.map.get(name).filter(|ch| !ch.subscribers.is_empty()).map(|ch| ch.stats(name))
-    }
-
-    /// User ids in a presence channel.
-    pub fn channel_users(&self, name: &str) -> Vec<String> {
-        let channels = self.channels.lock();
-        channels.map.get(name).map(|ch| ch.presence.ids().cloned().collect()).unwrap_or_default()
+        let report = |(name, ch): (&String, &Channel)| ch.report(name);
+        match filter {
+            ChannelFilter::Prefix(prefix) => channels
+                .map
+                .iter()
+                .filter(|(name, ch)| !ch.subscribers.is_empty() && name.starts_with(prefix.as_str()))
+                .map(report)
+                .collect(),
+            ChannelFilter::Name(name) => channels
+                .map
+                .get_key_value(name)
+                .filter(|(_, ch)| !ch.subscribers.is_empty())
+                .map(report)
+                .into_iter()
+                .collect(),
+        }
     }
 
     /// Live numbers for the admin API: connections, occupied channels, subscriptions, history bytes.
@@ -502,11 +567,11 @@ impl Channel {
         self.history.bytes() + self.cache.as_ref().map_or(0, |(_, f)| f.as_str().len())
     }
 
-    fn stats(&self, name: &str) -> ChannelStats {
-        ChannelStats {
+    fn report(&self, name: &str) -> ChannelReport {
+        ChannelReport {
             name: name.to_string(),
-            subscription_count: self.subscribers.len(),
-            user_count: (self.ty.kind == ChannelKind::Presence).then(|| self.presence.len()),
+            subscriptions: self.subscribers.len(),
+            users: (self.ty.kind == ChannelKind::Presence).then(|| self.presence.ids().cloned().collect()),
         }
     }
 }
@@ -548,7 +613,7 @@ mod tests {
     async fn history_memory_is_bounded_per_app() {
         let hooks = webhook::Deliverer::new(tokio_util::sync::CancellationToken::new());
         let spec = AppSpec::new("1".into(), "k".into(), "secret-secret".into());
-        let t = Tenant::new(spec, false, Arc::new(AtomicU64::new(0)), &hooks);
+        let t = Tenant::new(spec, false, Arc::new(AtomicU64::new(0)), &hooks, None);
         let data = "x".repeat(10_000);
         // 80 channels × 100 events × 10 KB = 80 MB of history wanted; the budget is 64 MB.
         for i in 0..8_000 {

@@ -1,0 +1,490 @@
+//! Realtime across nodes, through Redis (`cluster.redis_url`).
+//!
+//! Every event published on any node (HTTP API or client event) goes to one Redis pub/sub
+//! channel, and every node, the publisher's included, fans it out to its own subscribers. A Lua
+//! script numbers and publishes an event in one step, so every node sees the same events in the
+//! same order under the same serials: history and resume work on whichever node a client
+//! reconnects to. Channel queries ask every live node (each writes a heartbeat into a sorted
+//! set) and merge the answers; terminating a user's connections reaches every node.
+//!
+//! What stays per node: presence member lists and their `member_added`/`member_removed`, the
+//! channel webhooks (occupied, vacated, member), publish rate limits and weir's internal app.
+//!
+//! Wire format, on `{prefix}:rt` (everyone) and `{prefix}:rt:{node}` (one node's replies):
+//! `"{serial} {json message}"`; the serial is the first channel's (an event to n channels takes
+//! n consecutive serials) and 0 for messages that are not events.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use parking_lot::Mutex;
+use redis::aio::MultiplexedConnection;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use super::tenant::{ChannelReport, ChannelFilter};
+use super::Realtime;
+
+/// Longest wait for any one Redis call.
+const CALL_TIMEOUT: Duration = Duration::from_secs(2);
+/// Longest wait for every live node's answer to a channel query.
+const QUERY_TIMEOUT: Duration = Duration::from_secs(1);
+/// How often a node renews its heartbeat.
+const HEARTBEAT: Duration = Duration::from_secs(1);
+/// A node whose heartbeat is older than this is not waited for.
+const NODE_TTL_MS: i64 = 3_000;
+/// Client events waiting for their publish; more are dropped (and counted).
+const OUTBOX_CAPACITY: usize = 4_096;
+/// Channel queries in flight at once; more are refused with 503.
+const MAX_PENDING_QUERIES: usize = 1_024;
+/// The longest wait before a lost subscription is tried again.
+const MAX_RECONNECT_WAIT: Duration = Duration::from_secs(2);
+
+/// Numbers `n` events (the counter never falls below the wall clock in µs, as a single node's
+/// serials do not, so serials keep increasing when Redis loses its data) and publishes them as
+/// one message prefixed with the first serial.
+const PUBLISH_SCRIPT: &str = r"
+local n = tonumber(ARGV[3])
+local last = redis.call('INCRBY', KEYS[1], n)
+local floor = tonumber(ARGV[2]) + n
+if last < floor then
+  redis.call('SET', KEYS[1], string.format('%.0f', floor))
+  last = floor
+end
+local first = string.format('%.0f', last - n + 1)
+redis.call('PUBLISH', KEYS[2], first .. ' ' .. ARGV[1])
+return first
+";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("Redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("Redis did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("node {0} did not answer the channel query in time")]
+    NoAnswer(String),
+    #[error("too many channel queries in flight")]
+    Busy,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(tag = "t", rename_all = "snake_case")]
+enum Message {
+    Event {
+        app: String,
+        channels: Vec<String>,
+        event: String,
+        data: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        user_id: Option<String>,
+        /// The socket id the event is not sent to (the sender of a client event, or the
+        /// `socket_id` of an HTTP trigger), on whichever node it is connected.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        except: Option<String>,
+    },
+    Terminate { app: String, user_id: String },
+    Query { from: String, id: u64, app: String, filter: ChannelFilter },
+    Reply { node: String, id: u64, channels: Vec<ChannelReport> },
+}
+
+struct Metrics {
+    published: metrics::Counter,
+    received: metrics::Counter,
+    dropped: metrics::Counter,
+    outbox_depth: metrics::Gauge,
+    connected: metrics::Gauge,
+    reconnects: metrics::Counter,
+    query_timeouts: metrics::Counter,
+}
+
+/// A channel query waiting for the other nodes' answers.
+struct PendingQuery {
+    waiting_for: HashSet<String>,
+    channels: Vec<ChannelReport>,
+    done: Option<oneshot::Sender<()>>,
+}
+
+pub struct Cluster {
+    node: String,
+    prefix: String,
+    bus: String,
+    nodes_key: String,
+    serial_key: String,
+    client: redis::Client,
+    commands: tokio::sync::Mutex<Option<MultiplexedConnection>>,
+    script: redis::Script,
+    outbox: mpsc::Sender<String>,
+    outbox_rx: Mutex<Option<mpsc::Receiver<String>>>,
+    pending: Mutex<HashMap<u64, PendingQuery>>,
+    next_query: AtomicU64,
+    subscribed: AtomicBool,
+    metrics: Metrics,
+}
+
+impl Cluster {
+    /// A node's handle on the bus; nothing connects until [`start`](Self::start).
+    pub fn new(redis_url: &str, prefix: &str) -> Result<Arc<Self>, ClusterError> {
+        let client = redis::Client::open(redis_url)?;
+        let node = hex::encode(rand::random::<[u8; 8]>());
+        let (outbox, outbox_rx) = mpsc::channel(OUTBOX_CAPACITY);
+        let counter = |reason: &'static str| metrics::counter!("weir_cluster_messages_total", "kind" => reason);
+        Ok(Arc::new(Self {
+            bus: format!("{prefix}:rt"),
+            nodes_key: format!("{prefix}:nodes"),
+            serial_key: format!("{prefix}:serial"),
+            prefix: prefix.into(),
+            node,
+            client,
+            commands: tokio::sync::Mutex::new(None),
+            script: redis::Script::new(PUBLISH_SCRIPT),
+            outbox,
+            outbox_rx: Mutex::new(Some(outbox_rx)),
+            pending: Mutex::new(HashMap::new()),
+            next_query: AtomicU64::new(1),
+            subscribed: AtomicBool::new(false),
+            metrics: Metrics {
+                published: counter("published"),
+                received: counter("received"),
+                dropped: metrics::counter!("weir_cluster_dropped_total"),
+                outbox_depth: metrics::gauge!("weir_cluster_outbox_depth"),
+                connected: metrics::gauge!("weir_cluster_connected"),
+                reconnects: metrics::counter!("weir_cluster_reconnects_total"),
+                query_timeouts: metrics::counter!("weir_cluster_query_timeouts_total"),
+            },
+        }))
+    }
+
+    /// This node's id on the bus.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// Whether this node currently receives the bus: while it does not, events published
+    /// elsewhere do not reach its clients (`/readyz` says so).
+    pub fn is_connected(&self) -> bool {
+        self.subscribed.load(Ordering::Acquire)
+    }
+
+    /// Starts the subscriber, the client-event publisher and the heartbeat; they stop when
+    /// `shutdown` is cancelled (the heartbeat is then withdrawn).
+    pub fn start(self: &Arc<Self>, realtime: Weak<Realtime>, shutdown: CancellationToken) {
+        tokio::spawn(self.clone().subscribe_loop(realtime, shutdown.clone()));
+        if let Some(rx) = self.outbox_rx.lock().take() {
+            tokio::spawn(self.clone().publish_loop(rx, shutdown.clone()));
+        }
+        tokio::spawn(self.clone().heartbeat_loop(shutdown));
+    }
+
+    /// Publishes an event to `channels` on every node and returns once Redis has taken it.
+    pub async fn publish_event(
+        &self,
+        app: &str,
+        channels: &[String],
+        event: &str,
+        data: &str,
+        except: Option<&str>,
+    ) -> Result<(), ClusterError> {
+        let message = Message::Event {
+            app: app.into(),
+            channels: channels.to_vec(),
+            event: event.into(),
+            data: data.into(),
+            user_id: None,
+            except: except.map(Into::into),
+        };
+        self.run_script(&encode(&message), channels.len()).await
+    }
+
+    /// Queues a client event for every node without waiting (the sender's connection must not
+    /// block on Redis); when the queue is full the event is dropped and counted.
+    pub fn publish_client_event(&self, app: &str, channel: &str, event: &str, data: &str, user_id: Option<&str>, except: &str) {
+        let message = Message::Event {
+            app: app.into(),
+            channels: vec![channel.into()],
+            event: event.into(),
+            data: data.into(),
+            user_id: user_id.map(Into::into),
+            except: Some(except.into()),
+        };
+        match self.outbox.try_send(encode(&message)) {
+            Ok(()) => self.metrics.outbox_depth.increment(1.0),
+            Err(_) => {
+                self.metrics.dropped.increment(1);
+                tracing::warn!(app, channel, "cluster outbox full: client event dropped");
+            }
+        }
+    }
+
+    /// Closes a signed-in user's connections on every node.
+    pub async fn terminate_user(&self, app: &str, user_id: &str) -> Result<(), ClusterError> {
+        let message = Message::Terminate { app: app.into(), user_id: user_id.into() };
+        self.publish_raw(&self.bus, format!("0 {}", encode(&message))).await
+    }
+
+    /// The channels matching `filter` on every live node: `local` is this node's own answer.
+    /// Fails when a node that was alive did not answer within a second.
+    pub async fn query(&self, app: &str, filter: ChannelFilter, local: Vec<ChannelReport>) -> Result<Vec<ChannelReport>, ClusterError> {
+        let mut others = self.live_nodes().await?;
+        others.remove(&self.node);
+        if others.is_empty() {
+            return Ok(local);
+        }
+        let id = self.next_query.fetch_add(1, Ordering::Relaxed);
+        let (done, answered) = oneshot::channel();
+        {
+            let mut pending = self.pending.lock();
+            if pending.len() >= MAX_PENDING_QUERIES {
+                return Err(ClusterError::Busy);
+            }
+            pending.insert(id, PendingQuery { waiting_for: others, channels: local, done: Some(done) });
+        }
+        let message = Message::Query { from: self.node.clone(), id, app: app.into(), filter };
+        if let Err(e) = self.publish_raw(&self.bus, format!("0 {}", encode(&message))).await {
+            self.pending.lock().remove(&id);
+            return Err(e);
+        }
+        let in_time = tokio::time::timeout(QUERY_TIMEOUT, answered).await.is_ok();
+        let Some(query) = self.pending.lock().remove(&id) else {
+            return Ok(Vec::new());
+        };
+        if !in_time {
+            self.metrics.query_timeouts.increment(1);
+            let missing = query.waiting_for.into_iter().next().unwrap_or_default();
+            return Err(ClusterError::NoAnswer(missing));
+        }
+        Ok(query.channels)
+    }
+
+    /// Nodes whose heartbeat is recent, this one included.
+    async fn live_nodes(&self) -> Result<HashSet<String>, ClusterError> {
+        let since = now_ms() - NODE_TTL_MS;
+        let mut c = self.commands().await?;
+        let nodes: Vec<String> = self
+            .timed(redis::cmd("ZRANGEBYSCORE").arg(&self.nodes_key).arg(since).arg("+inf").query_async(&mut c))
+            .await?;
+        Ok(nodes.into_iter().collect())
+    }
+
+    async fn run_script(&self, message: &str, n: usize) -> Result<(), ClusterError> {
+        let mut c = self.commands().await?;
+        let floor = now_ms().max(0).saturating_mul(1000);
+        let mut invocation = self.script.key(&self.serial_key);
+        invocation.key(&self.bus).arg(message).arg(floor).arg(n);
+        let _: String = self.timed(invocation.invoke_async(&mut c)).await?;
+        self.metrics.published.increment(1);
+        Ok(())
+    }
+
+    async fn publish_raw(&self, channel: &str, payload: String) -> Result<(), ClusterError> {
+        let mut c = self.commands().await?;
+        let _: i64 = self.timed(redis::cmd("PUBLISH").arg(channel).arg(payload).query_async(&mut c)).await?;
+        self.metrics.published.increment(1);
+        Ok(())
+    }
+
+    /// The shared command connection, opened on first use and after a failure.
+    async fn commands(&self) -> Result<MultiplexedConnection, ClusterError> {
+        let mut slot = self.commands.lock().await;
+        if let Some(c) = &*slot {
+            return Ok(c.clone());
+        }
+        let c = tokio::time::timeout(CALL_TIMEOUT, self.client.get_multiplexed_async_connection())
+            .await
+            .map_err(|_| ClusterError::Timeout(CALL_TIMEOUT))??;
+        *slot = Some(c.clone());
+        Ok(c)
+    }
+
+    /// Runs one call with the call timeout; a failure drops the command connection, so the
+    /// next call opens a fresh one.
+    async fn timed<T>(&self, call: impl std::future::Future<Output = redis::RedisResult<T>>) -> Result<T, ClusterError> {
+        let result = match tokio::time::timeout(CALL_TIMEOUT, call).await {
+            Ok(Ok(v)) => return Ok(v),
+            Ok(Err(e)) => ClusterError::Redis(e),
+            Err(_) => ClusterError::Timeout(CALL_TIMEOUT),
+        };
+        *self.commands.lock().await = None;
+        Err(result)
+    }
+
+    async fn subscribe_loop(self: Arc<Self>, realtime: Weak<Realtime>, shutdown: CancellationToken) {
+        let mut wait = Duration::from_millis(50);
+        loop {
+            match self.client.get_async_pubsub().await {
+                Ok(mut pubsub) => match pubsub.subscribe(&[self.bus.clone(), self.replies_of(&self.node)]).await {
+                    Ok(()) => {
+                        wait = Duration::from_millis(50);
+                        self.set_subscribed(true);
+                        let mut messages = pubsub.into_on_message();
+                        loop {
+                            let message = tokio::select! {
+                                m = messages.next() => m,
+                                () = shutdown.cancelled() => {
+                                    self.set_subscribed(false);
+                                    return;
+                                }
+                            };
+                            let Some(message) = message else { break };
+                            let Some(rt) = realtime.upgrade() else { return };
+                            self.metrics.received.increment(1);
+                            self.receive(&rt, message.get_payload_bytes());
+                        }
+                        self.set_subscribed(false);
+                        tracing::warn!("cluster: lost the Redis subscription; reconnecting");
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cluster: cannot subscribe"),
+                },
+                Err(e) => tracing::warn!(error = %e, "cluster: cannot reach Redis"),
+            }
+            self.metrics.reconnects.increment(1);
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                () = shutdown.cancelled() => return,
+            }
+            wait = (wait * 2).min(MAX_RECONNECT_WAIT);
+        }
+    }
+
+    fn set_subscribed(&self, on: bool) {
+        self.subscribed.store(on, Ordering::Release);
+        self.metrics.connected.set(if on { 1.0 } else { 0.0 });
+    }
+
+    /// Handles one message from the bus.
+    fn receive(self: &Arc<Self>, rt: &Arc<Realtime>, payload: &[u8]) {
+        let Some((serial, message)) = decode(payload) else {
+            tracing::warn!("cluster: unreadable message on the bus; ignored");
+            return;
+        };
+        match message {
+            Message::Event { app, channels, event, data, user_id, except } => {
+                let Some(tenant) = rt.tenant_by_id(&app) else { return };
+                let except = except.as_deref().and_then(|s| tenant.conn_id_of(s));
+                for (i, channel) in channels.iter().enumerate() {
+                    tenant.deliver(channel, &event, &data, except, user_id.as_deref(), serial + i as u64);
+                }
+            }
+            Message::Terminate { app, user_id } => {
+                if let Some(tenant) = rt.tenant_by_id(&app) {
+                    tenant.terminate_user(&user_id);
+                }
+            }
+            Message::Query { from, id, app, filter } => {
+                if from == self.node {
+                    return;
+                }
+                let channels = rt.tenant_by_id(&app).map(|t| t.reports(&filter)).unwrap_or_default();
+                let reply = format!("0 {}", encode(&Message::Reply { node: self.node.clone(), id, channels }));
+                let this = self.clone();
+                tokio::spawn(async move {
+                    let to = this.replies_of(&from);
+                    if let Err(e) = this.publish_raw(&to, reply).await {
+                        tracing::warn!(error = %e, "cluster: cannot answer a channel query");
+                    }
+                });
+            }
+            Message::Reply { node, id, channels } => {
+                let mut pending = self.pending.lock();
+                let Some(query) = pending.get_mut(&id) else { return };
+                if query.waiting_for.remove(&node) {
+                    query.channels.extend(channels);
+                }
+                if query.waiting_for.is_empty() {
+                    if let Some(done) = query.done.take() {
+                        let _ = done.send(());
+                    }
+                }
+            }
+        }
+    }
+
+    fn replies_of(&self, node: &str) -> String {
+        format!("{}:rt:{node}", self.prefix)
+    }
+
+    /// Publishes queued client events in order, one at a time.
+    async fn publish_loop(self: Arc<Self>, mut rx: mpsc::Receiver<String>, shutdown: CancellationToken) {
+        loop {
+            let message = tokio::select! {
+                m = rx.recv() => m,
+                () = shutdown.cancelled() => return,
+            };
+            let Some(message) = message else { return };
+            self.metrics.outbox_depth.decrement(1.0);
+            if let Err(e) = self.run_script(&message, 1).await {
+                self.metrics.dropped.increment(1);
+                tracing::warn!(error = %e, "cluster: client event not published");
+            }
+        }
+    }
+
+    async fn heartbeat_loop(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(HEARTBEAT);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = shutdown.cancelled() => break,
+            }
+            let now = now_ms();
+            let beat = async {
+                let mut c = self.commands().await?;
+                let mut pipe = redis::pipe();
+                pipe.cmd("ZADD").arg(&self.nodes_key).arg(now).arg(&self.node).ignore();
+                pipe.cmd("ZREMRANGEBYSCORE").arg(&self.nodes_key).arg("-inf").arg(now - 60_000).ignore();
+                self.timed(pipe.query_async::<()>(&mut c)).await
+            };
+            if let Err(e) = beat.await {
+                tracing::warn!(error = %e, "cluster: heartbeat failed");
+            }
+        }
+        // Leaving: the others stop waiting for this node's answers at once.
+        if let Ok(mut c) = self.commands().await {
+            let _ = self.timed(redis::cmd("ZREM").arg(&self.nodes_key).arg(&self.node).query_async::<i64>(&mut c)).await;
+        }
+    }
+}
+
+fn encode(message: &Message) -> String {
+    serde_json::to_string(message).unwrap_or_default()
+}
+
+fn decode(payload: &[u8]) -> Option<(u64, Message)> {
+    let space = payload.iter().position(|&b| b == b' ')?;
+    let serial = std::str::from_utf8(&payload[..space]).ok()?.parse().ok()?;
+    let message = serde_json::from_slice(&payload[space + 1..]).ok()?;
+    Some((serial, message))
+}
+
+fn now_ms() -> i64 {
+    crate::clock::Clock::now_ms(&crate::clock::SystemClock)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_round_trip_with_their_serial() {
+        let m = Message::Event {
+            app: "1".into(),
+            channels: vec!["a".into(), "b".into()],
+            event: "e".into(),
+            data: "{\"x\":1}".into(),
+            user_id: None,
+            except: Some("1.2".into()),
+        };
+        let wire = format!("1796351066852000 {}", encode(&m));
+        let Some((serial, Message::Event { channels, except, .. })) = decode(wire.as_bytes()) else { panic!("not decoded") };
+        assert_eq!(serial, 1_796_351_066_852_000);
+        assert_eq!(channels, ["a", "b"]);
+        assert_eq!(except.as_deref(), Some("1.2"));
+        assert!(decode(b"12").is_none(), "no message");
+        assert!(decode(b"x {}").is_none(), "no serial");
+        assert!(decode(b"1 {\"t\":\"nope\"}").is_none(), "unknown kind");
+    }
+}

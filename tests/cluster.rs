@@ -1,0 +1,258 @@
+//! Realtime across nodes: two (or three) weir nodes in this process share one real
+//! `redis-server` (Debian package `redis-server`, which `scripts/test` installs), started on an
+//! ephemeral loopback port for each test and stopped with it.
+
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
+mod support;
+#[path = "support/realtime.rs"]
+mod rt;
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use rt::{data, Api, Creds, Ws};
+use serde_json::{json, Value};
+use support::{eventually, TestApp};
+use weir::realtime::AppSpec;
+
+/// A `redis-server` of its own, killed when dropped.
+struct Redis {
+    port: u16,
+    child: Child,
+}
+
+impl Redis {
+    fn start() -> Redis {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        Self::start_on(port)
+    }
+
+    fn start_on(port: u16) -> Redis {
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run redis-server ({e}): `scripts/test` installs it (apt-get install redis-server)"));
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(std::time::Instant::now() < deadline, "redis-server did not listen on {port}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Redis { port, child }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn stop(mut self) -> u16 {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.port
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn creds() -> Creds {
+    Creds { id: "4242".into(), key: "cluster-key".into(), secret: "cluster-secret".into() }
+}
+
+/// A node of the cluster on `redis`, with the app of [`creds`] (client events on).
+async fn node(redis: &Redis) -> TestApp {
+    let c = creds();
+    let mut spec = AppSpec::new(c.id, c.key, c.secret);
+    spec.client_events = true;
+    let app = TestApp::builder()
+        .config(|config| {
+            config.cluster.redis_url = Some(redis.url());
+            config.apps = vec![spec];
+        })
+        .start()
+        .await;
+    eventually(Duration::from_secs(10), || async {
+        let r = app.http.get(app.url("/readyz")).send().await.ok()?;
+        (r.status() == 200).then_some(())
+    })
+    .await;
+    app
+}
+
+/// Waits until every node of `nodes` answers channel queries for all of them: each sees the
+/// others' heartbeats and subscriptions.
+async fn joined(nodes: &[&TestApp], channel: &str, subscriptions: usize) {
+    for n in nodes {
+        let api = Api::new(n, &creds());
+        eventually(Duration::from_secs(10), || async {
+            let r = api.get(&format!("/apps/{}/channels/{channel}", creds().id), &[("info", "subscription_count")]).await;
+            let v: Value = r.json().await.ok()?;
+            (v["subscription_count"] == subscriptions).then_some(())
+        })
+        .await;
+    }
+}
+
+fn serial(v: &Value) -> u64 {
+    v["serial"].as_u64().unwrap_or_else(|| panic!("no serial in {v}"))
+}
+
+#[tokio::test]
+async fn events_published_on_any_node_reach_every_node_in_one_order_under_one_serial() {
+    let redis = Redis::start();
+    let (a, b) = (node(&redis).await, node(&redis).await);
+    let mut on_a = Ws::connect(&a, &creds().key).await;
+    let mut on_b = Ws::connect(&b, &creds().key).await;
+    on_a.subscribe("orders").await;
+    on_b.subscribe("orders").await;
+    joined(&[&a, &b], "orders", 2).await;
+    let apis = [Api::new(&a, &creds()), Api::new(&b, &creds())];
+    for i in 0..20 {
+        apis[i % 2].trigger("orders", "placed", &i.to_string()).await;
+    }
+    let mut seen = Vec::new();
+    for ws in [&mut on_a, &mut on_b] {
+        let mut events = Vec::new();
+        for _ in 0..20 {
+            let e = ws.recv_event("placed").await;
+            events.push((serial(&e), e["data"].as_str().unwrap().to_string()));
+        }
+        assert!(events.windows(2).all(|w| w[0].0 < w[1].0), "serials increase: {events:?}");
+        seen.push(events);
+    }
+    assert_eq!(seen[0], seen[1], "both nodes' clients saw the same events, serials and order");
+    let sent: Vec<String> = (0..20).map(|i| i.to_string()).collect();
+    assert_eq!(seen[0].iter().map(|(_, d)| d.clone()).collect::<Vec<_>>(), sent);
+
+    // `socket_id` excludes its connection on whichever node it is.
+    apis[1].trigger_except("orders", "placed", "not-to-a", &on_a.socket_id).await;
+    assert_eq!(on_b.recv_event("placed").await["data"], "not-to-a");
+    on_a.expect_silence(Duration::from_millis(300)).await;
+}
+
+#[tokio::test]
+async fn client_events_cross_nodes_and_skip_their_sender() {
+    let redis = Redis::start();
+    let (a, b) = (node(&redis).await, node(&redis).await);
+    let c = creds();
+    let mut on_a = Ws::connect(&a, &c.key).await;
+    let mut on_b = Ws::connect(&b, &c.key).await;
+    assert_eq!(on_a.subscribe_private(&c, "private-chat").await["event"], "pusher_internal:subscription_succeeded");
+    assert_eq!(on_b.subscribe_private(&c, "private-chat").await["event"], "pusher_internal:subscription_succeeded");
+    joined(&[&a, &b], "private-chat", 2).await;
+    on_a.send(json!({"event": "client-typing", "channel": "private-chat", "data": {"who": "a"}})).await;
+    let got = on_b.recv_event("client-typing").await;
+    assert_eq!(data(&got), json!({"who": "a"}));
+    on_a.expect_silence(Duration::from_millis(300)).await;
+}
+
+#[tokio::test]
+async fn channel_queries_count_every_node_and_a_user_once() {
+    let redis = Redis::start();
+    let (a, b) = (node(&redis).await, node(&redis).await);
+    let c = creds();
+    let mut u1_a = Ws::connect(&a, &c.key).await;
+    let mut u2_b = Ws::connect(&b, &c.key).await;
+    let mut u1_b = Ws::connect(&b, &c.key).await;
+    for (ws, user) in [(&mut u1_a, "u1"), (&mut u2_b, "u2"), (&mut u1_b, "u1")] {
+        assert_eq!(ws.subscribe_presence(&c, "presence-lobby", user).await["event"], "pusher_internal:subscription_succeeded");
+    }
+    let mut only_b = Ws::connect(&b, &c.key).await;
+    only_b.subscribe("news").await;
+    joined(&[&a, &b], "presence-lobby", 3).await;
+
+    let api = Api::new(&a, &c);
+    let v: Value = api.get(&format!("/apps/{}/channels/presence-lobby/users", c.id), &[]).await.json().await.unwrap();
+    assert_eq!(v, json!({"users": [{"id": "u1"}, {"id": "u2"}]}));
+    let v: Value = api
+        .get(&format!("/apps/{}/channels", c.id), &[("filter_by_prefix", "presence-"), ("info", "user_count,subscription_count")])
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v, json!({"channels": {"presence-lobby": {"user_count": 2, "subscription_count": 3}}}));
+    let v: Value = api.get(&format!("/apps/{}/channels/news", c.id), &[("info", "subscription_count")]).await.json().await.unwrap();
+    assert_eq!(v, json!({"occupied": true, "subscription_count": 1}), "occupied by node B's client alone");
+    let v: Value = api.get(&format!("/apps/{}/channels", c.id), &[]).await.json().await.unwrap();
+    assert_eq!(v, json!({"channels": {"news": {}, "presence-lobby": {}}}));
+}
+
+#[tokio::test]
+async fn terminating_a_user_closes_their_connections_on_every_node() {
+    let redis = Redis::start();
+    let (a, b) = (node(&redis).await, node(&redis).await);
+    let c = creds();
+    let mut on_b = Ws::connect(&b, &c.key).await;
+    assert_eq!(on_b.signin(&c, "u9").await["event"], "pusher:signin_success");
+    let r = Api::new(&a, &c).post(&format!("/apps/{}/users/u9/terminate_connections", c.id), &json!({})).await;
+    assert_eq!(r.status(), 200);
+    let (code, _) = on_b.expect_close().await;
+    assert_eq!(code, Some(4009));
+}
+
+#[tokio::test]
+async fn a_client_resumes_on_another_node_from_the_serial_it_saw() {
+    let redis = Redis::start();
+    let (a, b) = (node(&redis).await, node(&redis).await);
+    let c = creds();
+    let api = Api::new(&a, &c);
+    let mut on_a = Ws::connect(&a, &c.key).await;
+    on_a.subscribe("train").await;
+    api.trigger("train", "tick", "0").await;
+    let last = serial(&on_a.recv_event("tick").await);
+    drop(on_a); // into the tunnel; out of it on the other node
+    for i in 1..4 {
+        api.trigger("train", "tick", &i.to_string()).await;
+    }
+    let mut on_b = Ws::connect(&b, &c.key).await;
+    eventually(Duration::from_secs(5), || async {
+        let v: Value = Api::new(&b, &c).get(&format!("/apps/{}/channels/train", c.id), &[]).await.json().await.ok()?;
+        (v["occupied"] == false).then_some(())
+    })
+    .await;
+    on_b.send(json!({"event": "pusher:subscribe", "data": {"channel": "train", "resume_from": last}})).await;
+    assert_eq!(on_b.recv().await["event"], "pusher_internal:subscription_succeeded");
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        got.push(on_b.recv().await["data"].as_str().unwrap().to_string());
+    }
+    assert_eq!(got, ["1", "2", "3"]);
+    assert_eq!(on_b.recv().await["event"], "weir:resume_succeeded");
+}
+
+#[tokio::test]
+async fn without_redis_a_publish_is_refused_clearly_and_the_node_is_not_ready_until_it_returns() {
+    let redis = Redis::start();
+    let a = node(&redis).await;
+    let c = creds();
+    let api = Api::new(&a, &c);
+    let port = redis.stop();
+
+    let r = api.post(&format!("/apps/{}/events", c.id), &json!({"name": "e", "channels": ["x"], "data": "lost?"})).await;
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.headers()["retry-after"], "1");
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "unavailable");
+    eventually(Duration::from_secs(5), || async {
+        let r = a.http.get(a.url("/readyz")).send().await.ok()?;
+        let v: Value = r.json().await.ok()?;
+        (v["cluster"] == false && v["ready"] == false).then_some(())
+    })
+    .await;
+
+    let _redis = Redis::start_on(port);
+    eventually(Duration::from_secs(10), || async {
+        let r = a.http.get(a.url("/readyz")).send().await.ok()?;
+        (r.status() == 200).then_some(())
+    })
+    .await;
+    let mut ws = Ws::connect(&a, &c.key).await;
+    ws.subscribe("x").await;
+    api.trigger("x", "e", "back").await;
+    assert_eq!(ws.recv_event("e").await["data"], "back");
+}
