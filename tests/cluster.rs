@@ -256,3 +256,61 @@ async fn without_redis_a_publish_is_refused_clearly_and_the_node_is_not_ready_un
     api.trigger("x", "e", "back").await;
     assert_eq!(ws.recv_event("e").await["data"], "back");
 }
+
+fn presence_ids(sub: &Value) -> Vec<String> {
+    let mut ids: Vec<String> = data(sub)["presence"]["ids"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect();
+    ids.sort();
+    ids
+}
+
+#[tokio::test]
+async fn presence_members_are_announced_across_nodes_once_per_user() {
+    let redis = Redis::start();
+    let (a, b) = (node(&redis).await, node(&redis).await);
+    let c = creds();
+    let mut watcher = Ws::connect(&a, &c.key).await;
+    watcher.subscribe_presence(&c, "presence-room", "w").await;
+    joined(&[&a, &b], "presence-room", 1).await;
+
+    let mut u2_b = Ws::connect(&b, &c.key).await;
+    let sub = u2_b.subscribe_presence(&c, "presence-room", "u2").await;
+    assert_eq!(presence_ids(&sub), ["u2", "w"], "the list holds the other node's member");
+    let added = watcher.recv_event("pusher_internal:member_added").await;
+    assert_eq!(data(&added)["user_id"], "u2");
+    assert_eq!(data(&added)["user_info"], json!({"name": "name-u2"}));
+
+    // The same user on a second node is no news; leaving one of two nodes neither.
+    let mut u2_a = Ws::connect(&a, &c.key).await;
+    u2_a.subscribe_presence(&c, "presence-room", "u2").await;
+    drop(u2_b);
+    watcher.expect_silence(Duration::from_millis(500)).await;
+    drop(u2_a);
+    let removed = watcher.recv_event("pusher_internal:member_removed").await;
+    assert_eq!(data(&removed)["user_id"], "u2");
+}
+
+#[tokio::test]
+async fn a_late_node_learns_the_members_and_a_stopped_node_takes_its_members_away() {
+    let redis = Redis::start();
+    let a = node(&redis).await;
+    let c = creds();
+    let mut u1 = Ws::connect(&a, &c.key).await;
+    u1.subscribe_presence(&c, "presence-room", "u1").await;
+
+    let b = node(&redis).await;
+    let ids = eventually(Duration::from_secs(10), || async {
+        let mut late = Ws::connect(&b, &c.key).await;
+        let ids = presence_ids(&late.subscribe_presence(&c, "presence-room", "u2").await);
+        (ids.len() == 2).then_some(ids)
+    })
+    .await;
+    assert_eq!(ids, ["u1", "u2"], "node B heard of node A's member when it joined");
+    let mut u2 = Ws::connect(&b, &c.key).await;
+    u2.subscribe_presence(&c, "presence-room", "u2").await;
+    let added = u1.recv_event("pusher_internal:member_added").await;
+    assert_eq!(data(&added)["user_id"], "u2");
+
+    b.stop().await;
+    let removed = u1.recv_event("pusher_internal:member_removed").await;
+    assert_eq!(data(&removed)["user_id"], "u2");
+}

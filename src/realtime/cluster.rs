@@ -7,8 +7,12 @@
 //! reconnects to. Channel queries ask every live node (each writes a heartbeat into a sorted
 //! set) and merge the answers; terminating a user's connections reaches every node.
 //!
-//! What stays per node: presence member lists and their `member_added`/`member_removed`, the
-//! channel webhooks (occupied, vacated, member), publish rate limits and weir's internal app.
+//! Presence members are announced to every node as they join and leave one; a node that
+//! (re)joins the bus asks the others to announce theirs again, and the members of a node whose
+//! heartbeat stops are dropped (their `member_removed` sent) within a few seconds.
+//!
+//! What stays per node: the channel webhooks `channel_occupied` and `channel_vacated`, publish
+//! rate limits and weir's internal app.
 //!
 //! Wire format, on `{prefix}:rt` (everyone) and `{prefix}:rt:{node}` (one node's replies):
 //! `"{serial} {json message}"`; the serial is the first channel's (an event to n channels takes
@@ -88,6 +92,17 @@ enum Message {
         except: Option<String>,
     },
     Terminate { app: String, user_id: String },
+    /// `user_id` joined (`info`) or left (`None`) presence channel `channel` on `node`.
+    Member {
+        node: String,
+        app: String,
+        channel: String,
+        user_id: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        info: Option<serde_json::Value>,
+    },
+    /// `node` (re)joined the bus: every other node announces its presence members again.
+    Sync { node: String },
     Query { from: String, id: u64, app: String, filter: ChannelFilter },
     Reply { node: String, id: u64, channels: Vec<ChannelReport> },
 }
@@ -100,6 +115,12 @@ struct Metrics {
     connected: metrics::Gauge,
     reconnects: metrics::Counter,
     query_timeouts: metrics::Counter,
+}
+
+/// A message waiting in the outbox: an event to number, or a message published as it is.
+enum Outgoing {
+    Event(String),
+    Plain(String),
 }
 
 /// A channel query waiting for the other nodes' answers.
@@ -118,8 +139,10 @@ pub struct Cluster {
     client: redis::Client,
     commands: tokio::sync::Mutex<Option<MultiplexedConnection>>,
     script: redis::Script,
-    outbox: mpsc::Sender<String>,
-    outbox_rx: Mutex<Option<mpsc::Receiver<String>>>,
+    outbox: mpsc::Sender<Outgoing>,
+    outbox_rx: Mutex<Option<mpsc::Receiver<Outgoing>>>,
+    /// Nodes whose presence members this node holds: forgotten when their heartbeat stops.
+    known_nodes: Mutex<HashSet<String>>,
     pending: Mutex<HashMap<u64, PendingQuery>>,
     next_query: AtomicU64,
     subscribed: AtomicBool,
@@ -144,6 +167,7 @@ impl Cluster {
             script: redis::Script::new(PUBLISH_SCRIPT),
             outbox,
             outbox_rx: Mutex::new(Some(outbox_rx)),
+            known_nodes: Mutex::new(HashSet::new()),
             pending: Mutex::new(HashMap::new()),
             next_query: AtomicU64::new(1),
             subscribed: AtomicBool::new(false),
@@ -173,11 +197,11 @@ impl Cluster {
     /// Starts the subscriber, the client-event publisher and the heartbeat; they stop when
     /// `shutdown` is cancelled (the heartbeat is then withdrawn).
     pub fn start(self: &Arc<Self>, realtime: Weak<Realtime>, shutdown: CancellationToken) {
-        tokio::spawn(self.clone().subscribe_loop(realtime, shutdown.clone()));
+        tokio::spawn(self.clone().subscribe_loop(realtime.clone(), shutdown.clone()));
         if let Some(rx) = self.outbox_rx.lock().take() {
             tokio::spawn(self.clone().publish_loop(rx, shutdown.clone()));
         }
-        tokio::spawn(self.clone().heartbeat_loop(shutdown));
+        tokio::spawn(self.clone().heartbeat_loop(realtime, shutdown));
     }
 
     /// Publishes an event to `channels` on every node and returns once Redis has taken it.
@@ -211,11 +235,28 @@ impl Cluster {
             user_id: user_id.map(Into::into),
             except: Some(except.into()),
         };
-        match self.outbox.try_send(encode(&message)) {
+        self.enqueue(Outgoing::Event(encode(&message)));
+    }
+
+    /// Announces that `user_id` joined (`info`) or left (`None`) a presence channel here.
+    pub fn member_changed(&self, app: &str, channel: &str, user_id: &str, info: Option<&serde_json::Value>) {
+        let message = Message::Member {
+            node: self.node.clone(),
+            app: app.into(),
+            channel: channel.into(),
+            user_id: user_id.into(),
+            info: info.cloned(),
+        };
+        self.enqueue(Outgoing::Plain(format!("0 {}", encode(&message))));
+    }
+
+    /// Queues a message without waiting; when the queue is full it is dropped and counted.
+    fn enqueue(&self, message: Outgoing) {
+        match self.outbox.try_send(message) {
             Ok(()) => self.metrics.outbox_depth.increment(1.0),
             Err(_) => {
                 self.metrics.dropped.increment(1);
-                tracing::warn!(app, channel, "cluster outbox full: client event dropped");
+                tracing::warn!("cluster outbox full: a client event or presence change was dropped");
             }
         }
     }
@@ -320,6 +361,12 @@ impl Cluster {
                     Ok(()) => {
                         wait = Duration::from_millis(50);
                         self.set_subscribed(true);
+                        // What other nodes' members did while this node was away is unknown:
+                        // start over from their announcements.
+                        if let Some(rt) = realtime.upgrade() {
+                            self.forget_nodes(&rt, self.known_nodes.lock().drain().collect());
+                        }
+                        self.enqueue(Outgoing::Plain(format!("0 {}", encode(&Message::Sync { node: self.node.clone() }))));
                         let mut messages = pubsub.into_on_message();
                         loop {
                             let message = tokio::select! {
@@ -369,6 +416,20 @@ impl Cluster {
                     tenant.deliver(channel, &event, &data, except, user_id.as_deref(), serial + i as u64);
                 }
             }
+            Message::Member { node, app, channel, user_id, info } => {
+                if node == self.node {
+                    return;
+                }
+                self.known_nodes.lock().insert(node.clone());
+                if let Some(tenant) = rt.tenant_by_id(&app) {
+                    tenant.remote_member(&channel, &user_id, info, &node);
+                }
+            }
+            Message::Sync { node } => {
+                if node != self.node {
+                    self.announce_members(rt);
+                }
+            }
             Message::Terminate { app, user_id } => {
                 if let Some(tenant) = rt.tenant_by_id(&app) {
                     tenant.terminate_user(&user_id);
@@ -403,12 +464,30 @@ impl Cluster {
         }
     }
 
+    /// Announces every presence member of this node again (a node asked, having just joined).
+    fn announce_members(&self, rt: &Realtime) {
+        for tenant in rt.all_tenants().into_iter().filter(|t| !t.internal) {
+            let app = tenant.spec().id.clone();
+            for (channel, user, info) in tenant.local_members() {
+                self.member_changed(&app, &channel, &user, Some(&info));
+            }
+        }
+    }
+
+    fn forget_nodes(&self, rt: &Realtime, nodes: Vec<String>) {
+        for node in nodes {
+            for tenant in rt.all_tenants() {
+                tenant.forget_node(&node);
+            }
+        }
+    }
+
     fn replies_of(&self, node: &str) -> String {
         format!("{}:rt:{node}", self.prefix)
     }
 
     /// Publishes queued client events in order, one at a time.
-    async fn publish_loop(self: Arc<Self>, mut rx: mpsc::Receiver<String>, shutdown: CancellationToken) {
+    async fn publish_loop(self: Arc<Self>, mut rx: mpsc::Receiver<Outgoing>, shutdown: CancellationToken) {
         loop {
             let message = tokio::select! {
                 m = rx.recv() => m,
@@ -416,14 +495,18 @@ impl Cluster {
             };
             let Some(message) = message else { return };
             self.metrics.outbox_depth.decrement(1.0);
-            if let Err(e) = self.run_script(&message, 1).await {
+            let sent = match message {
+                Outgoing::Event(m) => self.run_script(&m, 1).await,
+                Outgoing::Plain(m) => self.publish_raw(&self.bus, m).await,
+            };
+            if let Err(e) = sent {
                 self.metrics.dropped.increment(1);
-                tracing::warn!(error = %e, "cluster: client event not published");
+                tracing::warn!(error = %e, "cluster: a client event or presence change was not published");
             }
         }
     }
 
-    async fn heartbeat_loop(self: Arc<Self>, shutdown: CancellationToken) {
+    async fn heartbeat_loop(self: Arc<Self>, realtime: Weak<Realtime>, shutdown: CancellationToken) {
         let mut tick = tokio::time::interval(HEARTBEAT);
         loop {
             tokio::select! {
@@ -440,6 +523,18 @@ impl Cluster {
             };
             if let Err(e) = beat.await {
                 tracing::warn!(error = %e, "cluster: heartbeat failed");
+                continue;
+            }
+            // Members of nodes that stopped beating (crashed, or cut off from Redis) leave.
+            let Ok(live) = self.live_nodes().await else { continue };
+            let dead: Vec<String> = {
+                let mut known = self.known_nodes.lock();
+                let dead = known.iter().filter(|n| !live.contains(*n)).cloned().collect();
+                known.retain(|n| live.contains(n));
+                dead
+            };
+            if let Some(rt) = realtime.upgrade() {
+                self.forget_nodes(&rt, dead);
             }
         }
         // Leaving: the others stop waiting for this node's answers at once.

@@ -298,17 +298,19 @@ impl Tenant {
             let succeeded_data = match &member {
                 Some(m) => {
                     if ch.presence.add(&m.user_id, m.info.clone()) {
-                        let added = protocol::json_string_event(
-                            "pusher_internal:member_added",
-                            Some(name),
-                            &json!({ "user_id": m.user_id, "user_info": m.info }),
-                        );
-                        for (id, sub) in &ch.subscribers {
-                            if *id != conn.id {
-                                sub.conn.send(&added);
-                            }
+                        if let Some(cluster) = &self.cluster {
+                            cluster.member_changed(&spec.id, name, &m.user_id, Some(&m.info));
                         }
-                        hooks.push(json!({ "name": "member_added", "channel": name, "user_id": m.user_id }));
+                        // A user already present through another node has been announced.
+                        if !ch.presence.elsewhere(&m.user_id) {
+                            let added = member_frame(name, &m.user_id, Some(&m.info));
+                            for (id, sub) in &ch.subscribers {
+                                if *id != conn.id {
+                                    sub.conn.send(&added);
+                                }
+                            }
+                            hooks.push(json!({ "name": "member_added", "channel": name, "user_id": m.user_id }));
+                        }
                     }
                     ch.presence.snapshot().to_string()
                 }
@@ -376,20 +378,21 @@ impl Tenant {
             ch.last_active = Instant::now();
             if let Some(user) = sub.user_id {
                 if ch.presence.remove(&user) {
-                    let removed = protocol::json_string_event(
-                        "pusher_internal:member_removed",
-                        Some(name),
-                        &json!({ "user_id": user }),
-                    );
-                    for s in ch.subscribers.values() {
-                        s.conn.send(&removed);
+                    if let Some(cluster) = &self.cluster {
+                        cluster.member_changed(&self.spec().id, name, &user, None);
                     }
-                    hooks.push(json!({ "name": "member_removed", "channel": name, "user_id": user }));
+                    if !ch.presence.elsewhere(&user) {
+                        let removed = member_frame(name, &user, None);
+                        for s in ch.subscribers.values() {
+                            s.conn.send(&removed);
+                        }
+                        hooks.push(json!({ "name": "member_removed", "channel": name, "user_id": user }));
+                    }
                 }
             }
             if ch.subscribers.is_empty() {
                 hooks.push(json!({ "name": "channel_vacated", "channel": name }));
-                if ch.history.is_empty() && ch.cache.is_none() && self.spec().history_len == 0 {
+                if ch.history.is_empty() && ch.cache.is_none() && ch.presence.is_empty() && self.spec().history_len == 0 {
                     channels.map.remove(name);
                 }
             }
@@ -471,6 +474,58 @@ impl Tenant {
         sent
     }
 
+    /// A presence change another node announced: `info` when `user_id` joined `name` there,
+    /// `None` when they left. This node's subscribers hear of a user's first arrival in the
+    /// cluster and of their last departure, as they would on one node.
+    pub fn remote_member(&self, name: &str, user_id: &str, info: Option<Value>, node: &str) {
+        let max = self.spec().max_presence_members;
+        let mut guard = self.channels.lock();
+        let map = &mut guard.map;
+        if info.is_some() && !map.contains_key(name) {
+            let Ok(ty) = ChannelType::parse(name) else { return };
+            if ty.kind != ChannelKind::Presence || map.len() >= MAX_IDLE_CHANNELS {
+                return;
+            }
+            map.insert(name.to_string(), Channel::new(ty, self.serials.load(Ordering::SeqCst), Instant::now()));
+        }
+        let Some(ch) = map.get_mut(name) else { return };
+        let changed = match &info {
+            // The same bound as a local subscription: a channel's member list stays bounded.
+            Some(_) if !ch.presence.contains(user_id) && ch.presence.len() >= max => false,
+            Some(i) => ch.presence.add_remote(user_id, i.clone(), node),
+            None => ch.presence.remove_remote(user_id, node),
+        };
+        if changed {
+            let frame = member_frame(name, user_id, info.as_ref());
+            for sub in ch.subscribers.values() {
+                sub.conn.send(&frame);
+            }
+        }
+    }
+
+    /// Forgets the members of a node that left the cluster, announcing the users it took away.
+    pub fn forget_node(&self, node: &str) {
+        let mut guard = self.channels.lock();
+        for (name, ch) in guard.map.iter_mut() {
+            for user in ch.presence.forget_node(node) {
+                let frame = member_frame(name, &user, None);
+                for sub in ch.subscribers.values() {
+                    sub.conn.send(&frame);
+                }
+            }
+        }
+    }
+
+    /// This node's presence members as (channel, user id, info), for a node that joins late.
+    pub fn local_members(&self) -> Vec<(String, String, Value)> {
+        let guard = self.channels.lock();
+        guard
+            .map
+            .iter()
+            .flat_map(|(name, ch)| ch.presence.local().map(move |(u, i)| (name.clone(), u.clone(), i.clone())))
+            .collect()
+    }
+
     /// Takes `n` publishes from the app's rate budget; `Err(seconds)` to wait when over it.
     pub fn take_publish_budget(&self, n: u32) -> Result<(), u64> {
         self.publish_bucket.lock().take(n, Instant::now())
@@ -527,6 +582,7 @@ impl Tenant {
             // An empty channel is kept for one history TTL after its last activity, so a client
             // that saw its current serial can still resume from it.
             !ch.subscribers.is_empty()
+                || !ch.presence.is_empty()
                 || !ch.history.is_empty()
                 || ch.cache.is_some()
                 || now.saturating_duration_since(ch.last_active) < ttl
@@ -573,6 +629,14 @@ impl Channel {
             subscriptions: self.subscribers.len(),
             users: (self.ty.kind == ChannelKind::Presence).then(|| self.presence.ids().cloned().collect()),
         }
+    }
+}
+
+/// `pusher_internal:member_added` (with `info`) or `member_removed` (without).
+fn member_frame(name: &str, user_id: &str, info: Option<&Value>) -> Utf8Bytes {
+    match info {
+        Some(info) => protocol::json_string_event("pusher_internal:member_added", Some(name), &json!({ "user_id": user_id, "user_info": info })),
+        None => protocol::json_string_event("pusher_internal:member_removed", Some(name), &json!({ "user_id": user_id })),
     }
 }
 
