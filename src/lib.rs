@@ -19,7 +19,9 @@
 //!   and languages (`web::i18n`), custom room templates (`web::template_api`) and the page
 //!   script and its caching (`web::assets`). The waiting page is a realtime client: it
 //!   subscribes to `room-{id}` on the internal app and computes its position locally.
-//! - [`realtime`]: the Pusher-protocol server (apps, WebSocket, channels, HTTP API, webhooks).
+//! - [`realtime`]: the Pusher-protocol server (apps, WebSocket, channels, HTTP API, webhooks);
+//!   `realtime::cluster` carries events, client events, presence, channel queries and
+//!   terminations between nodes through Redis when `cluster.redis_url` is set.
 //! - [`admin`]: the `/api/v1` admin API (bearer admin key) and the `weir` CLI that drives it.
 //! - [`limits`]: load shedding (an in-flight bound per route group, refusing with a
 //!   pre-serialized 503; a refused connection is held unread briefly, up to nearly its
@@ -65,7 +67,9 @@
 //! and pushes the shared bytes onto each subscriber's bounded outbox (in the order they
 //! subscribed, which keeps the walk over connection state close to memory order), waking that
 //! connection's single task (which reads and writes its socket) only when the outbox was empty; a
-//! full outbox disconnects that client with a reconnect code instead of growing memory.
+//! full outbox disconnects that client with a reconnect code instead of growing memory. In a
+//! cluster the publish goes to Redis first (a script numbers it and publishes it on one
+//! channel); every node, the publisher's included, fans out what it receives from there.
 
 pub mod admin;
 pub mod clock;
