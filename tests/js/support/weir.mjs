@@ -6,7 +6,7 @@
 // change), never a fixed sleep: tests assert behaviour, not timing.
 
 import { spawn } from 'node:child_process';
-import { mkdtempSync, rmSync, existsSync } from 'node:fs';
+import { mkdtempSync, rmSync, existsSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import http from 'node:http';
@@ -31,17 +31,28 @@ const READY_RE = /weir: listening on (http:\/\/127\.0\.0\.1:(\d+))/;
 
 /**
  * Starts `weir serve` and resolves once it prints its listening line.
+ * @param {object} [opts]
+ * @param {object} [opts.env] extra environment variables
+ * @param {string} [opts.config] TOML configuration text, written into the data directory and
+ *   passed with `--config`
+ * @param {string[]} [opts.args] extra `weir serve` arguments
  * @returns {Promise<Weir>}
  */
-export async function startWeir({ env = {}, readyTimeoutMs = 30_000 } = {}) {
+export async function startWeir({ env = {}, config, args = [], readyTimeoutMs = 30_000 } = {}) {
   if (!existsSync(WEIR_BIN)) {
     throw new Error(`weir binary not found at ${WEIR_BIN} (build it or set WEIR_BIN)`);
   }
   const dataDir = mkdtempSync(path.join(tmpdir(), 'weir-js-'));
   const adminKey = 'test-admin-key-' + 'x'.repeat(24) + Math.random().toString(36).slice(2, 10);
+  const configArgs = [];
+  if (config !== undefined) {
+    const file = path.join(dataDir, 'weir.toml');
+    writeFileSync(file, config);
+    configArgs.push('--config', file);
+  }
   const child = spawn(
     WEIR_BIN,
-    ['serve', '--listen', '127.0.0.1:0', '--data-dir', dataDir],
+    ['serve', '--listen', '127.0.0.1:0', '--data-dir', dataDir, ...configArgs, ...args],
     {
       env: { ...process.env, WEIR_ADMIN_KEY: adminKey, WEIR_LOG: 'warn', ...env },
       stdio: ['ignore', 'pipe', 'pipe'],
