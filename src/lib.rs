@@ -134,12 +134,19 @@ impl Server {
             let addr = listener.local_addr().unwrap_or(config.listen);
             config.public_url = Some(format!("http://{addr}"));
         }
-        let store: Arc<dyn Store> = Arc::new(store::redb::RedbStore::open(&config.data_dir)?);
+        // A cluster's nodes share their durable state through Redis; one node keeps it embedded.
+        let store: Arc<dyn Store> = match &config.cluster.redis_url {
+            Some(url) => Arc::new(store::redis::RedisStore::connect(url, &config.cluster.prefix).await?),
+            None => Arc::new(store::redb::RedbStore::open(&config.data_dir)?),
+        };
         let secrets = secrets::Secrets::load_or_generate(&config, store.as_ref()).await?;
         let generated_admin_key = secrets.generated_admin_key.clone();
         let config = Arc::new(config);
         let realtime = realtime::Realtime::start(&config, store.clone(), shutdown.clone()).await?;
-        let rooms = room::Rooms::load(store.clone(), clock.clone(), &secrets, &config).await?;
+        let rooms = room::Rooms::load(store.clone(), clock.clone(), &secrets, &config, realtime.cluster().cloned()).await?;
+        if let Some(sync) = &rooms.sync {
+            sync.listen(Arc::downgrade(&rooms), Arc::downgrade(&realtime));
+        }
         room::driver::spawn(rooms.clone(), realtime.clone(), shutdown.clone());
         let state = http::AppState::new(http::Shared {
             config,

@@ -52,7 +52,13 @@ impl Secrets {
             _ => {
                 let mut key = [0u8; 32];
                 rand::rng().fill_bytes(&mut key);
-                store.put(Table::Meta, COOKIE_KEY, key.to_vec()).await?;
+                // Nodes of a cluster starting together: the first key stored is everyone's.
+                if !store.insert_new(Table::Meta, COOKIE_KEY, key.to_vec()).await? {
+                    match store.get(Table::Meta, COOKIE_KEY).await? {
+                        Some(k) if k.len() == 32 => key.copy_from_slice(&k),
+                        _ => store.put(Table::Meta, COOKIE_KEY, key.to_vec()).await?,
+                    }
+                }
                 key
             }
         };

@@ -69,6 +69,6 @@ async fn remove(State(state): State<AppState>, ApiPath(id): ApiPath<String>) -> 
 }
 
 async fn rotate_keys(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
-    let kid = state.rooms.keys.rotate().await?;
+    let kid = state.rooms.rotate_keys().await?;
     Ok(Json(serde_json::json!({ "kid": kid, "jwks": state.rooms.keys.jwks() })))
 }

@@ -21,6 +21,7 @@ pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<serde_js
     let mut body = json!({"ready": ready, "store": store, "draining": draining});
     if let Some(connected) = cluster {
         body["cluster"] = json!(connected);
+        body["leader"] = json!(state.rooms.drives_admission());
     }
     (status, Json(body))
 }

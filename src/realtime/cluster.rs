@@ -41,6 +41,27 @@ const QUERY_TIMEOUT: Duration = Duration::from_secs(1);
 const HEARTBEAT: Duration = Duration::from_secs(1);
 /// A node whose heartbeat is older than this is not waited for.
 const NODE_TTL_MS: i64 = 3_000;
+/// The admission lease's lifetime in Redis; renewed every heartbeat.
+const LEASE_MS: i64 = 3_000;
+/// A leader stops admitting this long before its lease could have expired in Redis.
+const LEASE_MARGIN_MS: i64 = 1_000;
+/// Takes the lease when nobody holds it, or renews it for its holder; returns 1 if `ARGV[1]`
+/// holds it now.
+const LEASE_SCRIPT: &str = r"
+local holder = redis.call('GET', KEYS[1])
+if holder == false or holder == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0
+";
+/// Gives the lease up if `ARGV[1]` holds it.
+const RELEASE_SCRIPT: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+";
 /// Client events waiting for their publish; more are dropped (and counted).
 const OUTBOX_CAPACITY: usize = 4_096;
 /// Channel queries in flight at once; more are refused with 503.
@@ -103,6 +124,8 @@ enum Message {
     },
     /// `node` (re)joined the bus: every other node announces its presence members again.
     Sync { node: String },
+    /// A waiting-room message (`room::sync`), opaque to the bus.
+    Room { node: String, body: String },
     Query { from: String, id: u64, app: String, filter: ChannelFilter },
     Reply { node: String, id: u64, channels: Vec<ChannelReport> },
 }
@@ -116,6 +139,9 @@ struct Metrics {
     reconnects: metrics::Counter,
     query_timeouts: metrics::Counter,
 }
+
+/// Receives the waiting-room messages of other nodes.
+pub type RoomHandler = Box<dyn Fn(&str) + Send + Sync>;
 
 /// A message waiting in the outbox: an event to number, or a message published as it is.
 enum Outgoing {
@@ -139,10 +165,20 @@ pub struct Cluster {
     client: redis::Client,
     commands: tokio::sync::Mutex<Option<MultiplexedConnection>>,
     script: redis::Script,
+    lease: redis::Script,
+    release: redis::Script,
     outbox: mpsc::Sender<Outgoing>,
     outbox_rx: Mutex<Option<mpsc::Receiver<Outgoing>>>,
     /// Nodes whose presence members this node holds: forgotten when their heartbeat stops.
     known_nodes: Mutex<HashSet<String>>,
+    lease_key: String,
+    /// Until when (ms, wall clock) this node holds the admission lease: a margin inside the
+    /// lease's expiry in Redis, so a node never believes it leads after another took over.
+    leading_until: std::sync::atomic::AtomicI64,
+    /// Counts this node's acquisitions of the lease, so the admission driver can tell a fresh
+    /// term (its rooms' state must be reloaded from the store) from a continuing one.
+    terms: AtomicU64,
+    room_handler: Mutex<Option<RoomHandler>>,
     pending: Mutex<HashMap<u64, PendingQuery>>,
     next_query: AtomicU64,
     subscribed: AtomicBool,
@@ -165,9 +201,15 @@ impl Cluster {
             client,
             commands: tokio::sync::Mutex::new(None),
             script: redis::Script::new(PUBLISH_SCRIPT),
+            lease: redis::Script::new(LEASE_SCRIPT),
+            release: redis::Script::new(RELEASE_SCRIPT),
             outbox,
             outbox_rx: Mutex::new(Some(outbox_rx)),
             known_nodes: Mutex::new(HashSet::new()),
+            lease_key: format!("{prefix}:lease:rooms"),
+            leading_until: std::sync::atomic::AtomicI64::new(0),
+            terms: AtomicU64::new(0),
+            room_handler: Mutex::new(None),
             pending: Mutex::new(HashMap::new()),
             next_query: AtomicU64::new(1),
             subscribed: AtomicBool::new(false),
@@ -192,6 +234,27 @@ impl Cluster {
     /// elsewhere do not reach its clients (`/readyz` says so).
     pub fn is_connected(&self) -> bool {
         self.subscribed.load(Ordering::Acquire)
+    }
+
+    /// Whether this node drives the waiting rooms' admission now (holds the lease).
+    pub fn is_leader(&self) -> bool {
+        now_ms() < self.leading_until.load(Ordering::Acquire)
+    }
+
+    /// How many times this node has taken the lease (a new term starts from the store).
+    pub fn term(&self) -> u64 {
+        self.terms.load(Ordering::Acquire)
+    }
+
+    /// Where waiting-room messages from other nodes go.
+    pub fn on_room_message(&self, handler: RoomHandler) {
+        *self.room_handler.lock() = Some(handler);
+    }
+
+    /// Sends a waiting-room message to every other node, in order with this node's others.
+    pub fn send_room_message(&self, body: String) {
+        let message = Message::Room { node: self.node.clone(), body };
+        self.enqueue(Outgoing::Plain(format!("0 {}", encode(&message))));
     }
 
     /// Starts the subscriber, the client-event publisher and the heartbeat; they stop when
@@ -334,7 +397,9 @@ impl Cluster {
         if let Some(c) = &*slot {
             return Ok(c.clone());
         }
-        let c = tokio::time::timeout(CALL_TIMEOUT, self.client.get_multiplexed_async_connection())
+        // Every call has this module's timeout (`timed`); redis-rs's own, shorter one is off.
+        let config = redis::AsyncConnectionConfig::new().set_connection_timeout(Some(CALL_TIMEOUT)).set_response_timeout(None);
+        let c = tokio::time::timeout(CALL_TIMEOUT, self.client.get_multiplexed_async_connection_with_config(&config))
             .await
             .map_err(|_| ClusterError::Timeout(CALL_TIMEOUT))??;
         *slot = Some(c.clone());
@@ -430,6 +495,13 @@ impl Cluster {
                     self.announce_members(rt);
                 }
             }
+            Message::Room { node, body } => {
+                if node != self.node {
+                    if let Some(handler) = &*self.room_handler.lock() {
+                        handler(&body);
+                    }
+                }
+            }
             Message::Terminate { app, user_id } => {
                 if let Some(tenant) = rt.tenant_by_id(&app) {
                     tenant.terminate_user(&user_id);
@@ -519,11 +591,17 @@ impl Cluster {
                 let mut pipe = redis::pipe();
                 pipe.cmd("ZADD").arg(&self.nodes_key).arg(now).arg(&self.node).ignore();
                 pipe.cmd("ZREMRANGEBYSCORE").arg(&self.nodes_key).arg("-inf").arg(now - 60_000).ignore();
-                self.timed(pipe.query_async::<()>(&mut c)).await
+                self.timed(pipe.query_async::<()>(&mut c)).await?;
+                let mut lease = self.lease.key(&self.lease_key);
+                lease.arg(&self.node).arg(LEASE_MS);
+                self.timed(lease.invoke_async::<i64>(&mut c)).await
             };
-            if let Err(e) = beat.await {
-                tracing::warn!(error = %e, "cluster: heartbeat failed");
-                continue;
+            match beat.await {
+                Ok(held) => self.renewed(held == 1, now),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cluster: heartbeat failed");
+                    continue;
+                }
             }
             // Members of nodes that stopped beating (crashed, or cut off from Redis) leave.
             let Ok(live) = self.live_nodes().await else { continue };
@@ -537,10 +615,30 @@ impl Cluster {
                 self.forget_nodes(&rt, dead);
             }
         }
-        // Leaving: the others stop waiting for this node's answers at once.
+        // Leaving: the others stop waiting for this node's answers at once, and the next leader
+        // need not wait for the lease to lapse.
+        self.leading_until.store(0, Ordering::Release);
         if let Ok(mut c) = self.commands().await {
             let _ = self.timed(redis::cmd("ZREM").arg(&self.nodes_key).arg(&self.node).query_async::<i64>(&mut c)).await;
+            let mut release = self.release.key(&self.lease_key);
+            release.arg(&self.node);
+            let _ = self.timed(release.invoke_async::<i64>(&mut c)).await;
         }
+    }
+
+    /// Records the outcome of a lease renewal sent at `sent_ms`.
+    fn renewed(&self, held: bool, sent_ms: i64) {
+        let was = self.is_leader();
+        if held {
+            if !was {
+                self.terms.fetch_add(1, Ordering::AcqRel);
+                tracing::info!(node = %self.node, "cluster: this node now drives the waiting rooms");
+            }
+            self.leading_until.store(sent_ms + LEASE_MS - LEASE_MARGIN_MS, Ordering::Release);
+        } else {
+            self.leading_until.store(0, Ordering::Release);
+        }
+        metrics::gauge!("weir_cluster_leader").set(if held { 1.0 } else { 0.0 });
     }
 }
 

@@ -220,6 +220,11 @@ impl Realtime {
         }
     }
 
+    /// The cluster this node is part of, if any.
+    pub fn cluster(&self) -> Option<&Arc<Cluster>> {
+        self.cluster.as_ref()
+    }
+
     /// Whether this node receives the other nodes' events (always, without a cluster).
     pub fn cluster_connected(&self) -> Option<bool> {
         self.cluster.as_ref().map(|c| c.is_connected())
@@ -271,7 +276,7 @@ impl Realtime {
         self.all_tenants().iter().map(|t| t.connection_count()).sum()
     }
 
-    fn all_tenants(&self) -> Vec<Arc<Tenant>> {
+    pub(crate) fn all_tenants(&self) -> Vec<Arc<Tenant>> {
         let r = self.registry.read();
         r.by_key.values().cloned().collect()
     }

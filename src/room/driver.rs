@@ -41,6 +41,8 @@ pub fn spawn(rooms: Arc<Rooms>, realtime: Arc<Realtime>, shutdown: CancellationT
         let mut last = Instant::now();
         let mut n: u64 = 0;
         let mut announced = std::collections::HashMap::new();
+        // The lease term the rooms were last reloaded for (cluster only).
+        let mut term = 0;
         loop {
             tokio::select! {
                 _ = interval.tick() => {}
@@ -64,7 +66,11 @@ pub fn spawn(rooms: Arc<Rooms>, realtime: Arc<Realtime>, shutdown: CancellationT
             }
             // Counters are announced below, not by `tick`: a change made on a tick between two
             // announcements must still go out (trailing edge), not wait for the next change.
-            if let Err(e) = tick(&rooms, &realtime, elapsed).await {
+            let stepped = match &rooms.sync {
+                None => tick(&rooms, &realtime, elapsed).await,
+                Some(sync) => cluster_tick(&rooms, &realtime, sync, &mut term, elapsed, n).await,
+            };
+            if let Err(e) = stepped {
                 tracing::warn!(error = %e, "admission tick failed; will retry");
             }
             if n % PUBLISH_EVERY == 0 {
@@ -89,6 +95,37 @@ fn inputs(room: &Room, now_ms: i64, elapsed: Duration) -> Inputs {
     }
 }
 
+/// Ticks between a follower's checks of the serving counter in the store (5 s): it follows the
+/// leader's steps as they come, this only repairs one it missed.
+const FOLLOWER_CHECK_EVERY: u64 = 50;
+
+/// A tick of a cluster node: the lease holder steps every room (reloading them from the store
+/// when its term begins); every node sends what its visitors showed (`sync`).
+async fn cluster_tick(rooms: &Rooms, realtime: &Realtime, sync: &super::sync::RoomSync, term: &mut u64, elapsed: Duration, n: u64) -> Result<(), ApiError> {
+    if n % (super::sync::SEEN_EVERY.as_millis() / TICK.as_millis()).max(1) as u64 == 0 {
+        sync.send_seen(rooms);
+    }
+    if !sync.leading() {
+        if n % FOLLOWER_CHECK_EVERY == 0 {
+            for room in rooms.all() {
+                let counters = rooms.store.counters(&room.id).await?;
+                let mut engine = room.engine.lock();
+                engine.note_last_ticket(counters.last_ticket, rooms.clock.now_ms());
+                engine.follow_serving(counters.serving);
+            }
+        }
+        return Ok(());
+    }
+    if sync.term() != *term {
+        super::sync::begin_term(rooms).await?;
+        *term = sync.term();
+    }
+    for room in rooms.all() {
+        super::sync::refresh_last_ticket(rooms, &room).await?;
+    }
+    tick(rooms, realtime, elapsed).await
+}
+
 /// One admission step for every room (broadcasts are left to `announce`, which coalesces them).
 pub async fn tick(rooms: &Rooms, realtime: &Realtime, elapsed: Duration) -> Result<(), ApiError> {
     let now_ms = rooms.clock.now_ms();
@@ -100,6 +137,9 @@ pub async fn tick(rooms: &Rooms, realtime: &Realtime, elapsed: Duration) -> Resu
         let step = room.engine.lock().plan(&input);
         metrics::gauge!("weir_room_queue_length", "room" => room.id.clone()).set(room.engine.lock().queue_length() as f64);
         if step.is_empty() {
+            if rooms.sync.is_some() {
+                room.unsent_elapsed_ms.fetch_add(input.elapsed.as_millis() as u64, std::sync::atomic::Ordering::Relaxed);
+            }
             room.engine.lock().commit(step, &input);
         } else {
             planned.push((room, guard, input, step));
@@ -126,6 +166,9 @@ pub async fn tick(rooms: &Rooms, realtime: &Realtime, elapsed: Duration) -> Resu
     for (room, _guard, input, step) in planned {
         let admitted = step.admissions() as u64;
         let skipped = step.skipped.len() as u64;
+        if let Some(sync) = &rooms.sync {
+            sync.step_committed(&room, &step, &input);
+        }
         room.engine.lock().commit(step, &input);
         if admitted > 0 {
             room.record_admitted(now_s, admitted);

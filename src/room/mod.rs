@@ -11,6 +11,7 @@ pub mod model;
 pub mod policy;
 pub mod queue;
 pub mod routes;
+pub mod sync;
 pub mod token;
 pub mod visitor;
 
@@ -79,6 +80,9 @@ pub struct Room {
     entries_total: metrics::Counter,
     /// Visitor cookies already checked (status polls present the same cookie again and again).
     checked_cookies: visitor::CheckedCookies,
+    /// In a cluster: the time the leader's empty steps covered since the last step it sent, so
+    /// the followers' measured rate averages over the same time as the leader's.
+    unsent_elapsed_ms: std::sync::atomic::AtomicU64,
 }
 
 /// Live statistics reported by the admin API, the CLI and metrics.
@@ -120,6 +124,7 @@ impl Room {
             admitted_window: Mutex::new(MinuteWindow::default()),
             entries_window: Mutex::new(MinuteWindow::default()),
             checked_cookies: visitor::CheckedCookies::default(),
+            unsent_elapsed_ms: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -287,15 +292,26 @@ pub struct Rooms {
     /// Proxies whose client-IP header is believed (`trusted_proxies` in the config).
     pub trusted_proxies: Vec<policy::abuse::Cidr>,
     pub client_ip_header: String,
+    /// In a cluster: the link to the other nodes' rooms (`sync`).
+    pub sync: Option<sync::RoomSync>,
 }
 
 impl Rooms {
-    pub async fn load(store: Arc<dyn Store>, clock: Arc<dyn Clock>, secrets: &Secrets, config: &Config) -> Result<Arc<Self>, StoreError> {
+    pub async fn load(
+        store: Arc<dyn Store>,
+        clock: Arc<dyn Clock>,
+        secrets: &Secrets,
+        config: &Config,
+        cluster: Option<Arc<crate::realtime::cluster::Cluster>>,
+    ) -> Result<Arc<Self>, StoreError> {
         let keys = KeyRing::load(store.clone(), clock.clone(), config.public_url(), config.token_ttl_seconds).await?;
         let mut rooms = FastMap::default();
         for (id, bytes) in store.list(Table::Rooms).await? {
             let spec: RoomSpec = serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt(format!("room {id}: {e}")))?;
-            let engine = restore_engine(store.as_ref(), &id, clock.now_ms()).await?;
+            let mut engine = restore_engine(store.as_ref(), &id, clock.now_ms()).await?;
+            if cluster.is_some() {
+                engine.log_for_cluster();
+            }
             rooms.insert(id, Arc::new(Room::new(spec, engine)));
         }
         Ok(Arc::new(Rooms {
@@ -309,7 +325,43 @@ impl Rooms {
             public_url: config.public_url(),
             trusted_proxies: config.trusted_proxies.iter().filter_map(|c| policy::abuse::Cidr::parse(c)).collect(),
             client_ip_header: config.client_ip_header.to_ascii_lowercase(),
+            sync: cluster.map(sync::RoomSync::new),
         }))
+    }
+
+    /// Adds a room this node learnt of (`sync`).
+    fn insert(&self, room: Arc<Room>) {
+        if self.sync.is_some() {
+            room.engine.lock().log_for_cluster();
+        }
+        self.rooms.write().insert(room.id.clone(), room);
+        self.created.notify_one();
+    }
+
+    /// Drops a room deleted elsewhere (`sync`).
+    fn forget(&self, id: &str) {
+        self.rooms.write().remove(id);
+        metrics::gauge!("weir_room_queue_length", "room" => id.to_string()).set(0.0);
+    }
+
+    fn announce_change(&self, id: &str) {
+        if let Some(sync) = &self.sync {
+            sync.room_changed(id);
+        }
+    }
+
+    /// Whether this node admits visitors now: always alone, the lease holder in a cluster.
+    pub fn drives_admission(&self) -> bool {
+        self.sync.as_ref().is_none_or(sync::RoomSync::leading)
+    }
+
+    /// Rotates the signing keys (and has the other nodes of a cluster reload them).
+    pub async fn rotate_keys(&self) -> Result<String, StoreError> {
+        let kid = self.keys.rotate().await?;
+        if let Some(sync) = &self.sync {
+            sync.keys_rotated();
+        }
+        Ok(kid)
     }
 
     pub fn get(&self, id: &str) -> Option<Arc<Room>> {
@@ -338,14 +390,22 @@ impl Rooms {
         // A previous room of this id may have left a queue behind.
         self.store.delete_queue(&spec.id).await?;
         let room = Arc::new(Room::new(spec, Engine::default()));
-        self.rooms.write().insert(room.id.clone(), room.clone());
-        self.created.notify_one();
+        self.insert(room.clone());
+        self.announce_change(&room.id);
         Ok(room)
     }
 
     pub async fn update(&self, room: &Room, spec: RoomSpec) -> Result<(), ApiError> {
         let bytes = serde_json::to_vec(&spec).map_err(|e| ApiError::internal(e.to_string()))?;
         self.store.put(Table::Rooms, &spec.id, bytes).await?;
+        let id = spec.id.clone();
+        self.apply_spec(room, spec);
+        self.announce_change(&id);
+        Ok(())
+    }
+
+    /// Puts a (stored) definition in force on this node.
+    fn apply_spec(&self, room: &Room, spec: RoomSpec) {
         {
             let mut adaptive = room.adaptive.lock();
             match (&spec.adaptive, adaptive.as_ref()) {
@@ -355,16 +415,15 @@ impl Rooms {
             }
         }
         *room.spec.write() = Arc::new(spec);
-        Ok(())
     }
 
     pub async fn delete(&self, id: &str) -> Result<(), ApiError> {
         if !self.store.delete(Table::Rooms, id).await? {
             return Err(ApiError::not_found(format!("no room {id:?}")));
         }
-        self.rooms.write().remove(id);
+        self.forget(id);
         self.store.delete_queue(id).await?;
-        metrics::gauge!("weir_room_queue_length", "room" => id.to_string()).set(0.0);
+        self.announce_change(id);
         Ok(())
     }
 
@@ -391,7 +450,8 @@ impl Rooms {
         let within_rate = (arrivals as f64) <= room.effective_rate();
         let active = room.engine.lock().active_users(now, spec.session_seconds);
         let within_cap = spec.max_active_users.is_none_or(|m| active < m);
-        if !(within_rate && within_cap) {
+        // In a cluster only the leader admits; the next tick takes this visitor.
+        if !(within_rate && within_cap && self.drives_admission()) {
             return Ok(false);
         }
         let _guard = room.stepping.lock().await;
@@ -414,6 +474,9 @@ impl Rooms {
                 ..Default::default()
             }])
             .await?;
+        if let Some(sync) = &self.sync {
+            sync.step_committed(room, &step, &input);
+        }
         room.engine.lock().commit(step, &input);
         room.record_admitted(now.div_euclid(1000), 1);
         metrics::counter!("weir_room_admitted_total", "room" => room.id.clone()).increment(1);
@@ -428,6 +491,11 @@ impl Rooms {
 
     /// Ends the session of the visitor holding `ticket` (the origin's checkout/logout), durably.
     pub async fn end_session(&self, room: &Room, ticket: u64) -> Result<bool, ApiError> {
+        if let Some(sync) = self.sync.as_ref().filter(|s| !s.leading()) {
+            // The leader persists sessions; this node forgets it at once and tells it.
+            sync.end_session(&room.id, ticket);
+            return Ok(room.engine.lock().end_session(ticket));
+        }
         let _guard = room.stepping.lock().await;
         if !room.engine.lock().end_session(ticket) {
             return Ok(false);
@@ -443,8 +511,15 @@ impl Rooms {
     /// The visitor's cookie for `room`, if present and genuine for this generation of the room.
     pub fn recognise(&self, room: &Room, raw: Option<&[u8]>) -> Option<VisitorCookie> {
         let cookie = self.cookies.decode_remembered(&room.id, raw?, &room.checked_cookies)?;
-        (cookie.generation == room.spec().created_at_ms && cookie.ticket >= 1 && cookie.ticket <= room.last_ticket())
-            .then_some(cookie)
+        if cookie.generation != room.spec().created_at_ms || cookie.ticket < 1 {
+            return None;
+        }
+        if cookie.ticket > room.last_ticket() {
+            // In a cluster another node may have issued it: the signed cookie vouches for it.
+            self.sync.as_ref()?;
+            room.engine.lock().on_entry(cookie.ticket, self.clock.now_ms());
+        }
+        Some(cookie)
     }
 
     /// Where an admitted visitor goes: the origin (plus deep link) with the token appended.
@@ -530,11 +605,7 @@ impl Rooms {
 /// Rebuilds a room's engine from the store: counters, pre-queue order, skips, sessions.
 async fn restore_engine(store: &dyn Store, room: &str, now_ms: i64) -> Result<Engine, StoreError> {
     let counters = store.counters(room).await?;
-    let order: Vec<u32> = store
-        .get(Table::Meta, &order_key(room))
-        .await?
-        .map(|b| b.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
-        .unwrap_or_default();
+    let order = stored_order(store, room).await?.unwrap_or_default();
     let sessions: Vec<u64> = store
         .get(Table::Meta, &sessions_key(room))
         .await?
@@ -542,6 +613,12 @@ async fn restore_engine(store: &dyn Store, room: &str, now_ms: i64) -> Result<En
         .unwrap_or_default();
     let skipped = store.skipped(room).await?;
     Ok(Engine::restore(&counters, order, skipped, sessions, now_ms))
+}
+
+/// A scheduled room's pre-queue order, once its start shuffled it.
+async fn stored_order(store: &dyn Store, room: &str) -> Result<Option<Vec<u32>>, StoreError> {
+    let bytes = store.get(Table::Meta, &order_key(room)).await?;
+    Ok(bytes.map(|b| b.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()))
 }
 
 #[cfg(test)]

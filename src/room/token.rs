@@ -136,7 +136,14 @@ impl KeyRing {
         };
         ring.reload().await?;
         if ring.keys.read().is_empty() {
-            ring.rotate().await?;
+            // Nodes of a cluster starting together: the first key stored is everyone's.
+            let key = SigningKey::generate(ring.clock.now_secs())?;
+            let bytes = serde_json::to_vec(&[&key.stored]).map_err(|e| StoreError::Backend(e.to_string()))?;
+            if ring.store.insert_new(Table::Meta, META_KEY, bytes).await? {
+                *ring.keys.write() = vec![Arc::new(key)];
+            } else {
+                ring.reload().await?;
+            }
         }
         Ok(ring)
     }

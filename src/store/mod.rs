@@ -2,13 +2,14 @@
 //! store (rooms, apps, secrets, serialized by their owners) and one method per queue step that
 //! must be atomic across a cluster (issue a ticket, advance the serving counter).
 //!
-//! `redb.rs` is the default, embedded implementation. A Redis implementation plugs in behind the
-//! same trait; the room and realtime logic never see which one runs.
+//! `redb.rs` is the default, embedded implementation; `redis.rs` lets several nodes share one
+//! Redis behind the same trait. The room and realtime logic never see which one runs.
 
 pub mod legacy_journals;
 pub mod pacing;
 pub mod ranges;
 pub mod redb;
+pub mod redis;
 
 use async_trait::async_trait;
 

@@ -55,6 +55,13 @@ pub struct Step {
 }
 
 impl Step {
+    /// A step decided elsewhere (the cluster's leader), to commit as it is.
+    pub fn decided(serving: u64, skipped: Vec<u64>, readmitted: Vec<u64>, admitted: Vec<u64>, expired_sessions: Vec<u64>) -> Self {
+        Step { serving, skipped, readmitted, admitted, expired_sessions, ..Default::default() }
+    }
+    pub fn expired_sessions(&self) -> &[u64] {
+        &self.expired_sessions
+    }
     pub fn is_empty(&self) -> bool {
         self.skipped.is_empty() && self.readmitted.is_empty() && self.admitted.is_empty() && self.expired_sessions.is_empty()
     }
@@ -86,6 +93,28 @@ pub struct Engine {
     /// Moving average of admissions per minute.
     measured_per_minute: f64,
     metered: bool,
+    /// In a cluster: what this node saw, for the other nodes (`room::sync`).
+    logs: Option<Box<Logs>>,
+}
+
+/// Tickets seen and sessions active on this node since the last batch went to the others.
+#[derive(Debug, Default, Clone)]
+struct Logs {
+    seen: Vec<Sighting>,
+    active: Vec<Sighting>,
+}
+
+/// A ticket and when (ms) it was seen, or its session active.
+pub type Sighting = (u64, i64);
+
+/// Most tickets a log keeps between two batches (a batch goes every half second); more are
+/// not recorded, and a visitor polling again is logged in the next batch.
+const MAX_LOGGED: usize = 200_000;
+
+fn log(list: &mut Vec<Sighting>, ticket: u64, at_ms: i64) {
+    if list.len() < MAX_LOGGED {
+        list.push((ticket, at_ms));
+    }
 }
 
 /// A census of the waiting line (computed by a scan every few seconds, not per request).
@@ -208,8 +237,17 @@ impl Engine {
 
     /// The visitor holding `ticket` showed it is still there (status call, open connection).
     pub fn seen(&mut self, ticket: u64, now_ms: i64) {
+        if let Some(logs) = &mut self.logs {
+            log(&mut logs.seen, ticket, now_ms);
+        }
+        self.seen_elsewhere(ticket, now_ms);
+    }
+
+    /// [`seen`](Self::seen) at `now_ms`, on this node or another of the cluster (a sighting
+    /// reported late never moves the last one back).
+    pub fn seen_elsewhere(&mut self, ticket: u64, now_ms: i64) {
         if let Some(slot) = self.last_seen.get_mut((ticket as usize).wrapping_sub(1)) {
-            *slot = (now_ms / 1000).max(0) as u32;
+            *slot = (*slot).max((now_ms / 1000).max(0) as u32);
         }
         if self.skipped.contains(&ticket) && !self.returners.contains(&ticket) {
             self.returners.push_back(ticket);
@@ -254,9 +292,54 @@ impl Engine {
 
     /// Activity of an admitted visitor (forward-auth check, proxied request): extends its session.
     pub fn activity(&mut self, ticket: u64, now_ms: i64) {
-        if self.is_admitted(ticket) {
-            self.sessions.insert(ticket, now_ms);
+        if let Some(logs) = &mut self.logs {
+            log(&mut logs.active, ticket, now_ms);
         }
+        self.active_elsewhere(ticket, now_ms);
+    }
+
+    /// [`activity`](Self::activity) on another node of the cluster.
+    pub fn active_elsewhere(&mut self, ticket: u64, now_ms: i64) {
+        if self.is_admitted(ticket) {
+            let last = self.sessions.entry(ticket).or_insert(now_ms);
+            *last = (*last).max(now_ms);
+        }
+    }
+
+    /// Starts logging what this node sees, for the other nodes of a cluster.
+    pub fn log_for_cluster(&mut self) {
+        self.logs.get_or_insert_with(Box::default);
+    }
+
+    /// The tickets seen and the sessions active since the last call, with when (ms).
+    pub fn take_logs(&mut self) -> (Vec<Sighting>, Vec<Sighting>) {
+        match &mut self.logs {
+            Some(logs) => (std::mem::take(&mut logs.seen), std::mem::take(&mut logs.active)),
+            None => (Vec::new(), Vec::new()),
+        }
+    }
+
+    /// Keeps logging (and what is logged but unsent) across a reload of the engine.
+    pub fn carry_logs_from(&mut self, before: &Engine) {
+        self.logs = before.logs.clone();
+    }
+
+    /// Tickets up to `last` were issued (on any node); the ones new here entered just now.
+    pub fn note_last_ticket(&mut self, last: u64, now_ms: i64) {
+        let before = self.last_ticket;
+        if last <= before {
+            return;
+        }
+        self.last_ticket = last;
+        self.last_seen.resize(last as usize, 0);
+        for t in before + 1..=last {
+            self.seen_elsewhere(t, now_ms);
+        }
+    }
+
+    /// A follower catching up with the serving counter it read from the store.
+    pub fn follow_serving(&mut self, serving: u64) {
+        self.serving = self.serving.max(serving.min(self.last_ticket));
     }
 
     /// The origin ended this visitor's session: its slot frees now. Returns whether it existed.

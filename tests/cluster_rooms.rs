@@ -1,0 +1,215 @@
+//! Waiting rooms across nodes: two weir nodes in this process share one real `redis-server`
+//! (store, admission lease, room messages). Every node serves every visitor request; one
+//! node at a time admits.
+
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
+mod support;
+#[path = "support/redis.rs"]
+mod redis;
+
+use std::time::Duration;
+
+use redis::Redis;
+use reqwest::Method;
+use serde_json::{json, Value};
+use support::{eventually, TestApp, Visitor};
+use weir::clock::ManualClock;
+
+const ORIGIN: &str = "http://127.0.0.1:9/shop";
+const WAIT: Duration = Duration::from_secs(10);
+
+async fn node(redis: &Redis, clock: Option<&ManualClock>) -> TestApp {
+    // Every node of a cluster is reached at one public URL (the tokens' issuer).
+    let mut builder = TestApp::builder().config(|c| {
+        c.cluster.redis_url = Some(redis.url());
+        c.public_url = Some("http://weir.test".into());
+    });
+    if let Some(clock) = clock {
+        builder = builder.manual_clock(clock.clone());
+    }
+    let app = builder.start().await;
+    eventually(WAIT, || async {
+        let r = app.http.get(app.url("/readyz")).send().await.ok()?;
+        (r.status() == 200).then_some(())
+    })
+    .await;
+    app
+}
+
+async fn is_leader(app: &TestApp) -> bool {
+    let v: Value = app.http.get(app.url("/readyz")).send().await.unwrap().json().await.unwrap();
+    v["leader"] == true
+}
+
+/// The two nodes, leader first, once one of them holds the lease.
+async fn by_role<'a>(a: &'a TestApp, b: &'a TestApp) -> (&'a TestApp, &'a TestApp) {
+    eventually(WAIT, || async {
+        match (is_leader(a).await, is_leader(b).await) {
+            (true, false) => Some((a, b)),
+            (false, true) => Some((b, a)),
+            _ => None,
+        }
+    })
+    .await
+}
+
+async fn patch(app: &TestApp, room: &str, body: Value) {
+    let r = app.admin(Method::PATCH, &format!("/rooms/{room}")).json(&body).send().await.unwrap();
+    assert_eq!(r.status(), 200, "patch {body}");
+}
+
+/// A visitor of `app` who later asks another node (its cookies go along).
+fn on(visitor: &Visitor, app: &TestApp) -> Visitor {
+    Visitor { base: app.base.clone(), ..visitor.clone() }
+}
+
+/// Waits until `app` knows room `id`.
+async fn knows_room(app: &TestApp, id: &str) {
+    eventually(WAIT, || async {
+        let r = app.admin(Method::GET, &format!("/rooms/{id}")).send().await.ok()?;
+        (r.status() == 200).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn tickets_positions_and_admissions_are_the_same_on_every_node() {
+    let redis = Redis::start();
+    let (a, b) = (node(&redis, None).await, node(&redis, None).await);
+    let (leader, follower) = by_role(&a, &b).await;
+    follower.create_room(json!({"id": "drop", "origin": ORIGIN, "rate_per_minute": 600, "state": "paused"})).await;
+    knows_room(leader, "drop").await;
+
+    // Tickets are issued in arrival order whichever node a visitor reaches.
+    let mut visitors = Vec::new();
+    for (i, app) in [&a, &b, &a, &b].into_iter().enumerate() {
+        let mut v = app.visitor();
+        let s = v.enter("drop").await;
+        assert_eq!(s["ticket"], i as u64 + 1);
+        visitors.push(v);
+    }
+    // Each node answers for every visitor, from the cookie another node set.
+    for (i, v) in visitors.iter().enumerate() {
+        for app in [&a, &b] {
+            let s = on(v, app).status("drop").await;
+            assert_eq!((s["ticket"].as_u64(), s["position"].as_u64()), (Some(i as u64 + 1), Some(i as u64)), "{s}");
+        }
+    }
+    // Opened on the follower; the leader admits; every node tells the visitors so.
+    patch(follower, "drop", json!({"state": "open"})).await;
+    for v in &visitors {
+        on(v, follower).wait_admitted("drop", WAIT).await;
+    }
+    let last = on(&visitors[3], leader).wait_admitted("drop", WAIT).await;
+    // The admission token one node issued verifies on the other (shared signing keys).
+    let token = support::token_from_redirect(last["redirect_url"].as_str().unwrap());
+    let r = follower.http.post(follower.url("/api/v1/verify")).json(&json!({"token": token, "room": "drop"})).send().await.unwrap();
+    let verdict: Value = r.json().await.unwrap();
+    assert_eq!(verdict["valid"], true, "{verdict}");
+    for app in [&a, &b] {
+        let stats = eventually(WAIT, || async {
+            let s = app.room("drop").await["stats"].clone();
+            (s["serving"] == 4).then_some(s)
+        })
+        .await;
+        assert_eq!((stats["last_ticket"].as_u64(), stats["queue_length"].as_u64()), (Some(4), Some(0)));
+        // The follower counts the admissions from the leader's steps, as the leader does.
+        assert_eq!(stats["admitted_last_minute"], 4, "{stats}");
+    }
+}
+
+#[tokio::test]
+async fn when_the_leader_stops_another_node_takes_over_admission() {
+    let redis = Redis::start();
+    let (a, b) = (node(&redis, None).await, node(&redis, None).await);
+    let leader_is_a = by_role(&a, &b).await.0.addr == a.addr;
+    let (leader, follower) = if leader_is_a { (a, b) } else { (b, a) };
+    leader.create_room(json!({"id": "relay", "origin": ORIGIN, "rate_per_minute": 600})).await;
+    knows_room(&follower, "relay").await;
+    let mut first = follower.visitor();
+    first.enter("relay").await;
+    first.wait_admitted("relay", WAIT).await;
+
+    leader.stop().await;
+    eventually(WAIT, || async { is_leader(&follower).await.then_some(()) }).await;
+    let mut second = follower.visitor();
+    assert_eq!(second.enter("relay").await["ticket"], 2, "numbering continues");
+    second.wait_admitted("relay", WAIT).await;
+}
+
+#[tokio::test]
+async fn a_session_ended_on_a_follower_frees_its_slot() {
+    let redis = Redis::start();
+    let (a, b) = (node(&redis, None).await, node(&redis, None).await);
+    let (leader, follower) = by_role(&a, &b).await;
+    leader.create_room(json!({"id": "cap", "origin": ORIGIN, "rate_per_minute": 6000, "max_active_users": 1})).await;
+    knows_room(follower, "cap").await;
+    let mut first = follower.visitor();
+    first.enter("cap").await;
+    let admitted = first.wait_admitted("cap", WAIT).await;
+    let mut second = follower.visitor();
+    second.enter("cap").await;
+    assert_eq!(second.status("cap").await["admitted"], false, "the cap holds the second visitor");
+
+    let token = support::token_from_redirect(admitted["redirect_url"].as_str().unwrap());
+    let r = follower.http.post(follower.url("/api/v1/sessions/end")).json(&json!({"token": token})).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    second.wait_admitted("cap", WAIT).await;
+}
+
+#[tokio::test]
+async fn visitors_seen_only_by_a_follower_are_not_skipped_as_gone() {
+    let clock = ManualClock::at(1_900_000_000_000);
+    let redis = Redis::start();
+    let (a, b) = (node(&redis, Some(&clock)).await, node(&redis, Some(&clock)).await);
+    let (leader, follower) = by_role(&a, &b).await;
+    leader.create_room(json!({"id": "ab", "origin": ORIGIN, "rate_per_minute": 0, "abandon_after_seconds": 60})).await;
+    knows_room(follower, "ab").await;
+    let mut gone = follower.visitor();
+    gone.enter("ab").await;
+    let mut here = follower.visitor();
+    here.enter("ab").await;
+    // The leader reads new tickets from the store each tick (they count as seen on entry).
+    eventually(WAIT, || async { (leader.room("ab").await["stats"]["last_ticket"] == 2).then_some(()) }).await;
+    clock.advance_ms(120_000);
+    here.status("ab").await; // seen by the follower alone
+    // The leader counts it live once the follower's batch of visitors seen has reached it.
+    eventually(WAIT, || async {
+        let s = leader.room("ab").await["stats"].clone();
+        (s["live_waiters"] == 1).then_some(())
+    })
+    .await;
+    patch(follower, "ab", json!({"rate_per_minute": 600000})).await;
+    here.wait_admitted("ab", WAIT).await;
+    let stats = eventually(WAIT, || async {
+        let s = leader.room("ab").await["stats"].clone();
+        (s["serving"] == 2).then_some(s)
+    })
+    .await;
+    assert_eq!(stats["abandoned"], 1, "the visitor nobody saw was skipped: {stats}");
+    assert_eq!(gone.status("ab").await["admitted"], false);
+}
+
+#[tokio::test]
+async fn a_rotated_key_and_a_deleted_room_reach_every_node() {
+    let redis = Redis::start();
+    let (a, b) = (node(&redis, None).await, node(&redis, None).await);
+    let r = a.admin(Method::POST, "/keys/rotate").send().await.unwrap();
+    let kid = r.json::<Value>().await.unwrap()["kid"].as_str().unwrap().to_string();
+    eventually(WAIT, || async {
+        let jwks: Value = b.http.get(b.url("/.well-known/jwks.json")).send().await.ok()?.json().await.ok()?;
+        jwks["keys"].as_array()?.iter().any(|k| k["kid"] == kid.as_str()).then_some(())
+    })
+    .await;
+
+    a.create_room(json!({"id": "gone", "origin": ORIGIN, "rate_per_minute": 60})).await;
+    knows_room(&b, "gone").await;
+    assert_eq!(b.admin(Method::DELETE, "/rooms/gone").send().await.unwrap().status(), 204);
+    eventually(WAIT, || async {
+        let r = a.admin(Method::GET, "/rooms/gone").send().await.ok()?;
+        (r.status() == 404).then_some(())
+    })
+    .await;
+    assert_eq!(a.visitor().get("/r/gone", true).await.status(), 404);
+}
