@@ -5,6 +5,8 @@
 #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
 mod support;
+#[path = "support/realtime.rs"]
+mod rt;
 #[path = "support/redis.rs"]
 mod redis;
 
@@ -212,4 +214,68 @@ async fn a_rotated_key_and_a_deleted_room_reach_every_node() {
     })
     .await;
     assert_eq!(a.visitor().get("/r/gone", true).await.status(), 404);
+}
+
+/// `weir serve` processes of one cluster, so that one can be killed with SIGKILL.
+fn process_node(redis: &Redis, dir: &tempfile::TempDir) -> support::Binary {
+    let url = redis.url();
+    support::Binary::serve(dir.path(), &[("WEIR_CLUSTER_REDIS_URL", url.as_str()), ("WEIR_PUBLIC_URL", "http://weir.test")])
+}
+
+async fn ready_as(http: &reqwest::Client, base: &str) -> Value {
+    eventually(WAIT, || async {
+        let r = http.get(format!("{base}/readyz")).send().await.ok()?;
+        (r.status() == 200).then_some(())
+    })
+    .await;
+    http.get(format!("{base}/readyz")).send().await.unwrap().json().await.unwrap()
+}
+
+#[tokio::test]
+async fn a_killed_leader_is_replaced_and_its_presence_members_leave() {
+    let redis = Redis::start();
+    let (dir1, dir2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let http = support::no_redirect_client();
+    let first = process_node(&redis, &dir1);
+    assert_eq!(ready_as(&http, &first.base).await["leader"], true, "the first node takes the lease");
+    let second = process_node(&redis, &dir2);
+    assert_eq!(ready_as(&http, &second.base).await["leader"], false);
+    let admin = |base: &str, method: Method, path: &str| http.request(method, format!("{base}/api/v1{path}")).bearer_auth(support::ADMIN_KEY);
+
+    // An app created through one node's admin API serves on the other.
+    let app: Value = admin(&second.base, Method::POST, "/apps").json(&json!({})).send().await.unwrap().json().await.unwrap();
+    let creds = rt::Creds {
+        id: app["id"].as_str().unwrap().into(),
+        key: app["key"].as_str().unwrap().into(),
+        secret: app["secret"].as_str().unwrap().into(),
+    };
+    eventually(WAIT, || async {
+        let r = admin(&first.base, Method::GET, &format!("/apps/{}", creds.id)).send().await.ok()?;
+        (r.status() == 200).then_some(())
+    })
+    .await;
+    let mut doomed = rt::Ws::connect_to(first.addr, &creds.key).await;
+    doomed.subscribe_presence(&creds, "presence-hall", "doomed").await;
+    let mut watcher = rt::Ws::connect_to(second.addr, &creds.key).await;
+    let sub = watcher.subscribe_presence(&creds, "presence-hall", "watcher").await;
+    assert_eq!(rt::data(&sub)["presence"]["count"], 2);
+
+    let r = admin(&second.base, Method::POST, "/rooms").json(&json!({"id": "relay", "origin": ORIGIN, "rate_per_minute": 600})).send().await.unwrap();
+    assert_eq!(r.status(), 201);
+    let mut before = Visitor { base: second.base.clone(), cookies: Vec::new(), http: http.clone() };
+    before.enter("relay").await;
+    before.wait_admitted("relay", WAIT).await;
+
+    first.kill9();
+    // No goodbye from the killed node: its heartbeat and its lease run out.
+    let gone = watcher.recv_event("pusher_internal:member_removed").await;
+    assert_eq!(rt::data(&gone)["user_id"], "doomed");
+    eventually(WAIT, || async {
+        let v: Value = http.get(format!("{}/readyz", second.base)).send().await.ok()?.json().await.ok()?;
+        (v["leader"] == true).then_some(())
+    })
+    .await;
+    let mut after = Visitor { base: second.base.clone(), cookies: Vec::new(), http: http.clone() };
+    assert_eq!(after.enter("relay").await["ticket"], 2);
+    after.wait_admitted("relay", WAIT).await;
 }

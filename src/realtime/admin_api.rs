@@ -17,7 +17,7 @@ use super::tenant::Tenant;
 use super::{Realtime, INTERNAL_APP_KEY};
 use crate::error::{ApiError, ApiPath};
 use crate::http::AppState;
-use crate::store::Table;
+use crate::store::{StoreError, Table};
 
 /// An app definition is well under 8 KiB; 64 KiB leaves room for webhooks lists.
 const BODY_LIMIT: usize = 64 * 1024;
@@ -131,6 +131,7 @@ async fn patch(State(state): State<AppState>, ApiPath(id): ApiPath<String>, body
     let raw = serde_json::to_vec(&spec).map_err(|e| ApiError::internal(e.to_string()))?;
     rt.store.put(Table::Apps, &id, raw).await?;
     tenant.update(spec.clone(), &rt.hooks);
+    rt.announce_app(&id);
     Ok(Json(spec))
 }
 
@@ -149,6 +150,7 @@ async fn delete(State(state): State<AppState>, ApiPath(id): ApiPath<String>) -> 
         reg.by_key.remove(&tenant.spec().key);
     }
     tenant.close_all(super::protocol::code::APP_NOT_FOUND, "app deleted");
+    rt.announce_app(&id);
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -172,10 +174,51 @@ impl Realtime {
         if !self.store.insert_new(Table::Apps, &spec.id, raw).await? {
             return Err(ApiError::conflict(format!("an app with id {} exists", spec.id)));
         }
+        self.register(spec.clone());
+        self.announce_app(&spec.id);
+        Ok(())
+    }
+
+    fn register(&self, spec: AppSpec) {
         let t = Tenant::new(spec.clone(), false, self.serials.clone(), &self.hooks, self.cluster.clone());
         let mut reg = self.registry.write();
         reg.by_id.insert(spec.id.clone(), t.clone());
-        reg.by_key.insert(spec.key.clone(), t);
+        reg.by_key.insert(spec.key, t);
+    }
+
+    fn announce_app(&self, id: &str) {
+        if let Some(cluster) = &self.cluster {
+            cluster.app_changed(id);
+        }
+    }
+
+    /// Brings this node's copy of app `id` in line with the store (another node of the cluster
+    /// created, changed or deleted it). Apps of the config file are left as they are.
+    pub(crate) async fn reload_app(&self, id: &str) -> Result<(), StoreError> {
+        let _guard = self.admin_lock.lock().await;
+        if self.config_ids.contains(id) {
+            return Ok(());
+        }
+        let stored = match self.store.get(Table::Apps, id).await? {
+            Some(raw) => Some(serde_json::from_slice::<AppSpec>(&raw).map_err(|e| StoreError::Corrupt(format!("app {id}: {e}")))?),
+            None => None,
+        };
+        let current = self.tenant_by_id(id);
+        match (stored, current) {
+            (Some(spec), Some(tenant)) if tenant.spec().key == spec.key => tenant.update(spec, &self.hooks),
+            (stored, current) => {
+                if let Some(tenant) = current {
+                    let mut reg = self.registry.write();
+                    reg.by_id.remove(id);
+                    reg.by_key.remove(&tenant.spec().key);
+                    drop(reg);
+                    tenant.close_all(super::protocol::code::APP_NOT_FOUND, "app deleted");
+                }
+                if let Some(spec) = stored.filter(|s| self.tenant_by_key(&s.key).is_none()) {
+                    self.register(spec);
+                }
+            }
+        }
         Ok(())
     }
 }

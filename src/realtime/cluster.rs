@@ -126,6 +126,8 @@ enum Message {
     Sync { node: String },
     /// A waiting-room message (`room::sync`), opaque to the bus.
     Room { node: String, body: String },
+    /// App `id` was created, changed or deleted through `node`'s admin API: reload it.
+    App { node: String, id: String },
     Query { from: String, id: u64, app: String, filter: ChannelFilter },
     Reply { node: String, id: u64, channels: Vec<ChannelReport> },
 }
@@ -249,6 +251,12 @@ impl Cluster {
     /// Where waiting-room messages from other nodes go.
     pub fn on_room_message(&self, handler: RoomHandler) {
         *self.room_handler.lock() = Some(handler);
+    }
+
+    /// Has the other nodes reload app `id` from the store (created, changed or deleted here).
+    pub fn app_changed(&self, id: &str) {
+        let message = Message::App { node: self.node.clone(), id: id.into() };
+        self.enqueue(Outgoing::Plain(format!("0 {}", encode(&message))));
     }
 
     /// Sends a waiting-room message to every other node, in order with this node's others.
@@ -493,6 +501,16 @@ impl Cluster {
             Message::Sync { node } => {
                 if node != self.node {
                     self.announce_members(rt);
+                }
+            }
+            Message::App { node, id } => {
+                if node != self.node {
+                    let rt = rt.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = rt.reload_app(&id).await {
+                            tracing::warn!(app = %id, error = %e, "cluster: an app changed elsewhere was not reloaded");
+                        }
+                    });
                 }
             }
             Message::Room { node, body } => {

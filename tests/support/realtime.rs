@@ -51,7 +51,13 @@ pub struct Ws {
 
 impl Ws {
     pub async fn connect(app: &TestApp, key: &str) -> Ws {
-        let mut ws = Ws { inner: raw(app, &format!("/app/{key}?protocol=7&client=js&version=8.4.0")).await, socket_id: String::new() };
+        Self::connect_to(app.addr, key).await
+    }
+
+    /// [`connect`](Self::connect) to a server at `addr` (a `Binary`, say).
+    pub async fn connect_to(addr: std::net::SocketAddr, key: &str) -> Ws {
+        let url = format!("ws://{addr}/app/{key}?protocol=7&client=js&version=8.4.0");
+        let mut ws = Ws { inner: tokio_tungstenite::connect_async(url).await.unwrap().0, socket_id: String::new() };
         let est = ws.recv_event("pusher:connection_established").await;
         let data: Value = serde_json::from_str(est["data"].as_str().expect("data is a string")).unwrap();
         ws.socket_id = data["socket_id"].as_str().unwrap().to_string();
