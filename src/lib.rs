@@ -8,7 +8,8 @@
 //! - [`config`]: one `Config` from defaults, file, `WEIR_*` env and flags; validated at startup.
 //! - [`error`]: `ApiError`, the single JSON error shape, and extractors that keep it.
 //! - [`store`]: the `Store` trait, the only door to durable state; `store::redb` embeds it
-//!   (documents, counters and reserved ticket ranges in redb, written through one group-committing thread).
+//!   (documents, counters and reserved ticket ranges in redb, written through one group-committing thread);
+//!   `store::redis` shares it between the nodes of a cluster.
 //! - [`secrets`]: admin key and cookie key, generated on first start and persisted.
 //! - [`room`]: rooms, the durable queue, the admission driver, visitor cookies, tokens;
 //!   `room::policy` holds the admission engine (ranks, skips, sessions, pre-queue shuffle),
@@ -20,8 +21,10 @@
 //!   script and its caching (`web::assets`). The waiting page is a realtime client: it
 //!   subscribes to `room-{id}` on the internal app and computes its position locally.
 //! - [`realtime`]: the Pusher-protocol server (apps, WebSocket, channels, HTTP API, webhooks);
-//!   `realtime::cluster` carries events, client events, presence, channel queries and
-//!   terminations between nodes through Redis when `cluster.redis_url` is set.
+//!   `realtime::cluster` is a cluster's bus through Redis (when `cluster.redis_url` is set):
+//!   events, client events, presence, channel queries, terminations, app changes, node
+//!   heartbeats and the admission lease; `room::sync` carries the waiting rooms' messages on it
+//!   (the leader's steps, the visitors each node saw, room and key changes).
 //! - [`admin`]: the `/api/v1` admin API (bearer admin key) and the `weir` CLI that drives it.
 //! - [`limits`]: load shedding (an in-flight bound per route group, refusing with a
 //!   pre-serialized 503; a refused connection is held unread briefly, up to nearly its
@@ -62,6 +65,10 @@
 //!    `weir_token` cookie.
 //! 5. The origin verifies offline with `/.well-known/jwks.json`, online with
 //!    `POST /api/v1/verify`, or lets its proxy ask `GET /auth/{room}` (forward auth).
+//!
+//! In a cluster every node answers steps 1, 3, 4 and 5 from its own engine and the shared Redis
+//! store (tickets come from one counter there); step 2 runs only on the node holding the
+//! admission lease, which sends each committed step to the others (`room::sync`).
 //!
 //! Realtime: a publish (`POST /apps/{id}/events`) → `realtime` fan-out serializes the frame once
 //! and pushes the shared bytes onto each subscriber's bounded outbox (in the order they
