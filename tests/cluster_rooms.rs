@@ -285,3 +285,22 @@ async fn a_killed_leader_is_replaced_and_its_presence_members_leave() {
     assert_eq!(after.enter("relay").await["ticket"], 2);
     after.wait_admitted("relay", WAIT).await;
 }
+
+#[tokio::test]
+async fn without_redis_a_new_visitor_is_told_to_retry_and_a_waiting_one_is_still_answered() {
+    let redis = Redis::start();
+    let a = node(&redis, None).await;
+    a.create_room(json!({"id": "down", "origin": ORIGIN, "rate_per_minute": 0})).await;
+    let mut first = a.visitor();
+    assert_eq!(first.enter("down").await["ticket"], 1);
+    redis.stop();
+
+    let r = a.visitor().get("/r/down", true).await;
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.headers()["retry-after"], "1");
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "unavailable");
+    // A visitor who already holds a ticket is still answered from memory.
+    assert_eq!(first.status("down").await["position"], 0);
+    assert_eq!(a.http.get(a.url("/readyz")).send().await.unwrap().status(), 503);
+}
