@@ -214,6 +214,17 @@ async fn without_redis_a_publish_is_refused_clearly_and_the_node_is_not_ready_un
     ws.subscribe("x").await;
     api.trigger("x", "e", "back").await;
     assert_eq!(ws.recv_event("e").await["data"], "back");
+
+    // That Redis came back empty: the node gave it its signing keys again, so a node started now
+    // verifies the tokens the first one signs.
+    let jwks = |app: &TestApp| {
+        let url = app.url("/.well-known/jwks.json");
+        let http = app.http.clone();
+        async move { http.get(url).send().await.unwrap().json::<Value>().await.unwrap()["keys"].clone() }
+    };
+    let before = jwks(&a).await;
+    let b = node(&_redis).await;
+    assert_eq!(jwks(&b).await, before);
 }
 
 fn presence_ids(sub: &Value) -> Vec<String> {

@@ -243,7 +243,9 @@ async fn a_killed_leader_is_replaced_and_its_presence_members_leave() {
     let admin = |base: &str, method: Method, path: &str| http.request(method, format!("{base}/api/v1{path}")).bearer_auth(support::ADMIN_KEY);
 
     // An app created through one node's admin API serves on the other.
-    let app: Value = admin(&second.base, Method::POST, "/apps").json(&json!({})).send().await.unwrap().json().await.unwrap();
+    let (hook_url, hooks) = rt::webhook_receiver(0).await;
+    let settings = json!({"webhooks": [{"url": hook_url, "event_types": ["member_removed"]}]});
+    let app: Value = admin(&second.base, Method::POST, "/apps").json(&settings).send().await.unwrap().json().await.unwrap();
     let creds = rt::Creds {
         id: app["id"].as_str().unwrap().into(),
         key: app["key"].as_str().unwrap().into(),
@@ -276,6 +278,14 @@ async fn a_killed_leader_is_replaced_and_its_presence_members_leave() {
     // No goodbye from the killed node: its heartbeat and its lease run out.
     let gone = watcher.recv_event("pusher_internal:member_removed").await;
     assert_eq!(rt::data(&gone)["user_id"], "doomed");
+    // The killed node could not send the webhook; the node that took over did, once.
+    let removed = eventually(WAIT, || async {
+        let bodies: Vec<Value> = hooks.lock().iter().map(|(_, b)| serde_json::from_str(b).unwrap()).collect();
+        let events: Vec<Value> = bodies.iter().flat_map(|b| b["events"].as_array().cloned().unwrap_or_default()).collect();
+        (!events.is_empty()).then_some(events)
+    })
+    .await;
+    assert_eq!(removed, [json!({"name": "member_removed", "channel": "presence-hall", "user_id": "doomed"})]);
     eventually(WAIT, || async {
         let v: Value = http.get(format!("{}/readyz", second.base)).send().await.ok()?.json().await.ok()?;
         (v["leader"] == true).then_some(())

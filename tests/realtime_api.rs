@@ -7,10 +7,8 @@ mod support;
 #[path = "support/realtime.rs"]
 mod rt;
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use parking_lot::Mutex;
 use rt::{create_app, data, Api, Creds, Ws};
 use serde_json::{json, Value};
 use support::TestApp;
@@ -270,36 +268,10 @@ async fn resume_fails_clearly_when_history_is_too_short() {
     assert!(data(&failed)["earliest"].as_u64().unwrap() > last);
 }
 
-/// A tiny webhook receiver: answers 500 to the first `fail_first` requests, then 200.
-async fn receiver(fail_first: usize) -> (String, Arc<Mutex<Vec<(axum::http::HeaderMap, String)>>>) {
-    use axum::routing::post;
-    let seen: Arc<Mutex<Vec<(axum::http::HeaderMap, String)>>> = Arc::default();
-    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let s = seen.clone();
-    let router = axum::Router::new().route(
-        "/hook",
-        post(move |headers: axum::http::HeaderMap, body: String| {
-            let s = s.clone();
-            let calls = calls.clone();
-            async move {
-                if calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < fail_first {
-                    return axum::http::StatusCode::INTERNAL_SERVER_ERROR;
-                }
-                s.lock().push((headers, body));
-                axum::http::StatusCode::OK
-            }
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/hook", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
-    (url, seen)
-}
-
 #[tokio::test]
 async fn webhooks_are_signed_batched_and_retried() {
     let app = TestApp::start().await;
-    let (url, seen) = receiver(1).await;
+    let (url, seen) = rt::webhook_receiver(1).await;
     let c = create_app(&app, json!({"client_events": true, "webhooks": [{"url": url}]})).await;
     let mut a = Ws::connect(&app, &c.key).await;
     let mut b = Ws::connect(&app, &c.key).await;

@@ -13,7 +13,7 @@ pub async fn healthz() -> Json<serde_json::Value> {
 }
 
 pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<serde_json::Value>) {
-    let store = state.store.is_ready();
+    let store = state.store.is_ready() || state.store.check().await.is_ok();
     let draining = state.shutdown.is_cancelled();
     let cluster = state.realtime.cluster_connected();
     let ready = store && !draining && cluster != Some(false);

@@ -39,8 +39,10 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(2);
 const QUERY_TIMEOUT: Duration = Duration::from_secs(1);
 /// How often a node renews its heartbeat.
 const HEARTBEAT: Duration = Duration::from_secs(1);
-/// A node whose heartbeat is older than this is not waited for.
-const NODE_TTL_MS: i64 = 3_000;
+/// A node whose heartbeat is older than this is gone: not waited for, its presence members
+/// dropped. A second longer than the lease, so that a leader that died has been replaced by then
+/// and the new one sends the webhooks of the members the dead one took away.
+const NODE_TTL_MS: i64 = LEASE_MS + 1_000;
 /// The admission lease's lifetime in Redis; renewed every heartbeat.
 const LEASE_MS: i64 = 3_000;
 /// A leader stops admitting this long before its lease could have expired in Redis.
@@ -142,8 +144,16 @@ struct Metrics {
     query_timeouts: metrics::Counter,
 }
 
-/// Receives the waiting-room messages of other nodes.
-pub type RoomHandler = Box<dyn Fn(&str) + Send + Sync>;
+/// What the bus hands the waiting rooms (`room::sync`).
+pub enum RoomEvent<'a> {
+    /// A message from another node.
+    Message(&'a str),
+    /// This node (re)joined the bus: whatever was sent meanwhile is lost.
+    Rejoined,
+}
+
+/// Receives the waiting rooms' events.
+pub type RoomHandler = Box<dyn Fn(RoomEvent<'_>) + Send + Sync>;
 
 /// A message waiting in the outbox: an event to number, or a message published as it is.
 enum Outgoing {
@@ -437,9 +447,12 @@ impl Cluster {
                         // What other nodes' members did while this node was away is unknown:
                         // start over from their announcements.
                         if let Some(rt) = realtime.upgrade() {
-                            self.forget_nodes(&rt, self.known_nodes.lock().drain().collect());
+                            self.forget_nodes(&rt, self.known_nodes.lock().drain().collect(), false);
                         }
                         self.enqueue(Outgoing::Plain(format!("0 {}", encode(&Message::Sync { node: self.node.clone() }))));
+                        if let Some(handler) = &*self.room_handler.lock() {
+                            handler(RoomEvent::Rejoined);
+                        }
                         let mut messages = pubsub.into_on_message();
                         loop {
                             let message = tokio::select! {
@@ -516,7 +529,7 @@ impl Cluster {
             Message::Room { node, body } => {
                 if node != self.node {
                     if let Some(handler) = &*self.room_handler.lock() {
-                        handler(&body);
+                        handler(RoomEvent::Message(&body));
                     }
                 }
             }
@@ -564,10 +577,13 @@ impl Cluster {
         }
     }
 
-    fn forget_nodes(&self, rt: &Realtime, nodes: Vec<String>) {
+    /// Forgets the presence members of `nodes`. `gone`: their heartbeat stopped, so they cannot
+    /// send the `member_removed` webhooks; the leader (one node, so each goes once) does.
+    fn forget_nodes(&self, rt: &Realtime, nodes: Vec<String>, gone: bool) {
+        let webhooks = gone && self.is_leader();
         for node in nodes {
             for tenant in rt.all_tenants() {
-                tenant.forget_node(&node);
+                tenant.forget_node(&node, webhooks);
             }
         }
     }
@@ -630,7 +646,7 @@ impl Cluster {
                 dead
             };
             if let Some(rt) = realtime.upgrade() {
-                self.forget_nodes(&rt, dead);
+                self.forget_nodes(&rt, dead, true);
             }
         }
         // Leaving: the others stop waiting for this node's answers at once, and the next leader

@@ -503,17 +503,25 @@ impl Tenant {
         }
     }
 
-    /// Forgets the members of a node that left the cluster, announcing the users it took away.
-    pub fn forget_node(&self, node: &str) {
-        let mut guard = self.channels.lock();
-        for (name, ch) in guard.map.iter_mut() {
-            for user in ch.presence.forget_node(node) {
-                let frame = member_frame(name, &user, None);
-                for sub in ch.subscribers.values() {
-                    sub.conn.send(&frame);
+    /// Forgets the members of `node`, announcing the users it took away; `webhooks`: also send
+    /// their `member_removed` webhooks (the node is gone and cannot).
+    pub fn forget_node(&self, node: &str, webhooks: bool) {
+        let mut hooks = Vec::new();
+        {
+            let mut guard = self.channels.lock();
+            for (name, ch) in guard.map.iter_mut() {
+                for user in ch.presence.forget_node(node) {
+                    let frame = member_frame(name, &user, None);
+                    for sub in ch.subscribers.values() {
+                        sub.conn.send(&frame);
+                    }
+                    if webhooks {
+                        hooks.push(json!({ "name": "member_removed", "channel": name, "user_id": user }));
+                    }
                 }
             }
         }
+        self.webhook_all(hooks);
     }
 
     /// This node's presence members as (channel, user id, info), for a node that joins late.

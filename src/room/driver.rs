@@ -117,7 +117,7 @@ async fn cluster_tick(rooms: &Rooms, realtime: &Realtime, sync: &super::sync::Ro
         return Ok(());
     }
     if sync.term() != *term {
-        super::sync::begin_term(rooms).await?;
+        super::sync::reload_engines(rooms).await?;
         *term = sync.term();
     }
     for room in rooms.all() {

@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use super::policy::engine::{Inputs, Sighting, Step};
 use super::{restore_engine, Room, Rooms};
-use crate::realtime::cluster::Cluster;
+use crate::realtime::cluster::{Cluster, RoomEvent};
 use crate::realtime::Realtime;
 use crate::store::Table;
 
@@ -78,11 +78,21 @@ impl RoomSync {
 
     /// Receives the other nodes' room messages from now on.
     pub fn listen(&self, rooms: Weak<Rooms>, realtime: Weak<Realtime>) {
-        self.cluster.on_room_message(Box::new(move |body| {
+        self.cluster.on_room_message(Box::new(move |event| {
             let (Some(rooms), Some(realtime)) = (rooms.upgrade(), realtime.upgrade()) else { return };
-            match serde_json::from_str::<RoomMessage>(body) {
-                Ok(message) => receive(&rooms, &realtime, message),
-                Err(e) => tracing::warn!(error = %e, "cluster: unreadable room message; ignored"),
+            match event {
+                RoomEvent::Message(body) => match serde_json::from_str::<RoomMessage>(body) {
+                    Ok(message) => receive(&rooms, &realtime, message),
+                    Err(e) => tracing::warn!(error = %e, "cluster: unreadable room message; ignored"),
+                },
+                // Messages sent while this node was away are lost: start over from the store.
+                RoomEvent::Rejoined => {
+                    tokio::spawn(async move {
+                        if let Err(e) = resync(&rooms, &realtime).await {
+                            tracing::warn!(error = %e, "cluster: rooms not reloaded after rejoining");
+                        }
+                    });
+                }
             }
         }));
     }
@@ -229,9 +239,25 @@ async fn reload_room(rooms: &Rooms, realtime: &Realtime, id: &str) -> Result<(),
     Ok(())
 }
 
+/// Brings every room and the keys in line with the store.
+async fn resync(rooms: &Rooms, realtime: &Realtime) -> Result<(), crate::store::StoreError> {
+    let stored: Vec<String> = rooms.store.list(Table::Rooms).await?.into_iter().map(|(id, _)| id).collect();
+    for room in rooms.all() {
+        if !stored.contains(&room.id) {
+            rooms.forget(&room.id);
+        }
+    }
+    for id in &stored {
+        reload_room(rooms, realtime, id).await?;
+    }
+    // Steps sent meanwhile are lost too: every engine starts over from the store.
+    reload_engines(rooms).await?;
+    rooms.keys.reload().await
+}
+
 /// Reloads every room's engine from the store: a node that takes the lease starts its term from
 /// what the previous leader persisted, not from the steps it happened to hear.
-pub async fn begin_term(rooms: &Rooms) -> Result<(), crate::store::StoreError> {
+pub async fn reload_engines(rooms: &Rooms) -> Result<(), crate::store::StoreError> {
     for room in rooms.all() {
         let _guard = room.stepping.lock().await;
         let mut engine = restore_engine(rooms.store.as_ref(), &room.id, rooms.clock.now_ms()).await?;

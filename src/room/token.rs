@@ -62,7 +62,7 @@ impl Rejection {
     }
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 struct StoredKey {
     kid: String,
     pkcs8: String,
@@ -154,6 +154,16 @@ impl KeyRing {
             Some(bytes) => serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt(format!("signing keys: {e}")))?,
             None => Vec::new(),
         };
+        if stored.is_empty() && !self.keys.read().is_empty() {
+            // A store that lost its keys (a Redis restarted without persistence) gets this node's
+            // back, or another node's if it was first: tokens already issued stay verifiable.
+            let mine: Vec<StoredKey> = self.keys.read().iter().map(|k| k.stored.clone()).collect();
+            let bytes = serde_json::to_vec(&mine).map_err(|e| StoreError::Backend(e.to_string()))?;
+            if self.store.insert_new(Table::Meta, META_KEY, bytes).await? {
+                return Ok(());
+            }
+            return Box::pin(self.reload()).await;
+        }
         let keys = stored.into_iter().map(|k| SigningKey::from_stored(k).map(Arc::new)).collect::<Result<Vec<_>, _>>()?;
         *self.keys.write() = keys;
         self.forget_cached();

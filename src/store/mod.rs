@@ -107,6 +107,11 @@ pub trait Store: Send + Sync + 'static {
 
     /// Whether the store can serve requests now.
     fn is_ready(&self) -> bool;
+    /// Asks the backend whether it answers again (after [`is_ready`](Store::is_ready) turned
+    /// false); `/readyz` calls it, so a node that no request touches still recovers.
+    async fn check(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
     /// Makes everything acknowledged so far durable and stops background writers.
     async fn close(&self) -> Result<(), StoreError>;
 }

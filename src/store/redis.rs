@@ -166,27 +166,61 @@ impl RedisStore {
         e
     }
 
+    /// Runs one command on the shared connection (see [`run`](Self::run)).
+    async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, StoreError> {
+        self.run(|mut c| async move { cmd.query_async(&mut c).await }).await
+    }
+
     /// Runs one call on the shared connection with the call timeout; a failure drops that
-    /// connection, so the next call opens a fresh one.
-    async fn call<T, F, Fut>(&self, f: F) -> Result<T, StoreError>
+    /// connection, so the next call opens a fresh one. A call that found its connection already
+    /// dropped (Redis restarted since the last call) never reached Redis: it is tried once more
+    /// on a fresh connection instead of failing a request that Redis can serve.
+    async fn run<T, F, Fut>(&self, f: F) -> Result<T, StoreError>
     where
-        F: FnOnce(MultiplexedConnection) -> Fut,
+        F: Fn(MultiplexedConnection) -> Fut,
         Fut: std::future::Future<Output = redis::RedisResult<T>>,
     {
-        let (generation, c) = self.connection().await?;
-        let error = match tokio::time::timeout(CALL_TIMEOUT, f(c)).await {
+        match self.attempt(&f).await {
+            Err(Attempt::Dropped(_)) => self.attempt(&f).await.map_err(Attempt::into_error),
+            other => other.map_err(Attempt::into_error),
+        }
+    }
+
+    async fn attempt<T, F, Fut>(&self, f: &F) -> Result<T, Attempt>
+    where
+        F: Fn(MultiplexedConnection) -> Fut,
+        Fut: std::future::Future<Output = redis::RedisResult<T>>,
+    {
+        let (generation, c) = self.connection().await.map_err(Attempt::Failed)?;
+        let (dropped, error) = match tokio::time::timeout(CALL_TIMEOUT, f(c)).await {
             Ok(Ok(v)) => {
                 self.ready.store(true, Ordering::Release);
                 return Ok(v);
             }
-            Ok(Err(e)) => backend(e),
-            Err(_) => backend(format!("Redis did not answer within {CALL_TIMEOUT:?}")),
+            Ok(Err(e)) => (e.is_connection_dropped(), backend(e)),
+            Err(_) => (false, backend(format!("Redis did not answer within {CALL_TIMEOUT:?}"))),
         };
         let mut slot = self.connection.lock().await;
         if slot.as_ref().is_some_and(|(g, _)| *g == generation) {
             *slot = None;
         }
-        Err(self.failed(error))
+        drop(slot);
+        let error = self.failed(error);
+        Err(if dropped { Attempt::Dropped(error) } else { Attempt::Failed(error) })
+    }
+}
+
+/// How a call failed: on a connection found dropped (worth one more try), or otherwise.
+enum Attempt {
+    Dropped(StoreError),
+    Failed(StoreError),
+}
+
+impl Attempt {
+    fn into_error(self) -> StoreError {
+        match self {
+            Attempt::Dropped(e) | Attempt::Failed(e) => e,
+        }
     }
 }
 
@@ -194,43 +228,41 @@ impl RedisStore {
 impl Store for RedisStore {
     async fn get(&self, table: Table, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         let hash = self.doc_key(table);
-        self.call(|mut c| async move { redis::cmd("HGET").arg(hash).arg(key).query_async(&mut c).await }).await
+        self.query(redis::cmd("HGET").arg(hash).arg(key)).await
     }
 
     async fn put(&self, table: Table, key: &str, value: Vec<u8>) -> Result<(), StoreError> {
         let hash = self.doc_key(table);
-        self.call(|mut c| async move { redis::cmd("HSET").arg(hash).arg(key).arg(value).query_async::<u64>(&mut c).await })
-            .await
-            .map(|_| ())
+        self.query::<u64>(redis::cmd("HSET").arg(hash).arg(key).arg(value)).await.map(|_| ())
     }
 
     async fn insert_new(&self, table: Table, key: &str, value: Vec<u8>) -> Result<bool, StoreError> {
         let hash = self.doc_key(table);
-        self.call(|mut c| async move { redis::cmd("HSETNX").arg(hash).arg(key).arg(value).query_async(&mut c).await }).await
+        self.query(redis::cmd("HSETNX").arg(hash).arg(key).arg(value)).await
     }
 
     async fn delete(&self, table: Table, key: &str) -> Result<bool, StoreError> {
         let hash = self.doc_key(table);
-        self.call(|mut c| async move { redis::cmd("HDEL").arg(hash).arg(key).query_async(&mut c).await }).await
+        self.query(redis::cmd("HDEL").arg(hash).arg(key)).await
     }
 
     async fn list(&self, table: Table) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         let hash = self.doc_key(table);
         // Sorted by key, as redb's range scan returns them.
         let docs: BTreeMap<String, Vec<u8>> =
-            self.call(|mut c| async move { redis::cmd("HGETALL").arg(hash).query_async(&mut c).await }).await?;
+            self.query(redis::cmd("HGETALL").arg(hash)).await?;
         Ok(docs.into_iter().collect())
     }
 
     async fn issue_ticket(&self, room: &str) -> Result<u64, StoreError> {
         let queue = self.queue_key(room);
-        self.call(|mut c| async move { redis::cmd("HINCRBY").arg(queue).arg("last").arg(1).query_async(&mut c).await }).await
+        self.query(redis::cmd("HINCRBY").arg(queue).arg("last").arg(1)).await
     }
 
     async fn counters(&self, room: &str) -> Result<QueueCounters, StoreError> {
         let queue = self.queue_key(room);
         let (last, serving): (Option<u64>, Option<u64>) = self
-            .call(|mut c| async move { redis::cmd("HMGET").arg(queue).arg("last").arg("serving").query_async(&mut c).await })
+            .query(redis::cmd("HMGET").arg(queue).arg("last").arg("serving"))
             .await?;
         Ok(QueueCounters { last_ticket: last.unwrap_or(0), serving: serving.unwrap_or(0), unclaimed: (0, 0) })
     }
@@ -263,13 +295,13 @@ impl Store for RedisStore {
             invocation.arg(bytes);
         }
         let invocation = &invocation;
-        self.call(|mut c| async move { invocation.invoke_async::<i64>(&mut c).await }).await.map(|_| ())
+        self.run(|mut c| async move { invocation.invoke_async::<i64>(&mut c).await }).await.map(|_| ())
     }
 
     async fn skipped(&self, room: &str) -> Result<Vec<u64>, StoreError> {
         let set = self.skipped_key(room);
         let mut tickets: Vec<u64> =
-            self.call(|mut c| async move { redis::cmd("SMEMBERS").arg(set).query_async(&mut c).await }).await?;
+            self.query(redis::cmd("SMEMBERS").arg(set)).await?;
         tickets.sort_unstable();
         Ok(tickets)
     }
@@ -280,7 +312,11 @@ impl Store for RedisStore {
             .cmd("DEL").arg(self.queue_key(room)).arg(self.skipped_key(room)).ignore()
             .cmd("HDEL").arg(self.doc_key(Table::Meta)).arg(order_key(room)).arg(sessions_key(room)).ignore();
         let pipe = &pipe;
-        self.call(|mut c| async move { pipe.query_async::<()>(&mut c).await }).await
+        self.run(|mut c| async move { pipe.query_async::<()>(&mut c).await }).await
+    }
+
+    async fn check(&self) -> Result<(), StoreError> {
+        self.query::<()>(&redis::cmd("PING")).await
     }
 
     fn is_ready(&self) -> bool {

@@ -226,3 +226,32 @@ impl Api {
         assert_eq!(r.status(), 200);
     }
 }
+
+/// The webhook requests a [`webhook_receiver`] took: headers and body.
+pub type Hooks = std::sync::Arc<parking_lot::Mutex<Vec<(axum::http::HeaderMap, String)>>>;
+
+/// A tiny webhook receiver: answers 500 to the first `fail_first` requests, then 200.
+pub async fn webhook_receiver(fail_first: usize) -> (String, Hooks) {
+    use axum::routing::post;
+    let seen: Hooks = Hooks::default();
+    let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let s = seen.clone();
+    let router = axum::Router::new().route(
+        "/hook",
+        post(move |headers: axum::http::HeaderMap, body: String| {
+            let s = s.clone();
+            let calls = calls.clone();
+            async move {
+                if calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < fail_first {
+                    return axum::http::StatusCode::INTERNAL_SERVER_ERROR;
+                }
+                s.lock().push((headers, body));
+                axum::http::StatusCode::OK
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    (url, seen)
+}
