@@ -43,6 +43,13 @@ async fn node(redis: &Redis) -> TestApp {
     app
 }
 
+/// A fresh Redis and two nodes on it.
+async fn two_nodes() -> (Redis, TestApp, TestApp) {
+    let redis = Redis::start();
+    let (a, b) = (node(&redis).await, node(&redis).await);
+    (redis, a, b)
+}
+
 /// Waits until every node of `nodes` answers channel queries for all of them: each sees the
 /// others' heartbeats and subscriptions.
 async fn joined(nodes: &[&TestApp], channel: &str, subscriptions: usize) {
@@ -63,8 +70,7 @@ fn serial(v: &Value) -> u64 {
 
 #[tokio::test]
 async fn events_published_on_any_node_reach_every_node_in_one_order_under_one_serial() {
-    let redis = Redis::start();
-    let (a, b) = (node(&redis).await, node(&redis).await);
+    let (_redis, a, b) = two_nodes().await;
     let mut on_a = Ws::connect(&a, &creds().key).await;
     let mut on_b = Ws::connect(&b, &creds().key).await;
     on_a.subscribe("orders").await;
@@ -96,8 +102,7 @@ async fn events_published_on_any_node_reach_every_node_in_one_order_under_one_se
 
 #[tokio::test]
 async fn client_events_cross_nodes_and_skip_their_sender() {
-    let redis = Redis::start();
-    let (a, b) = (node(&redis).await, node(&redis).await);
+    let (_redis, a, b) = two_nodes().await;
     let c = creds();
     let mut on_a = Ws::connect(&a, &c.key).await;
     let mut on_b = Ws::connect(&b, &c.key).await;
@@ -112,8 +117,7 @@ async fn client_events_cross_nodes_and_skip_their_sender() {
 
 #[tokio::test]
 async fn channel_queries_count_every_node_and_a_user_once() {
-    let redis = Redis::start();
-    let (a, b) = (node(&redis).await, node(&redis).await);
+    let (_redis, a, b) = two_nodes().await;
     let c = creds();
     let mut u1_a = Ws::connect(&a, &c.key).await;
     let mut u2_b = Ws::connect(&b, &c.key).await;
@@ -143,8 +147,7 @@ async fn channel_queries_count_every_node_and_a_user_once() {
 
 #[tokio::test]
 async fn terminating_a_user_closes_their_connections_on_every_node() {
-    let redis = Redis::start();
-    let (a, b) = (node(&redis).await, node(&redis).await);
+    let (_redis, a, b) = two_nodes().await;
     let c = creds();
     let mut on_b = Ws::connect(&b, &c.key).await;
     assert_eq!(on_b.signin(&c, "u9").await["event"], "pusher:signin_success");
@@ -156,8 +159,7 @@ async fn terminating_a_user_closes_their_connections_on_every_node() {
 
 #[tokio::test]
 async fn a_client_resumes_on_another_node_from_the_serial_it_saw() {
-    let redis = Redis::start();
-    let (a, b) = (node(&redis).await, node(&redis).await);
+    let (_redis, a, b) = two_nodes().await;
     let c = creds();
     let api = Api::new(&a, &c);
     let mut on_a = Ws::connect(&a, &c.key).await;
@@ -235,8 +237,7 @@ fn presence_ids(sub: &Value) -> Vec<String> {
 
 #[tokio::test]
 async fn presence_members_are_announced_across_nodes_once_per_user() {
-    let redis = Redis::start();
-    let (a, b) = (node(&redis).await, node(&redis).await);
+    let (_redis, a, b) = two_nodes().await;
     let c = creds();
     let mut watcher = Ws::connect(&a, &c.key).await;
     watcher.subscribe_presence(&c, "presence-room", "w").await;

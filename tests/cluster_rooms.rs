@@ -39,6 +39,13 @@ async fn node(redis: &Redis, clock: Option<&ManualClock>) -> TestApp {
     app
 }
 
+/// A fresh Redis and two nodes on it.
+async fn two_nodes() -> (Redis, TestApp, TestApp) {
+    let redis = Redis::start();
+    let (a, b) = (node(&redis, None).await, node(&redis, None).await);
+    (redis, a, b)
+}
+
 async fn is_leader(app: &TestApp) -> bool {
     let v: Value = app.http.get(app.url("/readyz")).send().await.unwrap().json().await.unwrap();
     v["leader"] == true
@@ -77,8 +84,7 @@ async fn knows_room(app: &TestApp, id: &str) {
 
 #[tokio::test]
 async fn tickets_positions_and_admissions_are_the_same_on_every_node() {
-    let redis = Redis::start();
-    let (a, b) = (node(&redis, None).await, node(&redis, None).await);
+    let (_redis, a, b) = two_nodes().await;
     let (leader, follower) = by_role(&a, &b).await;
     follower.create_room(json!({"id": "drop", "origin": ORIGIN, "rate_per_minute": 600, "state": "paused"})).await;
     knows_room(leader, "drop").await;
@@ -123,8 +129,7 @@ async fn tickets_positions_and_admissions_are_the_same_on_every_node() {
 
 #[tokio::test]
 async fn when_the_leader_stops_another_node_takes_over_admission() {
-    let redis = Redis::start();
-    let (a, b) = (node(&redis, None).await, node(&redis, None).await);
+    let (_redis, a, b) = two_nodes().await;
     let leader_is_a = by_role(&a, &b).await.0.addr == a.addr;
     let (leader, follower) = if leader_is_a { (a, b) } else { (b, a) };
     leader.create_room(json!({"id": "relay", "origin": ORIGIN, "rate_per_minute": 600})).await;
@@ -142,8 +147,7 @@ async fn when_the_leader_stops_another_node_takes_over_admission() {
 
 #[tokio::test]
 async fn a_session_ended_on_a_follower_frees_its_slot() {
-    let redis = Redis::start();
-    let (a, b) = (node(&redis, None).await, node(&redis, None).await);
+    let (_redis, a, b) = two_nodes().await;
     let (leader, follower) = by_role(&a, &b).await;
     leader.create_room(json!({"id": "cap", "origin": ORIGIN, "rate_per_minute": 6000, "max_active_users": 1})).await;
     knows_room(follower, "cap").await;
@@ -195,8 +199,7 @@ async fn visitors_seen_only_by_a_follower_are_not_skipped_as_gone() {
 
 #[tokio::test]
 async fn a_rotated_key_and_a_deleted_room_reach_every_node() {
-    let redis = Redis::start();
-    let (a, b) = (node(&redis, None).await, node(&redis, None).await);
+    let (_redis, a, b) = two_nodes().await;
     let r = a.admin(Method::POST, "/keys/rotate").send().await.unwrap();
     let kid = r.json::<Value>().await.unwrap()["kid"].as_str().unwrap().to_string();
     eventually(WAIT, || async {
