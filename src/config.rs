@@ -45,7 +45,7 @@ pub struct Config {
     pub cluster: ClusterConfig,
 }
 
-/// Realtime across nodes (`realtime::cluster`): off unless `redis_url` is set.
+/// Several nodes sharing one Redis (`cluster`, `store::redis`): off unless `redis_url` is set.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ClusterConfig {

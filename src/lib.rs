@@ -20,11 +20,12 @@
 //!   and languages (`web::i18n`), custom room templates (`web::template_api`) and the page
 //!   script and its caching (`web::assets`). The waiting page is a realtime client: it
 //!   subscribes to `room-{id}` on the internal app and computes its position locally.
-//! - [`realtime`]: the Pusher-protocol server (apps, WebSocket, channels, HTTP API, webhooks);
-//!   `realtime::cluster` is a cluster's bus through Redis (when `cluster.redis_url` is set):
-//!   events, client events, presence, channel queries, terminations, app changes, node
-//!   heartbeats and the admission lease; `room::sync` carries the waiting rooms' messages on it
-//!   (the leader's steps, the visitors each node saw, room and key changes).
+//! - [`realtime`]: the Pusher-protocol server (apps, WebSocket, channels, HTTP API, webhooks).
+//! - [`cluster`]: several nodes through Redis (when `cluster.redis_url` is set): the bus carrying
+//!   events, client events, presence, channel queries, terminations and app changes between
+//!   nodes, their heartbeats, and the admission lease (`cluster::lease`); `room::sync` carries
+//!   the waiting rooms' messages on it (the leader's steps, the visitors each node saw, room and
+//!   key changes).
 //! - [`admin`]: the `/api/v1` admin API (bearer admin key) and the `weir` CLI that drives it.
 //! - [`limits`]: load shedding (an in-flight bound per route group, refusing with a
 //!   pre-serialized 503; a refused connection is held unread briefly, up to nearly its
@@ -80,6 +81,7 @@
 
 pub mod admin;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod error;
 pub mod fast_map;

@@ -17,7 +17,6 @@
 
 pub mod admin_api;
 pub mod app;
-pub mod cluster;
 pub mod connection;
 pub mod history;
 pub mod http_api;
@@ -44,7 +43,7 @@ use crate::config::Config;
 use crate::http::AppState;
 use crate::store::{Store, StoreError, Table};
 use crate::error::ApiError;
-use cluster::Cluster;
+use crate::cluster::Cluster;
 use tenant::{ChannelFilter, ChannelReport, Tenant};
 
 /// Key of weir's internal app (waiting-room updates and other events weir emits).

@@ -19,7 +19,7 @@ use serde_json::{json, Value};
 use tokio::time::Instant;
 
 use super::app::AppSpec;
-use super::cluster::Cluster;
+use crate::cluster::Cluster;
 use super::connection::Conn;
 use super::history::History;
 use super::presence::Presence;

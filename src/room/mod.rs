@@ -302,7 +302,7 @@ impl Rooms {
         clock: Arc<dyn Clock>,
         secrets: &Secrets,
         config: &Config,
-        cluster: Option<Arc<crate::realtime::cluster::Cluster>>,
+        cluster: Option<Arc<crate::cluster::Cluster>>,
     ) -> Result<Arc<Self>, StoreError> {
         let keys = KeyRing::load(store.clone(), clock.clone(), config.public_url(), config.token_ttl_seconds).await?;
         let mut rooms = FastMap::default();

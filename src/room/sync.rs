@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use super::policy::engine::{Inputs, Sighting, Step};
 use super::{restore_engine, Room, Rooms};
-use crate::realtime::cluster::{Cluster, RoomEvent};
+use crate::cluster::{Cluster, RoomEvent};
 use crate::realtime::Realtime;
 use crate::store::Table;
 

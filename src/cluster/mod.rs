@@ -1,4 +1,4 @@
-//! Realtime across nodes, through Redis (`cluster.redis_url`).
+//! Several weir nodes through one Redis (`cluster.redis_url`): the bus between them.
 //!
 //! Every event published on any node (HTTP API or client event) goes to one Redis pub/sub
 //! channel, and every node, the publisher's included, fans it out to its own subscribers. A Lua
@@ -14,9 +14,8 @@
 //! What stays per node: the channel webhooks `channel_occupied` and `channel_vacated`, publish
 //! rate limits and weir's internal app.
 //!
-//! Wire format, on `{prefix}:rt` (everyone) and `{prefix}:rt:{node}` (one node's replies):
-//! `"{serial} {json message}"`; the serial is the first channel's (an event to n channels takes
-//! n consecutive serials) and 0 for messages that are not events.
+//! `wire` holds the messages' format, `lease` the admission lease the waiting rooms' leader
+//! holds (`room::sync`).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -26,12 +25,15 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use parking_lot::Mutex;
 use redis::aio::MultiplexedConnection;
-use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use super::tenant::{ChannelReport, ChannelFilter};
-use super::Realtime;
+use crate::realtime::tenant::{ChannelFilter, ChannelReport};
+use crate::realtime::Realtime;
+use wire::{decode, encode, Message, PUBLISH_SCRIPT};
+
+mod lease;
+mod wire;
 
 /// Longest wait for any one Redis call.
 const CALL_TIMEOUT: Duration = Duration::from_secs(2);
@@ -42,50 +44,13 @@ const HEARTBEAT: Duration = Duration::from_secs(1);
 /// A node whose heartbeat is older than this is gone: not waited for, its presence members
 /// dropped. A second longer than the lease, so that a leader that died has been replaced by then
 /// and the new one sends the webhooks of the members the dead one took away.
-const NODE_TTL_MS: i64 = LEASE_MS + 1_000;
-/// The admission lease's lifetime in Redis; renewed every heartbeat.
-const LEASE_MS: i64 = 3_000;
-/// A leader stops admitting this long before its lease could have expired in Redis.
-const LEASE_MARGIN_MS: i64 = 1_000;
-/// Takes the lease when nobody holds it, or renews it for its holder; returns 1 if `ARGV[1]`
-/// holds it now.
-const LEASE_SCRIPT: &str = r"
-local holder = redis.call('GET', KEYS[1])
-if holder == false or holder == ARGV[1] then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return 1
-end
-return 0
-";
-/// Gives the lease up if `ARGV[1]` holds it.
-const RELEASE_SCRIPT: &str = r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
-end
-return 0
-";
+const NODE_TTL_MS: i64 = lease::LEASE_MS + 1_000;
 /// Client events waiting for their publish; more are dropped (and counted).
 const OUTBOX_CAPACITY: usize = 4_096;
 /// Channel queries in flight at once; more are refused with 503.
 const MAX_PENDING_QUERIES: usize = 1_024;
 /// The longest wait before a lost subscription is tried again.
 const MAX_RECONNECT_WAIT: Duration = Duration::from_secs(2);
-
-/// Numbers `n` events (the counter never falls below the wall clock in µs, as a single node's
-/// serials do not, so serials keep increasing when Redis loses its data) and publishes them as
-/// one message prefixed with the first serial.
-const PUBLISH_SCRIPT: &str = r"
-local n = tonumber(ARGV[3])
-local last = redis.call('INCRBY', KEYS[1], n)
-local floor = tonumber(ARGV[2]) + n
-if last < floor then
-  redis.call('SET', KEYS[1], string.format('%.0f', floor))
-  last = floor
-end
-local first = string.format('%.0f', last - n + 1)
-redis.call('PUBLISH', KEYS[2], first .. ' ' .. ARGV[1])
-return first
-";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
@@ -97,41 +62,6 @@ pub enum ClusterError {
     NoAnswer(String),
     #[error("too many channel queries in flight")]
     Busy,
-}
-
-#[derive(Serialize, Deserialize)]
-#[serde(tag = "t", rename_all = "snake_case")]
-enum Message {
-    Event {
-        app: String,
-        channels: Vec<String>,
-        event: String,
-        data: String,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        user_id: Option<String>,
-        /// The socket id the event is not sent to (the sender of a client event, or the
-        /// `socket_id` of an HTTP trigger), on whichever node it is connected.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        except: Option<String>,
-    },
-    Terminate { app: String, user_id: String },
-    /// `user_id` joined (`info`) or left (`None`) presence channel `channel` on `node`.
-    Member {
-        node: String,
-        app: String,
-        channel: String,
-        user_id: String,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        info: Option<serde_json::Value>,
-    },
-    /// `node` (re)joined the bus: every other node announces its presence members again.
-    Sync { node: String },
-    /// A waiting-room message (`room::sync`), opaque to the bus.
-    Room { node: String, body: String },
-    /// App `id` was created, changed or deleted through `node`'s admin API: reload it.
-    App { node: String, id: String },
-    Query { from: String, id: u64, app: String, filter: ChannelFilter },
-    Reply { node: String, id: u64, channels: Vec<ChannelReport> },
 }
 
 struct Metrics {
@@ -177,19 +107,12 @@ pub struct Cluster {
     client: redis::Client,
     commands: tokio::sync::Mutex<Option<MultiplexedConnection>>,
     script: redis::Script,
-    lease: redis::Script,
-    release: redis::Script,
     outbox: mpsc::Sender<Outgoing>,
     outbox_rx: Mutex<Option<mpsc::Receiver<Outgoing>>>,
     /// Nodes whose presence members this node holds: forgotten when their heartbeat stops.
     known_nodes: Mutex<HashSet<String>>,
-    lease_key: String,
-    /// Until when (ms, wall clock) this node holds the admission lease: a margin inside the
-    /// lease's expiry in Redis, so a node never believes it leads after another took over.
-    leading_until: std::sync::atomic::AtomicI64,
-    /// Counts this node's acquisitions of the lease, so the admission driver can tell a fresh
-    /// term (its rooms' state must be reloaded from the store) from a continuing one.
-    terms: AtomicU64,
+    /// The waiting rooms' admission lease, as far as this node holds it.
+    lease: lease::Lease,
     room_handler: Mutex<Option<RoomHandler>>,
     pending: Mutex<HashMap<u64, PendingQuery>>,
     next_query: AtomicU64,
@@ -213,14 +136,10 @@ impl Cluster {
             client,
             commands: tokio::sync::Mutex::new(None),
             script: redis::Script::new(PUBLISH_SCRIPT),
-            lease: redis::Script::new(LEASE_SCRIPT),
-            release: redis::Script::new(RELEASE_SCRIPT),
             outbox,
             outbox_rx: Mutex::new(Some(outbox_rx)),
             known_nodes: Mutex::new(HashSet::new()),
-            lease_key: format!("{prefix}:lease:rooms"),
-            leading_until: std::sync::atomic::AtomicI64::new(0),
-            terms: AtomicU64::new(0),
+            lease: lease::Lease::new(prefix),
             room_handler: Mutex::new(None),
             pending: Mutex::new(HashMap::new()),
             next_query: AtomicU64::new(1),
@@ -250,12 +169,12 @@ impl Cluster {
 
     /// Whether this node drives the waiting rooms' admission now (holds the lease).
     pub fn is_leader(&self) -> bool {
-        now_ms() < self.leading_until.load(Ordering::Acquire)
+        self.lease.is_held()
     }
 
     /// How many times this node has taken the lease (a new term starts from the store).
     pub fn term(&self) -> u64 {
-        self.terms.load(Ordering::Acquire)
+        self.lease.term()
     }
 
     /// Where waiting-room messages from other nodes go.
@@ -626,12 +545,10 @@ impl Cluster {
                 pipe.cmd("ZADD").arg(&self.nodes_key).arg(now).arg(&self.node).ignore();
                 pipe.cmd("ZREMRANGEBYSCORE").arg(&self.nodes_key).arg("-inf").arg(now - 60_000).ignore();
                 self.timed(pipe.query_async::<()>(&mut c)).await?;
-                let mut lease = self.lease.key(&self.lease_key);
-                lease.arg(&self.node).arg(LEASE_MS);
-                self.timed(lease.invoke_async::<i64>(&mut c)).await
+                self.timed(self.lease.renew(&mut c, &self.node)).await
             };
             match beat.await {
-                Ok(held) => self.renewed(held == 1, now),
+                Ok(held) => self.lease.renewed(held, now, &self.node),
                 Err(e) => {
                     tracing::warn!(error = %e, "cluster: heartbeat failed");
                     continue;
@@ -651,67 +568,16 @@ impl Cluster {
         }
         // Leaving: the others stop waiting for this node's answers at once, and the next leader
         // need not wait for the lease to lapse.
-        self.leading_until.store(0, Ordering::Release);
+        self.lease.give_up();
         if let Ok(mut c) = self.commands().await {
             let _ = self.timed(redis::cmd("ZREM").arg(&self.nodes_key).arg(&self.node).query_async::<i64>(&mut c)).await;
-            let mut release = self.release.key(&self.lease_key);
-            release.arg(&self.node);
-            let _ = self.timed(release.invoke_async::<i64>(&mut c)).await;
+            let _ = self.timed(self.lease.release(&mut c, &self.node)).await;
         }
     }
 
-    /// Records the outcome of a lease renewal sent at `sent_ms`.
-    fn renewed(&self, held: bool, sent_ms: i64) {
-        let was = self.is_leader();
-        if held {
-            if !was {
-                self.terms.fetch_add(1, Ordering::AcqRel);
-                tracing::info!(node = %self.node, "cluster: this node now drives the waiting rooms");
-            }
-            self.leading_until.store(sent_ms + LEASE_MS - LEASE_MARGIN_MS, Ordering::Release);
-        } else {
-            self.leading_until.store(0, Ordering::Release);
-        }
-        metrics::gauge!("weir_cluster_leader").set(if held { 1.0 } else { 0.0 });
-    }
-}
-
-fn encode(message: &Message) -> String {
-    serde_json::to_string(message).unwrap_or_default()
-}
-
-fn decode(payload: &[u8]) -> Option<(u64, Message)> {
-    let space = payload.iter().position(|&b| b == b' ')?;
-    let serial = std::str::from_utf8(&payload[..space]).ok()?.parse().ok()?;
-    let message = serde_json::from_slice(&payload[space + 1..]).ok()?;
-    Some((serial, message))
 }
 
 fn now_ms() -> i64 {
     crate::clock::Clock::now_ms(&crate::clock::SystemClock)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn messages_round_trip_with_their_serial() {
-        let m = Message::Event {
-            app: "1".into(),
-            channels: vec!["a".into(), "b".into()],
-            event: "e".into(),
-            data: "{\"x\":1}".into(),
-            user_id: None,
-            except: Some("1.2".into()),
-        };
-        let wire = format!("1796351066852000 {}", encode(&m));
-        let Some((serial, Message::Event { channels, except, .. })) = decode(wire.as_bytes()) else { panic!("not decoded") };
-        assert_eq!(serial, 1_796_351_066_852_000);
-        assert_eq!(channels, ["a", "b"]);
-        assert_eq!(except.as_deref(), Some("1.2"));
-        assert!(decode(b"12").is_none(), "no message");
-        assert!(decode(b"x {}").is_none(), "no serial");
-        assert!(decode(b"1 {\"t\":\"nope\"}").is_none(), "unknown kind");
-    }
-}
