@@ -14,18 +14,18 @@
 //! What stays per node: the channel webhooks `channel_occupied` and `channel_vacated`, publish
 //! rate limits and weir's internal app.
 //!
-//! `wire` holds the messages' format, `lease` the admission lease the waiting rooms' leader
-//! holds (`room::sync`).
+//! `wire` holds the messages' format, `queries` the channel queries awaiting answers, `lease`
+//! the admission lease the waiting rooms' leader holds (`room::sync`).
 
-use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use parking_lot::Mutex;
 use redis::aio::MultiplexedConnection;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::realtime::tenant::{ChannelFilter, ChannelReport};
@@ -33,12 +33,11 @@ use crate::realtime::Realtime;
 use wire::{decode, encode, Message, PUBLISH_SCRIPT};
 
 mod lease;
+mod queries;
 mod wire;
 
 /// Longest wait for any one Redis call.
 const CALL_TIMEOUT: Duration = Duration::from_secs(2);
-/// Longest wait for every live node's answer to a channel query.
-const QUERY_TIMEOUT: Duration = Duration::from_secs(1);
 /// How often a node renews its heartbeat.
 const HEARTBEAT: Duration = Duration::from_secs(1);
 /// A node whose heartbeat is older than this is gone: not waited for, its presence members
@@ -47,8 +46,6 @@ const HEARTBEAT: Duration = Duration::from_secs(1);
 const NODE_TTL_MS: i64 = lease::LEASE_MS + 1_000;
 /// Client events waiting for their publish; more are dropped (and counted).
 const OUTBOX_CAPACITY: usize = 4_096;
-/// Channel queries in flight at once; more are refused with 503.
-const MAX_PENDING_QUERIES: usize = 1_024;
 /// The longest wait before a lost subscription is tried again.
 const MAX_RECONNECT_WAIT: Duration = Duration::from_secs(2);
 
@@ -71,7 +68,6 @@ struct Metrics {
     outbox_depth: metrics::Gauge,
     connected: metrics::Gauge,
     reconnects: metrics::Counter,
-    query_timeouts: metrics::Counter,
 }
 
 /// What the bus hands the waiting rooms (`room::sync`).
@@ -91,13 +87,6 @@ enum Outgoing {
     Plain(String),
 }
 
-/// A channel query waiting for the other nodes' answers.
-struct PendingQuery {
-    waiting_for: HashSet<String>,
-    channels: Vec<ChannelReport>,
-    done: Option<oneshot::Sender<()>>,
-}
-
 pub struct Cluster {
     node: String,
     prefix: String,
@@ -114,8 +103,7 @@ pub struct Cluster {
     /// The waiting rooms' admission lease, as far as this node holds it.
     lease: lease::Lease,
     room_handler: Mutex<Option<RoomHandler>>,
-    pending: Mutex<HashMap<u64, PendingQuery>>,
-    next_query: AtomicU64,
+    queries: queries::Queries,
     subscribed: AtomicBool,
     metrics: Metrics,
 }
@@ -141,8 +129,7 @@ impl Cluster {
             known_nodes: Mutex::new(HashSet::new()),
             lease: lease::Lease::new(prefix),
             room_handler: Mutex::new(None),
-            pending: Mutex::new(HashMap::new()),
-            next_query: AtomicU64::new(1),
+            queries: queries::Queries::new(),
             subscribed: AtomicBool::new(false),
             metrics: Metrics {
                 published: counter("published"),
@@ -151,7 +138,6 @@ impl Cluster {
                 outbox_depth: metrics::gauge!("weir_cluster_outbox_depth"),
                 connected: metrics::gauge!("weir_cluster_connected"),
                 reconnects: metrics::counter!("weir_cluster_reconnects_total"),
-                query_timeouts: metrics::counter!("weir_cluster_query_timeouts_total"),
             },
         }))
     }
@@ -275,30 +261,13 @@ impl Cluster {
         if others.is_empty() {
             return Ok(local);
         }
-        let id = self.next_query.fetch_add(1, Ordering::Relaxed);
-        let (done, answered) = oneshot::channel();
-        {
-            let mut pending = self.pending.lock();
-            if pending.len() >= MAX_PENDING_QUERIES {
-                return Err(ClusterError::Busy);
-            }
-            pending.insert(id, PendingQuery { waiting_for: others, channels: local, done: Some(done) });
-        }
-        let message = Message::Query { from: self.node.clone(), id, app: app.into(), filter };
+        let asked = self.queries.ask(others, local)?;
+        let message = Message::Query { from: self.node.clone(), id: asked.id, app: app.into(), filter };
         if let Err(e) = self.publish_raw(&self.bus, format!("0 {}", encode(&message))).await {
-            self.pending.lock().remove(&id);
+            self.queries.cancel(asked.id);
             return Err(e);
         }
-        let in_time = tokio::time::timeout(QUERY_TIMEOUT, answered).await.is_ok();
-        let Some(query) = self.pending.lock().remove(&id) else {
-            return Ok(Vec::new());
-        };
-        if !in_time {
-            self.metrics.query_timeouts.increment(1);
-            let missing = query.waiting_for.into_iter().next().unwrap_or_default();
-            return Err(ClusterError::NoAnswer(missing));
-        }
-        Ok(query.channels)
+        self.queries.answers(asked).await
     }
 
     /// Nodes whose heartbeat is recent, this one included.
@@ -471,18 +440,7 @@ impl Cluster {
                     }
                 });
             }
-            Message::Reply { node, id, channels } => {
-                let mut pending = self.pending.lock();
-                let Some(query) = pending.get_mut(&id) else { return };
-                if query.waiting_for.remove(&node) {
-                    query.channels.extend(channels);
-                }
-                if query.waiting_for.is_empty() {
-                    if let Some(done) = query.done.take() {
-                        let _ = done.send(());
-                    }
-                }
-            }
+            Message::Reply { node, id, channels } => self.queries.answer(id, &node, channels),
         }
     }
 
