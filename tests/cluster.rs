@@ -35,11 +35,7 @@ async fn node(redis: &Redis) -> TestApp {
         })
         .start()
         .await;
-    eventually(Duration::from_secs(10), || async {
-        let r = app.http.get(app.url("/readyz")).send().await.ok()?;
-        (r.status() == 200).then_some(())
-    })
-    .await;
+    app.ready().await;
     app
 }
 
@@ -207,11 +203,7 @@ async fn without_redis_a_publish_is_refused_clearly_and_the_node_is_not_ready_un
     .await;
 
     let _redis = Redis::start_on(port);
-    eventually(Duration::from_secs(10), || async {
-        let r = a.http.get(a.url("/readyz")).send().await.ok()?;
-        (r.status() == 200).then_some(())
-    })
-    .await;
+    a.ready().await;
     let mut ws = Ws::connect(&a, &c.key).await;
     ws.subscribe("x").await;
     api.trigger("x", "e", "back").await;

@@ -31,11 +31,7 @@ async fn node(redis: &Redis, clock: Option<&ManualClock>) -> TestApp {
         builder = builder.manual_clock(clock.clone());
     }
     let app = builder.start().await;
-    eventually(WAIT, || async {
-        let r = app.http.get(app.url("/readyz")).send().await.ok()?;
-        (r.status() == 200).then_some(())
-    })
-    .await;
+    app.ready().await;
     app
 }
 

@@ -68,6 +68,15 @@ impl TestApp {
         Visitor { base: self.base.clone(), cookies: Vec::new(), http: no_redirect_client() }
     }
 
+    /// Waits until `/readyz` answers 200 (a cluster node: once it receives the other nodes).
+    pub async fn ready(&self) {
+        eventually(Duration::from_secs(10), || async {
+            let r = self.http.get(self.url("/readyz")).send().await.ok()?;
+            (r.status() == 200).then_some(())
+        })
+        .await;
+    }
+
     /// Stops the server (graceful) and waits for it.
     pub async fn stop(mut self) -> tempfile::TempDir {
         self.shutdown.cancel();
