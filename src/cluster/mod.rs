@@ -273,28 +273,40 @@ impl Cluster {
     /// Nodes whose heartbeat is recent, this one included.
     async fn live_nodes(&self) -> Result<HashSet<String>, ClusterError> {
         let since = now_ms() - NODE_TTL_MS;
-        let mut c = self.commands().await?;
-        let nodes: Vec<String> = self
-            .timed(redis::cmd("ZRANGEBYSCORE").arg(&self.nodes_key).arg(since).arg("+inf").query_async(&mut c))
-            .await?;
+        let cmd = redis::cmd("ZRANGEBYSCORE").arg(&self.nodes_key).arg(since).arg("+inf").to_owned();
+        let nodes: Vec<String> = self.retried(|mut c| { let cmd = &cmd; async move { cmd.query_async(&mut c).await } }).await?;
         Ok(nodes.into_iter().collect())
     }
 
     async fn run_script(&self, message: &str, n: usize) -> Result<(), ClusterError> {
-        let mut c = self.commands().await?;
         let floor = now_ms().max(0).saturating_mul(1000);
         let mut invocation = self.script.key(&self.serial_key);
         invocation.key(&self.bus).arg(message).arg(floor).arg(n);
-        let _: String = self.timed(invocation.invoke_async(&mut c)).await?;
+        let invocation = &invocation;
+        let _: String = self.retried(|mut c| async move { invocation.invoke_async(&mut c).await }).await?;
         self.metrics.published.increment(1);
         Ok(())
     }
 
     async fn publish_raw(&self, channel: &str, payload: String) -> Result<(), ClusterError> {
-        let mut c = self.commands().await?;
-        let _: i64 = self.timed(redis::cmd("PUBLISH").arg(channel).arg(payload).query_async(&mut c)).await?;
+        let cmd = redis::cmd("PUBLISH").arg(channel).arg(payload).to_owned();
+        let _: i64 = self.retried(|mut c| { let cmd = &cmd; async move { cmd.query_async(&mut c).await } }).await?;
         self.metrics.published.increment(1);
         Ok(())
+    }
+
+    /// [`timed`](Self::timed) on the command connection, tried once more on a fresh connection
+    /// when the first found its connection dropped (Redis restarted since the last call): such a
+    /// call never reached Redis, so trying it again cannot do anything twice.
+    async fn retried<T, F, Fut>(&self, call: F) -> Result<T, ClusterError>
+    where
+        F: Fn(MultiplexedConnection) -> Fut,
+        Fut: std::future::Future<Output = redis::RedisResult<T>>,
+    {
+        match self.timed(call(self.commands().await?)).await {
+            Err(ClusterError::Redis(e)) if e.is_connection_dropped() => self.timed(call(self.commands().await?)).await,
+            other => other,
+        }
     }
 
     /// The shared command connection, opened on first use and after a failure.
@@ -539,3 +551,20 @@ fn now_ms() -> i64 {
     crate::clock::Clock::now_ms(&crate::clock::SystemClock)
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::redis::redis_server::Redis;
+
+    #[tokio::test]
+    async fn the_first_publish_after_a_redis_restart_succeeds() {
+        let redis = Redis::start();
+        let cluster = Cluster::new(&redis.url(), "test").unwrap();
+        cluster.publish_event("1", &["c".into()], "e", "{}", None).await.unwrap();
+        let port = redis.stop();
+        let _redis = Redis::start_on(port);
+        // The command connection died with the old process: the publish finds it dropped and
+        // goes out on a fresh one instead of answering 503.
+        cluster.publish_event("1", &["c".into()], "e", "{}", None).await.unwrap();
+    }
+}

@@ -337,7 +337,7 @@ impl Store for RedisStore {
 // The integration tests' throwaway `redis-server`, shared rather than written twice.
 #[cfg(test)]
 #[path = "../../tests/support/redis.rs"]
-mod redis_server;
+pub(crate) mod redis_server;
 
 #[cfg(test)]
 mod tests {
@@ -474,6 +474,19 @@ mod tests {
         assert!(store.get(Table::Meta, &sessions_key("b")).await.unwrap().is_some());
         assert_eq!(store.get(Table::Meta, "secret").await.unwrap(), Some(b"s".to_vec()));
         store.delete_queue("never").await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_first_call_after_a_redis_restart_succeeds() {
+        let redis = Redis::start();
+        let store = store(&redis).await;
+        store.put(Table::Meta, "k", b"v".to_vec()).await.unwrap();
+        let port = redis.stop();
+        let _redis = Redis::start_on(port);
+        // The connection this store holds died with the old process; the call finds it dropped
+        // and runs on a fresh one instead of failing.
+        assert_eq!(store.get(Table::Meta, "k").await.unwrap(), None, "a new, empty Redis");
+        assert!(store.is_ready());
     }
 
     #[tokio::test]
