@@ -40,9 +40,23 @@ fn item_accepts_gzip(item: &[u8]) -> bool {
     })
 }
 
+/// A text compressed once by [`deflate_piece`].
+pub struct Deflated {
+    bytes: Box<[u8]>,
+    /// The text's CRC-32 from a fresh start: a page's first piece is the same for every visitor,
+    /// so its share of the trailer's checksum is computed once, not on every response.
+    crc: crc32fast::Hasher,
+}
+
+impl Deflated {
+    pub fn compressed_len(&self) -> usize {
+        self.bytes.len()
+    }
+}
+
 /// `text` as raw deflate blocks ending in a sync flush: byte-aligned and not final, ready to be
 /// followed by more blocks. `None` only if the compressor fails (then callers send plain text).
-pub fn deflate_piece(text: &[u8]) -> Option<Box<[u8]>> {
+pub fn deflate_piece(text: &[u8]) -> Option<Deflated> {
     let mut compress = Compress::new(Compression::best(), false);
     let mut out = Vec::with_capacity(text.len() / 2 + 64);
     loop {
@@ -51,7 +65,9 @@ pub fn deflate_piece(text: &[u8]) -> Option<Box<[u8]>> {
         compress.compress_vec(&text[consumed..], &mut out, FlushCompress::Sync).ok()?;
         // The flush is complete once the compressor stops short of the room it was given.
         if usize::try_from(compress.total_in()).ok()? == text.len() && out.len() < out.capacity() {
-            return Some(out.into_boxed_slice());
+            let mut crc = crc32fast::Hasher::new();
+            crc.update(text);
+            return Some(Deflated { bytes: out.into_boxed_slice(), crc });
         }
     }
 }
@@ -80,10 +96,16 @@ impl GzipWriter {
     }
 
     /// Text whose [`deflate_piece`] is `deflated`.
-    pub fn precompressed(&mut self, plain: &[u8], deflated: &[u8]) {
+    pub fn precompressed(&mut self, plain: &[u8], deflated: &Deflated) {
         self.end_stored_block();
-        self.out.extend_from_slice(deflated);
-        self.count(plain);
+        self.out.extend_from_slice(&deflated.bytes);
+        if self.len == 0 {
+            // Nothing counted yet: the piece's own checksum state is the member's so far.
+            self.crc = deflated.crc.clone();
+            self.len = plain.len() as u32;
+        } else {
+            self.count(plain);
+        }
     }
 
     /// Text sent as it is, in stored blocks: for values a few bytes long, cheaper than
@@ -138,7 +160,7 @@ impl GzipWriter {
 /// `text` as a whole gzip member, compressed once (for static assets).
 pub fn compress(text: &[u8]) -> Option<Vec<u8>> {
     let deflated = deflate_piece(text)?;
-    let mut gzip = GzipWriter::with_capacity(deflated.len());
+    let mut gzip = GzipWriter::with_capacity(deflated.compressed_len());
     gzip.precompressed(text, &deflated);
     Some(gzip.finish())
 }
@@ -175,6 +197,20 @@ mod tests {
         let body = gzip.finish();
         assert_eq!(gunzip(&body), [head.as_str(), "12345", &tail, &long_value, &values.concat()].concat().into_bytes());
         assert!(body.len() < head.len() / 4 + tail.len() / 4 + long_value.len() + 90_000 + 200, "the fixed text is compressed");
+    }
+
+    #[test]
+    fn a_piece_checksummed_once_counts_only_at_the_start() {
+        let text = "<p>the same for every visitor</p>".repeat(10);
+        let piece = deflate_piece(text.as_bytes()).unwrap();
+        for lead in ["", "42"] {
+            let mut gzip = GzipWriter::with_capacity(0);
+            gzip.stored(lead.as_bytes());
+            gzip.precompressed(text.as_bytes(), &piece);
+            gzip.stored(b"7");
+            gzip.precompressed(text.as_bytes(), &piece);
+            assert_eq!(gunzip(&gzip.finish()), format!("{lead}{text}7{text}").into_bytes());
+        }
     }
 
     #[test]

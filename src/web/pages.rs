@@ -202,14 +202,18 @@ struct ScriptConfig<'a> {
     status_url: String,
     socket_url: String,
     state: &'static str,
+    rate: f64,
+    starts_at_ms: Option<i64>,
+    redirect_url: Option<&'a str>,
+    t: &'static serde_json::value::RawValue,
+    // The per-visitor values last, in one run: everything before them is the same for every
+    // visitor of a room, so it is compressed (and checksummed) once as one piece (see `gzip`).
     ticket: serde_json::Value,
     rank: serde_json::Value,
     serving: serde_json::Value,
-    rate: f64,
-    starts_at_ms: Option<i64>,
     now_ms: serde_json::Value,
-    redirect_url: Option<&'a str>,
-    t: &'static serde_json::value::RawValue,
+    /// How long the page waits before reloading if its script fails to load.
+    refresh_ms: serde_json::Value,
 }
 
 /// Everything a room page is rendered from.
@@ -256,7 +260,7 @@ enum Slot {
     EtaText,
     Countdown,
     RefreshS,
-    RefreshMs,
+    JsonRefreshMs,
     JsonTicket,
     JsonRank,
     JsonServing,
@@ -270,7 +274,7 @@ const SLOTS: [Slot; 11] = [
     Slot::EtaText,
     Slot::Countdown,
     Slot::RefreshS,
-    Slot::RefreshMs,
+    Slot::JsonRefreshMs,
     Slot::JsonTicket,
     Slot::JsonRank,
     Slot::JsonServing,
@@ -302,7 +306,7 @@ struct Skeleton {
     /// Each text piece compressed once, in order (see [`gzip`]), or `None` for a piece that
     /// compression would not shrink (sent stored, with the values around it); `None` as a whole
     /// if compression failed.
-    deflated: Option<Vec<Option<Box<[u8]>>>>,
+    deflated: Option<Vec<Option<gzip::Deflated>>>,
     deflated_len: usize,
     /// Room for the longest stored run (text sent stored plus the values around it), so that
     /// filling a page never grows its buffer.
@@ -330,7 +334,7 @@ impl Skeleton {
             let mut text = &rest[..open];
             let mut next = &after[1 + MARK_CLOSE.len_utf8()..];
             // JSON numbers were serialized as marked strings: drop their quotes.
-            if matches!(slot, Slot::JsonTicket | Slot::JsonRank | Slot::JsonServing | Slot::JsonNowMs) {
+            if matches!(slot, Slot::JsonTicket | Slot::JsonRank | Slot::JsonServing | Slot::JsonNowMs | Slot::JsonRefreshMs) {
                 text = text.strip_suffix('"')?;
                 next = next.strip_prefix('"')?;
             }
@@ -346,10 +350,10 @@ impl Skeleton {
             Piece::Text(t) => Some(t),
             Piece::Slot(_) => None,
         });
-        let deflated: Option<Vec<Option<Box<[u8]>>>> = texts
-            .map(|t| gzip::deflate_piece(t.as_bytes()).map(|d| (d.len() < t.len()).then_some(d)))
+        let deflated: Option<Vec<Option<gzip::Deflated>>> = texts
+            .map(|t| gzip::deflate_piece(t.as_bytes()).map(|d| (d.compressed_len() < t.len()).then_some(d)))
             .collect();
-        let deflated_len = deflated.iter().flatten().map(|d| d.as_ref().map_or(0, |d| d.len())).sum::<usize>();
+        let deflated_len = deflated.iter().flatten().map(|d| d.as_ref().map_or(0, gzip::Deflated::compressed_len)).sum::<usize>();
         // An upper bound: every stored text and every value in one run.
         let stored_text: usize = pieces
             .iter()
@@ -411,7 +415,7 @@ fn write_slot(out: &mut String, slot: Slot, v: &Dynamic) {
         Slot::EtaText => push_html_escaped(out, v.eta_text.as_deref().unwrap_or("")),
         Slot::Countdown => write_countdown(out, v.countdown_s),
         Slot::RefreshS => number(out, v.refresh_s),
-        Slot::RefreshMs => number(out, v.refresh_s * 1000),
+        Slot::JsonRefreshMs => number(out, v.refresh_s * 1000),
         Slot::JsonRank => number(out, v.rank),
         Slot::JsonServing => number(out, v.serving),
         Slot::JsonNowMs => number(out, v.now_ms),
@@ -524,14 +528,15 @@ impl RoomPage<'_> {
             status_url: format!("/r/{}/status", spec.id),
             socket_url: format!("/r/{}/socket", spec.id),
             state: status.state.as_str(),
+            rate: spec.rate_per_minute,
+            starts_at_ms: spec.starts_at_ms(),
+            redirect_url: status.redirect_url.as_deref(),
+            t: &t.prepared().json,
             ticket: json_number(Slot::JsonTicket, |v| v.ticket as i64),
             rank: json_number(Slot::JsonRank, |v| v.rank as i64),
             serving: json_number(Slot::JsonServing, |v| v.serving as i64),
-            rate: spec.rate_per_minute,
-            starts_at_ms: spec.starts_at_ms(),
             now_ms: json_number(Slot::JsonNowMs, |v| v.now_ms),
-            redirect_url: status.redirect_url.as_deref(),
-            t: &t.prepared().json,
+            refresh_ms: json_number(Slot::JsonRefreshMs, |v| (v.refresh_s * 1000) as i64),
         };
         // `<` escaped so the JSON cannot close its script element.
         let json = serde_json::to_string(&config).unwrap_or_else(|_| "{}".into()).replace('<', "\\u003c");
@@ -543,12 +548,14 @@ impl RoomPage<'_> {
                 head.push_str("\">");
             }
             ("closed", _) => {}
+            // The script first and the config after it, so that the per-visitor values come
+            // as late as they can. A deferred script's `error` fires once the page is parsed.
             _ => head.push_str(&format!(
-                "<script type=\"application/json\" id=\"weir-config\">{json}</script>\n\
-                 <script src=\"{}\" defer onerror=\"setTimeout(function(){{location.reload()}},{})\"></script>\n\
+                "<script src=\"{}\" defer onerror=\"setTimeout(function(){{location.reload()}},\
+                 JSON.parse(document.getElementById('weir-config').textContent).refresh_ms||5000)\"></script>\n\
+                 <script type=\"application/json\" id=\"weir-config\">{json}</script>\n\
                  <noscript><meta http-equiv=\"refresh\" content=\"{}\"></noscript>",
                 super::assets::ROOM_JS_PATH.as_str(),
-                value_or_marker(values, Slot::RefreshMs, |v| v.refresh_s * 1000),
                 value_or_marker(values, Slot::RefreshS, |v| v.refresh_s),
             )),
         }

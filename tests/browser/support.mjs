@@ -168,9 +168,10 @@ export async function eventually(f, ms = 15000, what = 'condition') {
 }
 
 /** Opens `url` in a fresh context and records what the test asserts on. */
-export async function visitor(browser, url, { block_websockets = false, ...ctxOpts } = {}) {
+export async function visitor(browser, url, { block_websockets = false, block_script = false, ...ctxOpts } = {}) {
   const context = await browser.newContext({ ...DESKTOP, ...ctxOpts });
   if (block_websockets) await context.routeWebSocket(/\/app\//, (ws) => ws.close());
+  if (block_script) await context.route(/\/_weir\/static\/room\.js/, (route) => route.abort());
   const page = await context.newPage();
   const log = { sockets: [], statusRequests: [], navigations: [], positions: [], socketRegistrations: [] };
   page.on('response', (r) => { if (new URL(r.url()).pathname.endsWith('/socket')) log.socketRegistrations.push(r.status()); });

@@ -125,3 +125,17 @@ test('without JavaScript the page refreshes itself and still admits', async () =
   await v.context.close();
   await origin.close();
 });
+
+test('when the page script fails to load, the page reloads itself at its refresh pace and still admits', async () => {
+  const origin = await roomWithOrigin('noscriptfile', { rate_per_minute: 0 });
+  const v = await visitor(browser, `${weir.base}/r/noscriptfile`, { block_script: true });
+  const refreshMs = await v.page.evaluate(() => JSON.parse(document.getElementById('weir-config').textContent).refresh_ms);
+  assert.equal(refreshMs, 15000, 'no estimate yet: the 15-second pace');
+  assert.equal(v.log.sockets.length, 0, 'no script, no socket');
+  await weir.patchRoom('noscriptfile', { rate_per_minute: 600 });
+  // Nothing else can navigate this page (scripting is on, so the <noscript> refresh is inert):
+  // the script's error handler reloads it after refresh_ms, and the reload redirects.
+  await eventually(() => v.page.url().startsWith(origin.base), 40000, 'admitted after the reload');
+  await v.context.close();
+  await origin.close();
+});
