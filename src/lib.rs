@@ -23,7 +23,8 @@
 //! - [`realtime`]: the Pusher-protocol server (apps, WebSocket, channels, HTTP API, webhooks).
 //! - [`cluster`]: several nodes through Redis (when `cluster.redis_url` is set): the bus carrying
 //!   events, client events, presence, channel queries, terminations and app changes between
-//!   nodes, their heartbeats, and the admission lease (`cluster::lease`); `room::sync` carries
+//!   nodes, their heartbeats, and the admission lease (`cluster::lease`, which also fences the
+//!   leader's admission writes in the store); `room::sync` carries
 //!   the waiting rooms' messages on it (the leader's steps, the visitors each node saw, room and
 //!   key changes).
 //! - [`admin`]: the `/api/v1` admin API (bearer admin key) and the `weir` CLI that drives it.

@@ -313,3 +313,46 @@ async fn without_redis_a_new_visitor_is_told_to_retry_and_a_waiting_one_is_still
     assert_eq!(first.status("down").await["position"], 0);
     assert_eq!(a.http.get(a.url("/readyz")).send().await.unwrap().status(), 503);
 }
+
+/// `weir_cluster_fenced_admissions_total` on `app`'s `/metrics`.
+async fn fenced_batches(app: &TestApp) -> u64 {
+    let text = app.http.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    text.lines().find_map(|l| l.strip_prefix("weir_cluster_fenced_admissions_total ")).map_or(0, |v| v.trim().parse::<f64>().unwrap() as u64)
+}
+
+#[tokio::test]
+async fn a_leader_whose_lease_was_taken_admits_nobody_even_before_it_notices() {
+    let redis = Redis::start();
+    let leader = node(&redis, None).await;
+    eventually(WAIT, || async { is_leader(&leader).await.then_some(()) }).await;
+    leader.create_room(json!({"id": "fenced", "origin": ORIGIN, "rate_per_minute": 600})).await;
+    for _ in 0..100 {
+        leader.visitor().enter("fenced").await;
+    }
+    let mut c = ::redis::Client::open(redis.url()).unwrap().get_multiplexed_async_connection().await.unwrap();
+    let serving = async |c: &mut ::redis::aio::MultiplexedConnection| {
+        ::redis::cmd("HGET").arg("weir:q:fenced").arg("serving").query_async::<Option<u64>>(c).await.unwrap().unwrap_or(0)
+    };
+    eventually(WAIT, || async { (serving(&mut c.clone()).await > 0).then_some(()) }).await;
+
+    // Right after a renewal, another holder takes the lease (as if this node had stalled past
+    // it): the node still counts itself the leader until its next renewal, ~1 s away, and
+    // keeps stepping its rooms, 10 admissions a second.
+    eventually(WAIT, || async {
+        let ttl: i64 = ::redis::cmd("PTTL").arg("weir:lease:rooms").query_async(&mut c.clone()).await.unwrap();
+        (ttl > 2_900).then_some(())
+    })
+    .await;
+    ::redis::cmd("SET").arg("weir:lease:rooms").arg("intruder").arg("PX").arg(60_000).query_async::<()>(&mut c).await.unwrap();
+    let before = serving(&mut c).await;
+    eventually(WAIT, || async { (!is_leader(&leader).await).then_some(()) }).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(serving(&mut c).await, before, "no admission written once the lease was taken");
+    assert!(fenced_batches(&leader).await > 0, "the node did try to admit, and was refused");
+    let stats = leader.room("fenced").await["stats"].clone();
+    assert_eq!(stats["serving"].as_u64(), Some(before), "nor counted in memory: {stats}");
+
+    // The lease given back, the node takes it again and admission goes on from the store.
+    ::redis::cmd("DEL").arg("weir:lease:rooms").query_async::<()>(&mut c).await.unwrap();
+    eventually(WAIT, || async { (serving(&mut c.clone()).await > before).then_some(()) }).await;
+}

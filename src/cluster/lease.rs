@@ -1,7 +1,9 @@
 //! The waiting rooms' admission lease: one key in Redis naming the node that drives admission.
 //! Its holder renews it every heartbeat; if the holder dies, another node takes it once it
 //! lapses. A node counts itself the holder only until a margin before the lapse, so it stops
-//! admitting before anyone else can start.
+//! admitting before anyone else can start. That rests on clocks and timely scheduling; what does
+//! not is the fence: the store writes an admission batch only while this key still names the
+//! writer, checked in the same atomic step (`store::Fence`).
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
@@ -49,6 +51,11 @@ impl Lease {
             held_until: AtomicI64::new(0),
             terms: AtomicU64::new(0),
         }
+    }
+
+    /// The Redis key naming the holder (the admissions' [`Fence`](crate::store::Fence)).
+    pub(super) fn key(&self) -> &str {
+        &self.key
     }
 
     pub(super) fn is_held(&self) -> bool {

@@ -158,6 +158,12 @@ impl Cluster {
         self.lease.is_held()
     }
 
+    /// What this node's admission writes are fenced with: they land only while it holds the
+    /// lease in Redis, whatever its own clock believes.
+    pub fn admission_fence(&self) -> crate::store::Fence<'_> {
+        crate::store::Fence { key: self.lease.key(), holder: &self.node }
+    }
+
     /// How many times this node has taken the lease (a new term starts from the store).
     pub fn term(&self) -> u64 {
         self.lease.term()

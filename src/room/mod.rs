@@ -466,14 +466,13 @@ impl Rooms {
             abandon_after_seconds: spec.abandon_after_seconds,
         };
         let sessions = room.engine.lock().sessions_after(&step, &input);
-        self.store
-            .record_admissions(&[crate::store::AdmissionRecord {
-                room: room.id.clone(),
-                serving: step.serving,
-                sessions: Some(sessions),
-                ..Default::default()
-            }])
-            .await?;
+        self.record_admissions(&[crate::store::AdmissionRecord {
+            room: room.id.clone(),
+            serving: step.serving,
+            sessions: Some(sessions),
+            ..Default::default()
+        }])
+        .await?;
         if let Some(sync) = &self.sync {
             sync.step_committed(room, &step, &input);
         }
@@ -482,6 +481,16 @@ impl Rooms {
         metrics::counter!("weir_room_admitted_total", "room" => room.id.clone()).increment(1);
         metrics::counter!("weir_room_safety_net_passed_total", "room" => room.id.clone()).increment(1);
         Ok(true)
+    }
+
+    /// Persists admission steps; in a cluster only while this node holds the admission lease.
+    pub async fn record_admissions(&self, records: &[crate::store::AdmissionRecord]) -> Result<(), StoreError> {
+        let fence = self.sync.as_ref().map(sync::RoomSync::fence);
+        let recorded = self.store.record_admissions(records, fence).await;
+        if matches!(recorded, Err(StoreError::Fenced)) {
+            metrics::counter!("weir_cluster_fenced_admissions_total").increment(1);
+        }
+        recorded
     }
 
     /// An admitted visitor was active (forward auth, proxied request): extends its session.
@@ -502,9 +511,7 @@ impl Rooms {
         }
         let sessions = room.engine.lock().session_tickets();
         let serving = room.serving();
-        self.store
-            .record_admissions(&[crate::store::AdmissionRecord { room: room.id.clone(), serving, sessions: Some(sessions), ..Default::default() }])
-            .await?;
+        self.record_admissions(&[crate::store::AdmissionRecord { room: room.id.clone(), serving, sessions: Some(sessions), ..Default::default() }]).await?;
         Ok(true)
     }
 

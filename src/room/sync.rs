@@ -4,8 +4,9 @@
 //! serving counters, skips, sessions and signing keys live in the shared store (Redis). One node
 //! at a time, the holder of the cluster's admission lease ([`Cluster::is_leader`]), drives
 //! admission: at the start of its term it reloads every room from the store, then plans,
-//! persists and commits steps as a single node does, and sends each committed step to the
-//! others, which apply it to their engines. What only a follower sees goes to every node: the
+//! persists and commits steps as a single node does (its writes fenced by the lease, so a
+//! leader that lost it cannot admit), and sends each committed step to the others, which apply
+//! it to their engines. What only a follower sees goes to every node: the
 //! visitors it saw (status polls, open waiting pages) and the sessions that were active there,
 //! in batches every [`SEEN_EVERY`]; sessions the origin ends there go to the leader. Changes
 //! to a room (admin API, scheduled start) and key rotations are announced so the others
@@ -69,6 +70,11 @@ impl RoomSync {
     /// Whether this node drives admission now.
     pub fn leading(&self) -> bool {
         self.cluster.is_leader()
+    }
+
+    /// What the admission writes of this node are fenced with (see [`Fence`](crate::store::Fence)).
+    pub fn fence(&self) -> crate::store::Fence<'_> {
+        self.cluster.admission_fence()
     }
 
     /// The lease term this node is in (changes each time it takes the lease).

@@ -57,6 +57,17 @@ pub struct AdmissionRecord {
     pub sessions: Option<Vec<u64>>,
 }
 
+/// Who may write an admission batch in a cluster: the batch is written only while the Redis key
+/// `key` names `holder` (the admission lease, `cluster::lease`), in the same atomic step. A leader
+/// that lost its lease without noticing yet (stalled past the lease's margin, cut off from Redis
+/// while its successor took over) thus cannot admit beside the next one. A store of one node
+/// has no lease to check and ignores it.
+#[derive(Debug, Clone, Copy)]
+pub struct Fence<'a> {
+    pub key: &'a str,
+    pub holder: &'a str,
+}
+
 /// Meta-table key of a room's persisted pre-queue order.
 pub fn order_key(room: &str) -> String {
     format!("order/{room}")
@@ -75,6 +86,9 @@ pub enum StoreError {
     Closed,
     #[error("stored value is corrupt: {0}")]
     Corrupt(String),
+    /// An admission batch refused by its [`Fence`]: this node no longer holds the lease.
+    #[error("admissions refused: this node no longer holds the admission lease")]
+    Fenced,
 }
 
 #[async_trait]
@@ -98,8 +112,9 @@ pub trait Store: Send + Sync + 'static {
     async fn counters(&self, room: &str) -> Result<QueueCounters, StoreError>;
     /// Records admission steps of several rooms in one durable write: each raises its room's
     /// serving counter (never lowers it, never past the last issued ticket), adds skipped
-    /// tickets, removes re-admitted ones and replaces the active-session list.
-    async fn record_admissions(&self, records: &[AdmissionRecord]) -> Result<(), StoreError>;
+    /// tickets, removes re-admitted ones and replaces the active-session list. Refused with
+    /// [`StoreError::Fenced`], writing nothing, if `fence` no longer holds.
+    async fn record_admissions(&self, records: &[AdmissionRecord], fence: Option<Fence<'_>>) -> Result<(), StoreError>;
     /// Tickets of `room` currently skipped (their turn passed while they were away).
     async fn skipped(&self, room: &str) -> Result<Vec<u64>, StoreError>;
     /// Removes a room's counters, tickets, skips and admission documents.

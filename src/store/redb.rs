@@ -20,7 +20,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::pacing::{self, CommitPacer};
 use super::legacy_journals;
 use super::ranges::{Ranges, Reservation, RoomCounts, Take};
-use super::{order_key, sessions_key, AdmissionRecord, QueueCounters, Store, StoreError, Table};
+use super::{order_key, sessions_key, AdmissionRecord, Fence, QueueCounters, Store, StoreError, Table};
 
 const DOCS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("docs");
 const COUNTERS: TableDefinition<&str, (u64, u64)> = TableDefinition::new("counters");
@@ -393,7 +393,8 @@ impl Store for RedbStore {
         .await
     }
 
-    async fn record_admissions(&self, records: &[AdmissionRecord]) -> Result<(), StoreError> {
+    /// One node and no lease: the fence has nothing to check.
+    async fn record_admissions(&self, records: &[AdmissionRecord], _fence: Option<Fence<'_>>) -> Result<(), StoreError> {
         let records = records.to_vec();
         self.write(|reply| WriteOp::RecordAdmissions { records, reply }).await
     }
@@ -465,8 +466,8 @@ mod tests {
             let store = Arc::new(RedbStore::open(dir.path()).unwrap());
             assert_eq!(issue_many(&store, "a", 500).await, (1..=500).collect::<Vec<_>>(), "concurrent entries, no gaps");
             let rec = |serving| AdmissionRecord { room: "a".into(), serving, skipped: vec![3, 4], unskipped: vec![4], sessions: Some(vec![1, 2]) };
-            store.record_admissions(&[rec(800)]).await.unwrap();
-            store.record_admissions(&[rec(10)]).await.unwrap();
+            store.record_admissions(&[rec(800)], None).await.unwrap();
+            store.record_admissions(&[rec(10)], None).await.unwrap();
             assert_eq!(store.counters("a").await.unwrap().serving, 500, "never past the last ticket, never lowered");
             assert_eq!(store.skipped("a").await.unwrap(), vec![3]);
             store.close().await.unwrap();

@@ -31,7 +31,7 @@ use async_trait::async_trait;
 use redis::aio::MultiplexedConnection;
 use serde::Serialize;
 
-use super::{order_key, sessions_key, AdmissionRecord, QueueCounters, Store, StoreError, Table};
+use super::{order_key, sessions_key, AdmissionRecord, Fence, QueueCounters, Store, StoreError, Table};
 
 /// Longest wait for the first connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -40,11 +40,17 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// One admission batch. KEYS[1]: the Meta document hash; record `i` (1-based) has its queue hash
 /// at KEYS[2i] and skipped set at KEYS[2i+1], its fields in the JSON array ARGV[1] and, when it
-/// has a session list, the list's stored bytes at ARGV[1+i].
+/// has a session list, the list's stored bytes at ARGV[2+i]. With a fence, ARGV[2] is its holder
+/// and the last key its lease key: the batch is written only while the lease names the holder
+/// (returns -1 and writes nothing otherwise). ARGV[2] is empty without a fence.
 ///
 /// Tickets travel as decimal strings and `serving` is written back as one of the strings it was
 /// read from, so no value goes through Lua's `%.14g` number formatting.
 const ADMISSIONS_SCRIPT: &str = r"
+local holder = ARGV[2]
+if holder ~= '' and redis.call('GET', KEYS[#KEYS]) ~= holder then
+  return -1
+end
 local records = cjson.decode(ARGV[1])
 local function in_chunks(command, key, members)
   -- unpack is bounded by Lua's C stack (about 8000 values).
@@ -67,7 +73,7 @@ for i, rec in ipairs(records) do
   in_chunks('SADD', skipped, rec.skipped)
   in_chunks('SREM', skipped, rec.unskipped)
   if rec.sessions then
-    redis.call('HSET', KEYS[1], rec.sessions_key, ARGV[1 + i])
+    redis.call('HSET', KEYS[1], rec.sessions_key, ARGV[2 + i])
   end
 end
 return 0
@@ -267,7 +273,7 @@ impl Store for RedisStore {
         Ok(QueueCounters { last_ticket: last.unwrap_or(0), serving: serving.unwrap_or(0), unclaimed: (0, 0) })
     }
 
-    async fn record_admissions(&self, records: &[AdmissionRecord]) -> Result<(), StoreError> {
+    async fn record_admissions(&self, records: &[AdmissionRecord], fence: Option<Fence<'_>>) -> Result<(), StoreError> {
         if records.is_empty() {
             return Ok(());
         }
@@ -288,14 +294,20 @@ impl Store for RedisStore {
         for rec in records {
             invocation.key(self.queue_key(&rec.room)).key(self.skipped_key(&rec.room));
         }
-        invocation.arg(json);
+        if let Some(fence) = fence {
+            invocation.key(fence.key);
+        }
+        invocation.arg(json).arg(fence.map_or("", |f| f.holder));
         for rec in records {
             // The encoding RedbStore writes and `room` reads: each ticket as 8 little-endian bytes.
             let bytes: Vec<u8> = rec.sessions.iter().flatten().flat_map(|t| t.to_le_bytes()).collect();
             invocation.arg(bytes);
         }
         let invocation = &invocation;
-        self.run(|mut c| async move { invocation.invoke_async::<i64>(&mut c).await }).await.map(|_| ())
+        match self.run(|mut c| async move { invocation.invoke_async::<i64>(&mut c).await }).await? {
+            -1 => Err(StoreError::Fenced),
+            _ => Ok(()),
+        }
     }
 
     async fn skipped(&self, room: &str) -> Result<Vec<u64>, StoreError> {
@@ -406,7 +418,7 @@ mod tests {
         let redis = Redis::start();
         let store = store(&redis).await;
         let rec = |room: &str, serving| AdmissionRecord { room: room.into(), serving, ..Default::default() };
-        store.record_admissions(&[rec("empty", 5)]).await.unwrap();
+        store.record_admissions(&[rec("empty", 5)], None).await.unwrap();
         assert_eq!(store.counters("empty").await.unwrap().serving, 0, "no ticket issued, none admitted");
         for _ in 0..10 {
             store.issue_ticket("a").await.unwrap();
@@ -414,14 +426,39 @@ mod tests {
         for _ in 0..3 {
             store.issue_ticket("b").await.unwrap();
         }
-        store.record_admissions(&[rec("a", 4), rec("b", 50)]).await.unwrap();
+        store.record_admissions(&[rec("a", 4), rec("b", 50)], None).await.unwrap();
         assert_eq!(store.counters("a").await.unwrap().serving, 4);
         assert_eq!(store.counters("b").await.unwrap().serving, 3, "never past the last ticket");
-        store.record_admissions(&[rec("a", 2)]).await.unwrap();
+        store.record_admissions(&[rec("a", 2)], None).await.unwrap();
         assert_eq!(store.counters("a").await.unwrap().serving, 4, "never lowered");
-        store.record_admissions(&[rec("a", 800)]).await.unwrap();
+        store.record_admissions(&[rec("a", 800)], None).await.unwrap();
         assert_eq!(store.counters("a").await.unwrap(), QueueCounters { last_ticket: 10, serving: 10, unclaimed: (0, 0) });
-        store.record_admissions(&[]).await.unwrap();
+        store.record_admissions(&[], None).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn fenced_admissions_land_only_while_the_lease_names_their_holder() {
+        let redis = Redis::start();
+        let store = store(&redis).await;
+        for _ in 0..10 {
+            store.issue_ticket("a").await.unwrap();
+        }
+        let rec = |serving| [AdmissionRecord { room: "a".into(), serving, skipped: vec![1], sessions: Some(vec![2]), ..Default::default() }];
+        let fence = Fence { key: "test:lease:rooms", holder: "node-a" };
+        let mut c = redis::Client::open(redis.url()).unwrap().get_multiplexed_async_connection().await.unwrap();
+        let mut lease = async |holder: &str| redis::cmd("SET").arg(fence.key).arg(holder).query_async::<()>(&mut c).await.unwrap();
+        assert!(matches!(store.record_admissions(&rec(3), Some(fence)).await, Err(StoreError::Fenced)), "nobody holds the lease");
+        lease("node-b").await;
+        assert!(matches!(store.record_admissions(&rec(3), Some(fence)).await, Err(StoreError::Fenced)), "another node holds it");
+        assert_eq!(store.counters("a").await.unwrap().serving, 0, "a refused batch writes nothing");
+        assert!(store.skipped("a").await.unwrap().is_empty());
+        assert_eq!(store.get(Table::Meta, &sessions_key("a")).await.unwrap(), None);
+        lease("node-a").await;
+        store.record_admissions(&rec(3), Some(fence)).await.unwrap();
+        assert_eq!(store.counters("a").await.unwrap().serving, 3);
+        assert_eq!(store.skipped("a").await.unwrap(), vec![1]);
+        store.record_admissions(&rec(5), None).await.unwrap();
+        assert_eq!(store.counters("a").await.unwrap().serving, 5, "no fence, no check");
     }
 
     #[tokio::test]
@@ -434,7 +471,7 @@ mod tests {
         let many: Vec<u64> = (100..2600).collect();
         let first = AdmissionRecord { room: "a".into(), serving: 9, skipped: vec![7, 3, 12, 4], unskipped: vec![], sessions: Some(vec![1, 2, 1 << 40]) };
         let second = AdmissionRecord { room: "b".into(), serving: 0, skipped: many.clone(), unskipped: vec![], sessions: None };
-        store.record_admissions(&[first, second]).await.unwrap();
+        store.record_admissions(&[first, second], None).await.unwrap();
         assert_eq!(store.skipped("a").await.unwrap(), vec![3, 4, 7, 12], "ascending");
         assert_eq!(store.skipped("b").await.unwrap(), many, "more than one Lua unpack's worth");
         let sessions = store.get(Table::Meta, &sessions_key("a")).await.unwrap().unwrap();
@@ -443,11 +480,11 @@ mod tests {
         assert_eq!(store.get(Table::Meta, &sessions_key("b")).await.unwrap(), None, "no list, nothing written");
 
         let next = AdmissionRecord { room: "a".into(), serving: 9, skipped: vec![5], unskipped: vec![4, 12, 99], sessions: None };
-        store.record_admissions(&[next]).await.unwrap();
+        store.record_admissions(&[next], None).await.unwrap();
         assert_eq!(store.skipped("a").await.unwrap(), vec![3, 5, 7]);
         assert_eq!(store.get(Table::Meta, &sessions_key("a")).await.unwrap(), Some(expected), "kept when unchanged");
         let cleared = AdmissionRecord { room: "a".into(), serving: 9, sessions: Some(vec![]), ..Default::default() };
-        store.record_admissions(&[cleared]).await.unwrap();
+        store.record_admissions(&[cleared], None).await.unwrap();
         assert_eq!(store.get(Table::Meta, &sessions_key("a")).await.unwrap(), Some(vec![]), "an empty list replaces it");
     }
 
@@ -460,7 +497,7 @@ mod tests {
             store.issue_ticket("b").await.unwrap();
         }
         let rec = |room: &str| AdmissionRecord { room: room.into(), serving: 3, skipped: vec![2], unskipped: vec![], sessions: Some(vec![3]) };
-        store.record_admissions(&[rec("a"), rec("b")]).await.unwrap();
+        store.record_admissions(&[rec("a"), rec("b")], None).await.unwrap();
         store.put(Table::Meta, &order_key("a"), b"order".to_vec()).await.unwrap();
         store.put(Table::Meta, "secret", b"s".to_vec()).await.unwrap();
         store.delete_queue("a").await.unwrap();
