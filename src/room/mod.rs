@@ -466,13 +466,19 @@ impl Rooms {
             abandon_after_seconds: spec.abandon_after_seconds,
         };
         let sessions = room.engine.lock().sessions_after(&step, &input);
-        self.record_admissions(&[crate::store::AdmissionRecord {
-            room: room.id.clone(),
-            serving: step.serving,
-            sessions: Some(sessions),
-            ..Default::default()
-        }])
-        .await?;
+        let recorded = self
+            .record_admissions(&[crate::store::AdmissionRecord {
+                room: room.id.clone(),
+                serving: step.serving,
+                sessions: Some(sessions),
+                ..Default::default()
+            }])
+            .await;
+        match recorded {
+            // Another node leads now: the visitor stays queued, as on any follower.
+            Err(StoreError::Fenced) => return Ok(false),
+            recorded => recorded?,
+        }
         if let Some(sync) = &self.sync {
             sync.step_committed(room, &step, &input);
         }
