@@ -60,6 +60,7 @@ pub struct Shared {
     pub admin_key: Arc<String>,
     pub metrics: PrometheusHandle,
     pub shutdown: CancellationToken,
+    pub dashboard: Arc<crate::ops::dashboard::Dashboard>,
 }
 
 impl AppState {
@@ -78,7 +79,8 @@ pub fn router(state: AppState, visitors_bound: shed::BoundLayer) -> Router {
     let ops_routes = Router::new()
         .route("/healthz", get(ops::health::healthz))
         .route("/readyz", get(ops::health::readyz))
-        .route("/metrics", get(ops::metrics::render));
+        .route("/metrics", get(ops::metrics::render))
+        .merge(ops::dashboard::page_routes());
     let realtime = shed::bounded(Realtime::routes(), "realtime", limits.max_in_flight, timeout);
     let admin = shed::bounded(
         Router::new().nest(
@@ -86,6 +88,7 @@ pub fn router(state: AppState, visitors_bound: shed::BoundLayer) -> Router {
             Realtime::admin_routes()
                 .merge(crate::admin::rooms::routes())
                 .merge(crate::web::template_api::admin_routes())
+                .merge(ops::dashboard::admin_routes())
                 .layer(axum::extract::DefaultBodyLimit::max(limits.admin_body_bytes))
                 .layer(axum::middleware::from_fn_with_state(
                 state.clone(),

@@ -152,7 +152,8 @@ impl Server {
         let secrets = secrets::Secrets::load_or_generate(&config, store.as_ref()).await?;
         let generated_admin_key = secrets.generated_admin_key.clone();
         let config = Arc::new(config);
-        let realtime = realtime::Realtime::start(&config, store.clone(), shutdown.clone()).await?;
+        let talkers = Arc::new(ops::talkers::Talkers::default());
+        let realtime = realtime::Realtime::start(&config, store.clone(), talkers.clone(), shutdown.clone()).await?;
         let rooms = room::Rooms::load(store.clone(), clock.clone(), &secrets, &config, realtime.cluster().cloned()).await?;
         if let Some(sync) = &rooms.sync {
             sync.listen(Arc::downgrade(&rooms), Arc::downgrade(&realtime));
@@ -167,7 +168,9 @@ impl Server {
             admin_key: Arc::new(secrets.admin_key),
             metrics,
             shutdown,
+            dashboard: Arc::new(ops::dashboard::Dashboard::new(talkers)),
         });
+        ops::dashboard::spawn(state.clone());
         Ok(Server { listener, state, generated_admin_key })
     }
 

@@ -4,8 +4,11 @@
 #![allow(clippy::unwrap_used)] // tests fail loudly by design
 
 mod support;
+#[path = "support/realtime.rs"]
+mod rt;
 
 use std::process::Command;
+use std::time::Duration;
 
 use serde_json::{json, Value};
 use support::{weir_bin, Binary, TestApp, ADMIN_KEY};
@@ -31,6 +34,89 @@ async fn health_ready_and_metrics() {
     ] {
         assert!(text.contains(needle), "metrics lack {needle}");
     }
+}
+
+#[tokio::test]
+async fn stats_report_rooms_apps_history_and_top_talkers_behind_the_admin_key() {
+    let app = TestApp::start().await;
+    // Without the key, or with a wrong one: the JSON error, nothing else.
+    let r = app.http.get(app.url("/api/v1/stats")).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(r.json::<Value>().await.unwrap()["error"]["code"], "unauthorized");
+    let r = app.http.get(app.url("/api/v1/stats")).bearer_auth("not-the-key").send().await.unwrap();
+    assert_eq!(r.status(), 401);
+
+    // A room nobody is admitted from, three visitors in it, and an app with traffic.
+    app.create_room(json!({"id": "q", "name": "Queue", "origin": "https://o.example", "rate_per_minute": 0})).await;
+    for _ in 0..3 {
+        app.visitor().enter("q").await;
+    }
+    let creds = rt::create_app(&app, json!({})).await;
+    let mut ws = rt::Ws::connect(&app, &creds.key).await;
+    ws.subscribe("news").await;
+    let api = rt::Api::new(&app, &creds);
+    for i in 0..4 {
+        api.trigger("news", "e", &i.to_string()).await;
+        ws.recv_event("e").await;
+    }
+    api.trigger("nobody-listens", "e", "x").await;
+
+    let stats = |app: &TestApp| {
+        let request = app.admin(reqwest::Method::GET, "/stats");
+        async move { request.send().await.unwrap().json::<Value>().await.unwrap() }
+    };
+    // The sampler has caught up with the queue and the traffic (it samples once a second, and
+    // a rate needs a sample before the messages and one after).
+    let v = support::eventually(Duration::from_secs(10), || async {
+        let v = stats(&app).await;
+        let latest = |series: &str| v["history"][series].as_array().and_then(|a| a.last().cloned());
+        let delivered = v["history"]["messages_per_second"].as_array()?.iter().any(|m| m.as_f64() > Some(0.0));
+        (latest("queue_length") == Some(json!(3)) && latest("connections").and_then(|c| c.as_u64()) >= Some(1) && delivered).then_some(v)
+    })
+    .await;
+    let room = &v["rooms"][0];
+    assert_eq!((room["id"].as_str(), room["name"].as_str(), room["state"].as_str()), (Some("q"), Some("Queue"), Some("open")));
+    assert_eq!(room["queue_length"], 3);
+    assert_eq!(room["target_per_minute"], 0.0);
+    let history = &v["history"];
+    let points = history["t"].as_array().unwrap().len();
+    assert!((1..=300).contains(&points));
+    for series in ["queue_length", "admitted_per_minute", "origin_latency_ms", "connections", "messages_per_second"] {
+        assert_eq!(history[series].as_array().unwrap().len(), points, "{series} is aligned with t");
+    }
+    assert_eq!(history["rooms"]["q"]["queue_length"].as_array().unwrap().last(), Some(&json!(3)));
+    assert_eq!(history["origin_latency_ms"].as_array().unwrap().last(), Some(&Value::Null), "no room probes its origin");
+    let ours = v["realtime"]["apps"].as_array().unwrap().iter().find(|a| a["id"] == creds.id.as_str()).unwrap();
+    assert_eq!(ours["connections"], 1);
+    assert!(v["realtime"]["connections"].as_u64().unwrap() >= 1);
+
+    // Top talkers over the last minute: the channel by events, the app by messages delivered,
+    // the loopback address by tickets and connections.
+    let top = &v["top"];
+    assert_eq!(top["window_seconds"], 60);
+    let channels = top["channels"].as_array().unwrap();
+    assert_eq!(channels[0], json!({"app": creds.id, "channel": "news", "count": 4}));
+    assert!(channels.contains(&json!({"app": creds.id, "channel": "nobody-listens", "count": 1})));
+    assert!(top["apps"].as_array().unwrap().contains(&json!({"app": creds.id, "count": 4})));
+    assert_eq!(top["ips"][0]["ip"], "127.0.0.1");
+    assert!(top["ips"][0]["count"].as_u64().unwrap() >= 4, "three tickets and a connection: {}", top["ips"]);
+}
+
+#[tokio::test]
+async fn the_dashboard_page_is_served_with_a_strict_policy_and_holds_no_secret() {
+    let app = TestApp::start().await;
+    let r = app.http.get(app.url("/dashboard")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let csp = r.headers()["content-security-policy"].to_str().unwrap().to_string();
+    assert!(csp.contains("default-src 'none'") && csp.contains("script-src 'self'") && csp.contains("connect-src 'self'"), "{csp}");
+    assert_eq!(r.headers()["cache-control"], "no-store");
+    let html = r.text().await.unwrap();
+    assert!(html.contains("/_weir/static/dashboard.js"));
+    assert!(!html.contains(ADMIN_KEY));
+    let js = app.http.get(app.url("/_weir/static/dashboard.js")).send().await.unwrap();
+    assert_eq!(js.status(), 200);
+    assert!(js.headers()["content-type"].to_str().unwrap().starts_with("text/javascript"));
+    assert!(js.text().await.unwrap().contains("/api/v1/stats"));
 }
 
 /// `weir serve` with no admin key configured; returns the child and its stdout lines.

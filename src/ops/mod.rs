@@ -1,5 +1,8 @@
-//! Operating weir: Prometheus metrics, health and readiness, graceful shutdown.
+//! Operating weir: Prometheus metrics, health and readiness, graceful shutdown, the live
+//! dashboard and its top talkers.
 
+pub mod dashboard;
 pub mod health;
 pub mod metrics;
 pub mod shutdown;
+pub mod talkers;

@@ -180,7 +180,7 @@ impl Realtime {
     }
 
     fn register(&self, spec: AppSpec) {
-        let t = Tenant::new(spec.clone(), false, self.serials.clone(), &self.hooks, self.cluster.clone());
+        let t = Tenant::new(spec.clone(), false, self.serials.clone(), &self.hooks, self.cluster.clone(), self.talkers.clone());
         let mut reg = self.registry.write();
         reg.by_id.insert(spec.id.clone(), t.clone());
         reg.by_key.insert(spec.key, t);

@@ -23,6 +23,7 @@ use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, RawQuery, State};
+use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use futures_util::task::AtomicWaker;
 use futures_util::{Sink, StreamExt};
@@ -36,6 +37,8 @@ use super::tenant::{Bucket, Member, SubscribeError, Tenant};
 use super::Realtime;
 use crate::error::ApiError;
 use crate::http::AppState;
+use crate::limits::backoff::Peer;
+use crate::room::policy::abuse::client_ip;
 
 /// How long the writer tries to deliver the final error and close frame.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
@@ -158,12 +161,18 @@ pub async fn ws_handler(
     State(state): State<AppState>,
     Path(key): Path<String>,
     RawQuery(query): RawQuery,
+    peer: Option<axum::Extension<Peer>>,
+    headers: HeaderMap,
     ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Response {
     let ws = match ws {
         Ok(ws) => ws,
         Err(e) => return ApiError::bad_request(format!("WebSocket upgrade required: {e}")).into_response(),
     };
+    if let Some(axum::Extension(peer)) = peer {
+        let rooms = &state.rooms;
+        state.dashboard.talkers.ip(client_ip(peer.addr.ip(), &headers, &rooms.trusted_proxies, &rooms.client_ip_header));
+    }
     let rt = state.realtime.clone();
     let tenant = rt.tenant_by_key(&key);
     let protocol = query

@@ -44,6 +44,7 @@ use crate::http::AppState;
 use crate::store::{Store, StoreError, Table};
 use crate::error::ApiError;
 use crate::cluster::Cluster;
+use crate::ops::talkers::Talkers;
 use tenant::{ChannelFilter, ChannelReport, Tenant};
 
 /// Key of weir's internal app (waiting-room updates and other events weir emits).
@@ -77,12 +78,14 @@ pub struct Realtime {
     admin_lock: tokio::sync::Mutex<()>,
     /// Set when `cluster.redis_url` is: events, channel queries and terminations cross nodes.
     cluster: Option<Arc<Cluster>>,
+    /// Where every app's channels count their events (the dashboard's top talkers).
+    talkers: Arc<Talkers>,
 }
 
 impl Realtime {
     /// Loads apps from the config and the store and starts background tasks
     /// (webhook delivery, history expiry); they stop when `shutdown` is cancelled.
-    pub async fn start(config: &Config, store: Arc<dyn Store>, shutdown: CancellationToken) -> Result<Arc<Self>, StoreError> {
+    pub async fn start(config: &Config, store: Arc<dyn Store>, talkers: Arc<Talkers>, shutdown: CancellationToken) -> Result<Arc<Self>, StoreError> {
         let hooks = webhook::Deliverer::new(shutdown.clone());
         let cluster = match &config.cluster.redis_url {
             Some(url) => Some(Cluster::new(url, &config.cluster.prefix).map_err(|e| StoreError::Backend(format!("cluster: {e}")))?),
@@ -95,14 +98,14 @@ impl Realtime {
         let mut config_ids = HashSet::new();
         let mut internal_spec = AppSpec::new(INTERNAL_APP_ID.into(), INTERNAL_APP_KEY.into(), hex::encode(rand::random::<[u8; 16]>()));
         internal_spec.max_message_bytes = 64 * 1024;
-        let internal = Tenant::new(internal_spec, true, serials.clone(), &hooks, None);
+        let internal = Tenant::new(internal_spec, true, serials.clone(), &hooks, None, talkers.clone());
         registry.by_key.insert(INTERNAL_APP_KEY.into(), internal.clone());
         for spec in &config.apps {
             if registry.by_key.contains_key(&spec.key) || registry.by_id.contains_key(&spec.id) {
                 tracing::warn!(app = %spec.id, "config app skipped: duplicate id or key");
                 continue;
             }
-            let t = Tenant::new(spec.clone(), false, serials.clone(), &hooks, cluster.clone());
+            let t = Tenant::new(spec.clone(), false, serials.clone(), &hooks, cluster.clone(), talkers.clone());
             registry.by_id.insert(spec.id.clone(), t.clone());
             registry.by_key.insert(spec.key.clone(), t);
             config_ids.insert(spec.id.clone());
@@ -119,7 +122,7 @@ impl Realtime {
                 tracing::warn!(app = %id, "stored app skipped: its id or key is taken by a config app");
                 continue;
             }
-            let t = Tenant::new(spec.clone(), false, serials.clone(), &hooks, cluster.clone());
+            let t = Tenant::new(spec.clone(), false, serials.clone(), &hooks, cluster.clone(), talkers.clone());
             registry.by_id.insert(spec.id.clone(), t.clone());
             registry.by_key.insert(spec.key.clone(), t);
         }
@@ -134,6 +137,7 @@ impl Realtime {
             closing: AtomicBool::new(false),
             admin_lock: tokio::sync::Mutex::new(()),
             cluster,
+            talkers,
         });
         if let Some(cluster) = &rt.cluster {
             cluster.start(Arc::downgrade(&rt), shutdown.clone());

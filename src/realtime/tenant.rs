@@ -20,6 +20,7 @@ use tokio::time::Instant;
 
 use super::app::AppSpec;
 use crate::cluster::Cluster;
+use crate::ops::talkers::Talkers;
 use super::connection::Conn;
 use super::history::History;
 use super::presence::Presence;
@@ -163,10 +164,20 @@ pub struct Tenant {
     serials: Arc<AtomicU64>,
     /// With a cluster, client events go to every node through it.
     cluster: Option<Arc<Cluster>>,
+    /// Messages delivered to this node's subscribers so far (the dashboard's rates).
+    delivered: AtomicU64,
+    talkers: Arc<Talkers>,
 }
 
 impl Tenant {
-    pub fn new(spec: AppSpec, internal: bool, serials: Arc<AtomicU64>, hooks: &webhook::Deliverer, cluster: Option<Arc<Cluster>>) -> Arc<Self> {
+    pub fn new(
+        spec: AppSpec,
+        internal: bool,
+        serials: Arc<AtomicU64>,
+        hooks: &webhook::Deliverer,
+        cluster: Option<Arc<Cluster>>,
+        talkers: Arc<Talkers>,
+    ) -> Arc<Self> {
         let spec = Arc::new(spec);
         let metrics = AppMetrics::new(&spec.id);
         let webhooks = hooks.targets_for(&spec);
@@ -183,6 +194,8 @@ impl Tenant {
             serials,
             // weir's internal app (the waiting rooms' updates) stays on its node.
             cluster: cluster.filter(|_| !internal),
+            delivered: AtomicU64::new(0),
+            talkers,
         })
     }
 
@@ -203,6 +216,11 @@ impl Tenant {
 
     pub fn connection_count(&self) -> usize {
         self.conn_count.load(Ordering::Relaxed)
+    }
+
+    /// Messages delivered to this node's subscribers since start.
+    pub fn delivered(&self) -> u64 {
+        self.delivered.load(Ordering::Relaxed)
     }
 
     /// Registers a connection unless the app is at its connection limit.
@@ -432,6 +450,7 @@ impl Tenant {
         if !map.contains_key(name) {
             let Ok(ty) = ChannelType::parse(name) else { return 0 };
             if (spec.history_len == 0 && !ty.cache) || map.len() >= MAX_IDLE_CHANNELS {
+                self.talkers.event(&spec.id, name, 0);
                 self.metrics.publishes.increment(1);
                 return 0;
             }
@@ -468,6 +487,8 @@ impl Tenant {
             }
         }
         drop(guard);
+        self.delivered.fetch_add(sent as u64, Ordering::Relaxed);
+        self.talkers.event(&spec.id, name, sent);
         self.metrics.publishes.increment(1);
         self.metrics.messages_out.increment(sent as u64);
         self.metrics.bytes_out.increment((sent * frame.as_str().len()) as u64);
@@ -685,7 +706,7 @@ mod tests {
     async fn history_memory_is_bounded_per_app() {
         let hooks = webhook::Deliverer::new(tokio_util::sync::CancellationToken::new());
         let spec = AppSpec::new("1".into(), "k".into(), "secret-secret".into());
-        let t = Tenant::new(spec, false, Arc::new(AtomicU64::new(0)), &hooks, None);
+        let t = Tenant::new(spec, false, Arc::new(AtomicU64::new(0)), &hooks, None, Arc::default());
         let data = "x".repeat(10_000);
         // 80 channels × 100 events × 10 KB = 80 MB of history wanted; the budget is 64 MB.
         for i in 0..8_000 {

@@ -96,6 +96,7 @@ async fn enter(state: &AppState, room_id: &str, query: Option<EntryQuery>, peer_
                 RoomState::Passthrough => None,
                 _ => {
                     let ip = abuse::client_ip(peer_ip, headers, &rooms.trusted_proxies, &rooms.client_ip_header);
+                    state.dashboard.talkers.ip(ip);
                     let arrival = Arrival { spec, ip, headers, deep_link, pow: pow.as_deref(), json, now_ms };
                     match admit_new_visitor(state, &room, arrival).await {
                         Ok(NewVisitor::Bypass(response)) | Err(response) => return response,
