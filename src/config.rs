@@ -1,6 +1,7 @@
 //! Configuration: one [`Config`], built from defaults, then an optional TOML file, then `WEIR_*`
-//! environment variables, then command-line flags (later sources win). [`Config::validate`] reports
-//! every problem at once, by field name, before a port is bound.
+//! environment variables, then command-line flags (later sources win). A value of the wrong type
+//! stops loading at that field; then [`Config::validate`] reports every range and cross-field
+//! problem at once, by field name, before a port is bound.
 //!
 //! Environment variables map onto fields by upper-casing the field path and joining with `_`:
 //! `WEIR_LISTEN`, `WEIR_DATA_DIR`, `WEIR_ADMIN_KEY`, `WEIR_PUBLIC_URL`, `WEIR_TOKEN_TTL_SECONDS`,

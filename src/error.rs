@@ -2,7 +2,7 @@
 //! `{"error": {"code": "...", "message": "..."}}` with the right status.
 //!
 //! Modules keep their own `thiserror` enums; each converts into [`ApiError`] here or at its edge.
-//! [`ApiJson`], [`ApiPath`] and [`ApiQuery`] wrap axum's extractors so that a rejection keeps this
+//! [`ApiJson`], [`ApiBytes`], [`ApiPath`] and [`ApiQuery`] wrap axum's extractors so that a rejection keeps this
 //! shape instead of axum's plain-text body.
 
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
@@ -129,6 +129,24 @@ fn json_rejection(rejection: JsonRejection) -> ApiError {
             "expected Content-Type: application/json",
         ),
         _ => ApiError::bad_request(rejection.body_text()),
+    }
+}
+
+/// A raw body (`axum::body::Bytes`) whose rejections are [`ApiError`]s: 413 over the route's
+/// body limit, 400 when it cannot be read.
+pub struct ApiBytes(pub bytes::Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for ApiBytes {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match bytes::Bytes::from_request(req, state).await {
+            Ok(body) => Ok(ApiBytes(body)),
+            Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                Err(ApiError::payload_too_large("request body is too large"))
+            }
+            Err(rejection) => Err(ApiError::bad_request(rejection.body_text())),
+        }
     }
 }
 

@@ -37,10 +37,12 @@
 //!   (while the line is refused, idle and held connections are watched by a thread of its own,
 //!   under the real-time policy where the process may ask for it, which refuses visitors' requests there instead of behind the busy
 //!   workers, and keeps what it refused until its hold is over), timeouts, body limits, the slow request-head guard; [`ops`]: metrics, health,
-//!   shutdown.
+//!   shutdown, and the live dashboard (`ops::dashboard` samples rooms and realtime once a
+//!   second into a five-minute ring for `/dashboard` and `GET /api/v1/stats`; `ops::talkers`
+//!   counts the top channels, apps and client IPs of the last minute in bounded buckets).
 //! - [`http`]: `AppState`, the router (where every layer's order is decided) and `App`, which
-//!   serves the two hottest routes (forward auth, status) in front of the router under the same
-//!   bound and metrics; [`serve`], the accept loop (hyper HTTP/1.1 connections with upgrades,
+//!   serves the three hottest routes (forward auth, status, entry) in front of the router
+//!   under the same bound and metrics; [`serve`], the accept loop (hyper HTTP/1.1 connections with upgrades,
 //!   over sockets that honour their refusal hold and their turn; peer address per request,
 //!   slow-head guard, graceful drain).
 //!
@@ -79,6 +81,8 @@
 //! full outbox disconnects that client with a reconnect code instead of growing memory. In a
 //! cluster the publish goes to Redis first (a script numbers it and publishes it on one
 //! channel); every node, the publisher's included, fans out what it receives from there.
+//! Each fan-out counts its channel and the messages it delivered for the dashboard's top
+//! talkers; each new visitor and each WebSocket upgrade counts its client IP.
 
 pub mod admin;
 pub mod clock;

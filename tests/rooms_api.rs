@@ -112,3 +112,19 @@ async fn bad_input_gets_4xx_naming_the_field() {
     let r = app.http.get(app.url("/no/such/route")).send().await.unwrap();
     assert_eq!(error_of(r).await.0, 404);
 }
+
+#[tokio::test]
+async fn one_body_limit_covers_every_admin_route() {
+    let app = TestApp::builder().config(|c| c.limits.admin_body_bytes = 1024).start().await;
+    let padding = "x".repeat(4 * 1024);
+    for (path, body) in [
+        ("/rooms", json!({"id": "big", "name": padding, "origin": "https://o.example", "rate_per_minute": 1})),
+        ("/apps", json!({"id": "big", "webhooks": [{"url": format!("https://h.example/{padding}")}]})),
+    ] {
+        let r = app.admin(Method::POST, path).json(&body).send().await.unwrap();
+        assert_eq!(error_of(r).await.0, 413, "{path}");
+    }
+    // Under the limit, both are served.
+    let r = app.admin(Method::POST, "/apps").json(&json!({})).send().await.unwrap();
+    assert_eq!(r.status(), 201);
+}

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -15,18 +15,14 @@ use serde_json::{json, Value};
 use super::app::AppSpec;
 use super::tenant::Tenant;
 use super::{Realtime, INTERNAL_APP_KEY};
-use crate::error::{ApiError, ApiPath};
+use crate::error::{ApiBytes, ApiError, ApiPath};
 use crate::http::AppState;
 use crate::store::{StoreError, Table};
-
-/// An app definition is well under 8 KiB; 64 KiB leaves room for webhooks lists.
-const BODY_LIMIT: usize = 64 * 1024;
 
 pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/apps", get(list).post(create))
         .route("/apps/{id}", get(show).patch(patch).delete(delete))
-        .layer(DefaultBodyLimit::max(BODY_LIMIT))
 }
 
 fn parse_object(body: &Bytes) -> Result<serde_json::Map<String, Value>, ApiError> {
@@ -53,7 +49,7 @@ fn random_hex(bytes: usize) -> String {
 
 /// `POST /api/v1/apps` with optional settings (and optionally `id`, `key`, `secret`).
 /// 201 with the whole app, credentials included.
-async fn create(State(state): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
+async fn create(State(state): State<AppState>, ApiBytes(body): ApiBytes) -> Result<Response, ApiError> {
     let mut obj = parse_object(&body)?;
     if let Some(Value::Number(n)) = obj.get("id") {
         let s = n.to_string();
@@ -107,7 +103,7 @@ async fn show(State(state): State<AppState>, ApiPath(id): ApiPath<String>) -> Re
 }
 
 /// `PATCH /api/v1/apps/{id}`: changes the given settings (and `secret`); `id` and `key` are fixed.
-async fn patch(State(state): State<AppState>, ApiPath(id): ApiPath<String>, body: Bytes) -> Result<Json<AppSpec>, ApiError> {
+async fn patch(State(state): State<AppState>, ApiPath(id): ApiPath<String>, ApiBytes(body): ApiBytes) -> Result<Json<AppSpec>, ApiError> {
     let changes = parse_object(&body)?;
     let rt = &state.realtime;
     let _guard = rt.admin_lock.lock().await;

@@ -285,12 +285,13 @@
     var box = document.querySelector('[data-chart="' + c.id + '"]');
     if (!box) return;
     var n = Math.min(t.length, ys.length);
-    var pts = [], latest = null, lo = Infinity, hi = -Infinity;
+    var pts = [], latest = null, lo = Infinity, hi = -Infinity, ints = true;
     for (var i = 0; i < n; i++) {
       var y = ys[i];
       if (!isNum(y) || !isNum(t[i])) { pts.push(null); continue; }
       pts.push([t[i], y]);
       latest = y;
+      if (!Number.isInteger(y)) ints = false;
       if (y < lo) lo = y;
       if (y > hi) hi = y;
     }
@@ -306,6 +307,7 @@
     var w = width - left - right, hgt = height - topPad - bottom;
     var g = svg('svg', { viewBox: '0 0 ' + width + ' ' + height, width: width, height: height, 'aria-hidden': 'true', focusable: 'false' });
     var yMin = Math.min(0, count ? lo : 0), yMax = niceMax(count ? hi * 1.05 : 0);
+    if (ints) yMax = Math.ceil(yMax);  // counts: no fractional top label
     if (yMax <= yMin) yMax = yMin + 1;
     var t0 = n ? t[0] : 0, t1 = n ? t[n - 1] : 1;
     if (t1 <= t0) t1 = t0 + 1;
