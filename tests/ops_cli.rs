@@ -61,6 +61,8 @@ async fn stats_report_rooms_apps_history_and_top_talkers_behind_the_admin_key() 
     }
     api.trigger("nobody-listens", "e", "x").await;
 
+    let r = app.admin(reqwest::Method::GET, "/stats").header("accept-encoding", "gzip").send().await.unwrap();
+    assert_eq!(r.headers()["content-encoding"], "gzip", "the history compresses well");
     let stats = |app: &TestApp| {
         let request = app.admin(reqwest::Method::GET, "/stats");
         async move { request.send().await.unwrap().json::<Value>().await.unwrap() }

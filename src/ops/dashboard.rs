@@ -196,9 +196,10 @@ pub fn page_routes() -> Router<AppState> {
     Router::new().route("/dashboard", get(page)).route("/_weir/static/dashboard.js", get(script))
 }
 
-/// `GET /api/v1/stats`, mounted behind the admin key.
+/// `GET /api/v1/stats`, mounted behind the admin key. Each answer carries the whole history
+/// (up to ~300 KB with 50 rooms' series), which gzip shrinks several-fold.
 pub fn admin_routes() -> Router<AppState> {
-    Router::new().route("/stats", get(stats))
+    Router::new().route("/stats", get(stats)).layer(tower_http::compression::CompressionLayer::new())
 }
 
 async fn page() -> Response {

@@ -272,7 +272,8 @@
     for (var i = 0; i < CHARTS.length; i++) {
       var c = CHARTS[i];
       var series = c.perRoom && room ? (rs && rs[c.id]) : h[c.id];
-      drawChart(c, t, Array.isArray(series) ? series : [], c.perRoom ? (room ? 'room ' + room : 'all rooms') : 'all apps');
+      var scope = !c.perRoom ? 'all apps' : room ? 'room ' + room : c.id === 'origin_latency_ms' ? 'worst room' : 'all rooms';
+      drawChart(c, t, Array.isArray(series) ? series : [], scope);
     }
   }
 
