@@ -113,11 +113,22 @@ where
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        refuse_declared_over_default(&req)?;
         match axum::Json::<T>::from_request(req, state).await {
             Ok(axum::Json(v)) => Ok(ApiJson(v)),
             Err(rejection) => Err(json_rejection(rejection)),
         }
     }
+}
+
+/// A body declared over axum's default limit is refused before it is read (routes with a
+/// smaller limit check theirs in a layer: `limits::body`).
+fn refuse_declared_over_default(req: &Request) -> Result<(), ApiError> {
+    use crate::limits::body;
+    if body::declared_over(req.headers(), body::AXUM_DEFAULT) {
+        return Err(body::too_large(body::AXUM_DEFAULT));
+    }
+    Ok(())
 }
 
 fn json_rejection(rejection: JsonRejection) -> ApiError {
@@ -140,6 +151,7 @@ impl<S: Send + Sync> FromRequest<S> for ApiBytes {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        refuse_declared_over_default(&req)?;
         match bytes::Bytes::from_request(req, state).await {
             Ok(body) => Ok(ApiBytes(body)),
             Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {

@@ -90,6 +90,7 @@ pub fn router(state: AppState, visitors_bound: shed::BoundLayer) -> Router {
                 .merge(crate::web::template_api::admin_routes())
                 .merge(ops::dashboard::admin_routes())
                 .layer(axum::extract::DefaultBodyLimit::max(limits.admin_body_bytes))
+                .layer(axum::middleware::from_fn(crate::limits::body::refuse_declared_over(limits.admin_body_bytes)))
                 .layer(axum::middleware::from_fn_with_state(
                 state.clone(),
                 crate::admin::auth::require_admin,

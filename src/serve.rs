@@ -273,8 +273,8 @@ mod tests {
         );
     }
 
-    /// A client that never finishes its request head is cut off after one to two header-timeout
-    /// periods, and a complete request on another connection is unaffected. (Paused time: the
+    /// A client that never finishes its request head, or never starts one, is cut off after one
+    /// to two header-timeout periods, and a complete request on another connection is unaffected. (Paused time: the
     /// seconds pass at once.)
     #[tokio::test(start_paused = true)]
     async fn slow_headers_are_cut_off() {
@@ -290,6 +290,15 @@ mod tests {
         let waited = before.elapsed();
         assert!((Duration::from_secs(30)..=Duration::from_secs(61)).contains(&waited), "closed after one to two periods, not {waited:?}");
         assert!(!answer.contains("done for"), "the incomplete request never reached the app: {answer}");
+
+        // A connection that never sends a byte is cut off the same way: silent sockets must not
+        // hold `max_connections` slots for ever.
+        let mut silent = TcpStream::connect(addr).await.unwrap();
+        let before = tokio::time::Instant::now();
+        let answer = tokio::time::timeout(Duration::from_secs(90), read_to_end(&mut silent)).await.expect("the server closes a silent connection");
+        let waited = before.elapsed();
+        assert!((Duration::from_secs(30)..=Duration::from_secs(61)).contains(&waited), "closed after one to two periods, not {waited:?}");
+        assert!(answer.is_empty());
 
         // An idle keep-alive connection is not a slow head: it is still served minutes later.
         let mut fine = TcpStream::connect(addr).await.unwrap();

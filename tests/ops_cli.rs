@@ -239,3 +239,39 @@ fn cli_drives_the_admin_api() {
     let out = cli(base, &["room", "show", "launch"]);
     assert!(!out.status.success());
 }
+
+/// Sends a request head declaring a 10 GB body and no body, and reads the answer.
+async fn declare_huge_body(app: &TestApp, method: &str, path: &str, bearer: Option<&str>) -> (u16, Value) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    let auth = bearer.map(|k| format!("authorization: Bearer {k}\r\n")).unwrap_or_default();
+    let head = format!("{method} {path} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n{auth}content-length: 10000000000\r\nconnection: close\r\n\r\n");
+    s.write_all(head.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    // Answered before the (never sent) body, well within the request timeout.
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut raw)).await.expect("answered at once").unwrap();
+    let text = String::from_utf8_lossy(&raw).to_string();
+    let status = text[9..12].parse().unwrap();
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    (status, serde_json::from_str(body).unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn a_body_declared_too_large_is_refused_before_it_is_sent() {
+    let app = TestApp::start().await;
+    let creds = rt::create_app(&app, json!({})).await;
+    // The app's body limit is decided before the signature (which covers the body) is checked.
+    let pusher = format!("/apps/{}/events", creds.id);
+    for (method, path, bearer) in [
+        ("POST", "/api/v1/rooms".to_string(), Some(ADMIN_KEY)),
+        ("POST", "/api/v1/apps".to_string(), Some(ADMIN_KEY)),
+        ("POST", "/api/v1/verify".to_string(), None),
+        ("POST", pusher, None),
+    ] {
+        let (status, body) = declare_huge_body(&app, method, &path, bearer).await;
+        assert_eq!(status, 413, "{path}");
+        assert_eq!(body["error"]["code"], "payload_too_large", "{path}: {body}");
+    }
+    // The admin key is still checked first.
+    assert_eq!(declare_huge_body(&app, "POST", "/api/v1/rooms", None).await.0, 401);
+}

@@ -4,10 +4,14 @@
 //! counter bump per socket read and per request, and one timer per connection that fires once a
 //! period.
 //!
-//! The rule: a connection is closed when, at two checks one period apart, bytes have arrived since
-//! its last request finished while no request was started or in flight. A head that has been
-//! arriving for between one and two periods is cut off; a complete request, an idle keep-alive
-//! connection and a response still streaming out are never touched.
+//! The rule: a connection is closed when, at two checks one period apart, its next request head
+//! is awaited and has not completed: bytes have arrived since its last request finished while no
+//! request was started or in flight, or, on a connection that has not started a request yet,
+//! nothing has. A head that has been arriving for between one and two periods is cut off, and so
+//! is a connection that says nothing for that long after it was opened (otherwise silent sockets
+//! would hold `max_connections` slots for ever); a complete request, an idle keep-alive
+//! connection (one that has served a request) and a response still streaming out are never
+//! touched.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -73,6 +77,13 @@ impl Activity {
         let bytes_since = self.bytes_read.load(Relaxed) > self.bytes_read_when_finished.load(Relaxed);
         (!in_flight && bytes_since).then_some(started)
     }
+
+    /// [`head_arriving`](Self::head_arriving), or a connection still waiting for its first
+    /// request: both are a head the guard is waiting for (the first one is number 0).
+    fn head_awaited(&self) -> Option<u64> {
+        let fresh = self.started.load(Relaxed) == 0;
+        self.head_arriving().or(fresh.then_some(0))
+    }
 }
 
 pin_project_lite::pin_project! {
@@ -126,7 +137,7 @@ impl HeadGuard {
     pub fn poll_expired(self: Pin<&mut Self>, cx: &mut Context<'_>) -> bool {
         let mut this = self.project();
         while this.timer.as_mut().poll(cx).is_ready() {
-            let arriving = this.activity.head_arriving();
+            let arriving = this.activity.head_awaited();
             if arriving.is_some() && arriving == *this.suspect {
                 return true;
             }
@@ -163,6 +174,21 @@ mod tests {
         assert!(!after(&mut g, 31).await, "first check: suspected only");
         activity.read(1);
         assert!(after(&mut g, 30).await, "second check: still no request");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_that_never_sends_a_byte_is_cut_off() {
+        let (_activity, mut g) = armed().await;
+        assert!(!after(&mut g, 31).await, "first check: suspected only");
+        assert!(after(&mut g, 30).await, "second check: still nothing");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_first_head_slow_to_start_is_cut_off_from_the_connection_s_opening() {
+        let (activity, mut g) = armed().await;
+        assert!(!after(&mut g, 31).await);
+        activity.read(5);
+        assert!(after(&mut g, 30).await, "the first head still incomplete a period later");
     }
 
     #[tokio::test(start_paused = true)]

@@ -2,6 +2,7 @@
 //! held open by slow request heads, connections served in turns under overload, refusals answered at the door.
 
 pub mod backoff;
+pub mod body;
 pub mod door;
 pub mod head_guard;
 pub mod shed;

@@ -30,6 +30,7 @@ async fn authorize(
     app_id: &str,
     method: &Method,
     uri: &axum::http::Uri,
+    headers: &axum::http::HeaderMap,
     body: Body,
 ) -> Result<(Arc<Tenant>, Bytes), ApiError> {
     let tenant = state
@@ -40,9 +41,10 @@ async fn authorize(
     // A full batch: 10 events of max size, each escaped (×2 worst case for JSON in JSON),
     // plus channel lists. Anything larger cannot be valid.
     let limit = spec.max_message_bytes * MAX_BATCH_EVENTS * 2 + 64 * 1024;
-    let body = axum::body::to_bytes(body, limit)
-        .await
-        .map_err(|_| ApiError::payload_too_large(format!("request body over {limit} bytes")))?;
+    if crate::limits::body::declared_over(headers, limit) {
+        return Err(crate::limits::body::too_large(limit));
+    }
+    let body = axum::body::to_bytes(body, limit).await.map_err(|_| crate::limits::body::too_large(limit))?;
     let params: Vec<(String, String)> =
         url::form_urlencoded::parse(uri.query().unwrap_or("").as_bytes()).into_owned().collect();
     signature::verify_api_request(&spec.key, &spec.secret, method.as_str(), uri.path(), &params, &body, state.clock.now_secs())
@@ -81,7 +83,7 @@ impl axum::extract::FromRequest<AppState> for Signed {
                 }
             }
         };
-        let (tenant, body) = authorize(state, &app_id, &parts.method, &uri, body).await?;
+        let (tenant, body) = authorize(state, &app_id, &parts.method, &uri, &parts.headers, body).await?;
         Ok(Signed { tenant, body, uri })
     }
 }

@@ -263,7 +263,7 @@ impl Engine {
 
     fn is_live(&self, ticket: u64, now_ms: i64, abandon_after_s: u64) -> bool {
         let seen = self.last_seen.get((ticket as usize).wrapping_sub(1)).copied().unwrap_or(0) as i64;
-        now_ms / 1000 - seen <= abandon_after_s as i64
+        now_ms / 1000 - seen <= i64::try_from(abandon_after_s).unwrap_or(i64::MAX)
     }
 
     /// The waiting page of `ticket` holds realtime socket `socket_id` (one per ticket).

@@ -45,6 +45,9 @@ pub struct Bypass {
     pub header_value: Option<String>,
 }
 
+/// Longest absence before a waiting visitor is skipped: a week, like the longest session.
+pub const MAX_ABANDON_AFTER_SECONDS: u64 = 7 * 24 * 3600;
+
 /// Highest proof-of-work difficulty (leading zero bits): ~16 M hashes, seconds in a browser.
 pub const MAX_POW_DIFFICULTY: u8 = 24;
 
@@ -71,8 +74,11 @@ pub fn validate(spec: &RoomSpec) -> Result<(), ApiError> {
             return Err(ApiError::invalid_field("adaptive.min_per_minute", "min and max must satisfy 0 <= min <= max"));
         }
     }
-    if spec.abandon_after_seconds == Some(0) {
-        return Err(ApiError::invalid_field("abandon_after_seconds", "must be at least 1 (omit it to never skip)"));
+    if spec.abandon_after_seconds.is_some_and(|s| !(1..=MAX_ABANDON_AFTER_SECONDS).contains(&s)) {
+        return Err(ApiError::invalid_field(
+            "abandon_after_seconds",
+            format!("must be between 1 and {MAX_ABANDON_AFTER_SECONDS} (omit it to never skip)"),
+        ));
     }
     if let Some(b) = &spec.bypass {
         if b.cidrs.len() > 256 {
