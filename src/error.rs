@@ -202,3 +202,8 @@ where
 pub async fn not_found_fallback() -> ApiError {
     ApiError::not_found("no such route")
 }
+
+/// A route that exists, asked with a method it does not serve.
+pub async fn method_not_allowed_fallback(method: axum::http::Method) -> ApiError {
+    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", format!("this route does not serve {method}"))
+}

@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::clock::Clock;
 use crate::config::Config;
-use crate::error::not_found_fallback;
+use crate::error::{method_not_allowed_fallback, not_found_fallback};
 use crate::limits::backoff::Peer;
 use crate::limits::shed::{self, BoundFuture, BoundService};
 use crate::serve::PeerService;
@@ -117,6 +117,7 @@ pub fn router(state: AppState, visitors_bound: shed::BoundLayer) -> Router {
         .merge(realtime)
         .merge(admin)
         .fallback(not_found_fallback)
+        .method_not_allowed_fallback(method_not_allowed_fallback)
         .layer(TrackLayer::default())
         .with_state(state)
 }

@@ -275,3 +275,23 @@ async fn a_body_declared_too_large_is_refused_before_it_is_sent() {
     // The admin key is still checked first.
     assert_eq!(declare_huge_body(&app, "POST", "/api/v1/rooms", None).await.0, 401);
 }
+
+#[tokio::test]
+async fn wrong_methods_and_undecodable_paths_get_the_json_error() {
+    let app = TestApp::start().await;
+    let creds = rt::create_app(&app, json!({})).await;
+    let cases = [
+        (reqwest::Method::POST, "/healthz".to_string(), 405, "method_not_allowed"),
+        (reqwest::Method::PUT, "/api/v1/rooms".to_string(), 405, "method_not_allowed"),
+        (reqwest::Method::GET, "/app/%FF?protocol=7".to_string(), 400, "bad_request"),
+        (reqwest::Method::GET, format!("/apps/{}/channels/%FF", creds.id), 400, "bad_request"),
+        (reqwest::Method::POST, "/users/%FF/terminate_connections".to_string(), 400, "bad_request"),
+        (reqwest::Method::POST, "/r/%FF/socket".to_string(), 400, "bad_request"),
+    ];
+    for (method, path, status, code) in cases {
+        let r = app.http.request(method.clone(), app.url(&path)).bearer_auth(ADMIN_KEY).send().await.unwrap();
+        assert_eq!(r.status().as_u16(), status, "{method} {path}");
+        let body: Value = r.json().await.unwrap_or(Value::Null);
+        assert_eq!(body["error"]["code"], code, "{method} {path}: {body}");
+    }
+}

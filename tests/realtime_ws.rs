@@ -369,3 +369,61 @@ async fn internal_app_channels_are_public() {
     assert_eq!(ws.subscribe("room-demo").await["event"], "pusher_internal:subscription_succeeded");
     let _ = ws.inner.send(Message::Ping(Default::default())).await;
 }
+
+/// A WebSocket opened by hand, so that it can send frames no client library would.
+async fn hand_made_socket(app: &TestApp, key: &str) -> tokio::net::TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    let head = format!(
+        "GET /app/{key}?protocol=7 HTTP/1.1\r\nhost: x\r\nupgrade: websocket\r\nconnection: Upgrade\r\n\
+         sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n\r\n"
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    let mut seen = Vec::new();
+    while !seen.ends_with(b"\r\n\r\n") {
+        seen.push(s.read_u8().await.unwrap());
+    }
+    assert!(seen.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&seen));
+    s
+}
+
+/// Reads server frames until the close frame; its status code.
+async fn close_code_of(s: &mut tokio::net::TcpStream) -> Option<u16> {
+    use tokio::io::AsyncReadExt;
+    let read = async {
+        loop {
+            let (b0, b1) = (s.read_u8().await.ok()?, s.read_u8().await.ok()?);
+            let len = match b1 & 0x7f {
+                126 => u64::from(s.read_u16().await.ok()?),
+                127 => s.read_u64().await.ok()?,
+                n => u64::from(n),
+            };
+            let mut payload = vec![0; usize::try_from(len).ok()?];
+            s.read_exact(&mut payload).await.ok()?;
+            if b0 & 0x0f == 0x8 {
+                return Some(u16::from_be_bytes([*payload.first()?, *payload.get(1)?]));
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), read).await.expect("the server closes the connection")
+}
+
+#[tokio::test]
+async fn broken_frames_are_closed_with_the_rfc_code() {
+    use tokio::io::AsyncWriteExt;
+    let app = TestApp::start().await;
+    let c = create_app(&app, json!({})).await;
+    // A masked text frame whose payload is not UTF-8: 1007.
+    let mut s = hand_made_socket(&app, &c.key).await;
+    let mask = [1u8, 2, 3, 4];
+    let payload: Vec<u8> = [0xffu8, 0xfe, 0xfd].iter().zip(mask.iter().cycle()).map(|(b, m)| b ^ m).collect();
+    let mut frame = vec![0x81, 0x80 | payload.len() as u8];
+    frame.extend_from_slice(&mask);
+    frame.extend_from_slice(&payload);
+    s.write_all(&frame).await.unwrap();
+    assert_eq!(close_code_of(&mut s).await, Some(1007));
+    // An unmasked frame from a client: 1002.
+    let mut s = hand_made_socket(&app, &c.key).await;
+    s.write_all(&[0x81, 0x02, b'h', b'i']).await.unwrap();
+    assert_eq!(close_code_of(&mut s).await, Some(1002));
+}

@@ -103,12 +103,18 @@ async fn custom_templates_are_validated_and_never_take_a_room_down() {
     let r = put("x".repeat(70 * 1024)).await.unwrap();
     assert_eq!(r.status(), 413);
 
+    // Small source, huge page: refused, naming the size.
+    let r = put("{{ 'x' * 100000000 }}".into()).await.unwrap();
+    assert_eq!(r.status(), 400);
+    let e: Value = r.json().await.unwrap();
+    assert!(e["error"]["message"].as_str().unwrap().contains("at most 262144"), "{e}");
+
     let r = app.admin(Method::PUT, "/rooms/nope/template").body("x").send().await.unwrap();
     assert_eq!(r.status(), 404);
 
     let custom = "<!doctype html><html><head>{{ weir_head }}</head><body><h1 id=custom>{{ title }}</h1>\
         {% if page == 'waiting' %}<p id=position>{{ position }}</p>{% endif %}\
-        {% if position == 0 %}{{ 1 // 0 }}{% endif %}</body></html>";
+        {% if position == 0 %}{{ 1 // 0 }}{% endif %}{% if position == 3 %}{{ 'x' * 300000 }}{% endif %}</body></html>";
     let r = put(custom.into()).await.unwrap();
     assert_eq!(r.status(), 204);
 
@@ -125,6 +131,10 @@ async fn custom_templates_are_validated_and_never_take_a_room_down() {
     let r = app.http.get(app.url("/r/c")).header("accept-encoding", "gzip").send().await.unwrap();
     assert_eq!((r.headers()["content-encoding"].to_str().unwrap(), r.headers()["vary"].to_str().unwrap()), ("gzip", "accept-encoding"));
     assert!(gunzip(&r.bytes().await.unwrap()).contains("id=position>2<"));
+    // The fourth (position 3) would get a page over the size cap: the built-in page instead.
+    let (status, html) = page(&app, "c", None).await;
+    assert_eq!(status, 200);
+    assert!(!html.contains("id=custom") && html.contains("People ahead of you") && html.len() < 64 * 1024);
 
     // A PATCH of the branding keeps the template; DELETE removes it.
     app.admin(Method::PATCH, "/rooms/c").json(&json!({"branding": {"title": "T"}})).send().await.unwrap();

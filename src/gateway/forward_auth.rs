@@ -5,13 +5,13 @@
 //! anything but 2xx/401/403 as a server error). `?redirect=1` turns 401 into a 302 to the room
 //! for proxies that pass the auth response through.
 
-use axum::extract::{Path, Request, State};
+use axum::extract::{Request, State};
 use std::borrow::Cow;
 
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 
-use crate::error::ApiError;
+use crate::error::{ApiError, ApiPath};
 use crate::http::AppState;
 use crate::web::cookies;
 use super::{X_WEIR_TICKET, X_WEIR_VISITOR};
@@ -56,7 +56,7 @@ fn outcome_counter(allowed: bool) -> &'static metrics::Counter {
 
 pub async fn check(
     State(state): State<AppState>,
-    Path(room): Path<String>,
+    ApiPath(room): ApiPath<String>,
     request: axum::extract::Request,
 ) -> Response {
     answer(&state, &room, &request)

@@ -22,7 +22,7 @@ use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{RawQuery, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use futures_util::task::AtomicWaker;
@@ -35,7 +35,7 @@ use super::protocol::{self, code, ChannelKind, ChannelType, Incoming};
 use super::signature;
 use super::tenant::{Bucket, Member, SubscribeError, Tenant};
 use super::Realtime;
-use crate::error::ApiError;
+use crate::error::{ApiError, ApiPath};
 use crate::http::AppState;
 use crate::limits::backoff::Peer;
 use crate::room::policy::abuse::client_ip;
@@ -159,7 +159,7 @@ impl Wake for Conn {
 /// does (`pusher:error` + close code), so clients see the documented codes.
 pub async fn ws_handler(
     State(state): State<AppState>,
-    Path(key): Path<String>,
+    ApiPath(key): ApiPath<String>,
     RawQuery(query): RawQuery,
     peer: Option<axum::Extension<Peer>>,
     headers: HeaderMap,
@@ -235,6 +235,22 @@ async fn refuse(mut socket: WebSocket, code: u16, message: &str) {
         socket.send(Message::Close(Some(CloseFrame { code, reason: close_reason(message) }))).await
     })
     .await;
+}
+
+/// The close code RFC 6455 gives a client's broken frame, from the WebSocket library's error
+/// (axum does not expose its type): 1009 too big, 1007 text that is not UTF-8, 1002 any other
+/// protocol violation (unmasked or reserved frames, a stray continuation). Anything else (the
+/// connection reset, say) has no one left to tell.
+fn close_for_read_error(error: &str) -> Option<(u16, &'static str)> {
+    if error.contains("Space limit") || error.contains("too long") || error.contains("too big") {
+        Some((1009, "message too big"))
+    } else if error.contains("UTF-8") || error.contains("utf-8") {
+        Some((1007, "invalid UTF-8 in a text message"))
+    } else if error.contains("protocol error") {
+        Some((1002, "WebSocket protocol error"))
+    } else {
+        None
+    }
 }
 
 /// Close reasons are limited to 123 bytes by the WebSocket protocol.
@@ -421,8 +437,8 @@ impl Session {
                     let Some(Ok(msg)) = msg else {
                         if let Some(Err(e)) = msg {
                             tracing::debug!(error = %e, "websocket read failed");
-                            if matches!(e.to_string(), s if s.contains("Space limit") || s.contains("too long") || s.contains("too big")) {
-                                self.conn.close(1009, "message too big");
+                            if let Some((code, reason)) = close_for_read_error(&e.to_string()) {
+                                self.conn.close(code, reason);
                             }
                         }
                         return;

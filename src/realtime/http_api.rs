@@ -16,7 +16,7 @@ use serde_json::{json, Map, Value};
 use super::protocol::{self, ChannelKind, ChannelType};
 use super::signature;
 use super::tenant::{ChannelFilter, ChannelReport, Tenant};
-use crate::error::ApiError;
+use crate::error::{ApiError, ApiPath};
 use crate::http::AppState;
 
 /// Channels one trigger may address (Pusher: 100).
@@ -291,7 +291,7 @@ pub async fn channels(
 /// `GET /apps/{app_id}/channels/{channel}?info=user_count,subscription_count`
 pub async fn channel(
     State(state): State<AppState>,
-    Path((_app_id, channel)): Path<(String, String)>,
+    ApiPath((_app_id, channel)): ApiPath<(String, String)>,
     Signed { tenant, uri, .. }: Signed,
 ) -> Result<Json<Value>, ApiError> {
     let ty = ChannelType::parse(&channel).map_err(|e| ApiError::invalid_field("channel", e))?;
@@ -309,7 +309,7 @@ pub async fn channel(
 /// `GET /apps/{app_id}/channels/{channel}/users` (presence channels only)
 pub async fn users(
     State(state): State<AppState>,
-    Path((_app_id, channel)): Path<(String, String)>,
+    ApiPath((_app_id, channel)): ApiPath<(String, String)>,
     Signed { tenant, .. }: Signed,
 ) -> Result<Json<Value>, ApiError> {
     let ty = ChannelType::parse(&channel).map_err(|e| ApiError::invalid_field("channel", e))?;
@@ -324,7 +324,7 @@ pub async fn users(
 /// `POST /apps/{app_id}/users/{user_id}/terminate_connections`
 pub async fn terminate(
     State(state): State<AppState>,
-    Path((_app_id, user_id)): Path<(String, String)>,
+    ApiPath((_app_id, user_id)): ApiPath<(String, String)>,
     Signed { tenant, .. }: Signed,
 ) -> Result<Json<Value>, ApiError> {
     state.realtime.terminate_user(&tenant, &user_id).await?;
@@ -336,7 +336,7 @@ pub async fn terminate(
 /// the request is verified exactly as on the documented path.
 pub async fn terminate_by_key(
     State(state): State<AppState>,
-    Path(user_id): Path<String>,
+    ApiPath(user_id): ApiPath<String>,
     Signed { tenant, .. }: Signed,
 ) -> Result<Json<Value>, ApiError> {
     state.realtime.terminate_user(&tenant, &user_id).await?;

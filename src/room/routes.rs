@@ -5,7 +5,7 @@ use std::net::IpAddr;
 use crate::limits::backoff::Peer;
 use std::sync::Arc;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -16,7 +16,7 @@ use super::model::{RoomSpec, RoomState};
 use super::policy::abuse;
 use super::visitor::{cookie_in, cookie_name, safe_deep_link, VisitorCookie};
 use super::{Room, VisitorStatus};
-use crate::error::ApiError;
+use crate::error::{ApiError, ApiPath};
 use crate::http::AppState;
 use crate::web::{cookies, pages};
 
@@ -44,7 +44,7 @@ struct EntryQuery {
 
 async fn entry(
     State(state): State<AppState>,
-    Path(room_id): Path<String>,
+    ApiPath(room_id): ApiPath<String>,
     query: Result<Query<EntryQuery>, axum::extract::rejection::QueryRejection>,
     request: axum::extract::Request,
 ) -> Response {
@@ -200,7 +200,7 @@ fn too_many_entries(json: bool, retry_after: u64) -> Response {
     response
 }
 
-async fn status(State(state): State<AppState>, Path(room_id): Path<String>, request: axum::extract::Request) -> Response {
+async fn status(State(state): State<AppState>, ApiPath(room_id): ApiPath<String>, request: axum::extract::Request) -> Response {
     status_answer(&state, &room_id, &request)
 }
 
@@ -229,7 +229,7 @@ struct SocketRegistration {
 /// polling. The socket must be connected to weir's internal app.
 async fn register_socket(
     State(state): State<AppState>,
-    Path(room_id): Path<String>,
+    ApiPath(room_id): ApiPath<String>,
     headers: HeaderMap,
     crate::error::ApiJson(body): crate::error::ApiJson<SocketRegistration>,
 ) -> Result<StatusCode, ApiError> {

@@ -40,6 +40,10 @@ const CUSTOM: &str = "custom.html";
 /// Instruction budget for one render of a custom template: a page with loops over a few
 /// hundred items fits; `{% for i in range(10**9) %}` does not.
 const CUSTOM_FUEL: u64 = 200_000;
+/// The most a custom template may write for one page. Fuel bounds the steps a template takes,
+/// not what one step makes (`'x' * 100000000` is one step): a page over this is refused at
+/// upload and, should the visitor's values make it so, replaced by the built-in page.
+pub const MAX_CUSTOM_PAGE_BYTES: usize = 256 * 1024;
 /// Compiled custom templates kept (one per room); the cache is cleared when it grows past
 /// this, so deleted rooms cannot make it grow forever.
 const MAX_CACHED_CUSTOM: usize = 1024;
@@ -88,7 +92,10 @@ pub fn check_custom(source: &str) -> Result<(), String> {
     let env = sandbox(source.to_string()).map_err(|e| describe(&e))?;
     let template = env.get_template(CUSTOM).map_err(|e| describe(&e))?;
     for page in ["waiting", "scheduled", "paused", "closed", "passthrough"] {
-        template.render(sample_context(page)).map_err(|e| describe(&e))?;
+        let body = template.render(sample_context(page)).map_err(|e| describe(&e))?;
+        if body.len() > MAX_CUSTOM_PAGE_BYTES {
+            return Err(format!("the {page} page renders {} bytes; at most {MAX_CUSTOM_PAGE_BYTES}", body.len()));
+        }
     }
     Ok(())
 }
@@ -637,7 +644,8 @@ impl RoomPage<'_> {
         if let Some(source) = &self.spec.branding.template {
             if let Some(env) = custom_env(&self.spec.id, source) {
                 match env.get_template(CUSTOM).and_then(|t| t.render(&context)) {
-                    Ok(body) => return finish(status, body),
+                    Ok(body) if body.len() <= MAX_CUSTOM_PAGE_BYTES => return finish(status, body),
+                    Ok(body) => tracing::warn!(room = %self.spec.id, bytes = body.len(), "custom template page too large; using the built-in page"),
                     Err(e) => tracing::warn!(room = %self.spec.id, error = %describe(&e), "custom template failed; using the built-in page"),
                 }
             }
