@@ -81,6 +81,8 @@ async fn bad_input_gets_4xx_naming_the_field() {
         (json!({"id": "ok", "origin": "https://o.example", "rate_per_minute": 1, "state": "scheduled"}), "starts_at"),
         (json!({"id": "ok", "origin": "https://o.example", "rate_per_minute": 1, "starts_at": "soon"}), "starts_at"),
         (json!({"id": "ok", "origin": "https://o.example", "rate_per_minute": 1, "colour": "red"}), "colour"),
+        (json!({"id": "ok", "name": "Sale\u{0}", "origin": "https://o.example", "rate_per_minute": 1}), "name"),
+        (json!({"id": "ok", "name": "\u{202e}elaS", "origin": "https://o.example", "rate_per_minute": 1}), "name"),
         // Beyond a week, and a value that would wrap to a negative absence and skip everyone.
         (json!({"id": "ok", "origin": "https://o.example", "rate_per_minute": 1, "abandon_after_seconds": 604_801}), "abandon_after_seconds"),
         (json!({"id": "ok", "origin": "https://o.example", "rate_per_minute": 1, "abandon_after_seconds": u64::MAX}), "abandon_after_seconds"),

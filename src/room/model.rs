@@ -186,8 +186,13 @@ fn validate_rate(rate: f64) -> Result<(), ApiError> {
 }
 
 fn validate_name(name: &str) -> Result<(), ApiError> {
+    // Control characters and bidirectional overrides would let a name show as something else
+    // on the waiting page, the dashboard and the CLI's tables.
+    let hidden = |c: char| c.is_control() || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
     if name.trim().is_empty() || name.chars().count() > 200 {
         Err(ApiError::invalid_field("name", "must be 1-200 characters"))
+    } else if name.chars().any(hidden) {
+        Err(ApiError::invalid_field("name", "must not contain control characters or bidirectional overrides"))
     } else {
         Ok(())
     }
