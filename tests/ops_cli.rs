@@ -220,6 +220,16 @@ fn cli_drives_the_admin_api() {
     let room: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(room.get("adaptive").is_none() && room.get("bypass").is_none());
 
+    // The dashboard's data as tables, and whole with --json.
+    let out = cli(base, &["stats"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let tables = String::from_utf8_lossy(&out.stdout);
+    assert!(tables.starts_with("ROOM") && tables.contains("launch") && tables.contains("top talkers, last 60 s"), "{tables}");
+    let out = cli(base, &["stats", "--json"]);
+    let stats: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(stats["rooms"][0]["id"], "launch");
+    assert!(stats["history"]["t"].is_array());
+
     // Failing calls print the server's message and exit non-zero.
     let out = cli(base, &["room", "create", "launch", "--origin", "https://o.example", "--rate", "1"]);
     assert!(!out.status.success());

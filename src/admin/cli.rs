@@ -1,4 +1,4 @@
-//! The `weir` admin CLI: `weir room …`, `weir keys rotate` (and `weir app …`), each one call to
+//! The `weir` admin CLI: `weir room …`, `weir keys rotate` (and `weir app …`, `weir stats`), each one call to
 //! the admin API of a running server. Human-readable tables by default, `--json` for scripts;
 //! a failing call prints the server's error message and exits non-zero.
 
@@ -48,6 +48,11 @@ pub enum AdminCommand {
         common: Common,
         #[command(subcommand)]
         command: KeysCommand,
+    },
+    /// Show every room and app now and the top talkers of the last minute (the dashboard's data).
+    Stats {
+        #[command(flatten)]
+        common: Common,
     },
 }
 
@@ -226,7 +231,7 @@ pub fn print_table(headers: &[&str], rows: &[Vec<String>]) {
     }
 }
 
-fn cell(v: &Value) -> String {
+pub fn cell(v: &Value) -> String {
     match v {
         Value::Null => "-".into(),
         Value::String(s) => s.clone(),
@@ -314,6 +319,11 @@ async fn run(command: AdminCommand) -> Result<(), CliError> {
         AdminCommand::App { common, command } => {
             let client = AdminClient::new(common);
             let out = crate::admin::cli_app::run_app(&client, command).await?;
+            (client, out)
+        }
+        AdminCommand::Stats { common } => {
+            let client = AdminClient::new(common);
+            let out = crate::admin::cli_stats::run_stats(&client).await?;
             (client, out)
         }
         AdminCommand::Keys { common, command: KeysCommand::Rotate } => {

@@ -5,3 +5,4 @@ pub mod auth;
 pub mod rooms;
 pub mod cli;
 pub mod cli_app;
+pub mod cli_stats;
