@@ -59,6 +59,10 @@ impl ApiError {
             ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
         }
     }
+    /// The client did not send what it announced (its body) within the request timeout.
+    pub fn request_timeout(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::REQUEST_TIMEOUT, "request_timeout", message)
+    }
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
     }

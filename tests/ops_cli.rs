@@ -305,3 +305,19 @@ async fn wrong_methods_and_undecodable_paths_get_the_json_error() {
         assert_eq!(body["error"]["code"], code, "{method} {path}: {body}");
     }
 }
+
+#[tokio::test]
+async fn a_body_that_stops_arriving_is_the_client_s_timeout_408_not_503() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = TestApp::builder().config(|c| c.limits.request_timeout_ms = 300).start().await;
+    for (path, auth) in [("/api/v1/verify", String::new()), ("/api/v1/rooms", format!("authorization: Bearer {ADMIN_KEY}\r\n"))] {
+        let mut s = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+        let head = format!("POST {path} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n{auth}content-length: 100\r\n\r\n{{\"token\":");
+        s.write_all(head.as_bytes()).await.unwrap();
+        let mut raw = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut raw)).await.expect("answered at the timeout").unwrap();
+        let text = String::from_utf8_lossy(&raw);
+        assert!(text.starts_with("HTTP/1.1 408"), "{path}: {text}");
+        assert!(text.contains("\"request_timeout\""), "{path}: {text}");
+    }
+}

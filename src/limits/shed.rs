@@ -1,6 +1,7 @@
 //! Load shedding: each route group gets its own in-flight bound; a request over the bound is
 //! refused at once with 503 and `Retry-After` instead of queueing, so goodput holds under
-//! overload. A request that outlives the timeout is answered 503 as well.
+//! overload. A request that outlives the timeout is answered 503 as well, unless its body was
+//! still arriving: then it is the client's delay, answered 408 (`limits::body`).
 //!
 //! One hand-written layer instead of tower's timeout → load-shed → concurrency-limit stack:
 //! axum clones a route's service for every request, and that stack costs a semaphore, three
@@ -127,8 +128,9 @@ impl<S: Service<Request, Response = Response, Error = Infallible>> BoundService<
         if !self.timed {
             return BoundFuture::Immediate { work: self.inner.call(request), slot };
         }
+        let (request, body) = super::body::watch(request);
         let work = tokio::time::timeout(bound.timeout, self.inner.call(request));
-        BoundFuture::Admitted { work, slot }
+        BoundFuture::Admitted { work, slot, body }
     }
 }
 
@@ -163,7 +165,7 @@ pin_project_lite::pin_project! {
     #[project = BoundProj]
     pub enum BoundFuture<F> {
         Refused { response: Option<Response> },
-        Admitted { #[pin] work: tokio::time::Timeout<F>, slot: Slot },
+        Admitted { #[pin] work: tokio::time::Timeout<F>, slot: Slot, body: Option<super::body::Received> },
         Immediate { #[pin] work: F, slot: Slot },
     }
 }
@@ -174,11 +176,18 @@ impl<F: Future<Output = Result<Response, Infallible>>> Future for BoundFuture<F>
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project() {
             BoundProj::Refused { response } => Poll::Ready(Ok(response.take().unwrap_or_else(at_capacity))),
-            BoundProj::Admitted { work, slot } => match work.poll(cx) {
+            BoundProj::Admitted { work, slot, body } => match work.poll(cx) {
                 Poll::Pending => Poll::Pending,
                 Poll::Ready(Ok(response)) => Poll::Ready(response),
                 Poll::Ready(Err(_elapsed)) => {
                     slot.0.timeouts.increment(1);
+                    if body.as_ref().is_some_and(|b| !b.is_complete()) {
+                        // The client did not send the body it announced: its fault, and the
+                        // connection cannot be reused (the rest of the body may still come).
+                        let mut response = ApiError::request_timeout("the request body did not arrive in time").into_response();
+                        response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+                        return Poll::Ready(Ok(response));
+                    }
                     Poll::Ready(Ok(ApiError::unavailable("request timed out", 1).into_response()))
                 }
             },
