@@ -149,6 +149,13 @@ async fn trigger_and_batch_limits() {
     assert_eq!(r.status(), 200);
     let r = api.post(&format!("/apps/{}/events", c.id), &json!({"name": "e", "channels": ["bad name"], "data": "x"})).await;
     assert_eq!(r.status(), 400);
+    // The protocol's own event names are not the server's to publish.
+    for name in ["pusher_internal:member_added", "pusher:error"] {
+        let r = api.post(&format!("/apps/{}/events", c.id), &json!({"name": name, "channels": ["a"], "data": "{}"})).await;
+        assert_eq!(r.status(), 400, "{name}");
+        let e: Value = r.json().await.unwrap();
+        assert!(e["error"]["message"].as_str().unwrap().contains("reserved"), "{e}");
+    }
 }
 
 #[tokio::test]

@@ -104,6 +104,11 @@ pub fn validate_event_name(name: &str) -> Result<(), String> {
     if name.is_empty() || name.len() > MAX_EVENT_NAME {
         return Err(format!("event name must be 1-{MAX_EVENT_NAME} characters"));
     }
+    // The protocol's own events: a published `pusher_internal:member_added` would tell clients
+    // of a member who never joined.
+    if name.starts_with("pusher:") || name.starts_with("pusher_internal:") {
+        return Err("event names starting with pusher: or pusher_internal: are reserved for the protocol".into());
+    }
     Ok(())
 }
 
