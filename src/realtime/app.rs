@@ -118,7 +118,7 @@ impl AppSpec {
             return Err("key: must be 1-64 printable characters without ':'".into());
         }
         if self.secret.len() < 8 || self.secret.len() > 128 {
-            return Err("secret: must be 8-128 characters".into());
+            return Err("secret: must be 8-128 bytes".into());
         }
         if !(1..=1024 * 1024).contains(&self.max_message_bytes) {
             return Err("max_message_bytes: must be 1..=1048576".into());
