@@ -71,18 +71,19 @@ impl<K: Hash + Eq + Clone, V: Clone> Window<K, V> {
         self.buckets.push_back(FastMap::default());
     }
 
-    /// The `n` keys with the highest counts over the window, highest first (ties in the order
-    /// of `order`, so the answer is stable).
-    fn top<O: Ord>(&self, n: usize, order: impl Fn(&V) -> O) -> Vec<(V, u64)> {
+    /// The `n` keys with the highest counts over the window, highest first, each as `show`
+    /// makes it (ties in that order, so the answer is stable).
+    fn top<T: Ord>(&self, n: usize, show: impl Fn(&K, &V) -> T) -> Vec<(T, u64)> {
         let mut sums: FastMap<&K, (u64, &V)> = FastMap::default();
         for bucket in &self.buckets {
             for (k, (c, v)) in bucket {
                 sums.entry(k).or_insert((0, v)).0 += c;
             }
         }
-        let mut all: Vec<(&V, u64)> = sums.into_values().map(|(c, v)| (v, c)).collect();
-        all.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| order(a.0).cmp(&order(b.0))));
-        all.into_iter().take(n).map(|(v, c)| (v.clone(), c)).collect()
+        let mut all: Vec<(T, u64)> = sums.into_iter().map(|(k, (c, v))| (show(k, v), c)).collect();
+        all.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        all.truncate(n);
+        all
     }
 }
 
@@ -163,9 +164,9 @@ impl Talkers {
 
     /// The `n` biggest of each kind over the last [`WINDOW_SECONDS`].
     pub fn top(&self, n: usize) -> TopTalkers {
-        let channels = self.channels.lock().top(n, |names| names.clone());
-        let apps = self.apps.lock().top_keys(n);
-        let ips = self.ips.lock().top_keys(n);
+        let channels = self.channels.lock().top(n, |_, names| names.clone());
+        let apps = self.apps.lock().top(n, |app, ()| app.clone());
+        let ips = self.ips.lock().top(n, |ip, ()| *ip);
         TopTalkers {
             window_seconds: WINDOW_SECONDS,
             channels: channels
@@ -175,21 +176,6 @@ impl Talkers {
             apps: apps.into_iter().map(|(app, count)| AppTalker { app: app.into(), count }).collect(),
             ips: ips.into_iter().map(|(ip, count)| IpTalker { ip, count }).collect(),
         }
-    }
-}
-
-impl<K: Hash + Eq + Clone + Ord> Window<K, ()> {
-    /// [`top`](Self::top) of a kind whose key is what is shown.
-    fn top_keys(&self, n: usize) -> Vec<(K, u64)> {
-        let mut sums: FastMap<&K, u64> = FastMap::default();
-        for bucket in &self.buckets {
-            for (k, (c, ())) in bucket {
-                *sums.entry(k).or_default() += c;
-            }
-        }
-        let mut all: Vec<(&K, u64)> = sums.into_iter().collect();
-        all.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(b.0)));
-        all.into_iter().take(n).map(|(k, c)| (k.clone(), c)).collect()
     }
 }
 
