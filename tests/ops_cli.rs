@@ -102,6 +102,17 @@ async fn stats_report_rooms_apps_history_and_top_talkers_behind_the_admin_key() 
     assert!(top["apps"].as_array().unwrap().contains(&json!({"app": creds.id, "count": 4})));
     assert_eq!(top["ips"][0]["ip"], "127.0.0.1");
     assert!(top["ips"][0]["count"].as_u64().unwrap() >= 4, "three tickets and a connection: {}", top["ips"]);
+
+    // A room created later has a series as long as the others, null before it existed.
+    app.create_room(json!({"id": "late", "origin": "https://o.example", "rate_per_minute": 0})).await;
+    let v = support::eventually(Duration::from_secs(10), || async {
+        let v = stats(&app).await;
+        (v["history"]["rooms"]["late"]["queue_length"].as_array()?.last() == Some(&json!(0))).then_some(v)
+    })
+    .await;
+    let late = v["history"]["rooms"]["late"]["queue_length"].as_array().unwrap();
+    assert_eq!(late.len(), v["history"]["t"].as_array().unwrap().len());
+    assert_eq!(late[0], Value::Null, "no value before the room existed");
 }
 
 #[tokio::test]
