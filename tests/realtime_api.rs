@@ -32,6 +32,12 @@ async fn admin_apps_crud_and_persistence() {
     assert_eq!(r.status(), 200);
     let r = app.admin(reqwest::Method::PATCH, &format!("/apps/{id}")).json(&json!({"key": "other"})).send().await.unwrap();
     assert_eq!(r.status(), 400);
+    // Its own id, sent back as a number (app ids are digits), is no change; another id is.
+    let numeric: u64 = id.parse().unwrap();
+    let r = app.admin(reqwest::Method::PATCH, &format!("/apps/{id}")).json(&json!({"id": numeric, "client_events": true})).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let r = app.admin(reqwest::Method::PATCH, &format!("/apps/{id}")).json(&json!({"id": numeric + 1})).send().await.unwrap();
+    assert_eq!(r.status(), 400);
     let r = app.admin(reqwest::Method::PATCH, &format!("/apps/{id}")).json(&json!({"max_message_bytes": 0})).send().await.unwrap();
     assert_eq!(r.status(), 400);
     let err: Value = r.json().await.unwrap();

@@ -25,12 +25,20 @@ pub fn routes() -> Router<AppState> {
         .route("/apps/{id}", get(show).patch(patch).delete(delete))
 }
 
+/// The request's JSON object; an `id` given as a number (Pusher's app ids are digits) is taken
+/// as its string.
 fn parse_object(body: &Bytes) -> Result<serde_json::Map<String, Value>, ApiError> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(serde_json::Map::new());
     }
     match serde_json::from_slice::<Value>(body) {
-        Ok(Value::Object(m)) => Ok(m),
+        Ok(Value::Object(mut m)) => {
+            if let Some(Value::Number(n)) = m.get("id") {
+                let id = n.to_string();
+                m.insert("id".into(), Value::String(id));
+            }
+            Ok(m)
+        }
         Ok(_) => Err(ApiError::bad_request("body must be a JSON object")),
         Err(e) => Err(ApiError::bad_request(format!("invalid JSON: {e}"))),
     }
@@ -51,10 +59,6 @@ fn random_hex(bytes: usize) -> String {
 /// 201 with the whole app, credentials included.
 async fn create(State(state): State<AppState>, ApiBytes(body): ApiBytes) -> Result<Response, ApiError> {
     let mut obj = parse_object(&body)?;
-    if let Some(Value::Number(n)) = obj.get("id") {
-        let s = n.to_string();
-        obj.insert("id".into(), Value::String(s));
-    }
     let rt = &state.realtime;
     if !obj.contains_key("id") {
         let id = loop {
