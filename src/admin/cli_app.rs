@@ -65,6 +65,12 @@ pub struct AppFields {
     /// Close connections not signed in within N seconds (0 = off).
     #[arg(long)]
     signin_within_s: Option<u64>,
+    /// Send pusher:subscription_count events (public and private channels).
+    #[arg(long)]
+    subscription_count: Option<bool>,
+    /// Send watchlist online/offline events to signed-in users.
+    #[arg(long)]
+    watchlist_events: Option<bool>,
     /// Webhook endpoint (repeatable; replaces the list). Use `URL` or `URL=type1,type2`.
     #[arg(long = "webhook")]
     webhooks: Vec<String>,
@@ -92,6 +98,8 @@ impl AppFields {
         put("max_presence_members", self.max_presence_members.map(Value::from));
         put("max_publish_per_second", self.max_publish_per_second.map(Value::from));
         put("signin_within_s", self.signin_within_s.map(Value::from));
+        put("subscription_count", self.subscription_count.map(Value::from));
+        put("watchlist_events", self.watchlist_events.map(Value::from));
         if self.no_webhooks {
             put("webhooks", Some(json!([])));
         } else if !self.webhooks.is_empty() {
@@ -177,12 +185,15 @@ mod tests {
         let f = AppFields {
             client_events: Some(true),
             max_connections: Some(5),
+            subscription_count: Some(true),
             webhooks: vec!["http://h/a".into(), "http://h/b=member_added,member_removed".into()],
             ..Default::default()
         };
         let j = Value::Object(f.to_json());
         assert_eq!(j["client_events"], true);
         assert_eq!(j["max_connections"], 5);
+        assert_eq!(j["subscription_count"], true);
+        assert!(j.get("watchlist_events").is_none(), "an unset flag changes nothing");
         assert_eq!(j["webhooks"][1]["event_types"], json!(["member_added", "member_removed"]));
         assert!(j.get("secret").is_none());
     }

@@ -242,6 +242,18 @@ impl Cluster {
         self.enqueue(Outgoing::Plain(format!("0 {}", encode(&message))));
     }
 
+    /// Announces that `user_id` signed in here (`online`) or that their last connection here ended.
+    pub fn user_online(&self, app: &str, user_id: &str, online: bool) {
+        let message = Message::Online { node: self.node.clone(), app: app.into(), user_id: user_id.into(), online };
+        self.enqueue(Outgoing::Plain(format!("0 {}", encode(&message))));
+    }
+
+    /// Announces how many of this node's connections are subscribed to `channel`.
+    pub fn count_changed(&self, app: &str, channel: &str, count: usize) {
+        let message = Message::Count { node: self.node.clone(), app: app.into(), channel: channel.into(), count };
+        self.enqueue(Outgoing::Plain(format!("0 {}", encode(&message))));
+    }
+
     /// Queues a message without waiting; when the queue is full it is dropped and counted.
     fn enqueue(&self, message: Outgoing) {
         match self.outbox.try_send(message) {
@@ -417,6 +429,24 @@ impl Cluster {
                     tenant.remote_member(&channel, &user_id, info, &node);
                 }
             }
+            Message::Online { node, app, user_id, online } => {
+                if node == self.node {
+                    return;
+                }
+                self.known_nodes.lock().insert(node.clone());
+                if let Some(tenant) = rt.tenant_by_id(&app) {
+                    tenant.remote_user(&user_id, online, &node);
+                }
+            }
+            Message::Count { node, app, channel, count } => {
+                if node == self.node {
+                    return;
+                }
+                self.known_nodes.lock().insert(node.clone());
+                if let Some(tenant) = rt.tenant_by_id(&app) {
+                    tenant.remote_count(&channel, count, &node);
+                }
+            }
             Message::Sync { node } => {
                 if node != self.node {
                     self.announce_members(rt);
@@ -462,12 +492,19 @@ impl Cluster {
         }
     }
 
-    /// Announces every presence member of this node again (a node asked, having just joined).
+    /// Announces every presence member, signed-in user and subscription count of this node
+    /// again (a node asked, having just joined).
     fn announce_members(&self, rt: &Realtime) {
         for tenant in rt.all_tenants().into_iter().filter(|t| !t.internal) {
             let app = tenant.spec().id.clone();
             for (channel, user, info) in tenant.local_members() {
                 self.member_changed(&app, &channel, &user, Some(&info));
+            }
+            for user in tenant.local_users() {
+                self.user_online(&app, &user, true);
+            }
+            for (channel, count) in tenant.local_counts() {
+                self.count_changed(&app, &channel, count);
             }
         }
     }

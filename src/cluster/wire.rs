@@ -47,7 +47,12 @@ pub(super) enum Message {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         info: Option<serde_json::Value>,
     },
-    /// `node` (re)joined the bus: every other node announces its presence members again.
+    /// `user_id` signed in on `node` (`online`), or their last connection there ended.
+    Online { node: String, app: String, user_id: String, online: bool },
+    /// `node` has `count` connections subscribed to `channel` (apps with `subscription_count`).
+    Count { node: String, app: String, channel: String, count: usize },
+    /// `node` (re)joined the bus: every other node announces its presence members, signed-in
+    /// users and subscription counts again.
     Sync { node: String },
     /// A waiting-room message (`room::sync`), opaque to the bus.
     Room { node: String, body: String },

@@ -57,6 +57,17 @@ pub struct AppSpec {
     /// Seconds events stay resumable.
     #[serde(default = "default_history_ttl")]
     pub history_ttl_s: u64,
+    /// Tell the subscribers of a public or private channel how many connections are subscribed
+    /// to it (`pusher_internal:subscription_count`, pusher-js's `pusher:subscription_count`)
+    /// whenever that number changes, at most once a second per channel; also the
+    /// `subscription_count` webhook. Off by default, as on Pusher.
+    #[serde(default)]
+    pub subscription_count: bool,
+    /// Tell signed-in users when the users in their sign-in's `watchlist` come online or go
+    /// offline (`pusher_internal:watchlist_events`). Nothing is sent to a user whose sign-in
+    /// carries no watchlist.
+    #[serde(default = "yes")]
+    pub watchlist_events: bool,
     #[serde(default)]
     pub webhooks: Vec<WebhookSpec>,
 }
@@ -72,7 +83,7 @@ pub struct WebhookSpec {
 
 /// Webhook event names, as Pusher spells them.
 pub const WEBHOOK_EVENT_TYPES: &[&str] =
-    &["channel_occupied", "channel_vacated", "member_added", "member_removed", "client_event", "cache_miss"];
+    &["channel_occupied", "channel_vacated", "member_added", "member_removed", "client_event", "cache_miss", "subscription_count"];
 
 fn yes() -> bool {
     true

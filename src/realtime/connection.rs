@@ -33,6 +33,7 @@ use tokio::time::Instant;
 
 use super::protocol::{self, code, ChannelKind, ChannelType, Incoming};
 use super::signature;
+use super::watchlist;
 use super::tenant::{Bucket, Member, SubscribeError, Tenant};
 use super::Realtime;
 use crate::error::{ApiError, ApiPath};
@@ -81,7 +82,7 @@ impl Outbox {
 }
 
 impl Conn {
-    fn new(id: u64, socket_id: String, limit: usize, slow: metrics::Counter) -> Self {
+    pub(super) fn new(id: u64, socket_id: String, limit: usize, slow: metrics::Counter) -> Self {
         Self {
             id,
             socket_id,
@@ -330,6 +331,8 @@ struct Session {
     /// Subscribed channels with the presence user id each subscription counts for.
     subscribed: HashMap<String, (ChannelType, Option<String>)>,
     user_id: Option<String>,
+    /// The user ids the sign-in watches (`user_data.watchlist`).
+    watchlist: Box<[String]>,
     client_events: Bucket,
 }
 
@@ -351,6 +354,7 @@ impl Session {
             conn,
             subscribed: HashMap::new(),
             user_id: None,
+            watchlist: Box::default(),
             client_events: Bucket::new(CLIENT_EVENTS_PER_SECOND),
         })
     }
@@ -358,7 +362,7 @@ impl Session {
     /// Closes the connection (the first reason stays) and forgets it everywhere.
     fn close(self) -> Arc<Conn> {
         self.conn.close(1000, "closed");
-        self.tenant.remove_conn(&self.conn, self.subscribed.into_keys(), self.user_id.as_deref());
+        self.tenant.remove_conn(&self.conn, self.subscribed.into_keys(), self.user_id.as_deref(), &self.watchlist);
         self.conn
     }
 
@@ -586,23 +590,30 @@ impl Session {
         if let Err(e) = signature::check_user_auth(&spec.key, &spec.secret, &self.conn.socket_id, user_data, auth) {
             return self.error(code::UNAUTHORIZED, &format!("Invalid signin: {e}"));
         }
-        let id = match serde_json::from_str::<Value>(user_data) {
-            Ok(v) => match v.get("id") {
-                Some(Value::String(s)) if !s.is_empty() && s.len() <= 200 => s.clone(),
-                Some(Value::Number(n)) => n.to_string(),
-                _ => return self.error(code::UNAUTHORIZED, "user_data.id must be a non-empty string"),
-            },
-            Err(_) => return self.error(code::UNAUTHORIZED, "user_data must be a JSON object"),
+        let Ok(user) = serde_json::from_str::<Value>(user_data) else {
+            return self.error(code::UNAUTHORIZED, "user_data must be a JSON object");
         };
-        if self.user_id.as_deref() == Some(id.as_str()) {
-            // Re-signing as the same user just confirms it.
-        } else if self.user_id.is_some() {
-            return self.error(code::UNAUTHORIZED, "already signed in as another user");
-        } else {
-            self.tenant.sign_in(&self.conn, &id);
+        let id = match user.get("id") {
+            Some(Value::String(s)) if !s.is_empty() && s.len() <= 200 => s.clone(),
+            Some(Value::Number(n)) => n.to_string(),
+            _ => return self.error(code::UNAUTHORIZED, "user_data.id must be a non-empty string"),
+        };
+        let watchlist = match watchlist::parse(&user) {
+            Ok(w) => w,
+            Err(e) => return self.error(code::UNAUTHORIZED, &e),
+        };
+        let first = match self.user_id.as_deref() {
+            None => true,
+            // Re-signing as the same user just confirms it (the first watchlist stays).
+            Some(same) if same == id => false,
+            Some(_) => return self.error(code::UNAUTHORIZED, "already signed in as another user"),
+        };
+        self.conn.send(&protocol::json_string_event("pusher:signin_success", None, &json!({ "user_data": user_data })));
+        if first {
+            self.watchlist = if spec.watchlist_events { watchlist.into() } else { Box::default() };
+            self.tenant.sign_in(&self.conn, &id, &self.watchlist);
             self.user_id = Some(id);
         }
-        self.conn.send(&protocol::json_string_event("pusher:signin_success", None, &json!({ "user_data": user_data })));
     }
 
     fn client_event(&mut self, msg: &Incoming) {

@@ -23,7 +23,9 @@ pub mod http_api;
 pub mod presence;
 pub mod protocol;
 pub mod signature;
+pub mod subscription_count;
 pub mod tenant;
+pub mod watchlist;
 pub mod webhook;
 
 use std::collections::{HashMap, HashSet};
@@ -53,6 +55,8 @@ pub const INTERNAL_APP_KEY: &str = "weir-internal";
 pub const INTERNAL_APP_ID: &str = "0";
 /// How often history and idle channels are swept.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(5);
+/// How often subscription counts held back by their interval are told (`subscription_count`).
+const COUNT_TICK: Duration = Duration::from_millis(250);
 /// How long `close_all` waits for sockets to finish closing.
 const CLOSE_ALL_WAIT: Duration = Duration::from_secs(2);
 
@@ -143,6 +147,22 @@ impl Realtime {
             cluster.start(Arc::downgrade(&rt), shutdown.clone());
             tracing::info!(node = cluster.node(), "cluster: realtime events cross nodes through Redis");
         }
+        let weak = Arc::downgrade(&rt);
+        let counts_shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(COUNT_TICK);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = counts_shutdown.cancelled() => return,
+                }
+                let Some(rt) = weak.upgrade() else { return };
+                for t in rt.all_tenants() {
+                    t.tell_due_counts();
+                }
+            }
+        });
         let weak = Arc::downgrade(&rt);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(SWEEP_INTERVAL);

@@ -7,7 +7,7 @@
 //! subscriber's view in serial order (a resume replays exactly what a live subscriber would have
 //! seen). A full outbox closes that subscriber (slow consumer), never the publisher. Webhook events leave through `webhook` queues that never block either.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,6 +25,8 @@ use super::connection::Conn;
 use super::history::History;
 use super::presence::Presence;
 use super::protocol::{self, code, ChannelKind, ChannelType};
+use super::subscription_count::{self, Told};
+use super::watchlist::{self, Users};
 use super::webhook::{self, WebhookTargets};
 
 /// Channels an app may keep in memory without subscribers (for history). Bounds what a
@@ -79,6 +81,10 @@ struct Subscriber {
 struct Channels {
     map: HashMap<String, Channel>,
     bytes: usize,
+    /// Other nodes' subscriber counts (apps with `subscription_count`).
+    remote_counts: subscription_count::Remote,
+    /// Channels whose changed count waits for the end of its interval.
+    counts_due: HashSet<String>,
 }
 
 /// A channel's subscribers in the order they subscribed (unsubscribing moves the newest into
@@ -94,6 +100,7 @@ struct Channel {
     history: History,
     cache: Option<(Instant, Utf8Bytes)>,
     last_active: Instant,
+    told: Told,
 }
 
 /// A presence member joining with a subscription.
@@ -156,7 +163,7 @@ pub struct Tenant {
     /// Keyed by connection id: the socket id contains it, and a `u64` key spares every
     /// connection a copy of its socket id.
     conns: Mutex<HashMap<u64, Arc<Conn>>>,
-    users: Mutex<HashMap<String, Vec<Arc<Conn>>>>,
+    users: Mutex<Users>,
     conn_count: AtomicUsize,
     publish_bucket: Mutex<Bucket>,
     webhooks: RwLock<WebhookTargets>,
@@ -187,7 +194,7 @@ impl Tenant {
             internal,
             channels: Mutex::new(Channels::default()),
             conns: Mutex::new(HashMap::new()),
-            users: Mutex::new(HashMap::new()),
+            users: Mutex::new(Users::default()),
             conn_count: AtomicUsize::new(0),
             webhooks: RwLock::new(webhooks),
             metrics,
@@ -235,18 +242,21 @@ impl Tenant {
         true
     }
 
-    /// Forgets a connection: unsubscribes it everywhere and signs it out.
-    pub fn remove_conn(&self, conn: &Arc<Conn>, channels: impl IntoIterator<Item = String>, user_id: Option<&str>) {
+    /// Forgets a connection: unsubscribes it everywhere and signs it out (`user_id`, with the
+    /// `watchlist` its sign-in carried).
+    pub fn remove_conn(&self, conn: &Arc<Conn>, channels: impl IntoIterator<Item = String>, user_id: Option<&str>, watchlist: &[String]) {
         for channel in channels {
             self.unsubscribe(conn, &channel);
         }
         if let Some(user) = user_id {
-            let mut users = self.users.lock();
-            if let Some(list) = users.get_mut(user) {
-                list.retain(|c| c.id != conn.id);
-                if list.is_empty() {
-                    users.remove(user);
-                }
+            let spec = self.spec();
+            let users = &mut *self.users.lock();
+            let out = users.sign_out(conn, user, watchlist);
+            if let (true, Some(cluster)) = (out.last_here, &self.cluster) {
+                cluster.user_online(&spec.id, user, false);
+            }
+            if out.went_offline && spec.watchlist_events {
+                users.tell_watchers(user, false);
             }
         }
         let mut conns = self.conns.lock();
@@ -261,13 +271,42 @@ impl Tenant {
         self.conns.lock().get(&id).filter(|c| c.socket_id == socket_id).map(|c| c.id)
     }
 
-    pub fn sign_in(&self, conn: &Arc<Conn>, user_id: &str) {
-        self.users.lock().entry(user_id.to_string()).or_default().push(conn.clone());
+    /// Signs `conn` in as `user_id`. With watchlist events on, it is told which users of its
+    /// `watchlist` are online, and the watchers of `user_id` hear that they came online.
+    pub fn sign_in(&self, conn: &Arc<Conn>, user_id: &str, watchlist: &[String]) {
+        let spec = self.spec();
+        let watchlist = if spec.watchlist_events { watchlist } else { &[] };
+        let users = &mut *self.users.lock();
+        let signed = users.sign_in(conn, user_id, watchlist);
+        if let (true, Some(cluster)) = (signed.first_here, &self.cluster) {
+            cluster.user_online(&spec.id, user_id, true);
+        }
+        if !signed.watched_online.is_empty() {
+            conn.send(&watchlist::frame(true, &signed.watched_online));
+        }
+        if signed.came_online && spec.watchlist_events {
+            users.tell_watchers(user_id, true);
+        }
+    }
+
+    /// A user signed in on another node (`online`), or their last connection there ended.
+    pub fn remote_user(&self, user_id: &str, online: bool, node: &str) {
+        let users = &mut *self.users.lock();
+        if let Some(now) = users.remote(user_id, online, node) {
+            if self.spec().watchlist_events {
+                users.tell_watchers(user_id, now);
+            }
+        }
+    }
+
+    /// The users signed in on this node, for a node that joins late.
+    pub fn local_users(&self) -> Vec<String> {
+        self.users.lock().local()
     }
 
     /// Closes every connection of a signed-in user (`terminate_connections`).
     pub fn terminate_user(&self, user_id: &str) -> usize {
-        let conns = self.users.lock().get(user_id).cloned().unwrap_or_default();
+        let conns = self.users.lock().connections(user_id);
         for c in &conns {
             c.close(code::UNAUTHORIZED, "connection terminated by the server");
         }
@@ -297,7 +336,7 @@ impl Tenant {
         let mut hooks: Vec<Value> = Vec::new();
         {
             let mut guard = self.channels.lock();
-            let Channels { map, bytes } = &mut *guard;
+            let Channels { map, bytes, .. } = &mut *guard;
             let serials = &self.serials;
             let ch = map.entry(name.to_string()).or_insert_with(|| Channel::new(ty.clone(), serials.load(Ordering::SeqCst), now));
             if let Some(m) = &member {
@@ -380,6 +419,14 @@ impl Tenant {
                     }
                 }
             }
+            if spec.subscription_count && subscription_count::counted(&ch.ty) {
+                ch.told.local_change();
+                // Told now, the new subscriber hears the count with the others; else alone.
+                if !self.count_changed(&spec, name, &mut guard, now, false, &mut hooks) {
+                    let total = guard.map.get(name).map_or(0, |c| c.subscribers.len()) + guard.remote_counts.total(name);
+                    conn.send(&subscription_count::frame(name, total));
+                }
+            }
         }
         self.webhook_all(hooks);
         Ok(())
@@ -389,11 +436,13 @@ impl Tenant {
     pub fn unsubscribe(&self, conn: &Arc<Conn>, name: &str) {
         let mut hooks = Vec::new();
         {
+            let spec = self.spec();
+            let now = Instant::now();
             let mut channels = self.channels.lock();
             let Some(ch) = channels.map.get_mut(name) else { return };
             let Some(sub) = ch.subscribers.swap_remove(&conn.id) else { return };
             self.metrics.subscriptions.decrement(1.0);
-            ch.last_active = Instant::now();
+            ch.last_active = now;
             if let Some(user) = sub.user_id {
                 if ch.presence.remove(&user) {
                     if let Some(cluster) = &self.cluster {
@@ -408,14 +457,105 @@ impl Tenant {
                     }
                 }
             }
-            if ch.subscribers.is_empty() {
+            let vacated = ch.subscribers.is_empty();
+            if spec.subscription_count && subscription_count::counted(&ch.ty) {
+                ch.told.local_change();
+                // A vacated channel may be forgotten below: the cluster hears of it now.
+                self.count_changed(&spec, name, &mut channels, now, vacated, &mut hooks);
+            }
+            if vacated {
                 hooks.push(json!({ "name": "channel_vacated", "channel": name }));
-                if ch.history.is_empty() && ch.cache.is_none() && ch.presence.is_empty() && self.spec().history_len == 0 {
+                let ch = channels.map.get(name);
+                if ch.is_some_and(|ch| ch.history.is_empty() && ch.cache.is_none() && ch.presence.is_empty()) && spec.history_len == 0 {
                     channels.map.remove(name);
                 }
             }
         }
         self.webhook_all(hooks);
+    }
+
+    /// `name`'s subscribers changed here or on another node (with the channel lock held): tells
+    /// the count now, or, if it was told less than an interval ago and not `now_anyway`, marks
+    /// the channel due. Returns whether it was told now.
+    fn count_changed(&self, spec: &AppSpec, name: &str, channels: &mut Channels, now: Instant, now_anyway: bool, hooks: &mut Vec<Value>) -> bool {
+        let Channels { map, remote_counts, counts_due, .. } = channels;
+        let Some(ch) = map.get_mut(name) else { return false };
+        if ch.told.recently(now) && !now_anyway {
+            counts_due.insert(name.to_string());
+            return false;
+        }
+        counts_due.remove(name);
+        self.tell_count(&spec.id, name, ch, remote_counts.total(name), now, hooks);
+        true
+    }
+
+    fn tell_count(&self, app: &str, name: &str, ch: &mut Channel, remote: usize, now: Instant, hooks: &mut Vec<Value>) {
+        let telling = ch.told.tell(ch.subscribers.len(), remote, now);
+        if let (Some(count), Some(cluster)) = (telling.announce, &self.cluster) {
+            cluster.count_changed(app, name, count);
+        }
+        if let Some(total) = telling.send {
+            let frame = subscription_count::frame(name, total);
+            for sub in ch.subscribers.values() {
+                sub.conn.send(&frame);
+            }
+        }
+        if let Some(total) = telling.webhook {
+            hooks.push(json!({ "name": "subscription_count", "channel": name, "subscription_count": total }));
+        }
+    }
+
+    /// Tells the counts whose interval has ended (called a few times a second).
+    pub fn tell_due_counts(&self) {
+        let mut hooks = Vec::new();
+        {
+            let mut guard = self.channels.lock();
+            if guard.counts_due.is_empty() {
+                return;
+            }
+            let spec = self.spec();
+            let now = Instant::now();
+            let Channels { map, remote_counts, counts_due, .. } = &mut *guard;
+            counts_due.retain(|name| {
+                let Some(ch) = map.get_mut(name) else { return false };
+                if !spec.subscription_count {
+                    return false;
+                }
+                if ch.told.due_at().is_some_and(|at| at > now) {
+                    return true;
+                }
+                self.tell_count(&spec.id, name, ch, remote_counts.total(name), now, &mut hooks);
+                false
+            });
+        }
+        self.webhook_all(hooks);
+    }
+
+    /// Another node now has `count` subscribers on `name`.
+    pub fn remote_count(&self, name: &str, count: usize, node: &str) {
+        let spec = self.spec();
+        let mut hooks = Vec::new();
+        let mut guard = self.channels.lock();
+        if guard.remote_counts.set(name, node, count, MAX_IDLE_CHANNELS) && spec.subscription_count {
+            self.count_changed(&spec, name, &mut guard, Instant::now(), false, &mut hooks);
+        }
+        drop(guard);
+        self.webhook_all(hooks);
+    }
+
+    /// This node's subscriber count of each counted channel it has subscribers on, for a node
+    /// that joins late.
+    pub fn local_counts(&self) -> Vec<(String, usize)> {
+        if !self.spec().subscription_count {
+            return Vec::new();
+        }
+        let guard = self.channels.lock();
+        guard
+            .map
+            .iter()
+            .filter(|(_, ch)| !ch.subscribers.is_empty() && subscription_count::counted(&ch.ty))
+            .map(|(name, ch)| (name.clone(), ch.subscribers.len()))
+            .collect()
     }
 
     /// Publishes one event: serializes it once with a fresh serial, records it in the
@@ -446,7 +586,7 @@ impl Tenant {
         let spec = self.spec();
         let now = Instant::now();
         let mut guard = self.channels.lock();
-        let Channels { map, bytes } = &mut *guard;
+        let Channels { map, bytes, .. } = &mut *guard;
         if !map.contains_key(name) {
             let Ok(ty) = ChannelType::parse(name) else { return 0 };
             if (spec.history_len == 0 && !ty.cache) || map.len() >= MAX_IDLE_CHANNELS {
@@ -529,7 +669,24 @@ impl Tenant {
     pub fn forget_node(&self, node: &str, webhooks: bool) {
         let mut hooks = Vec::new();
         {
+            let users = &mut *self.users.lock();
+            let watchlist_events = self.spec().watchlist_events;
+            for user in users.forget_node(node) {
+                if watchlist_events {
+                    users.tell_watchers(&user, false);
+                }
+            }
+        }
+        {
+            let spec = self.spec();
             let mut guard = self.channels.lock();
+            let now = Instant::now();
+            for name in guard.remote_counts.forget_node(node) {
+                if spec.subscription_count {
+                    // Remote changes make no webhook here: dropped.
+                    self.count_changed(&spec, &name, &mut guard, now, false, &mut Vec::new());
+                }
+            }
             for (name, ch) in guard.map.iter_mut() {
                 for user in ch.presence.forget_node(node) {
                     let frame = member_frame(name, &user, None);
@@ -600,7 +757,7 @@ impl Tenant {
         let now = Instant::now();
         let ttl = Duration::from_secs(spec.history_ttl_s);
         let mut guard = self.channels.lock();
-        let Channels { map, bytes } = &mut *guard;
+        let Channels { map, bytes, .. } = &mut *guard;
         map.retain(|_, ch| {
             let held = ch.held_bytes();
             ch.history.expire(now, ttl);
@@ -644,6 +801,7 @@ impl Channel {
             history: History::new(floor),
             cache: None,
             last_active: now,
+            told: Told::default(),
         }
     }
 

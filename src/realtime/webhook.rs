@@ -1,5 +1,5 @@
 //! Webhooks: `channel_occupied`, `channel_vacated`, `member_added`, `member_removed`,
-//! `client_event` and `cache_miss`, batched per app and endpoint, signed as Pusher signs them
+//! `client_event`, `cache_miss` and `subscription_count`, batched per app and endpoint, signed as Pusher signs them
 //! (`X-Pusher-Key`, `X-Pusher-Signature` = hex HMAC-SHA256 of the body with the app secret).
 //!
 //! Each endpoint has its own bounded queue and worker, so a slow or dead endpoint delays only

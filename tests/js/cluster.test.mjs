@@ -1,7 +1,8 @@
 // Cluster mode: two weir nodes sharing one real `redis-server` (WEIR_CLUSTER_REDIS_URL), the same
 // Pusher app defined on both through a config file. pusher-js clients on each node, the npm
 // `pusher` SDK pointed at one node or the other: events, socket_id exclusion, client events,
-// channel queries and terminations cross nodes (presence across nodes: tests/cluster.rs).
+// channel queries, terminations, subscription counts and watchlist events cross nodes (presence
+// across nodes: tests/cluster.rs).
 
 import { describe, it, before, after } from 'node:test';
 import assert from 'node:assert/strict';
@@ -14,7 +15,7 @@ import {
 } from './support/weir.mjs';
 
 /** The one app both nodes serve, defined in their config files (same id, key and secret). */
-const APP = { id: '4242', key: 'cluster-js-key', secret: 'cluster-js-secret', client_events: true };
+const APP = { id: '4242', key: 'cluster-js-key', secret: 'cluster-js-secret', client_events: true, subscription_count: true };
 
 function appConfig(app) {
   return [
@@ -23,6 +24,7 @@ function appConfig(app) {
     `key = ${JSON.stringify(app.key)}`,
     `secret = ${JSON.stringify(app.secret)}`,
     `client_events = ${app.client_events}`,
+    `subscription_count = ${app.subscription_count}`,
     '',
   ].join('\n');
 }
@@ -261,5 +263,40 @@ describe('cluster mode: two weir nodes sharing one Redis', () => {
     await barrier(sdkA, bystander, name);
     assert.equal(bystander.connection.state, 'connected');
     assert.equal(bystander.connection.socket_id, bystanderSocket);
+  });
+
+  it('counts the subscribers of both nodes in pusher:subscription_count', async () => {
+    const name = uniq('counted-');
+    const a = client(nodeA);
+    const b = client(nodeB);
+    const heard = (c) => c.channel(name)?.subscriptionCount;
+    a.subscribe(name);
+    await subscribed(a, name);
+    await waitFor(() => heard(a) === 1, 'the node A subscriber to hear 1');
+    b.subscribe(name);
+    await subscribed(b, name);
+    await waitFor(() => heard(a) === 2 && heard(b) === 2, `both to hear 2 (a: ${heard(a)}, b: ${heard(b)})`);
+    b.unsubscribe(name);
+    await waitFor(() => heard(a) === 1, `the node A subscriber to hear 1 again (a: ${heard(a)})`);
+  });
+
+  it('tells a watcher on node A when a watched user signs in and out on node B', async () => {
+    const signIn = async (c) => {
+      await connected(c);
+      const success = once((h) => c.connection.bind('message', (m) => { if (m.event === 'pusher:signin_success') h(m); }), 'pusher:signin_success');
+      c.signin();
+      await success;
+    };
+    const watched = uniq('watched-');
+    const watcher = client(nodeA, { user: { id: uniq('watcher-'), watchlist: [watched] } });
+    const seen = [];
+    for (const event of ['online', 'offline']) watcher.user.watchlist.bind(event, (e) => seen.push(`${e.name}:${e.user_ids}`));
+    await signIn(watcher);
+    const onB = client(nodeB, { user: { id: watched } });
+    await signIn(onB);
+    await waitFor(() => seen.length >= 1, 'the watcher to hear the user come online on node B');
+    onB.disconnect();
+    await waitFor(() => seen.length >= 2, `the watcher to hear the user go offline (seen ${seen})`);
+    assert.deepEqual(seen, [`online:${watched}`, `offline:${watched}`]);
   });
 });
