@@ -20,9 +20,11 @@
 //!   and languages (`web::i18n`), custom room templates (`web::template_api`) and the page
 //!   script and its caching (`web::assets`). The waiting page is a realtime client: it
 //!   subscribes to `room-{id}` on the internal app and computes its position locally.
-//! - [`realtime`]: the Pusher-protocol server (apps, WebSocket, channels, HTTP API, webhooks).
+//! - [`realtime`]: the Pusher-protocol server (apps, WebSocket, channels, subscription counts,
+//!   watchlists, HTTP API, webhooks).
 //! - [`cluster`]: several nodes through Redis (when `cluster.redis_url` is set): the bus carrying
-//!   events, client events, presence, channel queries, terminations and app changes between
+//!   events, client events, presence, signed-in users, subscription counts, channel queries,
+//!   terminations and app changes between
 //!   nodes, their heartbeats, and the admission lease (`cluster::lease`, which also fences the
 //!   leader's admission writes in the store); `room::sync` carries
 //!   the waiting rooms' messages on it (the leader's steps, the visitors each node saw, room and

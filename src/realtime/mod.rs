@@ -1,5 +1,6 @@
 //! Pusher Channels protocol v7 server: apps (tenants), WebSocket connections, channels,
-//! presence, fan-out, history/resume, the signed HTTP API and webhooks.
+//! presence, fan-out, history/resume, subscription counts, watchlists, the signed HTTP API and
+//! webhooks.
 //!
 //! The rest of weir talks to it through [`Realtime`]: `routes()` for the public endpoints,
 //! `admin_routes()` for `/api/v1/apps`, and `publish_internal` for events weir itself emits
@@ -7,7 +8,9 @@
 //!
 //! Layout: `app` (settings), `protocol` (frames, codes, names), `signature` (HMACs),
 //! `connection` (one socket), `tenant` (one app's channels and fan-out), `presence`,
-//! `history` (resume), `http_api` (`/apps/{id}/...`), `admin_api` (`/api/v1/apps`), `webhook`.
+//! `history` (resume), `subscription_count` (`pusher:subscription_count`), `watchlist` (signed-in
+//! users and their watchlists), `http_api` (`/apps/{id}/...`), `admin_api` (`/api/v1/apps`),
+//! `webhook`.
 //!
 //! ## Internal app
 //!
