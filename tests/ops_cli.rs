@@ -317,6 +317,36 @@ async fn wrong_methods_and_undecodable_paths_get_the_json_error() {
     }
 }
 
+/// hyper answers what it cannot parse before weir's code runs; those answers get the JSON body
+/// too, on a fresh connection and after a served request on the same one.
+#[tokio::test]
+async fn requests_hyper_cannot_parse_get_the_json_error() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = TestApp::start().await;
+    let many_headers: String = (0..200).map(|i| format!("x-{i}: y\r\n")).collect();
+    let cases = [
+        (format!("GET /healthz HTTP/1.1\r\nhost: x\r\n{many_headers}\r\n"), 431, "headers_too_large"),
+        (format!("GET /{} HTTP/1.1\r\nhost: x\r\n\r\n", "a".repeat(70_000)), 414, "uri_too_long"),
+        ("NOT HTTP\r\n\r\n".to_string(), 400, "bad_request"),
+        ("GET /healthz HTTP/1.1\r\nhost: x\r\n\r\nNOT HTTP\r\n\r\n".to_string(), 400, "bad_request"),
+    ];
+    for (request, status, code) in cases {
+        let mut s = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+        s.write_all(request.as_bytes()).await.unwrap();
+        let mut raw = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut raw)).await.expect("answered and closed").unwrap();
+        let text = String::from_utf8_lossy(&raw);
+        // The last answer on the connection is the refusal.
+        let last = &text[text.rfind("HTTP/1.1 ").unwrap()..];
+        assert!(last.starts_with(&format!("HTTP/1.1 {status} ")), "{last}");
+        let (head, body) = last.split_once("\r\n\r\n").unwrap();
+        assert!(head.contains("content-type: application/json"), "{head}");
+        assert!(head.contains(&format!("content-length: {}", body.len())), "{head}");
+        let body: Value = serde_json::from_str(body).unwrap();
+        assert_eq!(body["error"]["code"], code, "{body}");
+    }
+}
+
 #[tokio::test]
 async fn a_body_that_stops_arriving_is_the_client_s_timeout_408_not_503() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -29,6 +29,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::door::{Door, Offer, Refusable, Watch};
 use super::head_guard::Activity;
+use super::parse_errors;
 use super::turns::{Settings, Turn, Turns};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::futures::OwnedNotified;
@@ -183,6 +184,7 @@ impl axum::serve::Listener for Listener {
                         offer: None,
                         line_bell: None,
                         line_bell_set_at: None,
+                        rewrite: None,
                         _slot: slot,
                     };
                     return (throttled, addr);
@@ -221,8 +223,17 @@ pub struct Throttled {
     line_bell: Option<Pin<Box<OwnedNotified>>>,
     /// The bell's ring count (`Door::line_rings`) when it was last set with this task's waker.
     line_bell_set_at: Option<u64>,
+    /// One of hyper's own error answers, being written with a JSON body (`parse_errors`).
+    rewrite: Option<Box<Rewrite>>,
     /// This connection's place under `max_connections`, released when it closes.
     _slot: OwnedSemaphorePermit,
+}
+
+struct Rewrite {
+    bytes: Vec<u8>,
+    written: usize,
+    /// The length of hyper's write it stands for, reported once it is all written.
+    replaces: usize,
 }
 
 impl Throttled {
@@ -349,11 +360,46 @@ impl Drop for Throttled {
     }
 }
 
+impl Throttled {
+    /// Writes the rewritten answer to its end, then reports hyper's write as done.
+    fn poll_rewrite(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        let Some(rewrite) = self.rewrite.as_mut() else { return Poll::Ready(Ok(0)) };
+        while rewrite.written < rewrite.bytes.len() {
+            match Pin::new(&mut self.stream).poll_write(cx, &rewrite.bytes[rewrite.written..]) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => rewrite.written += n,
+                other => return other,
+            }
+        }
+        let replaces = rewrite.replaces;
+        self.rewrite = None;
+        Poll::Ready(Ok(replaces))
+    }
+
+    /// Starts rewriting `write` if it is one of hyper's own error answers.
+    fn rewrites(&mut self, write: &[u8]) -> bool {
+        if self.rewrite.is_none() {
+            let Some(bytes) = parse_errors::with_json_body(write) else { return false };
+            self.rewrite = Some(Box::new(Rewrite { bytes, written: 0, replaces: write.len() }));
+        }
+        true
+    }
+}
+
 impl AsyncWrite for Throttled {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        if self.rewrites(buf) {
+            return self.poll_rewrite(cx);
+        }
         Pin::new(&mut self.stream).poll_write(cx, buf)
     }
     fn poll_write_vectored(mut self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+        // hyper's error answers have no body: a head alone, or with empty slices after it.
+        if let [head, rest @ ..] = bufs {
+            if rest.iter().all(|b| b.is_empty()) && self.rewrites(head) {
+                return self.poll_rewrite(cx);
+            }
+        }
         Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
     }
     fn is_write_vectored(&self) -> bool {

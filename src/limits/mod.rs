@@ -5,6 +5,7 @@ pub mod backoff;
 pub mod body;
 pub mod door;
 pub mod head_guard;
+pub mod parse_errors;
 pub mod shed;
 pub mod turns;
 
