@@ -40,6 +40,9 @@ pub struct Config {
     pub trusted_proxies: Vec<String>,
     /// `WEIR_CLIENT_IP_HEADER`: the header trusted proxies put the client address in.
     pub client_ip_header: String,
+    /// `WEIR_TLS_CA_FILE`: a PEM file of certificate authorities trusted for `https://` origins,
+    /// probes and webhooks besides the built-in (Mozilla) roots, e.g. a private CA.
+    pub tls_ca_file: Option<PathBuf>,
     /// Pusher apps defined in the file (apps created through the API live in the store).
     pub apps: Vec<AppSpec>,
     /// Several nodes sharing realtime traffic through Redis; see [`ClusterConfig`].
@@ -133,6 +136,7 @@ impl Default for Config {
             limits: Limits::default(),
             trusted_proxies: Vec::new(),
             client_ip_header: "x-forwarded-for".into(),
+            tls_ca_file: None,
             apps: Vec::new(),
             cluster: ClusterConfig::default(),
         }
@@ -149,6 +153,7 @@ pub const ENV_FIELDS: &[(&str, &[&str])] = &[
     ("WEIR_LOG_FORMAT", &["log_format"]),
     ("WEIR_SHUTDOWN_GRACE_SECONDS", &["shutdown_grace_seconds"]),
     ("WEIR_CLIENT_IP_HEADER", &["client_ip_header"]),
+    ("WEIR_TLS_CA_FILE", &["tls_ca_file"]),
     ("WEIR_LIMITS_MAX_IN_FLIGHT", &["limits", "max_in_flight"]),
     ("WEIR_LIMITS_REQUEST_TIMEOUT_MS", &["limits", "request_timeout_ms"]),
     ("WEIR_LIMITS_ADMIN_BODY_BYTES", &["limits", "admin_body_bytes"]),

@@ -96,6 +96,7 @@ pub mod gateway;
 pub mod http;
 pub mod limits;
 pub mod ops;
+pub mod outbound;
 pub mod realtime;
 pub mod room;
 pub mod secrets;
@@ -124,6 +125,8 @@ pub enum RunError {
     Store(#[from] StoreError),
     #[error("secrets: {0}")]
     Secrets(String),
+    #[error("{0}")]
+    Tls(String),
 }
 
 /// A bound, ready-to-run server. Splitting bind from run lets callers learn the port first.
@@ -155,6 +158,7 @@ impl Server {
             Some(url) => Arc::new(store::redis::RedisStore::connect(url, &config.cluster.prefix).await?),
             None => Arc::new(store::redb::RedbStore::open(&config.data_dir)?),
         };
+        outbound::configure(config.tls_ca_file.as_deref()).map_err(RunError::Tls)?;
         let secrets = secrets::Secrets::load_or_generate(&config, store.as_ref()).await?;
         let generated_admin_key = secrets.generated_admin_key.clone();
         let config = Arc::new(config);

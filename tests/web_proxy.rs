@@ -5,6 +5,10 @@
 #![allow(clippy::unwrap_used)] // tests fail loudly by design
 
 mod support;
+#[path = "support/realtime.rs"]
+mod rt;
+#[path = "support/tls.rs"]
+mod tls;
 
 use std::net::SocketAddr;
 
@@ -14,7 +18,6 @@ use axum::http::HeaderMap;
 use axum::response::IntoResponse;
 use axum::routing::{any, get};
 use futures_util::{SinkExt, StreamExt};
-use reqwest::Method;
 use serde_json::{json, Value};
 use support::{TestApp, Visitor};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -75,14 +78,6 @@ async fn admitted_cookie(app: &TestApp, room: &str) -> String {
 async fn admitted_visitors_are_proxied_and_others_sent_to_the_room() {
     let app = TestApp::start().await;
     let addr = origin().await;
-    let r = app
-        .admin(Method::POST, "/rooms")
-        .json(&json!({"id": "tls", "origin": "https://shop.example", "rate_per_minute": 1, "mode": "proxy"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 400);
-    assert!(r.text().await.unwrap().contains("mode"));
     app.create_room(json!({"id": "px", "origin": format!("http://{addr}/shop"), "rate_per_minute": 6000, "mode": "proxy"})).await;
     app.create_room(json!({"id": "other", "origin": format!("http://{addr}/shop"), "rate_per_minute": 6000, "mode": "proxy"})).await;
 
@@ -152,4 +147,48 @@ async fn unreachable_origin_gives_a_502_page() {
     assert!(r.headers().contains_key("retry-after"));
     let body = r.text().await.unwrap();
     assert!(body.contains("not reachable"), "{body}");
+}
+
+/// Every outbound client speaks https: a proxied origin, an adaptive-rate probe and a webhook,
+/// all on a server whose certificate comes from a private CA given as `tls_ca_file`; an origin
+/// whose certificate nobody vouches for is a 502, not a plain-text fallback.
+#[tokio::test]
+async fn https_origins_probes_and_webhooks_trust_the_built_in_roots_and_the_ca_file() {
+    let trusted = tls::TlsServer::start().await;
+    let stranger = tls::TlsServer::start().await;
+    let ca_file = trusted.ca_file.clone();
+    let app = TestApp::builder().config(move |c| c.tls_ca_file = Some(ca_file)).start().await;
+
+    app.create_room(json!({"id": "px", "origin": trusted.url("/shop"), "rate_per_minute": 6000, "mode": "proxy",
+        "adaptive": {"probe_url": trusted.url("/health"), "interval_seconds": 1, "target_latency_ms": 200,
+                     "min_per_minute": 60, "max_per_minute": 6000}}))
+        .await;
+    let cookie = admitted_cookie(&app, "px").await;
+    let r = app.http.get(app.url("/p/px/echo?a=1")).header("cookie", &cookie).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let seen: Value = r.json().await.unwrap();
+    assert_eq!(seen, json!({"uri": "/shop/echo?a=1", "tls": true}));
+    let proxied = trusted.seen().into_iter().find(|s| s.uri == "/shop/echo?a=1").unwrap();
+    assert_eq!(proxied.host, trusted.addr.to_string(), "the origin's own name, as over http");
+
+    support::eventually(std::time::Duration::from_secs(10), || async {
+        trusted.seen().iter().any(|s| s.method == "GET" && s.uri == "/health").then_some(())
+    })
+    .await;
+
+    let creds = rt::create_app(&app, json!({"webhooks": [{"url": trusted.url("/hook"), "event_types": ["channel_occupied"]}]})).await;
+    let mut ws = rt::Ws::connect(&app, &creds.key).await;
+    ws.subscribe("news").await;
+    let hook = support::eventually(std::time::Duration::from_secs(10), || async {
+        trusted.seen().into_iter().find(|s| s.uri == "/hook")
+    })
+    .await;
+    let body: Value = serde_json::from_str(&hook.body).unwrap();
+    assert_eq!(body["events"][0], json!({"name": "channel_occupied", "channel": "news"}));
+
+    app.create_room(json!({"id": "untrusted", "origin": stranger.url("/shop"), "rate_per_minute": 6000, "mode": "proxy"})).await;
+    let cookie = admitted_cookie(&app, "untrusted").await;
+    let r = app.http.get(app.url("/p/untrusted/echo")).header("cookie", &cookie).send().await.unwrap();
+    assert_eq!(r.status(), 502);
+    assert!(stranger.seen().is_empty(), "no request crosses an untrusted handshake");
 }

@@ -164,12 +164,18 @@ pub struct CliError(pub String);
 /// A minimal JSON client for the admin API.
 pub struct AdminClient {
     common: Common,
-    client: Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
+    client: Client<crate::outbound::Connector, Full<Bytes>>,
 }
 
 impl AdminClient {
     pub fn new(common: Common) -> Self {
-        Self { common, client: Client::builder(TokioExecutor::new()).build_http() }
+        // An admin URL behind a private CA: the server's own setting, read from its variable.
+        if let Some(ca_file) = std::env::var_os("WEIR_TLS_CA_FILE") {
+            if let Err(e) = crate::outbound::configure(Some(std::path::Path::new(&ca_file))) {
+                eprintln!("weir: {e}");
+            }
+        }
+        Self { common, client: Client::builder(TokioExecutor::new()).build(crate::outbound::connector(None)) }
     }
 
     pub fn json_output(&self) -> bool {

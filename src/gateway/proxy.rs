@@ -23,7 +23,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::any;
 use axum::Router;
 use http_body_util::BodyExt;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::sync::Semaphore;
@@ -43,14 +42,12 @@ pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
 const POOL_IDLE: Duration = Duration::from_secs(60);
 
 struct Proxy {
-    client: Client<HttpConnector, Body>,
+    client: Client<crate::outbound::Connector, Body>,
     permits: Arc<Semaphore>,
 }
 
 static PROXY: LazyLock<Proxy> = LazyLock::new(|| {
-    let mut connector = HttpConnector::new();
-    connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
-    connector.set_nodelay(true);
+    let connector = crate::outbound::connector(Some(CONNECT_TIMEOUT));
     let client = Client::builder(TokioExecutor::new()).pool_idle_timeout(POOL_IDLE).pool_max_idle_per_host(64).build(connector);
     Proxy { client, permits: Arc::new(Semaphore::new(MAX_IN_FLIGHT)) }
 });
@@ -192,7 +189,7 @@ async fn proxy(State(state): State<AppState>, mut req: Request) -> Response {
         Some(p) => format!("{}:{p}", origin.host_str().unwrap_or("")),
         None => origin.host_str().unwrap_or("").to_string(),
     };
-    let target = format!("http://{authority}{}", with_query(&format!("{base}{rest}"), &query));
+    let target = format!("{}://{authority}{}", origin.scheme(), with_query(&format!("{base}{rest}"), &query));
     let Ok(target) = target.parse::<Uri>() else {
         return failure(StatusCode::BAD_GATEWAY, req.headers(), None);
     };

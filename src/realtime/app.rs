@@ -163,11 +163,8 @@ impl AppSpec {
         }
         for (i, w) in self.webhooks.iter().enumerate() {
             match url::Url::parse(&w.url) {
-                Ok(u) if u.scheme() == "http" && u.host().is_some() => {}
-                Ok(u) if u.scheme() == "https" => {
-                    return Err(format!("webhooks[{i}].url: https is not supported yet; use http (e.g. behind a local TLS proxy)"))
-                }
-                _ => return Err(format!("webhooks[{i}].url: {:?} is not an absolute http URL", w.url)),
+                Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
+                _ => return Err(format!("webhooks[{i}].url: {:?} is not an absolute http(s) URL", w.url)),
             }
             if let Some(bad) = w.event_types.iter().find(|t| !WEBHOOK_EVENT_TYPES.contains(&t.as_str())) {
                 return Err(format!("webhooks[{i}].event_types: unknown type {bad:?} (known: {})", WEBHOOK_EVENT_TYPES.join(", ")));

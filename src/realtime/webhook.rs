@@ -5,15 +5,14 @@
 //! Each endpoint has its own bounded queue and worker, so a slow or dead endpoint delays only
 //! its own webhooks: publishers `try_send` and a full queue drops the event (counted). A batch
 //! is retried with exponential backoff and jitter, each attempt under a timeout, and dropped
-//! (counted) after [`MAX_ATTEMPTS`] or [`MAX_AGE`]. Only `http://` endpoints are supported
-//! (no TLS client is linked in).
+//! (counted) after [`MAX_ATTEMPTS`] or [`MAX_AGE`]. Endpoints may be `http://` or `https://`
+//! (`outbound`).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use rand::Rng;
@@ -41,7 +40,7 @@ pub const MAX_AGE: Duration = Duration::from_secs(5 * 60);
 pub const BASE_BACKOFF: Duration = Duration::from_millis(500);
 pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
-type HttpClient = Client<HttpConnector, Full<Bytes>>;
+type HttpClient = Client<crate::outbound::Connector, Full<Bytes>>;
 
 /// Spawns endpoint workers; shared by every app.
 #[derive(Clone)]
@@ -52,9 +51,7 @@ pub struct Deliverer {
 
 impl Deliverer {
     pub fn new(shutdown: CancellationToken) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(ATTEMPT_TIMEOUT));
-        let client = Client::builder(TokioExecutor::new()).build(connector);
+        let client = Client::builder(TokioExecutor::new()).build(crate::outbound::connector(Some(ATTEMPT_TIMEOUT)));
         Self { client, shutdown }
     }
 

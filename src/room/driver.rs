@@ -250,7 +250,7 @@ fn census(rooms: &Rooms, realtime: &Realtime) {
 /// Probes each adaptive room's origin every `interval_seconds` and feeds the controller.
 async fn prober(rooms: Arc<Rooms>, shutdown: CancellationToken) {
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build_http::<http_body_util::Empty<bytes::Bytes>>();
+        .build::<_, http_body_util::Empty<bytes::Bytes>>(crate::outbound::connector(None));
     let mut next_due: std::collections::HashMap<String, Instant> = std::collections::HashMap::new();
     let mut in_flight = tokio::task::JoinSet::new();
     let mut interval = tokio::time::interval(Duration::from_millis(250));
@@ -291,7 +291,7 @@ fn probe_timeout(policy: &super::policy::Adaptive) -> Duration {
 }
 
 async fn probe(
-    client: &hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, http_body_util::Empty<bytes::Bytes>>,
+    client: &hyper_util::client::legacy::Client<crate::outbound::Connector, http_body_util::Empty<bytes::Bytes>>,
     url: &str,
     timeout: Duration,
 ) -> ProbeResult {

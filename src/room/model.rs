@@ -301,10 +301,6 @@ impl RoomSpec {
         if self.state == RoomState::Scheduled && self.starts_at.is_none() {
             return Err(ApiError::invalid_field("starts_at", "is required when state is scheduled"));
         }
-        if self.mode == RoomMode::Proxy && !self.origin.starts_with("http://") {
-            // The proxy client speaks plain HTTP to an origin on the private side; TLS ends at weir.
-            return Err(ApiError::invalid_field("mode", "proxy needs an http:// origin (weir terminates TLS in front of it)"));
-        }
         self.branding.validate()?;
         Ok(())
     }

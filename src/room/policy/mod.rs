@@ -60,8 +60,8 @@ pub fn validate(spec: &RoomSpec) -> Result<(), ApiError> {
     }
     if let Some(a) = &spec.adaptive {
         match url::Url::parse(&a.probe_url) {
-            Ok(u) if matches!(u.scheme(), "http") && u.host().is_some() => {}
-            _ => return Err(ApiError::invalid_field("adaptive.probe_url", "must be an absolute http URL")),
+            Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
+            _ => return Err(ApiError::invalid_field("adaptive.probe_url", "must be an absolute http(s) URL")),
         }
         if !(1..=3600).contains(&a.interval_seconds) {
             return Err(ApiError::invalid_field("adaptive.interval_seconds", "must be between 1 and 3600"));

@@ -1,0 +1,86 @@
+//! Outbound HTTP and HTTPS: the connector every client of weir's shares (the reverse proxy to a
+//! room's origin, the adaptive rate's probes, webhooks, the CLI's admin calls). `https://` goes
+//! through rustls (on the `ring` weir links anyway) and trusts Mozilla's root certificates,
+//! built into the binary so that a container without a CA bundle still works, plus the
+//! certificate authorities in `tls_ca_file` (a private CA in front of an internal origin).
+//!
+//! The trust settings are process-wide, set once at startup ([`configure`]) before any client
+//! is made: the proxy's client lives for the process.
+
+use std::path::Path;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
+use hyper_util::client::legacy::connect::HttpConnector;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::CertificateDer;
+use rustls::{ClientConfig, RootCertStore};
+
+/// A connector for `http://` and `https://` URLs.
+pub type Connector = HttpsConnector<HttpConnector>;
+
+static TLS: OnceLock<Arc<ClientConfig>> = OnceLock::new();
+
+/// Trusts the certificate authorities of the PEM file `ca_file` besides the built-in roots.
+/// The first call decides for the process (a second, with another file, is refused).
+pub fn configure(ca_file: Option<&Path>) -> Result<(), String> {
+    let config = client_config(ca_file)?;
+    let set = TLS.get_or_init(|| config.clone());
+    if !Arc::ptr_eq(set, &config) && ca_file.is_some() {
+        return Err("tls_ca_file: outbound TLS was already set up in this process".into());
+    }
+    Ok(())
+}
+
+fn client_config(ca_file: Option<&Path>) -> Result<Arc<ClientConfig>, String> {
+    let mut roots = RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
+    if let Some(path) = ca_file {
+        let certs = CertificateDer::pem_file_iter(path)
+            .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| format!("tls_ca_file: cannot read certificates from {}: {e}", path.display()))?;
+        if certs.is_empty() {
+            return Err(format!("tls_ca_file: {} holds no PEM certificate", path.display()));
+        }
+        for cert in certs {
+            roots.add(cert).map_err(|e| format!("tls_ca_file: {}: {e}", path.display()))?;
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("tls: {e}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+/// A connector for both schemes, with `connect_timeout` on the TCP connection.
+pub fn connector(connect_timeout: Option<Duration>) -> Connector {
+    let tls = TLS.get_or_init(|| client_config(None).expect("the built-in roots make a valid TLS setup"));
+    let mut http = HttpConnector::new();
+    // The TLS layer takes `https://`; this one only ever sees the TCP connection.
+    http.enforce_http(false);
+    http.set_connect_timeout(connect_timeout);
+    http.set_nodelay(true);
+    HttpsConnectorBuilder::new().with_tls_config((**tls).clone()).https_or_http().enable_http1().wrap_connector(http)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_ca_file_must_hold_certificates() {
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "not a certificate\n").unwrap();
+        assert!(client_config(Some(&empty)).unwrap_err().contains("holds no PEM certificate"));
+        assert!(client_config(Some(&dir.path().join("missing.pem"))).unwrap_err().contains("cannot read"));
+        let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let good = dir.path().join("ca.pem");
+        std::fs::write(&good, cert.cert.pem()).unwrap();
+        assert!(client_config(Some(&good)).is_ok());
+        assert!(client_config(None).is_ok());
+    }
+}

@@ -1,0 +1,100 @@
+//! An HTTPS server on loopback with a certificate from its own throwaway CA, recording what it
+//! is asked: the far end of weir's outbound TLS (proxied origins, probes, webhooks).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use tokio_rustls::rustls::ServerConfig;
+use tokio_rustls::TlsAcceptor;
+
+/// One request the server answered: method, path and query, body.
+#[derive(Clone, Debug)]
+pub struct Seen {
+    pub method: String,
+    pub uri: String,
+    pub host: String,
+    pub body: String,
+}
+
+pub struct TlsServer {
+    pub addr: SocketAddr,
+    /// The PEM of the CA that signed the server's certificate (for `tls_ca_file`).
+    pub ca_file: PathBuf,
+    pub seen: Arc<Mutex<Vec<Seen>>>,
+    _dir: tempfile::TempDir,
+}
+
+impl TlsServer {
+    /// Serves `https://127.0.0.1:{port}`, answering every request 200 with `{"uri": ...}`.
+    pub async fn start() -> TlsServer {
+        let dir = tempfile::tempdir().unwrap();
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let leaf_key = KeyPair::generate().unwrap();
+        let leaf = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()]).unwrap().signed_by(&leaf_key, &ca, &ca_key).unwrap();
+        let ca_file = dir.path().join("ca.pem");
+        std::fs::write(&ca_file, ca.pem()).unwrap();
+
+        let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+        let config = ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![CertificateDer::from(leaf.der().to_vec())],
+                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf_key.serialize_der())),
+            )
+            .unwrap();
+        let acceptor = TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let record = seen.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else { return };
+                let (acceptor, record) = (acceptor.clone(), record.clone());
+                tokio::spawn(async move {
+                    // A client that does not trust the certificate ends the handshake: nothing to serve.
+                    let Ok(tls) = acceptor.accept(tcp).await else { return };
+                    let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                        let record = record.clone();
+                        async move {
+                            let (parts, body) = req.into_parts();
+                            let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                            let host = parts.headers.get("host").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+                            let uri = parts.uri.to_string();
+                            record.lock().unwrap().push(Seen {
+                                method: parts.method.to_string(),
+                                uri: uri.clone(),
+                                host,
+                                body: String::from_utf8_lossy(&body).into_owned(),
+                            });
+                            let reply = serde_json::json!({ "uri": uri, "tls": true }).to_string();
+                            Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(Bytes::from(reply))))
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tls), service).await;
+                });
+            }
+        });
+        TlsServer { addr, ca_file, seen, _dir: dir }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("https://{}{path}", self.addr)
+    }
+
+    pub fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+}
