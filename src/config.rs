@@ -53,7 +53,8 @@ pub struct Config {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ClusterConfig {
-    /// `WEIR_CLUSTER_REDIS_URL`: `redis://[user:password@]host:port[/db]` of the Redis (7.x)
+    /// `WEIR_CLUSTER_REDIS_URL`: `redis://[user:password@]host:port[/db]` of the Redis (7.x);
+    /// `rediss://` for Redis over TLS
     /// every node of the cluster uses.
     pub redis_url: Option<String>,
     /// `WEIR_CLUSTER_PREFIX`: the prefix of weir's Redis keys and channels, so that several
@@ -265,8 +266,8 @@ impl Config {
         }
         if let Some(url) = &self.cluster.redis_url {
             match url::Url::parse(url) {
-                Ok(u) if u.scheme() == "redis" && u.host_str().is_some_and(|h| !h.is_empty()) => {}
-                _ => problems.push(format!("cluster.redis_url: {url:?} is not a redis://host:port URL")),
+                Ok(u) if matches!(u.scheme(), "redis" | "rediss") && u.host_str().is_some_and(|h| !h.is_empty()) => {}
+                _ => problems.push(format!("cluster.redis_url: {url:?} is not a redis:// (or rediss://, TLS) host:port URL")),
             }
         }
         let prefix = &self.cluster.prefix;

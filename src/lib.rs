@@ -153,12 +153,13 @@ impl Server {
             let addr = listener.local_addr().unwrap_or(config.listen);
             config.public_url = Some(format!("http://{addr}"));
         }
+        // Before any client exists: the proxy's, the webhooks', Redis's.
+        outbound::configure(config.tls_ca_file.as_deref()).map_err(RunError::Tls)?;
         // A cluster's nodes share their durable state through Redis; one node keeps it embedded.
         let store: Arc<dyn Store> = match &config.cluster.redis_url {
             Some(url) => Arc::new(store::redis::RedisStore::connect(url, &config.cluster.prefix).await?),
             None => Arc::new(store::redb::RedbStore::open(&config.data_dir)?),
         };
-        outbound::configure(config.tls_ca_file.as_deref()).map_err(RunError::Tls)?;
         let secrets = secrets::Secrets::load_or_generate(&config, store.as_ref()).await?;
         let generated_admin_key = secrets.generated_admin_key.clone();
         let config = Arc::new(config);

@@ -4,10 +4,13 @@
 //! built into the binary so that a container without a CA bundle still works, plus the
 //! certificate authorities in `tls_ca_file` (a private CA in front of an internal origin).
 //!
+//! A cluster's Redis URL may be `rediss://` ([`redis_client`]): Redis over TLS trusts the
+//! system's CA store and Mozilla's roots, or, with `tls_ca_file`, the authorities in that file.
+//!
 //! The trust settings are process-wide, set once at startup ([`configure`]) before any client
 //! is made: the proxy's client lives for the process.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -20,17 +23,40 @@ use rustls::{ClientConfig, RootCertStore};
 /// A connector for `http://` and `https://` URLs.
 pub type Connector = HttpsConnector<HttpConnector>;
 
-static TLS: OnceLock<Arc<ClientConfig>> = OnceLock::new();
+/// The trust settings, made once per process.
+struct Settings {
+    ca_file: Option<PathBuf>,
+    tls: Arc<ClientConfig>,
+    /// The PEM text of `ca_file`, for Redis (its client takes roots as PEM).
+    ca_pem: Option<Vec<u8>>,
+}
+
+static SETTINGS: OnceLock<Settings> = OnceLock::new();
+
+impl Settings {
+    fn new(ca_file: Option<&Path>) -> Result<Settings, String> {
+        let tls = client_config(ca_file)?;
+        let ca_pem = ca_file.map(std::fs::read).transpose().map_err(|e| format!("tls_ca_file: {e}"))?;
+        Ok(Settings { ca_file: ca_file.map(Path::to_path_buf), tls, ca_pem })
+    }
+}
+
+fn settings() -> &'static Settings {
+    SETTINGS.get_or_init(|| Settings::new(None).expect("the built-in roots make a valid TLS setup"))
+}
 
 /// Trusts the certificate authorities of the PEM file `ca_file` besides the built-in roots.
-/// The first call decides for the process (a second, with another file, is refused).
+/// The first call decides for the process; a later one naming another file is refused.
 pub fn configure(ca_file: Option<&Path>) -> Result<(), String> {
-    let config = client_config(ca_file)?;
-    let set = TLS.get_or_init(|| config.clone());
-    if !Arc::ptr_eq(set, &config) && ca_file.is_some() {
-        return Err("tls_ca_file: outbound TLS was already set up in this process".into());
+    if SETTINGS.get().is_none() {
+        let new = Settings::new(ca_file)?;
+        let _ = SETTINGS.set(new);
     }
-    Ok(())
+    match (&settings().ca_file, ca_file) {
+        (_, None) => Ok(()),
+        (Some(set), Some(asked)) if set == asked => Ok(()),
+        _ => Err("tls_ca_file: outbound TLS was already set up differently in this process".into()),
+    }
 }
 
 fn client_config(ca_file: Option<&Path>) -> Result<Arc<ClientConfig>, String> {
@@ -55,9 +81,19 @@ fn client_config(ca_file: Option<&Path>) -> Result<Arc<ClientConfig>, String> {
     Ok(Arc::new(config))
 }
 
+/// A Redis client for `redis://` or `rediss://` `url`.
+pub fn redis_client(url: &str) -> redis::RedisResult<redis::Client> {
+    match settings().ca_pem.clone() {
+        Some(root_cert) if url.starts_with("rediss://") => {
+            redis::Client::build_with_tls(url, redis::TlsCertificates { client_tls: None, root_cert: Some(root_cert) })
+        }
+        _ => redis::Client::open(url),
+    }
+}
+
 /// A connector for both schemes, with `connect_timeout` on the TCP connection.
 pub fn connector(connect_timeout: Option<Duration>) -> Connector {
-    let tls = TLS.get_or_init(|| client_config(None).expect("the built-in roots make a valid TLS setup"));
+    let tls = &settings().tls;
     let mut http = HttpConnector::new();
     // The TLS layer takes `https://`; this one only ever sees the TCP connection.
     http.enforce_http(false);

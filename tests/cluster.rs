@@ -9,6 +9,8 @@ mod support;
 mod rt;
 #[path = "support/redis.rs"]
 mod redis;
+#[path = "support/tls.rs"]
+mod tls;
 
 use std::time::Duration;
 
@@ -25,12 +27,18 @@ fn creds() -> Creds {
 
 /// A node of the cluster on `redis`, with the app of [`creds`] (client events on).
 async fn node(redis: &Redis) -> TestApp {
+    node_trusting(redis, None).await
+}
+
+/// [`node`], trusting the certificate authorities of `ca_file` (for a Redis over TLS).
+async fn node_trusting(redis: &Redis, ca_file: Option<std::path::PathBuf>) -> TestApp {
     let c = creds();
     let mut spec = AppSpec::new(c.id, c.key, c.secret);
     spec.client_events = true;
     let app = TestApp::builder()
         .config(|config| {
             config.cluster.redis_url = Some(redis.url());
+            config.tls_ca_file = ca_file;
             config.apps = vec![spec];
         })
         .start()
@@ -281,4 +289,21 @@ async fn a_late_node_learns_the_members_and_a_stopped_node_takes_its_members_awa
     b.stop().await;
     let removed = u1.recv_event("pusher_internal:member_removed").await;
     assert_eq!(data(&removed)["user_id"], "u2");
+}
+
+/// A Redis that speaks only TLS (`rediss://`, its CA given as `tls_ca_file`) carries the cluster
+/// as a plain one does: events cross nodes, and channel queries count both nodes.
+#[tokio::test]
+async fn nodes_share_a_redis_that_speaks_only_tls() {
+    let ca = tls::TestCa::new();
+    let redis = Redis::start_tls(&ca.cert_file, &ca.key_file);
+    assert!(redis.url().starts_with("rediss://"));
+    let a = node_trusting(&redis, Some(ca.ca_file.clone())).await;
+    let b = node_trusting(&redis, Some(ca.ca_file.clone())).await;
+    let mut on_b = Ws::connect(&b, &creds().key).await;
+    on_b.subscribe("secure").await;
+    joined(&[&a, &b], "secure", 1).await;
+    Api::new(&a, &creds()).trigger("secure", "sealed", "\"over tls\"").await;
+    let event = on_b.recv_event("sealed").await;
+    assert_eq!(data(&event), json!("over tls"));
 }

@@ -111,7 +111,7 @@ pub struct Cluster {
 impl Cluster {
     /// A node's handle on the bus; nothing connects until [`start`](Self::start).
     pub fn new(redis_url: &str, prefix: &str) -> Result<Arc<Self>, ClusterError> {
-        let client = redis::Client::open(redis_url)?;
+        let client = crate::outbound::redis_client(redis_url)?;
         let node = hex::encode(rand::random::<[u8; 8]>());
         let (outbox, outbox_rx) = mpsc::channel(OUTBOX_CAPACITY);
         let counter = |reason: &'static str| metrics::counter!("weir_cluster_messages_total", "kind" => reason);

@@ -119,7 +119,7 @@ impl RedisStore {
     /// Connects to `url` (`redis://…`); every key starts with `prefix`, so several deployments
     /// can share one Redis.
     pub async fn connect(url: &str, prefix: &str) -> Result<Self, StoreError> {
-        let client = redis::Client::open(url).map_err(backend)?;
+        let client = crate::outbound::redis_client(url).map_err(backend)?;
         let connection = tokio::time::timeout(CONNECT_TIMEOUT, open(&client, CONNECT_TIMEOUT))
             .await
             .map_err(|_| backend(format!("Redis did not answer within {CONNECT_TIMEOUT:?}")))?

@@ -10,6 +10,7 @@ use std::time::Duration;
 pub struct Redis {
     pub port: u16,
     child: Child,
+    tls: bool,
 }
 
 impl Redis {
@@ -19,8 +20,21 @@ impl Redis {
     }
 
     pub fn start_on(port: u16) -> Redis {
+        Self::spawn(port, &["--port", &port.to_string()], false)
+    }
+
+    /// A Redis that speaks only TLS (`rediss://`), with `cert`/`key` (PEM files).
+    pub fn start_tls(cert: &std::path::Path, key: &std::path::Path) -> Redis {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let (cert, key) = (cert.to_str().unwrap(), key.to_str().unwrap());
+        let args = ["--port", "0", "--tls-port", &port.to_string(), "--tls-cert-file", cert, "--tls-key-file", key, "--tls-auth-clients", "no"];
+        Self::spawn(port, &args, true)
+    }
+
+    fn spawn(port: u16, listen: &[&str], tls: bool) -> Redis {
         let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(listen)
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .stdout(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("cannot run redis-server ({e}): `scripts/test` installs it (apt-get install redis-server)"));
@@ -29,7 +43,7 @@ impl Redis {
             assert!(std::time::Instant::now() < deadline, "redis-server did not listen on {port}");
             std::thread::sleep(Duration::from_millis(20));
         }
-        Redis { port, child }
+        Redis { port, child, tls }
     }
 
     pub fn pid(&self) -> u32 {
@@ -37,7 +51,7 @@ impl Redis {
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        format!("{}://127.0.0.1:{}", if self.tls { "rediss" } else { "redis" }, self.port)
     }
 
     pub fn stop(mut self) -> u16 {

@@ -1,5 +1,7 @@
-//! An HTTPS server on loopback with a certificate from its own throwaway CA, recording what it
-//! is asked: the far end of weir's outbound TLS (proxied origins, probes, webhooks).
+//! A throwaway certificate authority and a certificate it signs for 127.0.0.1 ([`TestCa`]), and
+//! an HTTPS server on loopback using them that records what it is asked ([`TlsServer`]): the far
+//! end of weir's outbound TLS (proxied origins, probes, webhooks; Redis over TLS uses the files).
+#![allow(dead_code)]
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -23,17 +25,18 @@ pub struct Seen {
     pub body: String,
 }
 
-pub struct TlsServer {
-    pub addr: SocketAddr,
-    /// The PEM of the CA that signed the server's certificate (for `tls_ca_file`).
+/// PEM files in a temp dir: `ca.pem` (the authority), `cert.pem` and `key.pem` (127.0.0.1).
+pub struct TestCa {
     pub ca_file: PathBuf,
-    pub seen: Arc<Mutex<Vec<Seen>>>,
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    cert_der: Vec<u8>,
+    key_der: Vec<u8>,
     _dir: tempfile::TempDir,
 }
 
-impl TlsServer {
-    /// Serves `https://127.0.0.1:{port}`, answering every request 200 with `{"uri": ...}`.
-    pub async fn start() -> TlsServer {
+impl TestCa {
+    pub fn new() -> TestCa {
         let dir = tempfile::tempdir().unwrap();
         let ca_key = KeyPair::generate().unwrap();
         let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
@@ -41,8 +44,26 @@ impl TlsServer {
         let ca = ca_params.self_signed(&ca_key).unwrap();
         let leaf_key = KeyPair::generate().unwrap();
         let leaf = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()]).unwrap().signed_by(&leaf_key, &ca, &ca_key).unwrap();
-        let ca_file = dir.path().join("ca.pem");
+        let (ca_file, cert_file, key_file) = (dir.path().join("ca.pem"), dir.path().join("cert.pem"), dir.path().join("key.pem"));
         std::fs::write(&ca_file, ca.pem()).unwrap();
+        std::fs::write(&cert_file, leaf.pem()).unwrap();
+        std::fs::write(&key_file, leaf_key.serialize_pem()).unwrap();
+        TestCa { ca_file, cert_file, key_file, cert_der: leaf.der().to_vec(), key_der: leaf_key.serialize_der(), _dir: dir }
+    }
+}
+
+pub struct TlsServer {
+    pub addr: SocketAddr,
+    /// The PEM of the CA that signed the server's certificate (for `tls_ca_file`).
+    pub ca_file: PathBuf,
+    pub seen: Arc<Mutex<Vec<Seen>>>,
+    _ca: TestCa,
+}
+
+impl TlsServer {
+    /// Serves `https://127.0.0.1:{port}`, answering every request 200 with `{"uri": ...}`.
+    pub async fn start() -> TlsServer {
+        let ca = TestCa::new();
 
         let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
         let config = ServerConfig::builder_with_provider(provider)
@@ -50,8 +71,8 @@ impl TlsServer {
             .unwrap()
             .with_no_client_auth()
             .with_single_cert(
-                vec![CertificateDer::from(leaf.der().to_vec())],
-                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf_key.serialize_der())),
+                vec![CertificateDer::from(ca.cert_der.clone())],
+                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(ca.key_der.clone())),
             )
             .unwrap();
         let acceptor = TlsAcceptor::from(Arc::new(config));
@@ -87,7 +108,7 @@ impl TlsServer {
                 });
             }
         });
-        TlsServer { addr, ca_file, seen, _dir: dir }
+        TlsServer { addr, ca_file: ca.ca_file.clone(), seen, _ca: ca }
     }
 
     pub fn url(&self, path: &str) -> String {
