@@ -421,29 +421,17 @@ impl Cluster {
                 }
             }
             Message::Member { node, app, channel, user_id, info } => {
-                if node == self.node {
-                    return;
-                }
-                self.known_nodes.lock().insert(node.clone());
-                if let Some(tenant) = rt.tenant_by_id(&app) {
+                if let Some(tenant) = self.tenant_of_other(rt, &node, &app) {
                     tenant.remote_member(&channel, &user_id, info, &node);
                 }
             }
             Message::Online { node, app, user_id, online } => {
-                if node == self.node {
-                    return;
-                }
-                self.known_nodes.lock().insert(node.clone());
-                if let Some(tenant) = rt.tenant_by_id(&app) {
+                if let Some(tenant) = self.tenant_of_other(rt, &node, &app) {
                     tenant.remote_user(&user_id, online, &node);
                 }
             }
             Message::Count { node, app, channel, count } => {
-                if node == self.node {
-                    return;
-                }
-                self.known_nodes.lock().insert(node.clone());
-                if let Some(tenant) = rt.tenant_by_id(&app) {
+                if let Some(tenant) = self.tenant_of_other(rt, &node, &app) {
                     tenant.remote_count(&channel, count, &node);
                 }
             }
@@ -490,6 +478,16 @@ impl Cluster {
             }
             Message::Reply { node, id, channels } => self.queries.answer(id, &node, channels),
         }
+    }
+
+    /// App `app` of this node, for a message about another `node`'s connections (which is then
+    /// known to be alive); `None` for this node's own messages.
+    fn tenant_of_other(&self, rt: &Realtime, node: &str, app: &str) -> Option<Arc<crate::realtime::tenant::Tenant>> {
+        if node == self.node {
+            return None;
+        }
+        self.known_nodes.lock().insert(node.to_string());
+        rt.tenant_by_id(app)
     }
 
     /// Announces every presence member, signed-in user and subscription count of this node

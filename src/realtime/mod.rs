@@ -150,36 +150,9 @@ impl Realtime {
             cluster.start(Arc::downgrade(&rt), shutdown.clone());
             tracing::info!(node = cluster.node(), "cluster: realtime events cross nodes through Redis");
         }
-        let weak = Arc::downgrade(&rt);
-        let counts_shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(COUNT_TICK);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = tick.tick() => {}
-                    _ = counts_shutdown.cancelled() => return,
-                }
-                let Some(rt) = weak.upgrade() else { return };
-                for t in rt.all_tenants() {
-                    t.tell_due_counts();
-                }
-            }
-        });
-        let weak = Arc::downgrade(&rt);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(SWEEP_INTERVAL);
-            loop {
-                tokio::select! {
-                    _ = tick.tick() => {}
-                    _ = shutdown.cancelled() => return,
-                }
-                let Some(rt) = weak.upgrade() else { return };
-                for t in rt.all_tenants() {
-                    t.sweep();
-                }
-            }
-        });
+        // Counts held back by their interval are told within a quarter second of its end.
+        every_tenant(&rt, COUNT_TICK, shutdown.clone(), Tenant::tell_due_counts);
+        every_tenant(&rt, SWEEP_INTERVAL, shutdown, Tenant::sweep);
         Ok(rt)
     }
 
@@ -311,4 +284,23 @@ impl Realtime {
     pub fn current_serial(&self) -> u64 {
         self.serials.load(Ordering::SeqCst)
     }
+}
+
+/// Runs `task` on every tenant each `period` until shutdown or until the server is gone.
+fn every_tenant(rt: &Arc<Realtime>, period: Duration, shutdown: CancellationToken, task: fn(&Tenant)) {
+    let weak = Arc::downgrade(rt);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.cancelled() => return,
+            }
+            let Some(rt) = weak.upgrade() else { return };
+            for t in rt.all_tenants() {
+                task(&t);
+            }
+        }
+    });
 }
