@@ -264,6 +264,11 @@ impl Config {
                 problems.push(format!("trusted_proxies: {c:?} is not a CIDR range"));
             }
         }
+        if let Some(ca_file) = &self.tls_ca_file {
+            if let Err(problem) = crate::outbound::check_ca_file(ca_file) {
+                problems.push(problem);
+            }
+        }
         if let Some(url) = &self.cluster.redis_url {
             match url::Url::parse(url) {
                 Ok(u) if matches!(u.scheme(), "redis" | "rediss") && u.host_str().is_some_and(|h| !h.is_empty()) => {}

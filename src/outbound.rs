@@ -59,6 +59,11 @@ pub fn configure(ca_file: Option<&Path>) -> Result<(), String> {
     }
 }
 
+/// Whether `ca_file` is a readable PEM file of certificates (checked with the configuration).
+pub fn check_ca_file(ca_file: &Path) -> Result<(), String> {
+    client_config(Some(ca_file)).map(drop)
+}
+
 fn client_config(ca_file: Option<&Path>) -> Result<Arc<ClientConfig>, String> {
     let mut roots = RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
     if let Some(path) = ca_file {

@@ -187,6 +187,10 @@ fn invalid_configuration_names_the_field() {
     let out = Command::new(weir_bin()).args(["serve"]).env("WEIR_LIMITS_LINE_WAIT_MS", "600000").output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("limits.line_wait_ms"));
+    let out = Command::new(weir_bin()).args(["serve"]).env("WEIR_TLS_CA_FILE", "/nonexistent/ca.pem").output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("tls_ca_file") && err.contains("/nonexistent/ca.pem"), "{err}");
 }
 
 fn cli(base: &str, args: &[&str]) -> std::process::Output {
