@@ -331,8 +331,6 @@ struct Session {
     /// Subscribed channels with the presence user id each subscription counts for.
     subscribed: HashMap<String, (ChannelType, Option<String>)>,
     user_id: Option<String>,
-    /// The user ids the sign-in watches (`user_data.watchlist`).
-    watchlist: Box<[String]>,
     client_events: Bucket,
 }
 
@@ -354,7 +352,6 @@ impl Session {
             conn,
             subscribed: HashMap::new(),
             user_id: None,
-            watchlist: Box::default(),
             client_events: Bucket::new(CLIENT_EVENTS_PER_SECOND),
         })
     }
@@ -362,7 +359,7 @@ impl Session {
     /// Closes the connection (the first reason stays) and forgets it everywhere.
     fn close(self) -> Arc<Conn> {
         self.conn.close(1000, "closed");
-        self.tenant.remove_conn(&self.conn, self.subscribed.into_keys(), self.user_id.as_deref(), &self.watchlist);
+        self.tenant.remove_conn(&self.conn, self.subscribed.into_keys(), self.user_id.as_deref());
         self.conn
     }
 
@@ -610,8 +607,7 @@ impl Session {
         };
         self.conn.send(&protocol::json_string_event("pusher:signin_success", None, &json!({ "user_data": user_data })));
         if first {
-            self.watchlist = if spec.watchlist_events { watchlist.into() } else { Box::default() };
-            self.tenant.sign_in(&self.conn, &id, &self.watchlist);
+            self.tenant.sign_in(&self.conn, &id, watchlist);
             self.user_id = Some(id);
         }
     }

@@ -242,16 +242,15 @@ impl Tenant {
         true
     }
 
-    /// Forgets a connection: unsubscribes it everywhere and signs it out (`user_id`, with the
-    /// `watchlist` its sign-in carried).
-    pub fn remove_conn(&self, conn: &Arc<Conn>, channels: impl IntoIterator<Item = String>, user_id: Option<&str>, watchlist: &[String]) {
+    /// Forgets a connection: unsubscribes it everywhere and signs it out (`user_id`).
+    pub fn remove_conn(&self, conn: &Arc<Conn>, channels: impl IntoIterator<Item = String>, user_id: Option<&str>) {
         for channel in channels {
             self.unsubscribe(conn, &channel);
         }
         if let Some(user) = user_id {
             let spec = self.spec();
             let users = &mut *self.users.lock();
-            let out = users.sign_out(conn, user, watchlist);
+            let out = users.sign_out(conn, user);
             if let (true, Some(cluster)) = (out.last_here, &self.cluster) {
                 cluster.user_online(&spec.id, user, false);
             }
@@ -273,9 +272,9 @@ impl Tenant {
 
     /// Signs `conn` in as `user_id`. With watchlist events on, it is told which users of its
     /// `watchlist` are online, and the watchers of `user_id` hear that they came online.
-    pub fn sign_in(&self, conn: &Arc<Conn>, user_id: &str, watchlist: &[String]) {
+    pub fn sign_in(&self, conn: &Arc<Conn>, user_id: &str, watchlist: Vec<String>) {
         let spec = self.spec();
-        let watchlist = if spec.watchlist_events { watchlist } else { &[] };
+        let watchlist = if spec.watchlist_events { watchlist } else { Vec::new() };
         let users = &mut *self.users.lock();
         let signed = users.sign_in(conn, user_id, watchlist);
         if let (true, Some(cluster)) = (signed.first_here, &self.cluster) {

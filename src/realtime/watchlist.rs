@@ -27,6 +27,9 @@ pub struct Users {
     remote: HashMap<String, Vec<String>>,
     /// The connections watching each user id.
     watchers: HashMap<String, Vec<Arc<Conn>>>,
+    /// What each watching connection watches (kept here, not with every connection: most have
+    /// no watchlist).
+    watching: HashMap<u64, Vec<String>>,
 }
 
 /// What a sign-in changed.
@@ -53,22 +56,25 @@ impl Users {
     }
 
     /// Signs `conn` in as `user_id`, watching `watchlist`.
-    pub fn sign_in(&mut self, conn: &Arc<Conn>, user_id: &str, watchlist: &[String]) -> SignedIn {
+    pub fn sign_in(&mut self, conn: &Arc<Conn>, user_id: &str, watchlist: Vec<String>) -> SignedIn {
         let came_online = !self.is_online(user_id);
         let mine = self.conns.entry(user_id.to_string()).or_default();
         let first_here = mine.is_empty();
         mine.push(conn.clone());
-        for watched in watchlist {
+        for watched in &watchlist {
             self.watchers.entry(watched.clone()).or_default().push(conn.clone());
         }
         let watched_online = watchlist.iter().filter(|w| self.is_online(w)).cloned().collect();
+        if !watchlist.is_empty() {
+            self.watching.insert(conn.id, watchlist);
+        }
         SignedIn { first_here, came_online, watched_online }
     }
 
-    /// Forgets `conn`, signed in as `user_id` and watching `watchlist`.
-    pub fn sign_out(&mut self, conn: &Conn, user_id: &str, watchlist: &[String]) -> SignedOut {
-        for watched in watchlist {
-            remove_conn(&mut self.watchers, watched, conn.id);
+    /// Forgets `conn`, signed in as `user_id`, and what it watched.
+    pub fn sign_out(&mut self, conn: &Conn, user_id: &str) -> SignedOut {
+        for watched in self.watching.remove(&conn.id).unwrap_or_default() {
+            remove_conn(&mut self.watchers, &watched, conn.id);
         }
         let last_here = remove_conn(&mut self.conns, user_id, conn.id);
         SignedOut { last_here, went_offline: last_here && !self.remote.contains_key(user_id) }
@@ -170,14 +176,14 @@ mod tests {
     fn online_while_any_node_has_the_user() {
         let mut users = Users::default();
         let (a1, a2) = (conn(1), conn(2));
-        let first = users.sign_in(&a1, "ann", &[]);
+        let first = users.sign_in(&a1, "ann", Vec::new());
         assert!(first.first_here && first.came_online);
-        let second = users.sign_in(&a2, "ann", &[]);
+        let second = users.sign_in(&a2, "ann", Vec::new());
         assert!(!second.first_here && !second.came_online);
         assert_eq!(users.remote("ann", true, "n2"), None, "already online here");
-        let out = users.sign_out(&a1, "ann", &[]);
+        let out = users.sign_out(&a1, "ann");
         assert!(!out.last_here && !out.went_offline);
-        let out = users.sign_out(&a2, "ann", &[]);
+        let out = users.sign_out(&a2, "ann");
         assert!(out.last_here && !out.went_offline, "still signed in on n2");
         assert_eq!(users.forget_node("n2"), ["ann"]);
         assert!(!users.is_online("ann"));
@@ -191,14 +197,15 @@ mod tests {
     fn a_sign_in_learns_who_it_watches_is_online_and_stops_watching_when_it_ends() {
         let mut users = Users::default();
         let (bob, ann) = (conn(1), conn(2));
-        users.sign_in(&bob, "bob", &[]);
+        users.sign_in(&bob, "bob", Vec::new());
+        assert!(users.watching.is_empty(), "nothing kept for a connection that watches nobody");
         users.remote("cid", true, "n2");
         let watchlist = vec!["bob".to_string(), "cid".to_string(), "dan".to_string()];
-        let signed = users.sign_in(&ann, "ann", &watchlist);
+        let signed = users.sign_in(&ann, "ann", watchlist);
         assert_eq!(signed.watched_online, ["bob", "cid"]);
         assert_eq!(users.watchers.get("dan").map(Vec::len), Some(1));
-        users.sign_out(&ann, "ann", &watchlist);
-        assert!(users.watchers.is_empty(), "no watcher outlives its connection");
+        users.sign_out(&ann, "ann");
+        assert!(users.watchers.is_empty() && users.watching.is_empty(), "no watcher outlives its connection");
     }
 
     #[test]
