@@ -32,9 +32,15 @@ async fn node(redis: &Redis) -> TestApp {
 
 /// [`node`], trusting the certificate authorities of `ca_file` (for a Redis over TLS).
 async fn node_trusting(redis: &Redis, ca_file: Option<std::path::PathBuf>) -> TestApp {
+    node_with(redis, ca_file, |_| {}).await
+}
+
+/// [`node`], with `ca_file` trusted and the app's settings changed by `set`.
+async fn node_with(redis: &Redis, ca_file: Option<std::path::PathBuf>, set: impl FnOnce(&mut AppSpec)) -> TestApp {
     let c = creds();
     let mut spec = AppSpec::new(c.id, c.key, c.secret);
     spec.client_events = true;
+    set(&mut spec);
     let app = TestApp::builder()
         .config(|config| {
             config.cluster.redis_url = Some(redis.url());
@@ -306,4 +312,39 @@ async fn nodes_share_a_redis_that_speaks_only_tls() {
     Api::new(&a, &creds()).trigger("secure", "sealed", "\"over tls\"").await;
     let event = on_b.recv_event("sealed").await;
     assert_eq!(data(&event), json!("over tls"));
+}
+
+/// A node that joins late learns who is signed in elsewhere (watchlists) and how many subscribe
+/// elsewhere (subscription counts); when a node stops, its users go offline and its subscribers
+/// leave the counts.
+#[tokio::test]
+async fn a_late_node_learns_signed_in_users_and_counts_and_a_stopped_node_takes_them_away() {
+    let redis = Redis::start();
+    let counting = |spec: &mut AppSpec| spec.subscription_count = true;
+    let a = node_with(&redis, None, counting).await;
+    let c = creds();
+    let mut bob = Ws::connect(&a, &c.key).await;
+    assert_eq!(bob.signin(&c, "bob").await["event"], "pusher:signin_success");
+    let mut x = Ws::connect(&a, &c.key).await;
+    x.subscribe("counted").await;
+
+    let b = node_with(&redis, None, counting).await;
+    let mut ann = eventually(Duration::from_secs(10), || async {
+        let mut ann = Ws::connect(&b, &c.key).await;
+        assert_eq!(ann.signin_as(&c, &json!({"id": "ann", "watchlist": ["bob"]})).await["event"], "pusher:signin_success");
+        let first = ann.try_recv(Duration::from_millis(300)).await?;
+        assert_eq!(first["event"], "pusher_internal:watchlist_events");
+        assert_eq!(data(&first), json!({"events": [{"name": "online", "user_ids": ["bob"]}]}));
+        Some(ann)
+    })
+    .await;
+    let mut y = Ws::connect(&b, &c.key).await;
+    y.subscribe("counted").await;
+    let total = |v: &Value| data(v)["subscription_count"].as_u64().unwrap();
+    while total(&y.recv_event("pusher_internal:subscription_count").await) != 2 {}
+
+    a.stop().await;
+    let gone = ann.recv_event("pusher_internal:watchlist_events").await;
+    assert_eq!(data(&gone), json!({"events": [{"name": "offline", "user_ids": ["bob"]}]}));
+    while total(&y.recv_event("pusher_internal:subscription_count").await) != 1 {}
 }

@@ -147,7 +147,12 @@ impl Ws {
     }
 
     pub async fn signin(&mut self, c: &Creds, user: &str) -> Value {
-        let ud = json!({"id": user}).to_string();
+        self.signin_as(c, &json!({"id": user})).await
+    }
+
+    /// Signs in with `user_data` (an object with at least `id`); returns the next frame.
+    pub async fn signin_as(&mut self, c: &Creds, user_data: &Value) -> Value {
+        let ud = user_data.to_string();
         let auth = signature::user_auth(&c.key, &c.secret, &self.socket_id, &ud);
         self.send(json!({"event": "pusher:signin", "data": {"auth": auth, "user_data": ud}})).await;
         self.recv().await
