@@ -11,6 +11,9 @@
 //!   (documents, counters and reserved ticket ranges in redb, written through one group-committing thread);
 //!   `store::redis` shares it between the nodes of a cluster.
 //! - [`secrets`]: admin key and cookie key, generated on first start and persisted.
+//! - [`outbound`]: the HTTP(S) connector of every client weir runs (the reverse proxy, probes,
+//!   webhooks, the CLI) and the Redis client (`rediss://`): rustls with built-in roots plus
+//!   `tls_ca_file`.
 //! - [`room`]: rooms, the durable queue, the admission driver, visitor cookies, tokens;
 //!   `room::policy` holds the admission engine (ranks, skips, sessions, pre-queue shuffle),
 //!   the adaptive-rate controller and abuse resistance (bypass, per-IP limit, proof-of-work).
