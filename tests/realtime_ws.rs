@@ -427,3 +427,33 @@ async fn broken_frames_are_closed_with_the_rfc_code() {
     s.write_all(&[0x81, 0x02, b'h', b'i']).await.unwrap();
     assert_eq!(close_code_of(&mut s).await, Some(1002));
 }
+
+/// The value of `metric{app="{app}"}` on `/metrics` (0 when absent).
+async fn app_gauge(app: &TestApp, metric: &str, app_id: &str) -> f64 {
+    let text = app.http.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    let prefix = format!("{metric}{{app=\"{app_id}\"}} ");
+    text.lines().find_map(|l| l.strip_prefix(prefix.as_str())).map_or(0.0, |v| v.trim().parse().unwrap())
+}
+
+/// Watchlists live with the app's signed-in users (not in every connection) and are counted:
+/// a watcher's state is gone once its connection is.
+#[tokio::test]
+async fn signed_in_users_and_watchers_are_gauged_and_freed_with_their_connection() {
+    let app = TestApp::start().await;
+    let c = create_app(&app, json!({})).await;
+    let mut watcher = Ws::connect(&app, &c.key).await;
+    assert_eq!(watcher.signin_as(&c, &json!({"id": "ann", "watchlist": ["bob"]})).await["event"], "pusher:signin_success");
+    let mut plain = Ws::connect(&app, &c.key).await;
+    assert_eq!(plain.signin(&c, "bob").await["event"], "pusher:signin_success");
+    let online = watcher.recv_event("pusher_internal:watchlist_events").await;
+    assert_eq!(data(&online), json!({"events": [{"name": "online", "user_ids": ["bob"]}]}));
+    assert_eq!(app_gauge(&app, "weir_realtime_signed_in_users", &c.id).await, 2.0);
+    assert_eq!(app_gauge(&app, "weir_realtime_watching_connections", &c.id).await, 1.0);
+    drop(watcher);
+    support::eventually(Duration::from_secs(5), || async {
+        (app_gauge(&app, "weir_realtime_watching_connections", &c.id).await == 0.0
+            && app_gauge(&app, "weir_realtime_signed_in_users", &c.id).await == 1.0)
+            .then_some(())
+    })
+    .await;
+}

@@ -51,6 +51,11 @@ pub struct AppMetrics {
     pub slow_consumers: metrics::Counter,
     pub publishes: metrics::Counter,
     pub history_bytes: metrics::Gauge,
+    /// Users signed in on this node, and the connections among theirs that watch someone.
+    pub signed_in_users: metrics::Gauge,
+    pub watching_connections: metrics::Gauge,
+    /// Channels whose changed subscription count waits for the end of its interval.
+    pub counts_due: metrics::Gauge,
 }
 
 impl AppMetrics {
@@ -65,7 +70,10 @@ impl AppMetrics {
             bytes_out: metrics::counter!("weir_realtime_bytes_out_total", "app" => a.clone()),
             slow_consumers: metrics::counter!("weir_realtime_slow_consumer_disconnects_total", "app" => a.clone()),
             publishes: metrics::counter!("weir_realtime_publishes_total", "app" => a.clone()),
-            history_bytes: metrics::gauge!("weir_realtime_history_bytes", "app" => a),
+            history_bytes: metrics::gauge!("weir_realtime_history_bytes", "app" => a.clone()),
+            signed_in_users: metrics::gauge!("weir_realtime_signed_in_users", "app" => a.clone()),
+            watching_connections: metrics::gauge!("weir_realtime_watching_connections", "app" => a.clone()),
+            counts_due: metrics::gauge!("weir_realtime_subscription_counts_due", "app" => a),
         }
     }
 }
@@ -257,6 +265,7 @@ impl Tenant {
             if out.went_offline && spec.watchlist_events {
                 users.tell_watchers(user, false);
             }
+            self.user_gauges(users);
         }
         let mut conns = self.conns.lock();
         if conns.remove(&conn.id).is_some() {
@@ -286,6 +295,13 @@ impl Tenant {
         if signed.came_online && spec.watchlist_events {
             users.tell_watchers(user_id, true);
         }
+        self.user_gauges(users);
+    }
+
+    fn user_gauges(&self, users: &Users) {
+        let (signed_in, watching) = users.sizes();
+        self.metrics.signed_in_users.set(signed_in as f64);
+        self.metrics.watching_connections.set(watching as f64);
     }
 
     /// A user signed in on another node (`online`), or their last connection there ended.
@@ -481,9 +497,12 @@ impl Tenant {
         let Some(ch) = map.get_mut(name) else { return false };
         if ch.told.recently(now) && !now_anyway {
             counts_due.insert(name.to_string());
+            self.metrics.counts_due.set(counts_due.len() as f64);
             return false;
         }
-        counts_due.remove(name);
+        if counts_due.remove(name) {
+            self.metrics.counts_due.set(counts_due.len() as f64);
+        }
         self.tell_count(&spec.id, name, ch, remote_counts.total(name), now, hooks);
         true
     }
@@ -526,6 +545,7 @@ impl Tenant {
                 self.tell_count(&spec.id, name, ch, remote_counts.total(name), now, &mut hooks);
                 false
             });
+            self.metrics.counts_due.set(counts_due.len() as f64);
         }
         self.webhook_all(hooks);
     }

@@ -110,6 +110,11 @@ impl Users {
         self.conns.get(user_id).cloned().unwrap_or_default()
     }
 
+    /// Users signed in on this node, and connections watching someone.
+    pub fn sizes(&self) -> (usize, usize) {
+        (self.conns.len(), self.watching.len())
+    }
+
     /// The users signed in on this node.
     pub fn local(&self) -> Vec<String> {
         self.conns.keys().cloned().collect()
