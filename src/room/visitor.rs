@@ -54,7 +54,9 @@ impl CookieSigner {
 
     pub fn encode(&self, room: &str, cookie: &VisitorCookie) -> String {
         let link = cookie.deep_link.as_deref().unwrap_or("");
-        let mut value = String::with_capacity(96 + link.len() * 4 / 3);
+        // The longest value: two 20-digit numbers, the 32-digit id, the link's base64 and the
+        // 43-character MAC, with their dots (a 96-byte guess reallocated from ticket 10,000 on).
+        let mut value = String::with_capacity(124 + link.len().div_ceil(3) * 4);
         let mut number = itoa::Buffer::new();
         value.push_str(number.format(cookie.generation));
         value.push('.');
@@ -220,6 +222,18 @@ mod tests {
         assert_eq!(CookieSigner::new(&[8; 32]).decode("sale", &v), None);
         assert_eq!(s.decode("sale", "junk"), None);
         assert_eq!(s.decode("sale", ""), None);
+    }
+
+    #[test]
+    fn the_longest_cookie_fits_the_first_allocation() {
+        let s = CookieSigner::new(&[7; 32]);
+        for link in [None, Some("/p".to_string()), Some("/x".repeat(150))] {
+            let len = link.as_ref().map_or(0, String::len);
+            let c = VisitorCookie { generation: i64::MIN, ticket: u64::MAX, visitor: new_visitor_id(), deep_link: link };
+            let v = s.encode("sale", &c);
+            assert_eq!(v.capacity(), 124 + len.div_ceil(3) * 4, "no reallocation for {len}-byte links");
+            assert_eq!(s.decode("sale", &v), Some(c));
+        }
     }
 
     #[test]
