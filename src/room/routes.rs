@@ -14,7 +14,7 @@ use serde::Deserialize;
 
 use super::model::{RoomSpec, RoomState};
 use super::policy::abuse;
-use super::visitor::{cookie_in, cookie_name, safe_deep_link, VisitorCookie};
+use super::visitor::{cookie_in, safe_deep_link, VisitorCookie};
 use super::{Room, VisitorStatus};
 use crate::error::{ApiError, ApiPath};
 use crate::http::AppState;
@@ -80,7 +80,8 @@ async fn enter(state: &AppState, room_id: &str, query: Option<EntryQuery>, peer_
     let (to, pow) = query.map(|q| (q.to, q.pow)).unwrap_or_default();
     let deep_link = to.and_then(|to| safe_deep_link(&to));
     let existing = rooms.recognise(&room, cookie_in(headers, &room.id));
-    let mut set_cookies = Vec::new();
+    // At most the visitor's cookie and the admission token.
+    let mut set_cookies = Vec::with_capacity(2);
     let cookie = match existing {
         Some(mut c) => {
             if deep_link.is_some() && deep_link != c.deep_link {
@@ -252,8 +253,10 @@ async fn register_socket(
 }
 
 fn visitor_cookie(state: &AppState, room: &Room, c: &super::visitor::VisitorCookie) -> String {
-    let value = state.rooms.cookies.encode(&room.id, c);
-    cookies::set(&cookie_name(&room.id), &value, VISITOR_COOKIE_MAX_AGE_S, secure(state))
+    let name = [super::visitor::COOKIE_PREFIX, room.id.as_str()];
+    let encode = |out: &mut String| state.rooms.cookies.encode_into(&room.id, c, out);
+    let longest = super::visitor::CookieSigner::longest(c);
+    cookies::set_with(&name, longest, encode, VISITOR_COOKIE_MAX_AGE_S, secure(state))
 }
 
 fn secure(state: &AppState) -> bool {

@@ -27,11 +27,8 @@ pub struct CookieSigner {
     key: hmac::Key,
 }
 
-const COOKIE_PREFIX: &str = "weir_v_";
-
-pub fn cookie_name(room: &str) -> String {
-    [COOKIE_PREFIX, room].concat()
-}
+/// A visitor cookie is named this followed by the room's id.
+pub const COOKIE_PREFIX: &str = "weir_v_";
 
 /// The raw visitor cookie for `room` in a request (read on every status poll: no name built).
 pub fn cookie_in<'a>(headers: &'a axum::http::HeaderMap, room: &str) -> Option<&'a [u8]> {
@@ -53,10 +50,22 @@ impl CookieSigner {
     }
 
     pub fn encode(&self, room: &str, cookie: &VisitorCookie) -> String {
+        let mut value = String::with_capacity(Self::longest(cookie));
+        self.encode_into(room, cookie, &mut value);
+        value
+    }
+
+    /// The longest value [`encode`](Self::encode) can make of `cookie`: two 20-digit numbers,
+    /// the 32-digit id, the link's base64 and the 43-character MAC, with their dots.
+    pub fn longest(cookie: &VisitorCookie) -> usize {
+        124 + cookie.deep_link.as_deref().map_or(0, str::len).div_ceil(3) * 4
+    }
+
+    /// [`encode`](Self::encode), appended to `out` (a `Set-Cookie` header being written).
+    pub fn encode_into(&self, room: &str, cookie: &VisitorCookie, out: &mut String) {
         let link = cookie.deep_link.as_deref().unwrap_or("");
-        // The longest value: two 20-digit numbers, the 32-digit id, the link's base64 and the
-        // 43-character MAC, with their dots (a 96-byte guess reallocated from ticket 10,000 on).
-        let mut value = String::with_capacity(124 + link.len().div_ceil(3) * 4);
+        let start = out.len();
+        let value = out;
         let mut number = itoa::Buffer::new();
         value.push_str(number.format(cookie.generation));
         value.push('.');
@@ -64,11 +73,10 @@ impl CookieSigner {
         value.push('.');
         value.push_str(&cookie.visitor);
         value.push('.');
-        B64.encode_string(link, &mut value);
-        let mac = self.mac(room, &value);
+        B64.encode_string(link, value);
+        let mac = self.mac(room, &value[start..]);
         value.push('.');
-        B64.encode_string(mac.as_ref(), &mut value);
-        value
+        B64.encode_string(mac.as_ref(), value);
     }
 
     pub fn decode(&self, room: &str, value: &str) -> Option<VisitorCookie> {
@@ -232,6 +240,7 @@ mod tests {
             let c = VisitorCookie { generation: i64::MIN, ticket: u64::MAX, visitor: new_visitor_id(), deep_link: link };
             let v = s.encode("sale", &c);
             assert_eq!(v.capacity(), 124 + len.div_ceil(3) * 4, "no reallocation for {len}-byte links");
+            assert_eq!(CookieSigner::longest(&c), v.capacity());
             assert_eq!(s.decode("sale", &v), Some(c));
         }
     }
