@@ -35,8 +35,7 @@ static SETTINGS: OnceLock<Settings> = OnceLock::new();
 
 impl Settings {
     fn new(ca_file: Option<&Path>) -> Result<Settings, String> {
-        let tls = client_config(ca_file)?;
-        let ca_pem = ca_file.map(std::fs::read).transpose().map_err(|e| format!("tls_ca_file: {e}"))?;
+        let (tls, ca_pem) = client_config(ca_file)?;
         Ok(Settings { ca_file: ca_file.map(Path::to_path_buf), tls, ca_pem })
     }
 }
@@ -64,18 +63,21 @@ pub fn check_ca_file(ca_file: &Path) -> Result<(), String> {
     client_config(Some(ca_file)).map(drop)
 }
 
-fn client_config(ca_file: Option<&Path>) -> Result<Arc<ClientConfig>, String> {
+/// The TLS settings, and the PEM text of `ca_file` (read once) for Redis.
+fn client_config(ca_file: Option<&Path>) -> Result<(Arc<ClientConfig>, Option<Vec<u8>>), String> {
     let mut roots = RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
+    let mut ca_pem = None;
     if let Some(path) = ca_file {
-        let certs = CertificateDer::pem_file_iter(path)
-            .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-            .map_err(|e| format!("tls_ca_file: cannot read certificates from {}: {e}", path.display()))?;
+        let unreadable = |e: &dyn std::fmt::Display| format!("tls_ca_file: cannot read certificates from {}: {e}", path.display());
+        let pem = std::fs::read(path).map_err(|e| unreadable(&e))?;
+        let certs = CertificateDer::pem_slice_iter(&pem).collect::<Result<Vec<_>, _>>().map_err(|e| unreadable(&e))?;
         if certs.is_empty() {
             return Err(format!("tls_ca_file: {} holds no PEM certificate", path.display()));
         }
         for cert in certs {
             roots.add(cert).map_err(|e| format!("tls_ca_file: {}: {e}", path.display()))?;
         }
+        ca_pem = Some(pem);
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = ClientConfig::builder_with_provider(provider)
@@ -83,7 +85,7 @@ fn client_config(ca_file: Option<&Path>) -> Result<Arc<ClientConfig>, String> {
         .map_err(|e| format!("tls: {e}"))?
         .with_root_certificates(roots)
         .with_no_client_auth();
-    Ok(Arc::new(config))
+    Ok((Arc::new(config), ca_pem))
 }
 
 /// A Redis client for `redis://` or `rediss://` `url`.
