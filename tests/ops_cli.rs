@@ -116,6 +116,51 @@ async fn stats_report_rooms_apps_history_and_top_talkers_behind_the_admin_key() 
 }
 
 #[tokio::test]
+async fn stats_since_answers_only_newer_samples_and_refuses_a_bad_time() {
+    let app = TestApp::start().await;
+    app.create_room(json!({"id": "s", "origin": "https://o.example", "rate_per_minute": 0})).await;
+    let get = |query: &str| {
+        let request = app.admin(reqwest::Method::GET, &format!("/stats{query}"));
+        async move {
+            let r = request.send().await.unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap())
+        }
+    };
+    let times = |v: &Value| -> Vec<i64> { v["history"]["t"].as_array().unwrap().iter().map(|t| t.as_i64().unwrap()).collect() };
+    // Two samples at least, so that the oldest can be asked after.
+    let whole = support::eventually(Duration::from_secs(10), || async {
+        let (_, v) = get("").await;
+        (times(&v).len() >= 2).then_some(v)
+    })
+    .await;
+    assert_eq!(whole["history"]["full"], true);
+    assert_eq!(whole["history_len"], 300);
+    let t = times(&whole);
+    let (_, v) = get(&format!("?since={}", t[0])).await;
+    assert_eq!(v["history"]["full"], false);
+    let newer = times(&v);
+    assert_eq!(newer[..t.len() - 1], t[1..], "the samples after the oldest, in order");
+    assert!(newer.iter().all(|x| *x > t[0]));
+    for series in ["queue_length", "connections", "messages_per_second"] {
+        assert_eq!(v["history"][series].as_array().unwrap().len(), newer.len(), "{series} is aligned with t");
+    }
+    assert_eq!(v["history"]["rooms"]["s"]["queue_length"].as_array().unwrap().len(), newer.len());
+    // A time the ring no longer reaches (or never did) gets the whole history again.
+    let (_, v) = get("?since=1").await;
+    assert_eq!(v["history"]["full"], true);
+    assert!(times(&v).len() >= t.len());
+
+    for bad in ["?since=-5", "?since=soon", "?since=1.5", "?window=60"] {
+        let (status, v) = get(bad).await;
+        assert_eq!(status, 400, "{bad}");
+        assert!(["invalid_field", "bad_request"].contains(&v["error"]["code"].as_str().unwrap()), "{bad}: {v}");
+    }
+    let (_, v) = get("?since=-5").await;
+    assert_eq!(v["error"]["code"], "invalid_field");
+    assert!(v["error"]["message"].as_str().unwrap().contains("since"), "{v}");
+}
+
+#[tokio::test]
 async fn the_dashboard_page_is_served_with_a_strict_policy_and_holds_no_secret() {
     let app = TestApp::start().await;
     let r = app.http.get(app.url("/dashboard")).send().await.unwrap();

@@ -1,6 +1,7 @@
 //! The live dashboard: `GET /dashboard` (a static page and its script) and the JSON it polls,
 //! `GET /api/v1/stats` (behind the admin key): every room's and app's numbers now, the last
-//! five minutes of them sampled once a second, and the top talkers.
+//! five minutes of them sampled once a second (or, with `?since=`, only the samples the caller
+//! lacks), and the top talkers.
 //!
 //! A sampler task reads the rooms and the realtime server once a second into a ring of
 //! [`HISTORY_LEN`] samples, so the charts have a history as soon as the page opens and polling
@@ -18,10 +19,11 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use parking_lot::Mutex;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::talkers::{Talkers, BUCKET_SECONDS};
+use crate::error::{ApiError, ApiQuery};
 use crate::http::AppState;
 use crate::realtime::Realtime;
 use crate::room::Rooms;
@@ -129,17 +131,30 @@ impl Dashboard {
     }
 
     /// The `history` object of `GET /api/v1/stats`: one array per series, aligned with `t`.
-    fn history(&self) -> Value {
+    /// With `since` (the newest `t` the caller holds), only the samples after it, marked
+    /// `"full": false`, if the ring still holds every sample after it; otherwise (no `since`, a
+    /// sample the caller missed has left the ring, or `since` is ahead of the newest sample:
+    /// another process, or a clock set back) the whole ring, marked `"full": true`.
+    fn history(&self, since: Option<i64>) -> Value {
         let samples = self.samples.lock();
+        let (oldest, newest) = (samples.front().map(|s| s.t_ms), samples.back().map(|s| s.t_ms));
+        let start = match (since, oldest, newest) {
+            (Some(since), Some(oldest), Some(newest)) if (oldest..=newest).contains(&since) => {
+                Some(samples.partition_point(|s| s.t_ms <= since))
+            }
+            _ => None,
+        };
+        let full = start.is_none();
+        let samples = samples.range(start.unwrap_or(0)..);
         let mut room_ids: Vec<Arc<str>> = Vec::new();
-        for s in samples.iter() {
+        for s in samples.clone() {
             for (id, _) in &s.rooms {
                 if !room_ids.contains(id) {
                     room_ids.push(id.clone());
                 }
             }
         }
-        let series = |f: &dyn Fn(&Sample) -> Value| -> Value { samples.iter().map(f).collect() };
+        let series = |f: &dyn Fn(&Sample) -> Value| -> Value { samples.clone().map(f).collect() };
         let rooms: serde_json::Map<String, Value> = room_ids
             .iter()
             .map(|id| {
@@ -154,6 +169,7 @@ impl Dashboard {
             })
             .collect();
         json!({
+            "full": full,
             "t": series(&|s| s.t_ms.into()),
             "queue_length": series(&|s| s.queue_length.into()),
             "admitted_per_minute": series(&|s| s.admitted_per_minute.into()),
@@ -196,8 +212,9 @@ pub fn page_routes() -> Router<AppState> {
     Router::new().route("/dashboard", get(page)).route("/_weir/static/dashboard.js", get(script))
 }
 
-/// `GET /api/v1/stats`, mounted behind the admin key. Each answer carries the whole history
-/// (up to ~300 KB with 50 rooms' series), which gzip shrinks several-fold.
+/// `GET /api/v1/stats`, mounted behind the admin key. An answer without `?since=` carries the
+/// whole history (up to ~300 KB with 50 rooms' series), which gzip shrinks several-fold; the
+/// dashboard asks for it once, then only for the samples after the newest it holds.
 pub fn admin_routes() -> Router<AppState> {
     Router::new().route("/stats", get(stats)).layer(tower_http::compression::CompressionLayer::new())
 }
@@ -233,7 +250,17 @@ struct RoomNow {
     eta_last_ticket_seconds: Option<u64>,
 }
 
-async fn stats(State(state): State<AppState>) -> Json<Value> {
+/// `GET /api/v1/stats?since=T`: `T` is the newest history time (`history.t`) the caller holds.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StatsQuery {
+    since: Option<i64>,
+}
+
+async fn stats(State(state): State<AppState>, ApiQuery(query): ApiQuery<StatsQuery>) -> Result<Json<Value>, ApiError> {
+    if query.since.is_some_and(|t| t < 0) {
+        return Err(ApiError::invalid_field("since", "must be a history time in ms since the Unix epoch (history.t)"));
+    }
     let now_ms = state.clock.now_ms();
     let rooms: Vec<RoomNow> = state
         .rooms
@@ -269,17 +296,84 @@ async fn stats(State(state): State<AppState>) -> Json<Value> {
         })
         .collect();
     apps.sort_by(|a, b| a["id"].as_str().cmp(&b["id"].as_str()));
-    Json(json!({
+    Ok(Json(json!({
         "node": state.realtime.cluster().map(|c| c.node().to_string()),
         "now_ms": now_ms,
         "interval_ms": SAMPLE_EVERY.as_millis() as u64,
+        "history_len": HISTORY_LEN,
         "rooms": rooms,
         "realtime": {
             "connections": state.realtime.connection_count(),
             "messages_per_second": round2(rates.values().sum()),
             "apps": apps,
         },
-        "history": dashboard.history(),
+        "history": dashboard.history(query.since),
         "top": dashboard.talkers.top(TOP_N),
-    }))
+    })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dashboard_with(samples: impl IntoIterator<Item = (i64, Option<u64>)>) -> Dashboard {
+        let d = Dashboard::new(Arc::default());
+        for (t_ms, room_queue) in samples {
+            let mut ring = d.samples.lock();
+            if ring.len() == HISTORY_LEN {
+                ring.pop_front();
+            }
+            let point = |q| RoomPoint { queue_length: q, admitted_per_minute: 0, origin_latency_ms: None };
+            ring.push_back(Sample {
+                t_ms,
+                queue_length: room_queue.unwrap_or(0),
+                admitted_per_minute: 0,
+                origin_latency_ms: None,
+                connections: 0,
+                messages_per_second: 0.0,
+                rooms: room_queue.map(|q| (Arc::from("a"), point(q))).into_iter().collect(),
+            });
+        }
+        d
+    }
+
+    #[test]
+    fn since_answers_only_the_samples_the_caller_lacks_while_the_ring_holds_them_all() {
+        let d = dashboard_with([(1000, None), (2000, None), (3000, Some(5))]);
+        let whole = d.history(None);
+        assert_eq!(whole["full"], true);
+        assert_eq!(whole["t"], json!([1000, 2000, 3000]));
+        assert_eq!(whole["rooms"]["a"]["queue_length"], json!([null, null, 5]));
+
+        let after = d.history(Some(2000));
+        assert_eq!(after["full"], false);
+        assert_eq!(after["t"], json!([3000]));
+        assert_eq!(after["queue_length"], json!([5]));
+        assert_eq!(after["rooms"]["a"]["queue_length"], json!([5]));
+        assert_eq!(d.history(Some(1000))["t"], json!([2000, 3000]));
+
+        let nothing_new = d.history(Some(3000));
+        assert_eq!(nothing_new["full"], false);
+        assert_eq!(nothing_new["t"], json!([]));
+        assert_eq!(nothing_new["rooms"], json!({}), "no room has a sample after it");
+
+        // Older than the ring, or ahead of it: the whole ring, for the caller to start over.
+        for since in [999, 4000] {
+            let h = d.history(Some(since));
+            assert_eq!((&h["full"], &h["t"]), (&json!(true), &json!([1000, 2000, 3000])), "since {since}");
+        }
+        assert_eq!(dashboard_with([]).history(Some(1))["full"], true);
+    }
+
+    #[test]
+    fn a_sample_that_left_the_ring_makes_the_answer_whole() {
+        let d = dashboard_with((0..HISTORY_LEN as i64 + 2).map(|i| (i * 1000, None)));
+        // The samples at 0 s and 1 s are gone: a caller holding only up to 0 s missed one.
+        let h = d.history(Some(0));
+        assert_eq!(h["full"], true);
+        assert_eq!(h["t"].as_array().unwrap().len(), HISTORY_LEN);
+        let h = d.history(Some(2000));
+        assert_eq!(h["full"], false);
+        assert_eq!(h["t"].as_array().unwrap().len(), HISTORY_LEN - 1);
+    }
 }

@@ -89,17 +89,43 @@ after(async () => {
   await holder?.close().catch(() => {});
 });
 
+/** Any stats request, with or without `?since=` (a glob would match only the bare path). */
+const isStats = (url) => url.pathname === '/api/v1/stats';
+
+/** A history answer joined to the one held: the totals and every room's series appended when
+ * it follows on (`full: false`), the newest `keep` samples kept. */
+function joinHistory(held, h, keep) {
+  if (!held || h.full) return h;
+  const n = held.t.length, m = h.t.length;
+  const join = (a = [], b = []) => [...a, ...Array(n - a.length).fill(null), ...b, ...Array(m - b.length).fill(null)].slice(-keep);
+  const out = { full: true, rooms: {} };
+  for (const k of Object.keys(h)) if (!['rooms', 'full'].includes(k)) out[k] = join(held[k], h[k]);
+  for (const id of new Set([...Object.keys(held.rooms), ...Object.keys(h.rooms)])) {
+    const a = held.rooms[id] ?? {}, b = h.rooms[id] ?? {};
+    out.rooms[id] = Object.fromEntries([...new Set([...Object.keys(a), ...Object.keys(b)])].map((k) => [k, join(a[k], b[k])]));
+  }
+  return out;
+}
+
 /** The dashboard in a fresh context, with a log of its stats requests and of any CSP report. */
 async function openDashboard(opts = DESKTOP, hash = '') {
   await setup();
   const context = await browser.newContext(opts);
   const page = await context.newPage();
-  const log = { stats: [], problems: [], last: null };
+  // `last`: the page's last answer with its history joined to the ones before, as the page
+  // must hold it (a whole history, then only the samples after the newest held).
+  const log = { stats: [], problems: [], last: null, answers: [] };
   page.on('request', (r) => {
-    if (new URL(r.url()).pathname === '/api/v1/stats') log.stats.push({ at: Date.now(), auth: r.headers().authorization });
+    const url = new URL(r.url());
+    if (url.pathname === '/api/v1/stats') log.stats.push({ at: Date.now(), auth: r.headers().authorization, since: url.searchParams.get('since') });
   });
   page.on('response', async (r) => {
-    if (new URL(r.url()).pathname === '/api/v1/stats' && r.status() === 200) log.last = await r.json().catch(() => log.last);
+    if (new URL(r.url()).pathname !== '/api/v1/stats' || r.status() !== 200) return;
+    const answer = await r.json().catch(() => null);
+    if (!answer) return;
+    log.answers.push({ url: r.url(), full: answer.history.full, points: answer.history.t.length });
+    answer.history = joinHistory(log.last?.history, answer.history, answer.history_len);
+    log.last = answer;
   });
   page.on('console', (m) => { if (/Content Security Policy|Refused to/i.test(m.text())) log.problems.push(m.text()); });
   page.on('pageerror', (e) => log.problems.push(`page error: ${e.message}`));
@@ -179,6 +205,11 @@ test('the dashboard signs in with the admin key and shows the rooms, apps and to
   const polls = log.stats.filter((s) => s.auth === `Bearer ${ADMIN_KEY}`);
   assert.ok(polls.length >= 2, `polls: ${polls.length}`);
   for (let i = 1; i < polls.length; i++) assert.ok(polls[i].at - polls[i - 1].at >= 1800, `poll gap ${polls[i].at - polls[i - 1].at} ms`);
+  // The first poll takes the whole history; the next ones only the samples after the newest held.
+  assert.equal(polls[0].since, null);
+  assert.ok(polls.slice(1).every((p) => /^\d+$/.test(p.since)), `since: ${JSON.stringify(polls.map((p) => p.since))}`);
+  assert.equal(log.answers[0].full, true);
+  assert.ok(log.answers.slice(1).every((a) => a.full === false && a.points <= 4), `answers: ${JSON.stringify(log.answers)}`);
 
   // The screenshot of the live dashboard (with a few seconds of history on the charts).
   await eventually(async () => Number(await chart(page, 'queue_length', 'data-points')) >= 12, 20000, 'some history');
@@ -241,7 +272,7 @@ test('a lost connection shows a retrying notice and backs off, then the dashboar
   await page.waitForSelector('html[data-state="live"]', { timeout: 10000 });
   await eventually(async () => (await column(page, 'rooms', 0)).includes(ROOM), 10000, 'rooms shown');
 
-  await page.route('**/api/v1/stats', (route) => route.abort('connectionrefused'));
+  await page.route(isStats, (route) => route.abort('connectionrefused'));
   await page.waitForSelector('html[data-state="retrying"]', { timeout: 5000 });
   const failedAt = log.stats.at(-1).at;
   assert.match(await page.textContent('#notice'), /connection lost, retrying/i);
@@ -249,8 +280,8 @@ test('a lost connection shows a retrying notice and backs off, then the dashboar
   assert.ok((await column(page, 'rooms', 0)).includes(ROOM), 'the last data stays on screen');
 
   // A server error backs off the same way.
-  await page.unroute('**/api/v1/stats');
-  await page.route('**/api/v1/stats', (route) => route.fulfill({
+  await page.unroute(isStats);
+  await page.route(isStats, (route) => route.fulfill({
     status: 503, contentType: 'application/json', body: '{"error":{"code":"unavailable","message":"try later"}}',
   }));
   await eventually(() => log.stats.length >= 2 && log.stats.at(-1).at > failedAt, 15000, 'a retry');
@@ -260,12 +291,12 @@ test('a lost connection shows a retrying notice and backs off, then the dashboar
   assert.equal(await state(page), 'retrying');
   assert.match(await page.textContent('#notice'), /connection lost, retrying/i);
 
-  await page.unroute('**/api/v1/stats');
+  await page.unroute(isStats);
   await page.waitForSelector('html[data-state="live"]', { timeout: 15000 });
   assert.ok(await page.isHidden('#notice'), 'the notice goes away');
 
   // A key that stops working (a 401 while live) returns to the form.
-  await page.route('**/api/v1/stats', (route) => route.fulfill({
+  await page.route(isStats, (route) => route.fulfill({
     status: 401, contentType: 'application/json', body: '{"error":{"code":"unauthorized","message":"bad key"}}',
   }));
   await page.waitForSelector('html[data-state="signed-out"]', { timeout: 5000 });

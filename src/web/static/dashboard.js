@@ -121,7 +121,10 @@
     var ctl = window.AbortController ? new AbortController() : null;
     request = ctl;
     var timeout = setTimeout(function () { if (ctl) ctl.abort(); }, TIMEOUT_MS);
-    fetch('/api/v1/stats', {
+    // After the first answer only the samples after the newest one held are asked for.
+    var held = last && last.history && Array.isArray(last.history.t) ? last.history.t : [];
+    var since = held.length ? '?since=' + encodeURIComponent(held[held.length - 1]) : '';
+    fetch('/api/v1/stats' + since, {
       headers: { Authorization: 'Bearer ' + key, Accept: 'application/json' },
       cache: 'no-store', credentials: 'omit', signal: ctl ? ctl.signal : undefined
     }).then(function (r) {
@@ -179,8 +182,40 @@
     $('window').textContent = '';
   }
 
+  // The answer's history joined to the one held: appended when the server says it follows on
+  // (`full: false`), replaced otherwise; at most `history_len` samples, like the server's ring.
+  // Every room's series stays aligned with `t` (null where a room had no sample).
+  function mergeHistory(held, h, keep) {
+    if (!held || !h || h.full !== false || !Array.isArray(held.t)) return h;
+    var n = held.t.length, m = Array.isArray(h.t) ? h.t.length : 0;
+    var drop = Math.max(0, n + m - (keep > 0 ? keep : n + m));
+    function join(a, b, na, nb) {
+      a = Array.isArray(a) ? a : []; b = Array.isArray(b) ? b : [];
+      var out = a.slice(0, na);
+      while (out.length < na) out.push(null);
+      for (var i = 0; i < nb; i++) out.push(i < b.length ? b[i] : null);
+      return out.slice(drop);
+    }
+    var out = { full: true, rooms: {} };
+    Object.keys(h).forEach(function (k) { if (k !== 'rooms' && k !== 'full') out[k] = join(held[k], h[k], n, m); });
+    var hr = held.rooms || {}, nr = h.rooms || {};
+    Object.keys(hr).concat(Object.keys(nr)).forEach(function (id) {
+      if (out.rooms[id]) return;
+      var a = hr[id] || {}, b = nr[id] || {}, r = {}, any = false;
+      Object.keys(a).concat(Object.keys(b)).forEach(function (k) {
+        if (r[k]) return;
+        r[k] = join(a[k], b[k], n, m);
+        for (var i = 0; i < r[k].length; i++) if (r[k][i] !== null) any = true;
+      });
+      // A room whose samples have all left the window is gone from the history, as on the server.
+      if (any) out.rooms[id] = r;
+    });
+    return out;
+  }
+
   function render(s) {
     var first = !last;
+    s.history = mergeHistory(last && last.history, s.history, s.history_len);
     last = s;
     showDashboard();
     var h = s.history || {};
