@@ -21,6 +21,7 @@
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::rc::Rc;
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -53,7 +54,7 @@ pub async fn fanout(ctx: &mut Ctx) -> Value {
                 let run = match (&server, &app) {
                     (Ok(s), Ok(a)) => {
                         ctx.progress(&format!("fanout on {name} (pass {} of {passes}): {n} subscribers", pass + 1));
-                        fanout_one(s, a, n, ctx.params.fanout_window, ctx.params.duration).await
+                        fanout_one(&Target::single(s), a, n, ctx.params.fanout_window, ctx.params.duration).await
                     }
                     (Err(e), _) | (_, Err(e)) => Err(e.clone()),
                 };
@@ -84,8 +85,33 @@ pub async fn fanout(ctx: &mut Ctx) -> Value {
     Value::Object(out)
 }
 
+/// Where a throughput turn sends its clients: the server events are published to, the servers
+/// the subscribers connect to (in turn), and the processes whose CPU and memory count as the
+/// server's (every node of a cluster, and its Redis).
+pub struct Target {
+    pub publish: SocketAddr,
+    pub subscribe: Vec<SocketAddr>,
+    pub pids: Vec<u32>,
+}
+
+impl Target {
+    pub fn single(server: &Server) -> Self {
+        Target { publish: server.addr, subscribe: vec![server.addr], pids: vec![server.pid] }
+    }
+
+    /// Resident memory of all its processes (`None` if one cannot be read).
+    fn rss(&self) -> Option<u64> {
+        self.pids.iter().map(|p| crate::sys::rss_bytes(*p)).sum()
+    }
+
+    /// CPU time of all its processes so far.
+    fn cpu(&self) -> Option<Duration> {
+        self.pids.iter().map(|p| crate::sys::proc_cpu(*p)).sum()
+    }
+}
+
 /// What one turn measured, in sums that merge: seconds and CPU-seconds rather than shares.
-struct FanoutRun {
+pub struct FanoutRun {
     subscribers: usize,
     connect_secs: f64,
     published: u64,
@@ -102,7 +128,7 @@ struct FanoutRun {
 }
 
 /// One server's part of the fixed-rate phase, over all its slices.
-struct Paced {
+pub struct Paced {
     events_per_sec: f64,
     slices: u32,
     events_per_slice: u32,
@@ -123,7 +149,7 @@ struct Paced {
 
 /// One server's turns merged (sums; latency histograms merged; shares over the summed time),
 /// with each turn's headline figures under `turns`, and its part of the fixed-rate phase.
-fn merged_json(runs: &[FanoutRun], paced: Result<Paced, String>) -> Value {
+pub fn merged_json(runs: &[FanoutRun], paced: Result<Paced, String>) -> Value {
     let sum = |f: fn(&FanoutRun) -> u64| runs.iter().map(f).sum::<u64>();
     let sum_f = |f: fn(&FanoutRun) -> f64| runs.iter().map(f).sum::<f64>();
     let sum_opt = |f: fn(&FanoutRun) -> Option<f64>| runs.iter().map(f).sum::<Option<f64>>();
@@ -199,8 +225,9 @@ struct Subscribers {
 }
 
 impl Subscribers {
-    /// Connects and subscribes `n` clients to `CHANNEL` of `server`, 100 handshakes at a time.
-    async fn connect(server: &Server, app: &App, n: usize) -> Result<(Self, f64), String> {
+    /// Connects and subscribes `n` clients to `CHANNEL`, spread over `servers` in turn, 100
+    /// handshakes at a time.
+    async fn connect(servers: &[SocketAddr], app: &App, n: usize) -> Result<(Self, f64), String> {
         let state = Rc::new(RefCell::new(FanoutState {
             base: Instant::now(),
             hist: Hist::new(),
@@ -216,10 +243,10 @@ impl Subscribers {
         let t_conn = Instant::now();
         let sem = Rc::new(tokio::sync::Semaphore::new(100));
         let mut joins = Vec::new();
-        for _ in 0..n {
+        for i in 0..n {
             let sem = sem.clone();
             let key = app.key.clone();
-            let addr = server.addr;
+            let addr = servers[i % servers.len()];
             joins.push(tokio::task::spawn_local(async move {
                 let _p = sem.acquire().await.expect("open");
                 let ws = pusher::connect(addr, None, &key).await?;
@@ -276,23 +303,24 @@ fn event_request(host: &str, app: &App, state: &Shared, i: usize) -> Vec<u8> {
     pusher::publish_request(app, host, CHANNEL, &format!("t={ts} i={i} {PAD}"))
 }
 
-/// One turn's throughput part: `n` subscribers on one channel of `server`, publishers as fast as
+/// One turn's throughput part: `n` subscribers on one channel of `target`, publishers as fast as
 /// `window` outstanding events allow, for `duration`.
-async fn fanout_one(server: &Server, app: &App, n: usize, window: usize, duration: Duration) -> Result<FanoutRun, String> {
-    let (subs, connect_secs) = Subscribers::connect(server, app, n).await?;
+pub async fn fanout_one(target: &Target, app: &App, n: usize, window: usize, duration: Duration) -> Result<FanoutRun, String> {
+    let (subs, connect_secs) = Subscribers::connect(&target.subscribe, app, n).await?;
     let state = subs.state.clone();
-    let rss_subscribed = server.rss();
+    let rss_subscribed = target.rss();
     // Publishers: `window` events outstanding; each waits for its event to reach everyone (or 2 s).
     let next = Rc::new(RefCell::new(0usize));
     let published = Rc::new(RefCell::new(0u64));
     let publish_errors = Rc::new(RefCell::new(Vec::<String>::new()));
-    let meter = CpuMeter::start(Some(server.pid));
+    let meter = CpuMeter::start(None);
+    let server_cpu0 = target.cpu();
     let t0 = Instant::now();
     let end = t0 + duration;
     let mut pubs = Vec::new();
     for _ in 0..window {
         let (next, published, errs, state, app) = (next.clone(), published.clone(), publish_errors.clone(), state.clone(), app.clone());
-        let addr = server.addr;
+        let addr = target.publish;
         pubs.push(tokio::task::spawn_local(async move {
             let mut conn = Conn::new(addr);
             while Instant::now() < end {
@@ -338,8 +366,9 @@ async fn fanout_one(server: &Server, app: &App, n: usize, window: usize, duratio
     let expected = published * n as u64;
     subs.wait_delivered(expected, Duration::from_secs(3)).await;
     let elapsed = t0.elapsed();
-    let (client_cpu, server_cpu) = meter.stop();
-    let rss_after = server.rss();
+    let (client_cpu, _) = meter.stop();
+    let server_cpu_secs = server_cpu0.zip(target.cpu()).map(|(a, b)| b.saturating_sub(a).as_secs_f64());
+    let rss_after = target.rss();
     let (delivered, closed, hist) = {
         let s = state.borrow();
         (s.delivered, s.closed, s.hist.clone())
@@ -358,7 +387,7 @@ async fn fanout_one(server: &Server, app: &App, n: usize, window: usize, duratio
         hist,
         publish_errors,
         client_cpu_secs: client_cpu * secs,
-        server_cpu_secs: server_cpu.map(|c| c * secs),
+        server_cpu_secs,
         rss_subscribed,
         rss_after,
     })
@@ -401,7 +430,7 @@ async fn paced_interleaved(ctx: &mut Ctx, names: &[&'static str], n: usize) -> B
             None => continue,
         };
         let ready = match app_for(ctx, &server).await {
-            Ok(app) => Subscribers::connect(&server, &app, n).await.map(|(subs, _)| (app, subs)),
+            Ok(app) => Subscribers::connect(&[server.addr], &app, n).await.map(|(subs, _)| (app, subs)),
             Err(e) => Err(e),
         };
         match ready {

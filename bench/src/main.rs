@@ -14,6 +14,7 @@
 //! [`sys`] CPU and memory.
 
 mod client;
+mod cluster;
 mod fanout;
 mod hello;
 mod hist;
@@ -72,7 +73,7 @@ enum Cmd {
 
 #[derive(clap::Args)]
 struct RunArgs {
-    /// Scenarios to run (default: all): entry status verify fanout connections queue-scale overload startup
+    /// Scenarios to run (default: all): entry status verify fanout cluster connections queue-scale overload startup
     scenarios: Vec<String>,
     /// Tiny counts, finishes in under a minute; asserts nothing about speed.
     #[arg(long)]
@@ -192,6 +193,7 @@ fn run(args: RunArgs) -> std::process::ExitCode {
             "verify" => 2,
             // Each turn's start and subscriber counts, then the fixed-rate phase per count.
             "fanout" => ctx.params.fanout_passes * rt_servers * (1 + ctx.params.fanout_subs.len()) + ctx.params.fanout_subs.len(),
+            "cluster" => 2 * ctx.params.fanout_passes,
             "connections" => rt_servers,
             "queue-scale" => 2,
             "startup" => ctx.params.startup_runs,
@@ -235,6 +237,9 @@ fn run(args: RunArgs) -> std::process::ExitCode {
         }
         if want("fanout") {
             out.insert("fanout".into(), fanout::fanout(&mut ctx).await);
+        }
+        if want("cluster") {
+            out.insert("cluster".into(), cluster::cluster(&mut ctx).await);
         }
         if want("connections") {
             out.insert("connections".into(), scenarios::connections(&mut ctx).await);

@@ -265,6 +265,51 @@ fn best_peer(m: &Value, key: &str, higher_better: bool) -> (Option<f64>, String)
     }
 }
 
+/// The cluster scenario: two nodes and their Redis against one node, on the same core. No goal
+/// of the issue's; the loss row holds the cluster to fan-out's zero.
+fn cluster_rows(rows: &mut Vec<Row>, c: &Value) {
+    if c.is_null() {
+        return;
+    }
+    let (w, one) = (&c["cluster"], &c["single"]);
+    let missing = nm(c).or_else(|| nm(w));
+    let share = |v: &Value| f(&v["server_cpu_share"]).map(|x| format!("{:.0} %", x * 100.0)).unwrap_or("?".into());
+    let setup = format!("{} subscribers, half on each of {} nodes sharing one Redis, all on the server's core", c["subscribers"], c["nodes"]);
+    let (wv, ov) = (f(&w["msg_per_sec"]), f(&one["msg_per_sec"]));
+    let (r, _) = ratio(wv, ov);
+    rows.push(Row {
+        scenario: "cluster".into(),
+        figure: format!("{setup}: delivered msg/s (server processes' CPU {}, one node's {})", share(w), share(one)),
+        weir: cell(wv, "", &missing),
+        baseline: cell(ov, " (one weir node)", &nm(one)),
+        ratio: r,
+        goal: "—".into(),
+        verdict: "",
+    });
+    let (wp, op) = (f(&w["latency"]["p99_ms"]), f(&one["latency"]["p99_ms"]));
+    let (r, _) = ratio(wp, op);
+    rows.push(Row {
+        scenario: "cluster".into(),
+        figure: "end-to-end p99 at max throughput".into(),
+        weir: cell(wp, " ms", &missing),
+        baseline: cell(op, " ms (one weir node)", &nm(one)),
+        ratio: r,
+        goal: "—".into(),
+        verdict: "",
+    });
+    let loss = w["loss"].as_u64();
+    let disc = w["disconnected"].as_u64().unwrap_or(0);
+    rows.push(Row {
+        scenario: "cluster".into(),
+        figure: "lost messages".into(),
+        weir: loss.map(|l| format!("{l} (disconnects {disc})")).unwrap_or_else(|| missing.clone().unwrap_or("—".into())),
+        baseline: one["loss"].as_u64().map(|l| format!("{l} (one weir node)")).unwrap_or_default(),
+        ratio: "—".into(),
+        goal: "0".into(),
+        verdict: verdict(loss.map(|l| l == 0 && disc == 0)),
+    });
+}
+
 fn rows(res: &Value) -> Vec<Row> {
     let mut rows = Vec::new();
     http_row(&mut rows, res, "entry", 0.5);
@@ -398,6 +443,8 @@ fn rows(res: &Value) -> Vec<Row> {
             });
         }
     }
+
+    cluster_rows(&mut rows, &res["scenarios"]["cluster"]);
 
     let c = &res["scenarios"]["connections"];
     if !c.is_null() {

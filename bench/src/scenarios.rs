@@ -16,7 +16,7 @@ use crate::probe::probed;
 use crate::pusher::{self, App};
 use crate::servers::{self, Bins, Pinning, Server};
 
-pub const ALL: &[&str] = &["entry", "status", "verify", "fanout", "connections", "queue-scale", "overload", "startup"];
+pub const ALL: &[&str] = &["entry", "status", "verify", "fanout", "cluster", "connections", "queue-scale", "overload", "startup"];
 
 pub struct Params {
     pub conns: usize,
@@ -144,7 +144,7 @@ impl Ctx {
     }
 
     /// A weir of its own, configured by `env` beyond the defaults.
-    fn start_weir_configured(&mut self, name: &str, env: &[(&str, &str)]) -> Result<(Server, PathBuf), String> {
+    pub fn start_weir_configured(&mut self, name: &str, env: &[(&str, &str)]) -> Result<(Server, PathBuf), String> {
         let dir = self.fresh_dir(name);
         let s = servers::start_weir(&self.bins, &self.pin, &dir, &self.admin_key, &self.work, env)?;
         Ok((s, dir))
@@ -177,7 +177,7 @@ impl Ctx {
 
 // ---------- weir API helpers ----------
 
-async fn call(addr: SocketAddr, method: &str, path: &str, headers: &[String], body: &[u8]) -> Result<crate::client::Resp, String> {
+pub async fn call(addr: SocketAddr, method: &str, path: &str, headers: &[String], body: &[u8]) -> Result<crate::client::Resp, String> {
     let mut c = Conn::new(addr);
     let req = request(method, path, &addr.to_string(), headers, body);
     c.send_timeout(&req, true, Duration::from_secs(10)).await.map_err(|e| format!("{method} {path}: {e}"))
@@ -197,7 +197,7 @@ async fn weir_counters(addr: SocketAddr, names: &[&str]) -> Value {
     names.iter().map(|n| (n.to_string(), json!(sum(n)))).collect::<serde_json::Map<_, _>>().into()
 }
 
-async fn admin(addr: SocketAddr, key: &str, method: &str, path: &str, body: Value) -> Result<Value, String> {
+pub async fn admin(addr: SocketAddr, key: &str, method: &str, path: &str, body: Value) -> Result<Value, String> {
     let b = body.to_string();
     let r = call(
         addr,
@@ -225,7 +225,7 @@ async fn create_room(s: &Server, key: &str, id: &str, rate: u64) -> Result<(), S
     .map(|_| ())
 }
 
-async fn create_app(s: &Server, key: &str) -> Result<App, String> {
+pub async fn create_app(s: &Server, key: &str) -> Result<App, String> {
     let v = admin(s.addr, key, "POST", "/api/v1/apps", json!({})).await?;
     let get = |k: &str| match &v[k] {
         Value::String(x) => Some(x.clone()),

@@ -266,3 +266,19 @@ impl Drop for Server {
         self.stop_inner(Duration::from_secs(3));
     }
 }
+
+/// `redis-server` on an ephemeral loopback port, pinned like the servers (it serves them), with
+/// nothing persisted: the cluster scenario's bus.
+pub fn start_redis(pin: &Pinning, logs: &Path, dir: &Path) -> Result<Server, String> {
+    let port = free_port();
+    let mut cmd = pin.command(Path::new("redis-server"));
+    cmd.args(["--bind", "127.0.0.1", "--port", &port.to_string(), "--save", "", "--appendonly", "no"]);
+    cmd.arg("--dir").arg(dir);
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    spawn_on_port("redis", cmd, addr, logs)
+}
+
+/// Whether `redis-server` is on the PATH.
+pub fn have_redis() -> bool {
+    Command::new("redis-server").arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
+}
