@@ -16,7 +16,9 @@
 //!   `tls_ca_file`.
 //! - [`room`]: rooms, the durable queue, the admission driver, visitor cookies, tokens;
 //!   `room::policy` holds the admission engine (ranks, skips, sessions, pre-queue shuffle),
-//!   the adaptive-rate controller and abuse resistance (bypass, per-IP limit, proof-of-work).
+//!   the adaptive-rate controller and abuse resistance (bypass, per-IP limit, proof-of-work);
+//!   `room::notify`, the rooms' webhooks (queueing started and ended, state changed), observed
+//!   by the admission driver and delivered by the realtime webhooks' workers.
 //! - [`gateway`]: how an origin checks a visitor: `/api/v1/verify`, forward auth, and
 //!   `gateway::proxy`, weir itself as the reverse proxy in front of the origin (`mode: proxy`).
 //! - [`web`]: server-rendered pages (minijinja templates compiled into the binary), branding

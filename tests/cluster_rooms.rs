@@ -364,3 +364,43 @@ async fn a_leader_whose_lease_was_taken_admits_nobody_even_before_it_notices() {
     ::redis::cmd("DEL").arg("weir:lease:rooms").query_async::<()>(&mut c).await.unwrap();
     eventually(WAIT, || async { (serving(&mut c.clone()).await > before).then_some(()) }).await;
 }
+
+/// A room's webhooks come from the node that admits, so two nodes send each event once.
+#[tokio::test]
+async fn room_webhooks_are_sent_once_by_the_node_that_admits() {
+    let clock = ManualClock::at(1_900_000_000_000);
+    let redis = Redis::start();
+    let (a, b) = (node(&redis, Some(&clock)).await, node(&redis, Some(&clock)).await);
+    let (leader, follower) = by_role(&a, &b).await;
+    let (url, hooks) = rt::webhook_receiver(0).await;
+    let room = json!({"id": "told", "origin": ORIGIN, "rate_per_minute": 0, "webhooks": [{"url": url, "secret": "sixteen-chars-ok"}]});
+    let r = follower.admin(Method::POST, "/rooms").json(&room).send().await.unwrap();
+    assert_eq!(r.status(), 201);
+    knows_room(leader, "told").await;
+    follower.visitor().enter("told").await;
+    let events = |hooks: &rt::Hooks| -> Vec<String> {
+        hooks
+            .lock()
+            .iter()
+            .flat_map(|(_, body)| {
+                let v: Value = serde_json::from_str(body).unwrap();
+                v["events"].as_array().unwrap().iter().map(|e| e["name"].as_str().unwrap().to_string()).collect::<Vec<_>>()
+            })
+            .collect()
+    };
+    eventually(WAIT, || async {
+        if !events(&hooks).is_empty() {
+            return Some(());
+        }
+        clock.advance_ms(1_000);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        None
+    })
+    .await;
+    // Both nodes observe the room for another two seconds: nothing more is sent.
+    for _ in 0..10 {
+        clock.advance_ms(1_000);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(events(&hooks), ["queueing_started"]);
+}

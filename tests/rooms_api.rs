@@ -3,6 +3,8 @@
 #![allow(clippy::unwrap_used)] // tests fail loudly by design
 
 mod support;
+#[path = "support/realtime.rs"]
+mod rt;
 
 use reqwest::Method;
 use serde_json::{json, Value};
@@ -132,4 +134,91 @@ async fn one_body_limit_covers_every_admin_route() {
     // Under the limit, both are served.
     let r = app.admin(Method::POST, "/apps").json(&json!({})).send().await.unwrap();
     assert_eq!(r.status(), 201);
+}
+
+/// Room webhooks: `queueing_started` once a line has formed, `state_changed` with both states,
+/// `queueing_ended` after the calm, each signed with the endpoint's secret; an endpoint that
+/// asks for some types gets only those. The room's clock is a manual one: the driver observes
+/// every half second of real time, and each observation reads the time set here.
+#[tokio::test]
+async fn room_webhooks_tell_queueing_and_state_changes_signed() {
+    use std::time::Duration;
+    let clock = weir::clock::ManualClock::at(1_900_000_000_000);
+    let app = TestApp::builder().manual_clock(clock.clone()).start().await;
+    let (all_url, all) = rt::webhook_receiver(0).await;
+    let (states_url, states) = rt::webhook_receiver(0).await;
+    const SECRET: &str = "a-secret-of-24-characters";
+    let hooks = json!([
+        {"url": all_url, "secret": SECRET},
+        {"url": states_url, "secret": "another-secret-16+", "event_types": ["state_changed"]},
+    ]);
+    // Nobody is admitted at a rate of 0: the first visitor in line is a queue.
+    let created = app.create_room(json!({"id": "hooked", "origin": "https://shop.example", "rate_per_minute": 0, "webhooks": hooks})).await;
+    assert_eq!(created["webhooks"][1]["event_types"], json!(["state_changed"]));
+    app.visitor().enter("hooked").await;
+
+    // Events as received, in order: (name, the whole event); each request's signature checked.
+    let received = |seen: &rt::Hooks, secret: &str| -> Vec<(String, Value)> {
+        seen.lock()
+            .iter()
+            .flat_map(|(headers, body)| {
+                assert_eq!(headers["x-weir-room"], "hooked");
+                assert_eq!(headers["x-weir-signature"].to_str().unwrap(), weir::realtime::signature::hmac_hex(secret, body), "signed with the secret");
+                let v: Value = serde_json::from_str(body).unwrap();
+                v["events"].as_array().unwrap().iter().map(|e| (e["name"].as_str().unwrap().to_string(), e.clone())).collect::<Vec<_>>()
+            })
+            .collect()
+    };
+    let names = |events: &[(String, Value)]| events.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
+    // Moves the clock on until `seen` holds `want` events.
+    let advance_until = |seen: rt::Hooks, step_ms: i64, want: usize| {
+        let clock = clock.clone();
+        async move {
+            support::eventually(Duration::from_secs(15), || {
+                let (clock, seen) = (clock.clone(), seen.clone());
+                async move {
+                    if seen.lock().iter().map(|(_, b)| serde_json::from_str::<Value>(b).unwrap()["events"].as_array().unwrap().len()).sum::<usize>() >= want {
+                        return Some(());
+                    }
+                    clock.advance_ms(step_ms);
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    None
+                }
+            })
+            .await
+        }
+    };
+    advance_until(all.clone(), 1_000, 1).await;
+    let events = received(&all, SECRET);
+    assert_eq!(names(&events), ["queueing_started"]);
+    let (_, started) = &events[0];
+    assert_eq!((started["room"].as_str(), started["queue_length"].as_u64(), started["rate_per_minute"].as_f64()), (Some("hooked"), Some(1), Some(0.0)));
+    assert!(started["time_ms"].as_i64().unwrap() >= 1_900_000_005_000, "after 5 s of queue: {started}");
+
+    let patch = |body: Value| app.admin(Method::PATCH, "/rooms/hooked").json(&body).send();
+    assert_eq!(patch(json!({"state": "paused"})).await.unwrap().status(), 200);
+    support::eventually(Duration::from_secs(10), || async { (received(&states, "another-secret-16+").len() == 1).then_some(()) }).await;
+    let (_, changed) = &received(&states, "another-secret-16+")[0];
+    assert_eq!((changed["name"].as_str(), changed["from"].as_str(), changed["to"].as_str()), (Some("state_changed"), Some("open"), Some("paused")));
+
+    // Open again, with room for everyone: the line empties, and after the calm the queue ends.
+    assert_eq!(patch(json!({"state": "open", "rate_per_minute": 600000})).await.unwrap().status(), 200);
+    support::eventually(Duration::from_secs(10), || async {
+        let r: Value = app.admin(Method::GET, "/rooms/hooked").send().await.unwrap().json().await.unwrap();
+        (r["stats"]["queue_length"] == 0).then_some(())
+    })
+    .await;
+    advance_until(all.clone(), 10_000, 4).await;
+    assert_eq!(names(&received(&all, SECRET)), ["queueing_started", "state_changed", "state_changed", "queueing_ended"]);
+    assert_eq!(names(&received(&states, "another-secret-16+")), ["state_changed", "state_changed"], "only the types it asked for");
+
+    // Bad webhooks are refused naming the field; `[]` removes them.
+    let r = patch(json!({"webhooks": [{"url": "https://ops.example/h", "secret": "short"}]})).await.unwrap();
+    let (status, code, message) = error_of(r).await;
+    assert_eq!((status, code.as_str()), (400, "invalid_field"));
+    assert!(message.starts_with("webhooks[0].secret"), "{message}");
+    let r = patch(json!({"webhooks": [{"url": "mailto:ops@example.com", "secret": SECRET}]})).await.unwrap();
+    assert!(error_of(r).await.2.starts_with("webhooks[0].url"));
+    let r: Value = patch(json!({"webhooks": []})).await.unwrap().json().await.unwrap();
+    assert!(r.get("webhooks").is_none(), "{r}");
 }

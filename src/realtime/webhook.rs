@@ -1,6 +1,8 @@
 //! Webhooks: `channel_occupied`, `channel_vacated`, `member_added`, `member_removed`,
 //! `client_event`, `cache_miss` and `subscription_count`, batched per app and endpoint, signed as Pusher signs them
 //! (`X-Pusher-Key`, `X-Pusher-Signature` = hex HMAC-SHA256 of the body with the app secret).
+//! The waiting rooms' webhooks (`room::notify`) travel the same way, signed with weir's own
+//! headers.
 //!
 //! Each endpoint has its own bounded queue and worker, so a slow or dead endpoint delays only
 //! its own webhooks: publishers `try_send` and a full queue drops the event (counted). A batch
@@ -59,30 +61,67 @@ impl Deliverer {
     /// dropped (settings replaced, app deleted) and their queue is drained, or at shutdown.
     pub fn targets_for(&self, spec: &AppSpec) -> WebhookTargets {
         let app = spec.id.clone();
-        let depth = metrics::gauge!("weir_realtime_webhook_queue_depth", "app" => app.clone());
-        let dropped_full = metrics::counter!("weir_realtime_webhook_dropped_total", "app" => app.clone(), "reason" => "queue_full");
-        let targets = spec
-            .webhooks
-            .iter()
-            .filter_map(|w| {
-                let uri: hyper::Uri = w.url.parse().ok()?;
+        let meters = Meters {
+            depth: metrics::gauge!("weir_realtime_webhook_queue_depth", "app" => app.clone()),
+            delivered: metrics::counter!("weir_realtime_webhook_delivered_total", "app" => app.clone()),
+            dropped_failed: metrics::counter!("weir_realtime_webhook_dropped_total", "app" => app.clone(), "reason" => "failed"),
+            dropped_full: metrics::counter!("weir_realtime_webhook_dropped_total", "app" => app, "reason" => "queue_full"),
+        };
+        let endpoints = spec.webhooks.iter().map(|w| Endpoint {
+            url: &w.url,
+            types: w.event_types.clone(),
+            signing: Signing { key_header: "X-Pusher-Key", key: spec.key.clone(), signature_header: "X-Pusher-Signature", secret: spec.secret.clone() },
+        });
+        self.targets(endpoints, meters)
+    }
+
+    /// Workers for `endpoints`, counted by `meters`.
+    pub fn targets<'a>(&self, endpoints: impl IntoIterator<Item = Endpoint<'a>>, meters: Meters) -> WebhookTargets {
+        let targets = endpoints
+            .into_iter()
+            .filter_map(|e| {
+                let uri: hyper::Uri = e.url.parse().ok()?;
                 let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
                 let worker = Worker {
                     client: self.client.clone(),
                     uri,
-                    key: spec.key.clone(),
-                    secret: spec.secret.clone(),
-                    depth: depth.clone(),
-                    delivered: metrics::counter!("weir_realtime_webhook_delivered_total", "app" => app.clone()),
-                    dropped_failed: metrics::counter!("weir_realtime_webhook_dropped_total", "app" => app.clone(), "reason" => "failed"),
+                    signing: e.signing,
+                    depth: meters.depth.clone(),
+                    delivered: meters.delivered.clone(),
+                    dropped_failed: meters.dropped_failed.clone(),
                     shutdown: self.shutdown.clone(),
                 };
                 tokio::spawn(worker.run(rx));
-                Some(Target { types: w.event_types.clone(), tx })
+                Some(Target { types: e.types, tx })
             })
             .collect();
-        WebhookTargets { targets, depth, dropped_full }
+        WebhookTargets { targets, depth: meters.depth, dropped_full: meters.dropped_full }
     }
+}
+
+/// One endpoint: where, which event types (empty: all), and how its requests are signed.
+pub struct Endpoint<'a> {
+    pub url: &'a str,
+    pub types: Vec<String>,
+    pub signing: Signing,
+}
+
+/// The headers an endpoint's requests carry: `key_header: key`, and `signature_header:` the hex
+/// HMAC-SHA256 of the body with `secret`.
+pub struct Signing {
+    pub key_header: &'static str,
+    pub key: String,
+    pub signature_header: &'static str,
+    pub secret: String,
+}
+
+/// The metrics of one owner's endpoints: events queued, delivered, and dropped (given up after
+/// retries, or refused by a full queue).
+pub struct Meters {
+    pub depth: metrics::Gauge,
+    pub delivered: metrics::Counter,
+    pub dropped_failed: metrics::Counter,
+    pub dropped_full: metrics::Counter,
 }
 
 struct Target {
@@ -120,8 +159,7 @@ impl WebhookTargets {
 struct Worker {
     client: HttpClient,
     uri: hyper::Uri,
-    key: String,
-    secret: String,
+    signing: Signing,
     depth: metrics::Gauge,
     delivered: metrics::Counter,
     dropped_failed: metrics::Counter,
@@ -157,7 +195,7 @@ impl Worker {
     async fn deliver(&self, events: Vec<Value>) -> bool {
         let started = Instant::now();
         let body = serde_json::json!({ "time_ms": crate::clock::SystemClock.now_ms(), "events": events }).to_string();
-        let signature = signature::hmac_hex(&self.secret, &body);
+        let signature = signature::hmac_hex(&self.signing.secret, &body);
         let body = Bytes::from(body);
         for attempt in 0..MAX_ATTEMPTS {
             if attempt > 0 {
@@ -173,8 +211,8 @@ impl Worker {
             }
             let request = hyper::Request::post(self.uri.clone())
                 .header(hyper::header::CONTENT_TYPE, "application/json")
-                .header("X-Pusher-Key", &self.key)
-                .header("X-Pusher-Signature", &signature)
+                .header(self.signing.key_header, &self.signing.key)
+                .header(self.signing.signature_header, &signature)
                 .body(Full::new(body.clone()));
             let Ok(request) = request else { return false };
             match tokio::time::timeout(ATTEMPT_TIMEOUT, self.client.request(request)).await {

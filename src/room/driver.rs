@@ -31,10 +31,13 @@ const PUBLISH_EVERY: u64 = 2;
 /// Ticks between re-announcements of an unchanged counter (5 s), so a waiting page that
 /// subscribed just after the last change (or missed it) catches up without polling.
 const REPUBLISH_EVERY: u64 = 50;
+/// Ticks between observations of the rooms for their webhooks (`notify`, 0.5 s).
+const NOTIFY_EVERY: u64 = 5;
 
 pub fn spawn(rooms: Arc<Rooms>, realtime: Arc<Realtime>, shutdown: CancellationToken) {
     let prober_rooms = rooms.clone();
     let prober_shutdown = shutdown.clone();
+    let mut notifier = super::notify::Notifier::new(crate::realtime::webhook::Deliverer::new(shutdown.clone()));
     tokio::spawn(async move {
         let mut interval = tokio::time::interval(TICK);
         interval.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -76,10 +79,32 @@ pub fn spawn(rooms: Arc<Rooms>, realtime: Arc<Realtime>, shutdown: CancellationT
             if n % PUBLISH_EVERY == 0 {
                 announce(&rooms, &realtime, &mut announced, n % REPUBLISH_EVERY == 0);
             }
+            if n % NOTIFY_EVERY == 0 {
+                notify(&rooms, &mut notifier);
+            }
             n += 1;
         }
     });
     tokio::spawn(prober(prober_rooms, prober_shutdown));
+}
+
+/// Observes every room with webhooks, on the node that admits (so each event is sent once).
+fn notify(rooms: &Rooms, notifier: &mut super::notify::Notifier) {
+    if rooms.sync.as_ref().is_some_and(|s| !s.leading()) {
+        notifier.clear();
+        return;
+    }
+    let now_ms = rooms.clock.now_ms();
+    let all = rooms.all();
+    notifier.retain(|id| all.iter().any(|r| r.id == id && !r.spec().webhooks.is_empty()));
+    for room in &all {
+        let spec = room.spec();
+        if spec.webhooks.is_empty() {
+            continue;
+        }
+        let queue_length = room.engine.lock().queue_length();
+        notifier.observe(&room.id, &spec.webhooks, spec.state_at(now_ms), queue_length, room.rate_under(&spec), now_ms);
+    }
 }
 
 fn inputs(room: &Room, now_ms: i64, elapsed: Duration) -> Inputs {

@@ -8,6 +8,7 @@
 pub mod branding;
 pub mod driver;
 pub mod model;
+pub mod notify;
 pub mod policy;
 pub mod queue;
 pub mod routes;

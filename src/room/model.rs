@@ -6,6 +6,7 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
 use super::branding::Branding;
+use super::notify::RoomWebhook;
 use crate::error::ApiError;
 pub use crate::room::policy::{Adaptive, Bypass};
 
@@ -94,6 +95,9 @@ pub struct RoomSpec {
     /// Leading zero bits of the proof-of-work a new visitor must find (0 = off).
     #[serde(default)]
     pub pow_difficulty: u8,
+    /// Endpoints told when the room starts or stops queueing or changes state (`room::notify`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub webhooks: Vec<RoomWebhook>,
 }
 
 /// `POST /api/v1/rooms` body.
@@ -118,6 +122,8 @@ pub struct NewRoom {
     pub bypass: Option<Bypass>,
     pub per_ip_entries_per_minute: Option<u32>,
     pub pow_difficulty: Option<u8>,
+    #[serde(default)]
+    pub webhooks: Vec<RoomWebhook>,
 }
 
 /// `PATCH /api/v1/rooms/{id}` body: every field optional; `starts_at: null` clears it.
@@ -146,6 +152,8 @@ pub struct RoomPatch {
     #[serde(default, deserialize_with = "double_option")]
     pub per_ip_entries_per_minute: Option<Option<u32>>,
     pub pow_difficulty: Option<u8>,
+    /// Replaces the room's webhooks (`[]` removes them).
+    pub webhooks: Option<Vec<RoomWebhook>>,
 }
 
 /// Distinguishes an absent field (`None`) from an explicit `null` (`Some(None)`).
@@ -233,6 +241,7 @@ impl RoomSpec {
             bypass: input.bypass,
             per_ip_entries_per_minute: input.per_ip_entries_per_minute,
             pow_difficulty: input.pow_difficulty.unwrap_or(0),
+            webhooks: input.webhooks,
         };
         spec.validate()?;
         Ok(spec)
@@ -285,6 +294,9 @@ impl RoomSpec {
         if let Some(v) = patch.pow_difficulty {
             next.pow_difficulty = v;
         }
+        if let Some(v) = patch.webhooks {
+            next.webhooks = v;
+        }
         next.validate()?;
         Ok(next)
     }
@@ -302,6 +314,7 @@ impl RoomSpec {
             return Err(ApiError::invalid_field("starts_at", "is required when state is scheduled"));
         }
         self.branding.validate()?;
+        super::notify::validate(&self.webhooks)?;
         Ok(())
     }
 
@@ -351,6 +364,7 @@ mod tests {
             pow_difficulty: None,
             branding: Default::default(),
             mode: Default::default(),
+            webhooks: Vec::new(),
         };
         assert!(RoomSpec::create(base(), 0).is_ok());
         let e = RoomSpec::create(NewRoom { origin: "/relative".into(), ..base() }, 0).unwrap_err();
