@@ -267,18 +267,20 @@ fn cli_drives_the_admin_api() {
         "room", "set", "launch", "--max-active-users", "50", "--abandon-after-seconds", "90", "--pow-difficulty", "4",
         "--safety-net", "true", "--per-ip-entries-per-minute", "10",
         "--adaptive", r#"{"probe_url":"http://127.0.0.1:9/health","target_latency_ms":300,"min_per_minute":10,"max_per_minute":500}"#,
-        "--bypass", r#"{"cidrs":["10.0.0.0/8"]}"#, "--json",
+        "--bypass", r#"{"cidrs":["10.0.0.0/8"]}"#,
+        "--webhooks", r#"[{"url":"http://127.0.0.1:9/hook","secret":"sixteen-chars-ok","event_types":["state_changed"]}]"#, "--json",
     ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let room: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!((room["max_active_users"].as_u64(), room["pow_difficulty"].as_u64(), room["safety_net"].as_bool()), (Some(50), Some(4), Some(true)));
     assert_eq!(room["adaptive"]["max_per_minute"], 500.0);
+    assert_eq!(room["webhooks"][0]["event_types"], json!(["state_changed"]));
     let out = cli(base, &["room", "show", "launch"]);
     let details = String::from_utf8_lossy(&out.stdout);
     assert!(details.contains("stats.active_users") && details.contains("stats.live_waiters"), "{details}");
-    let out = cli(base, &["room", "set", "launch", "--adaptive", "null", "--bypass", "null", "--json"]);
+    let out = cli(base, &["room", "set", "launch", "--adaptive", "null", "--bypass", "null", "--webhooks", "[]", "--json"]);
     let room: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert!(room.get("adaptive").is_none() && room.get("bypass").is_none());
+    assert!(room.get("adaptive").is_none() && room.get("bypass").is_none() && room.get("webhooks").is_none());
 
     // The dashboard's data as tables, and whole with --json.
     let out = cli(base, &["stats"]);

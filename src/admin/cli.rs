@@ -97,6 +97,9 @@ pub struct RoomFields {
     /// Bypass rules as JSON, e.g. '{"cidrs":["10.0.0.0/8"],"header_value":"…"}', or null.
     #[arg(long, value_parser = parse_json)]
     bypass: Option<Value>,
+    /// Webhooks as JSON, e.g. '[{"url":"https://ops.example/weir","secret":"at-least-16-chars"}]', or [] to remove them.
+    #[arg(long, value_parser = parse_json)]
+    webhooks: Option<Value>,
 }
 
 fn parse_json(s: &str) -> Result<Value, String> {
@@ -124,6 +127,7 @@ impl RoomFields {
         put("pow_difficulty", self.pow_difficulty.map(Value::from));
         put("adaptive", self.adaptive.clone());
         put("bypass", self.bypass.clone());
+        put("webhooks", self.webhooks.clone());
         m
     }
 }
