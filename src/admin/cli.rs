@@ -97,7 +97,7 @@ pub struct RoomFields {
     /// Bypass rules as JSON, e.g. '{"cidrs":["10.0.0.0/8"],"header_value":"…"}', or null.
     #[arg(long, value_parser = parse_json)]
     bypass: Option<Value>,
-    /// Webhooks as JSON, e.g. '[{"url":"https://ops.example/weir","secret":"at-least-16-chars"}]', or [] to remove them.
+    /// Webhooks as JSON, e.g. `[{"url":"https://ops.example/weir","secret":"at-least-16-chars"}]`, or `[]` to remove them.
     #[arg(long, value_parser = parse_json)]
     webhooks: Option<Value>,
 }
