@@ -19,6 +19,13 @@ struct Row {
     verdict: &'static str,
 }
 
+impl Row {
+    /// A figure with no goal of its own: shown beside the judged ones, never judged.
+    fn unjudged(scenario: impl Into<String>, figure: impl Into<String>, weir: String, baseline: String, ratio: String) -> Row {
+        Row { scenario: scenario.into(), figure: figure.into(), weir, baseline, ratio, goal: "—".into(), verdict: "" }
+    }
+}
+
 /// weir's default `limits.line_wait_ms`: what bounds an accepted request's wait under overload.
 const LINE_WAIT_MS: f64 = 1_000.0;
 
@@ -148,30 +155,20 @@ fn http_row(rows: &mut Vec<Row>, res: &Value, name: &str, goal_ratio: f64) {
     let wp = f(&w["latency"]["p99_ms"]).filter(|_| wv.is_some());
     let hp = f(&h["latency"]["p99_ms"]);
     let (r, _) = ratio(wp, hp);
-    rows.push(Row {
-        scenario: name.into(),
-        figure: "p99 latency at full load".into(),
-        weir: cell(wp, " ms", &missing),
-        baseline: cell(hp, " ms (hello)", &nm(h)),
-        ratio: r,
-        goal: "—".into(),
-        verdict: "",
-    });
+    rows.push(Row::unjudged(name, "p99 latency at full load", cell(wp, " ms", &missing), cell(hp, " ms (hello)", &nm(h)), r));
     if name == "verify" {
         let half = &w["half_load"];
         let p = f(&half["latency"]["p99_ms"]).filter(|_| f(&half["ok"]).unwrap_or(0.0) > 0.0);
         let hello_half = &w["half_load_hello"];
         let hp = f(&hello_half["latency"]["p99_ms"]).filter(|_| f(&hello_half["ok"]).unwrap_or(0.0) > 0.0);
         let (r, _) = ratio(p, hp);
-        rows.push(Row {
-            scenario: name.into(),
-            figure: "p99 at half load, as the load generator saw it (open loop from schedule; hello driven at the same rate)".into(),
-            weir: cell(p, " ms", &nm(half).or(missing.clone())),
-            baseline: cell(hp, " ms (hello)", &nm(hello_half)),
-            ratio: r,
-            goal: "—".into(),
-            verdict: "",
-        });
+        rows.push(Row::unjudged(
+            name,
+            "p99 at half load, as the load generator saw it (open loop from schedule; hello driven at the same rate)",
+            cell(p, " ms", &nm(half).or(missing.clone())),
+            cell(hp, " ms (hello)", &nm(hello_half)),
+            r,
+        ));
         // The generator's core is ~85 % busy at half load, and its own queue shows in its p99:
         // the goal is read on the probe, which runs beside it at real-time priority.
         let (pp, hpp) = (probe_p99(&half["probe"], "latency"), probe_p99(&hello_half["probe"], "latency"));
@@ -277,26 +274,16 @@ fn cluster_rows(rows: &mut Vec<Row>, c: &Value) {
     let setup = format!("{} subscribers, half on each of {} nodes sharing one Redis, all on the server's core", c["subscribers"], c["nodes"]);
     let (wv, ov) = (f(&w["msg_per_sec"]), f(&one["msg_per_sec"]));
     let (r, _) = ratio(wv, ov);
-    rows.push(Row {
-        scenario: "cluster".into(),
-        figure: format!("{setup}: delivered msg/s (server processes' CPU {}, one node's {})", share(w), share(one)),
-        weir: cell(wv, "", &missing),
-        baseline: cell(ov, " (one weir node)", &nm(one)),
-        ratio: r,
-        goal: "—".into(),
-        verdict: "",
-    });
+    rows.push(Row::unjudged(
+        "cluster",
+        format!("{setup}: delivered msg/s (server processes' CPU {}, one node's {})", share(w), share(one)),
+        cell(wv, "", &missing),
+        cell(ov, " (one weir node)", &nm(one)),
+        r,
+    ));
     let (wp, op) = (f(&w["latency"]["p99_ms"]), f(&one["latency"]["p99_ms"]));
     let (r, _) = ratio(wp, op);
-    rows.push(Row {
-        scenario: "cluster".into(),
-        figure: "end-to-end p99 at max throughput".into(),
-        weir: cell(wp, " ms", &missing),
-        baseline: cell(op, " ms (one weir node)", &nm(one)),
-        ratio: r,
-        goal: "—".into(),
-        verdict: "",
-    });
+    rows.push(Row::unjudged("cluster", "end-to-end p99 at max throughput", cell(wp, " ms", &missing), cell(op, " ms (one weir node)", &nm(one)), r));
     let loss = w["loss"].as_u64();
     let disc = w["disconnected"].as_u64().unwrap_or(0);
     rows.push(Row {
@@ -490,15 +477,13 @@ fn rows(res: &Value) -> Vec<Row> {
             verdict: verdict(d.map(|x| x < 2000.0)),
         });
         if let Some(rss) = f(&q["rss_after_restart_bytes"]) {
-            rows.push(Row {
-                scenario: "queue-scale".into(),
-                figure: "RSS once ready after the restart (the whole line restored)".into(),
-                weir: format!("{:.1} MiB", rss / 1_048_576.0),
-                baseline: "—".into(),
-                ratio: "—".into(),
-                goal: "—".into(),
-                verdict: "",
-            });
+            rows.push(Row::unjudged(
+                "queue-scale",
+                "RSS once ready after the restart (the whole line restored)",
+                format!("{:.1} MiB", rss / 1_048_576.0),
+                "—".into(),
+                "—".into(),
+            ));
         }
     }
 
@@ -563,15 +548,13 @@ fn rows(res: &Value) -> Vec<Row> {
                     format!("{}× → {:.2}× ({} refused{busy}{client}{late})", f(&p["offered_factor"]).unwrap_or(0.0), f(&p["goodput_ratio"]).unwrap_or(0.0), p["refused"])
                 })
                 .collect();
-            rows.push(Row {
-                scenario: "overload".into(),
-                figure: format!("goodput curve over {} conns: offered (× peak) → goodput (× peak)", o["connections"]),
-                weir: text.join("; "),
-                baseline: "—".into(),
-                ratio: "—".into(),
-                goal: "—".into(),
-                verdict: "",
-            });
+            rows.push(Row::unjudged(
+                "overload",
+                format!("goodput curve over {} conns: offered (× peak) → goodput (× peak)", o["connections"]),
+                text.join("; "),
+                "—".into(),
+                "—".into(),
+            ));
         }
         // Nothing refused (the connections fit in weir's line): refusals as measured on the probe.
         let probe = &o["refusal_probe"];
@@ -641,15 +624,13 @@ fn rows(res: &Value) -> Vec<Row> {
         let fresh = q["refused_fresh"].as_u64().unwrap_or(0);
         if fresh > 0 {
             let p50 = f(&q["refused_latency"]["p50_ms"]).map(|p| format!("; p50 of all refusals {p:.2} ms")).unwrap_or_default();
-            rows.push(Row {
-                scenario: "overload".into(),
-                figure: format!("refusals of requests not sent right after a refusal (read at once, no hold to wait out): p99 ({fresh} of the {refused}{p50})"),
-                weir: cell(f(&q["refused_fresh_latency"]["p99_ms"]), " ms", &None),
-                baseline: "—".into(),
-                ratio: "—".into(),
-                goal: "—".into(),
-                verdict: "",
-            });
+            rows.push(Row::unjudged(
+                "overload",
+                format!("refusals of requests not sent right after a refusal (read at once, no hold to wait out): p99 ({fresh} of the {refused}{p50})"),
+                cell(f(&q["refused_fresh_latency"]["p99_ms"]), " ms", &None),
+                "—".into(),
+                "—".into(),
+            ));
         }
         let ap = f(&o["latency"]["p99_ms"]);
         rows.push(Row {
@@ -671,15 +652,13 @@ fn rows(res: &Value) -> Vec<Row> {
             verdict: verdict(f(&o["latency_from_send"]["p99_ms"]).map(|p| p <= 1.25 * LINE_WAIT_MS)),
         });
         if let Some(pp) = probe_p99(&o["probe"], "latency") {
-            rows.push(Row {
-                scenario: "overload".into(),
-                figure: format!("p99 of accepted requests as the latency probe saw them ({})", probe_text(&o["probe"])),
-                weir: cell(Some(pp), " ms", &None),
-                baseline: "—".into(),
-                ratio: "—".into(),
-                goal: "—".into(),
-                verdict: "",
-            });
+            rows.push(Row::unjudged(
+                "overload",
+                format!("p99 of accepted requests as the latency probe saw them ({})", probe_text(&o["probe"])),
+                cell(Some(pp), " ms", &None),
+                "—".into(),
+                "—".into(),
+            ));
         }
     }
 
