@@ -14,7 +14,10 @@ use serde::Deserialize;
 
 use crate::http::AppState;
 
-const ROOM_JS: &str = include_str!("static/room.js");
+/// The script with every language's phrases in it (`i18n::script_phrases`).
+static ROOM_JS: LazyLock<String> =
+    LazyLock::new(|| include_str!("static/room.js").replacen(PHRASES_SLOT, &super::i18n::script_phrases(), 1));
+const PHRASES_SLOT: &str = "/*weir:phrases*/{}";
 
 /// A content hash of the script: the `?v=` of its URL and its ETag.
 static ROOM_JS_VERSION: LazyLock<String> = LazyLock::new(|| {
@@ -51,7 +54,7 @@ async fn room_js(query: Result<Query<Version>, axum::extract::rejection::QueryRe
     } else if let Some(body) = gzipped {
         (content_type, [(header::CONTENT_ENCODING, "gzip")], body.clone()).into_response()
     } else {
-        (content_type, ROOM_JS).into_response()
+        (content_type, ROOM_JS.as_str()).into_response()
     };
     let h = response.headers_mut();
     if gzipped.is_some() {
@@ -62,4 +65,21 @@ async fn room_js(query: Result<Query<Version>, axum::extract::rejection::QueryRe
         h.insert(header::ETAG, v);
     }
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_script_carries_every_languages_phrases() {
+        assert!(!ROOM_JS.contains(PHRASES_SLOT), "the slot is filled");
+        let start = ROOM_JS.find("var PHRASES = ").expect("the phrases' variable") + "var PHRASES = ".len();
+        let len = ROOM_JS[start..].find(";\n").expect("one statement");
+        let phrases: serde_json::Value = serde_json::from_str(&ROOM_JS[start..start + len]).expect("JSON");
+        for t in [&super::super::i18n::EN, &super::super::i18n::DE, &super::super::i18n::FR, &super::super::i18n::ES] {
+            assert_eq!(phrases[t.lang]["about_minutes"], t.about_minutes, "{}", t.lang);
+            assert_eq!(phrases[t.lang]["eta_unknown"], t.eta_unknown, "{}", t.lang);
+        }
+    }
 }

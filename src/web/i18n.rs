@@ -168,9 +168,9 @@ pub fn by_code(code: &str) -> Option<&'static Strings> {
     }
 }
 
-/// Longest `Accept-Language` header considered; the rest is ignored (browsers send ~50 bytes).
 /// The phrases the page script (`static/room.js`) writes itself; the rest are in the page
-/// already, so every page carries only these in its config (a quarter of the table's bytes).
+/// already. The script carries them for every language (`script_phrases`, cached with it), so a
+/// page's config names only its language.
 #[derive(Serialize)]
 struct ScriptStrings {
     eta_unknown: &'static str,
@@ -198,8 +198,8 @@ impl ScriptStrings {
     }
 }
 
-/// A language's strings pre-serialized: the script's share as JSON for the page config, and all
-/// of them as a template value. Built once per language so a page render serializes nothing.
+/// A language's strings pre-serialized: the script's share as JSON, and all of them as a
+/// template value. Built once per language so a page render serializes nothing.
 pub struct Prepared {
     pub json: Box<serde_json::value::RawValue>,
     pub value: minijinja::Value,
@@ -221,6 +221,14 @@ impl Strings {
     }
 }
 
+/// Every language's phrases for the page script, as one JSON object keyed by language: built
+/// into the script (`web::assets`), which every waiting page loads once and caches.
+pub fn script_phrases() -> String {
+    let entries: Vec<String> = [&EN, &DE, &FR, &ES].iter().map(|t| format!("\"{}\":{}", t.lang, t.prepared().json.get())).collect();
+    format!("{{{}}}", entries.join(","))
+}
+
+/// Longest `Accept-Language` header considered; the rest is ignored (browsers send ~50 bytes).
 const MAX_ACCEPT_LANGUAGE: usize = 512;
 
 /// The room's forced language, else the highest-weighted supported `Accept-Language` entry,

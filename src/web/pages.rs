@@ -212,7 +212,8 @@ struct ScriptConfig<'a> {
     rate: f64,
     starts_at_ms: Option<i64>,
     redirect_url: Option<&'a str>,
-    t: &'static serde_json::value::RawValue,
+    /// The language of the script's phrases (it carries them all).
+    lang: &'static str,
     // The per-visitor values last, in one run: everything before them is the same for every
     // visitor of a room, so it is compressed (and checksummed) once as one piece (see `gzip`).
     ticket: serde_json::Value,
@@ -538,7 +539,7 @@ impl RoomPage<'_> {
             rate: spec.rate_per_minute,
             starts_at_ms: spec.starts_at_ms(),
             redirect_url: status.redirect_url.as_deref(),
-            t: &t.prepared().json,
+            lang: t.lang,
             ticket: json_number(Slot::JsonTicket, |v| v.ticket as i64),
             rank: json_number(Slot::JsonRank, |v| v.rank as i64),
             serving: json_number(Slot::JsonServing, |v| v.serving as i64),

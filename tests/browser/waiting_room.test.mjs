@@ -13,6 +13,24 @@ async function roomWithOrigin(id, spec = {}) {
   return origin;
 }
 
+test('the script writes its live phrases in the page\'s language, which it carries for every language', async () => {
+  const origin = await roomWithOrigin('sprache', { branding: { language: 'de' } });
+  const visitors = [];
+  for (let i = 0; i < 3; i++) visitors.push(await visitor(browser, `${weir.base}/r/sprache`));
+  const last = visitors[2];
+  const config = await last.page.evaluate(() => JSON.parse(document.getElementById('weir-config').textContent));
+  assert.equal(config.lang, 'de');
+  assert.equal(config.t, undefined, 'the phrases come with the cached script, not with every page');
+  await eventually(() => last.log.sockets.some((s) => s.subscribed), 10000, 'socket subscribed');
+  // One admission a minute: the third in line (two ahead) is told "about 2 minutes", in German,
+  // by the script, live, when the new rate is broadcast.
+  await weir.patchRoom('sprache', { rate_per_minute: 1 });
+  await eventually(async () => (await last.page.textContent('#eta')).trim() === 'etwa 2 Minuten', 15000, 'the German ETA');
+  assert.equal(last.log.navigations.filter((u) => u.includes('/r/sprache')).length, 1, 'written by the script, not by a reload');
+  for (const v of visitors) await v.context.close();
+  await origin.close();
+});
+
 test('visitors see their positions move live over the WebSocket and reach the origin with a verified token', async () => {
   const origin = await roomWithOrigin('live');
   const visitors = [];

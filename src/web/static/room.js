@@ -8,7 +8,9 @@
   if (!cfgEl || !window.JSON) return;
   var c;
   try { c = JSON.parse(cfgEl.textContent); } catch (e) { return; }
-  var t = c.t;
+  // Every language's phrases, filled in by the server when it builds this script.
+  var PHRASES = /*weir:phrases*/{};
+  var t = PHRASES[c.lang] || PHRASES.en;
   var skew = Date.now() - c.now_ms;  // server time ≈ Date.now() - skew
   var serving = c.serving, rate = c.rate, state = c.state;
   var ws = null, wsUp = false, wsRetry = 0, wsTimer = null;
