@@ -95,16 +95,17 @@ fn notify(rooms: &Rooms, notifier: &mut super::notify::Notifier) {
         return;
     }
     let now_ms = rooms.clock.now_ms();
-    let all = rooms.all();
-    notifier.retain(|id| all.iter().any(|r| r.id == id && !r.spec().webhooks.is_empty()));
-    for room in &all {
+    let mut watched = std::collections::HashSet::new();
+    for room in rooms.all() {
         let spec = room.spec();
         if spec.webhooks.is_empty() {
             continue;
         }
         let queue_length = room.engine.lock().queue_length();
         notifier.observe(&room.id, &spec.webhooks, spec.state_at(now_ms), queue_length, room.rate_under(&spec), now_ms);
+        watched.insert(room.id.clone());
     }
+    notifier.retain(|id| watched.contains(id));
 }
 
 fn inputs(room: &Room, now_ms: i64, elapsed: Duration) -> Inputs {
