@@ -162,9 +162,8 @@ impl AppSpec {
             return Err("webhooks: at most 10".into());
         }
         for (i, w) in self.webhooks.iter().enumerate() {
-            match url::Url::parse(&w.url) {
-                Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
-                _ => return Err(format!("webhooks[{i}].url: {:?} is not an absolute http(s) URL", w.url)),
+            if !super::webhook::is_endpoint_url(&w.url) {
+                return Err(format!("webhooks[{i}].url: {:?} is not an absolute http(s) URL", w.url));
             }
             if let Some(bad) = w.event_types.iter().find(|t| !WEBHOOK_EVENT_TYPES.contains(&t.as_str())) {
                 return Err(format!("webhooks[{i}].event_types: unknown type {bad:?} (known: {})", WEBHOOK_EVENT_TYPES.join(", ")));

@@ -44,6 +44,12 @@ pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 type HttpClient = Client<crate::outbound::Connector, Full<Bytes>>;
 
+/// Whether `url` can be a webhook endpoint: an absolute `http(s)` URL with a host, which the
+/// client can also send to (an endpoint it could not would be dropped without a word).
+pub fn is_endpoint_url(url: &str) -> bool {
+    url::Url::parse(url).is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some()) && url.parse::<hyper::Uri>().is_ok()
+}
+
 /// Spawns endpoint workers; shared by every app.
 #[derive(Clone)]
 pub struct Deliverer {

@@ -58,8 +58,7 @@ pub fn validate(hooks: &[RoomWebhook]) -> Result<(), ApiError> {
         return Err(ApiError::invalid_field("webhooks", format!("at most {MAX_WEBHOOKS}")));
     }
     for (i, w) in hooks.iter().enumerate() {
-        let absolute_http = url::Url::parse(&w.url).is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some());
-        if !absolute_http || w.url.parse::<hyper::Uri>().is_err() {
+        if !crate::realtime::webhook::is_endpoint_url(&w.url) {
             return Err(ApiError::invalid_field(&format!("webhooks[{i}].url"), "must be an absolute http(s) URL"));
         }
         if !SECRET_LEN.contains(&w.secret.len()) || w.secret.chars().any(char::is_control) {

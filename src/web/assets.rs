@@ -77,7 +77,7 @@ mod tests {
         let start = ROOM_JS.find("var PHRASES = ").expect("the phrases' variable") + "var PHRASES = ".len();
         let len = ROOM_JS[start..].find(";\n").expect("one statement");
         let phrases: serde_json::Value = serde_json::from_str(&ROOM_JS[start..start + len]).expect("JSON");
-        for t in [&super::super::i18n::EN, &super::super::i18n::DE, &super::super::i18n::FR, &super::super::i18n::ES] {
+        for t in super::super::i18n::LANGUAGES {
             assert_eq!(phrases[t.lang]["about_minutes"], t.about_minutes, "{}", t.lang);
             assert_eq!(phrases[t.lang]["eta_unknown"], t.eta_unknown, "{}", t.lang);
         }

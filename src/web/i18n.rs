@@ -38,6 +38,9 @@ pub struct Strings {
     pub about_hours: &'static str,
 }
 
+/// Every supported language, English (the default) first.
+pub static LANGUAGES: [&Strings; 4] = [&EN, &DE, &FR, &ES];
+
 pub static EN: Strings = Strings {
     lang: "en",
     in_queue: "You are in the queue",
@@ -209,7 +212,7 @@ impl Strings {
     pub fn prepared(&'static self) -> &'static Prepared {
         static PREPARED: std::sync::OnceLock<Vec<(&'static str, Prepared)>> = std::sync::OnceLock::new();
         let all = PREPARED.get_or_init(|| {
-            [&EN, &DE, &FR, &ES]
+            LANGUAGES
                 .into_iter()
                 .map(|t| {
                     let json = serde_json::value::to_raw_value(&ScriptStrings::of(t)).expect("static strings serialize");
@@ -224,7 +227,7 @@ impl Strings {
 /// Every language's phrases for the page script, as one JSON object keyed by language: built
 /// into the script (`web::assets`), which every waiting page loads once and caches.
 pub fn script_phrases() -> String {
-    let entries: Vec<String> = [&EN, &DE, &FR, &ES].iter().map(|t| format!("\"{}\":{}", t.lang, t.prepared().json.get())).collect();
+    let entries: Vec<String> = LANGUAGES.iter().map(|t| format!("\"{}\":{}", t.lang, t.prepared().json.get())).collect();
     format!("{{{}}}", entries.join(","))
 }
 
@@ -321,7 +324,7 @@ mod tests {
         used.sort_unstable();
         used.dedup();
         assert!(used.len() >= 8, "found {used:?}");
-        for t in [&EN, &DE, &FR, &ES] {
+        for t in LANGUAGES {
             let json: serde_json::Map<String, serde_json::Value> = serde_json::from_str(t.prepared().json.get()).unwrap();
             let mut shipped: Vec<&str> = json.keys().map(String::as_str).collect();
             shipped.sort_unstable();
