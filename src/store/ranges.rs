@@ -15,7 +15,6 @@
 //!
 //! A range is a quarter second of the room's recent arrivals, within [`MIN_BLOCK`, `MAX_BLOCK`].
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,6 +22,8 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use tokio::sync::futures::OwnedNotified;
 use tokio::sync::Notify;
+
+use crate::fast_map::FastMap;
 
 /// Smallest range reserved at once: a quiet room still reserves rarely.
 pub const MIN_BLOCK: u64 = 64;
@@ -110,7 +111,8 @@ impl Range {
 /// commits reservations and reports them here).
 #[derive(Default)]
 pub struct Ranges {
-    rooms: Mutex<HashMap<String, Range>>,
+    /// Looked up on every new visitor's entry: a fast hash (room ids are ours).
+    rooms: Mutex<FastMap<String, Range>>,
     epochs: AtomicU64,
     closed: std::sync::atomic::AtomicBool,
 }
