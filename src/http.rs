@@ -220,8 +220,17 @@ impl Service<Request> for HotRoute {
         let response = match (self.room_of(&request), self.answer) {
             (Some(room), Answer::Now(answer)) => answer(&self.state, room, &request),
             (Some(room), Answer::Later(answer)) => {
-                let room = room.into();
-                return HotFuture::Later(answer(self.state.clone(), room, self.peer_ip, request));
+                let mut later = answer(self.state.clone(), room.into(), self.peer_ip, request);
+                // Polled once here, where it almost always completes (its ticket is already
+                // reserved): the request is then dropped before hyper reads ahead on the
+                // connection, so hyper finds its read buffer no longer shared and reuses it,
+                // instead of copying it into a new 8 KB one for every entry. The waker is a
+                // no-op: a future still pending is polled again at once by hyper, with the
+                // connection's waker, which is the one it must wake.
+                return match later.as_mut().poll(&mut Context::from_waker(std::task::Waker::noop())) {
+                    Poll::Ready(response) => HotFuture::Now(std::future::ready(Ok(response))),
+                    Poll::Pending => HotFuture::Later(later),
+                };
             }
             (None, _) => crate::error::ApiError::not_found("no such route").into_response(),
         };
