@@ -154,7 +154,8 @@ pub struct HotRoute {
     peer_ip: IpAddr,
 }
 
-/// How a hot route answers: within its call, or later (entry waits for a durable ticket).
+/// How a hot route answers: within its call, or by a future (entry may wait for a durable
+/// ticket; when it need not, its future is done within the call too).
 #[derive(Clone, Copy)]
 enum Answer {
     Now(fn(&AppState, &str, &Request) -> Response),
