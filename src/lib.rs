@@ -50,8 +50,10 @@
 //! - [`http`]: `AppState`, the router (where every layer's order is decided) and `App`, which
 //!   serves the three hottest routes (forward auth, status, entry) in front of the router
 //!   under the same bound and metrics; [`serve`], the accept loop (hyper HTTP/1.1 connections with upgrades,
-//!   over sockets that honour their refusal hold and their turn; peer address per request,
-//!   slow-head guard, graceful drain).
+//!   over sockets that honour their refusal hold and their turn, and that write an answer only
+//!   after the other connections ready at the same time have been served, so answers leave in
+//!   bursts and a waiting client is woken once a burst; peer address per request, slow-head
+//!   guard, graceful drain).
 //!
 //! ## Data flow of a visitor
 //!
