@@ -114,6 +114,11 @@ impl Backoff {
         self.0.past_line.load(Ordering::Relaxed) && self.0.past_line.swap(false, Ordering::Relaxed)
     }
 
+    /// Whether a hold is on: the connection was just refused.
+    fn holding(&self) -> bool {
+        self.until().is_some_and(|until| Instant::now() < until)
+    }
+
     pub(crate) fn until(&self) -> Option<Instant> {
         match self.0.until.load(Ordering::Relaxed) {
             0 => None,
@@ -410,10 +415,12 @@ impl Throttled {
     /// in bursts, the answers find the reader still awake. Measured (`BENCHMARKS.md`, the
     /// twenty-ninth round): entry 0.34× → 0.47–0.55× hello, status 0.56× → 0.70×, verify
     /// 0.64× → 0.78×, verify's p99 at half load lower, overload goodput 37,130 → 56,970 req/s.
-    /// Alone on the worker, the answer waits only for its own trip through the queue. WebSocket
-    /// frames are not held back.
+    /// Alone on the worker, the answer waits only for its own trip through the queue. Refusals
+    /// and WebSocket frames are not held back.
     fn poll_answer_in_burst(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        if std::mem::take(&mut self.answer_due) {
+        // A refusal (its hold is set as it is made) goes at once: it is meant to be quick, and
+        // the connection is held unread after it anyway.
+        if std::mem::take(&mut self.answer_due) && !self.backoff.holding() {
             self.answer_held = true;
             cx.waker().wake_by_ref();
             return Poll::Pending;
@@ -592,7 +599,7 @@ mod tests {
         let log = Arc::new(parking_lot::Mutex::new(Vec::new()));
         let a = tokio::spawn(serve_one(a, "A", log.clone()));
         let b = tokio::spawn(serve_one(b, "B", log.clone()));
-        let (mut a, _b) = (a.await.unwrap(), b.await.unwrap());
+        let (mut a, mut b) = (a.await.unwrap(), b.await.unwrap());
         assert_eq!(*log.lock(), ["read A", "read B", "answered A", "answered B"]);
         let mut buf = [0u8; 4];
         a_client.read_exact(&mut buf).await.unwrap();
@@ -612,6 +619,11 @@ mod tests {
         assert!(matches!(Pin::new(&mut a).poll_write(&mut cx, b"pong"), Poll::Ready(Ok(4))));
         a.read_exact(&mut buf).await.unwrap();
         assert_eq!(&buf, b"next");
+        // A refusal goes at once.
+        b_client.write_all(b"ping").await.unwrap();
+        b.read_exact(&mut buf).await.unwrap();
+        b.backoff().hold_after_refusal(Duration::from_secs(1));
+        assert!(matches!(Pin::new(&mut b).poll_write(&mut cx, b"busy"), Poll::Ready(Ok(4))), "a refusal waited");
         // A WebSocket's frames are not held back.
         let switched = async { Ok(axum::response::Response::builder().status(axum::http::StatusCode::SWITCHING_PROTOCOLS).body(axum::body::Body::empty()).unwrap()) };
         crate::limits::head_guard::Finished::new(switched, a.activity().clone()).await.unwrap();
