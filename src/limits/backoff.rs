@@ -264,8 +264,9 @@ impl AsyncRead for Throttled {
         let this = &mut *self;
         if this.answer_held {
             // hyper's look for a client gone mid-answer: the turn and the door see the
-            // connection once the answer is out, as they would have without the wait. The task
-            // is already queued, so no waker is needed.
+            // connection once the answer is out, as they would have without the wait (so a turn
+            // is not given back with its answer unwritten). The task is already queued, and
+            // the socket's waker was set by hyper's look before the answer was made.
             return Poll::Pending;
         }
         if let Some(offer) = this.offer.take() {
@@ -419,8 +420,10 @@ impl Throttled {
     /// and WebSocket frames are not held back.
     fn poll_answer_in_burst(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         // A refusal (its hold is set as it is made) goes at once: it is meant to be quick, and
-        // the connection is held unread after it anyway.
-        if std::mem::take(&mut self.answer_due) && !self.backoff.holding() {
+        // the connection is held unread after it anyway. So does every answer while refusals
+        // go on: a request that waited in line is answered as soon as it can be.
+        let refusing = || self.backoff.holding() || self.door.as_ref().is_some_and(Door::open);
+        if std::mem::take(&mut self.answer_due) && !refusing() {
             self.answer_held = true;
             cx.waker().wake_by_ref();
             return Poll::Pending;
@@ -608,17 +611,6 @@ mod tests {
         // Only the first write after a request yields: the rest of an answer goes at once.
         let mut cx = Context::from_waker(Waker::noop());
         assert!(matches!(Pin::new(&mut a).poll_write(&mut cx, b"more"), Poll::Ready(Ok(4))), "a later write of an answer waited");
-        // While an answer waits for its trip through the queue nothing is read, so the turn and
-        // the door see the connection only once the answer is out.
-        a_client.write_all(b"ping").await.unwrap();
-        a.read_exact(&mut buf).await.unwrap();
-        a_client.write_all(b"next").await.unwrap();
-        assert!(Pin::new(&mut a).poll_write(&mut cx, b"pong").is_pending(), "the answer did not wait");
-        let held = tokio::time::timeout(Duration::from_millis(20), a.read_exact(&mut buf)).await;
-        assert!(held.is_err(), "read while the answer was held");
-        assert!(matches!(Pin::new(&mut a).poll_write(&mut cx, b"pong"), Poll::Ready(Ok(4))));
-        a.read_exact(&mut buf).await.unwrap();
-        assert_eq!(&buf, b"next");
         // A refusal goes at once.
         b_client.write_all(b"ping").await.unwrap();
         b.read_exact(&mut buf).await.unwrap();
@@ -630,5 +622,33 @@ mod tests {
         a_client.write_all(b"ping").await.unwrap();
         a.read_exact(&mut buf).await.unwrap();
         assert!(matches!(Pin::new(&mut a).poll_write(&mut cx, b"pong"), Poll::Ready(Ok(4))), "a WebSocket frame waited");
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_turn_is_kept_until_its_held_answer_is_out() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut listener = Listener::new(listener, 16, Settings { active: 1, length: Duration::from_secs(5), line_wait: Duration::ZERO });
+        let mut a_client = TcpStream::connect(addr).await.unwrap();
+        let (mut a, _) = axum::serve::Listener::accept(&mut listener).await;
+        let mut b_client = TcpStream::connect(addr).await.unwrap();
+        let (mut b, _) = axum::serve::Listener::accept(&mut listener).await;
+        let mut buf = [0u8; 4];
+        a_client.write_all(b"ping").await.unwrap();
+        a.read_exact(&mut buf).await.unwrap();
+        b_client.write_all(b"ping").await.unwrap();
+        let short = Duration::from_millis(20);
+        assert!(tokio::time::timeout(short, b.read_exact(&mut buf)).await.is_err(), "B read while A held the one turn");
+        // A's answer waits for its burst; hyper looks for A's client leaving meanwhile, and
+        // finding nothing, A keeps its turn: its answer is not out yet.
+        let mut cx = Context::from_waker(Waker::noop());
+        assert!(Pin::new(&mut a).poll_write(&mut cx, b"pong").is_pending(), "the answer did not wait");
+        assert!(Pin::new(&mut a).poll_read(&mut cx, &mut ReadBuf::new(&mut buf)).is_pending());
+        assert!(tokio::time::timeout(short, b.read_exact(&mut buf)).await.is_err(), "A gave its turn away before answering");
+        // Once the answer is out and A has nothing more to read, B gets the turn.
+        assert!(matches!(Pin::new(&mut a).poll_write(&mut cx, b"pong"), Poll::Ready(Ok(4))));
+        assert!(Pin::new(&mut a).poll_read(&mut cx, &mut ReadBuf::new(&mut buf)).is_pending());
+        tokio::time::timeout(Duration::from_secs(5), b.read_exact(&mut buf)).await.expect("B never got the turn").unwrap();
+        assert_eq!(&buf, b"ping");
     }
 }
