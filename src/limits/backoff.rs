@@ -416,8 +416,9 @@ impl Throttled {
     /// in bursts, the answers find the reader still awake. Measured (`BENCHMARKS.md`, the
     /// twenty-ninth round): entry 0.34× → 0.47–0.55× hello, status 0.56× → 0.70×, verify
     /// 0.64× → 0.78×, verify's p99 at half load lower, overload goodput 37,130 → 56,970 req/s.
-    /// Alone on the worker, the answer waits only for its own trip through the queue. Refusals
-    /// and WebSocket frames are not held back.
+    /// Alone on the worker, the answer waits only for its own trip through the queue. Refusals,
+    /// answers while refusals go on (held, a few requests that had waited in line were refused
+    /// after 50 ms at a flood's onset) and WebSocket frames are not held back.
     fn poll_answer_in_burst(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         // A refusal (its hold is set as it is made) goes at once: it is meant to be quick, and
         // the connection is held unread after it anyway. So does every answer while refusals
