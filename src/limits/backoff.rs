@@ -516,17 +516,23 @@ mod tests {
         assert_eq!(&buf, b"ping");
     }
 
+    /// Two connections accepted by one listener with `turns`, each with its client's end.
+    async fn two_connections(turns: Settings) -> ((TcpStream, Throttled), (TcpStream, Throttled)) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut listener = Listener::new(listener, 16, turns);
+        let a_client = TcpStream::connect(addr).await.unwrap();
+        let (a, _) = axum::serve::Listener::accept(&mut listener).await;
+        let b_client = TcpStream::connect(addr).await.unwrap();
+        let (b, _) = axum::serve::Listener::accept(&mut listener).await;
+        ((a_client, a), (b_client, b))
+    }
+
     #[tokio::test(start_paused = true)]
     async fn an_upgraded_connection_leaves_the_turns() {
         use crate::limits::head_guard::Finished;
         use axum::http::StatusCode;
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let mut listener = Listener::new(listener, 16, Settings { active: 1, length: Duration::from_millis(50), line_wait: Duration::ZERO });
-        let mut a_client = TcpStream::connect(addr).await.unwrap();
-        let (mut a, _) = axum::serve::Listener::accept(&mut listener).await;
-        let mut b_client = TcpStream::connect(addr).await.unwrap();
-        let (mut b, _) = axum::serve::Listener::accept(&mut listener).await;
+        let ((mut a_client, mut a), (mut b_client, mut b)) = two_connections(Settings { active: 1, length: Duration::from_millis(50), line_wait: Duration::ZERO }).await;
         let mut buf = [0u8; 4];
         a_client.write_all(b"ping").await.unwrap();
         a.read_exact(&mut buf).await.unwrap();
@@ -591,13 +597,7 @@ mod tests {
 
     #[tokio::test(flavor = "current_thread")]
     async fn answers_wait_until_the_requests_ready_together_have_been_read() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let mut listener = Listener::new(listener, 16, Settings::default());
-        let mut a_client = TcpStream::connect(addr).await.unwrap();
-        let (a, _) = axum::serve::Listener::accept(&mut listener).await;
-        let mut b_client = TcpStream::connect(addr).await.unwrap();
-        let (b, _) = axum::serve::Listener::accept(&mut listener).await;
+        let ((mut a_client, a), (mut b_client, b)) = two_connections(Settings::default()).await;
         a_client.write_all(b"ping").await.unwrap();
         b_client.write_all(b"ping").await.unwrap();
         let log = Arc::new(parking_lot::Mutex::new(Vec::new()));
@@ -627,13 +627,7 @@ mod tests {
 
     #[tokio::test(flavor = "current_thread")]
     async fn a_turn_is_kept_until_its_held_answer_is_out() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let mut listener = Listener::new(listener, 16, Settings { active: 1, length: Duration::from_secs(5), line_wait: Duration::ZERO });
-        let mut a_client = TcpStream::connect(addr).await.unwrap();
-        let (mut a, _) = axum::serve::Listener::accept(&mut listener).await;
-        let mut b_client = TcpStream::connect(addr).await.unwrap();
-        let (mut b, _) = axum::serve::Listener::accept(&mut listener).await;
+        let ((mut a_client, mut a), (mut b_client, mut b)) = two_connections(Settings { active: 1, length: Duration::from_secs(5), line_wait: Duration::ZERO }).await;
         let mut buf = [0u8; 4];
         a_client.write_all(b"ping").await.unwrap();
         a.read_exact(&mut buf).await.unwrap();
