@@ -255,7 +255,8 @@ pub async fn closed_loop(
     }
 }
 
-/// Open loop: offers `rate` requests/s spread evenly over `conns` connections for `duration`.
+/// Open loop: offers `rate` requests/s spread evenly over `conns` connections for `warmup`, not
+/// counted, then for the measured `duration`.
 /// Latency runs from each request's scheduled time; a connection that falls behind sends at once.
 /// A connection refused with `Retry-After` skips its slots until then, as a well-behaved client
 /// (or a browser showing the refusal) does. Slots are released by [`Slots`], to the microsecond, not at tokio's millisecond ticks.
@@ -264,16 +265,27 @@ pub async fn open_loop(
     conns: usize,
     rate: f64,
     reqs: Rc<Vec<Vec<u8>>>,
+    warmup: Duration,
     duration: Duration,
     server_pid: Option<u32>,
 ) -> LoadResult {
     let tally = Rc::new(RefCell::new(Tally::default()));
     let t0 = Instant::now() + Duration::from_millis(50);
-    let end = t0 + duration;
+    let measure_from = t0 + warmup;
+    let end = measure_from + duration;
     let rate = rate.max(1.0);
     let per_conn_interval = Duration::from_secs_f64(conns as f64 / rate);
     let slots = Rc::new(Slots::new(t0, rate, conns));
-    let meter = CpuMeter::start(server_pid);
+    let meter = Rc::new(RefCell::new(None::<CpuMeter>));
+    let metering = {
+        let meter = meter.clone();
+        tokio::task::spawn_local(async move {
+            if !warmup.is_zero() {
+                tokio::time::sleep_until(measure_from.into()).await;
+            }
+            *meter.borrow_mut() = Some(CpuMeter::start(server_pid));
+        })
+    };
     let pacer = {
         let slots = slots.clone();
         tokio::task::spawn_local(async move { slots.run(end).await })
@@ -299,14 +311,17 @@ pub async fn open_loop(
                     break;
                 }
                 if retry_at.is_some_and(|at| scheduled < at) {
-                    tally.borrow_mut().deferred += 1;
+                    if scheduled >= measure_from {
+                        tally.borrow_mut().deferred += 1;
+                    }
                     continue;
                 }
                 if Instant::now() >= end {
                     // Slots this connection could not even send in time count as missed, not as
                     // late sends after the window (which would overstate the answered rate).
-                    let left = (end - scheduled).as_secs_f64() / per_conn_interval.as_secs_f64();
-                    tally.borrow_mut().missed += 1 + left as u64;
+                    // (Those of the warm-up count nowhere.)
+                    let left = (end - scheduled.max(measure_from)).as_secs_f64() / per_conn_interval.as_secs_f64();
+                    tally.borrow_mut().missed += u64::from(scheduled >= measure_from) + left as u64;
                     break;
                 }
                 // Behind schedule (the connection was busy past this slot): the wait is the
@@ -320,7 +335,8 @@ pub async fn open_loop(
                 let sent = Instant::now();
                 let res = conn.send_timeout(req, false, Duration::from_secs(10)).await;
                 let done = Instant::now();
-                let mut t = tally.borrow_mut();
+                // Answers to requests sent in the warm-up steer the connection but count nowhere.
+                let counted = sent >= measure_from;
                 match res {
                     Ok(r) => {
                         let refused = r.status == 503 || r.status == 429;
@@ -328,17 +344,22 @@ pub async fn open_loop(
                         // requests from the schedule (what a user waiting on that slot saw).
                         let from = if refused || !behind { sent } else { scheduled };
                         let nanos = (done - from).as_nanos() as u64;
-                        if refused && !after_refusal {
-                            t.refused_fresh += 1;
-                            t.refused_fresh_hist.record(nanos);
+                        if counted {
+                            let mut t = tally.borrow_mut();
+                            if refused && !after_refusal {
+                                t.refused_fresh += 1;
+                                t.refused_fresh_hist.record(nanos);
+                            }
+                            count(&mut t, r.status, r.retry_after, nanos, (done - sent).as_nanos() as u64);
                         }
                         after_refusal = refused;
                         retry_at = r.retry_after.filter(|_| refused).map(|secs| done + Duration::from_secs(secs));
-                        count(&mut t, r.status, r.retry_after, nanos, (done - sent).as_nanos() as u64)
                     }
                     Err(_) => {
                         after_refusal = false;
-                        t.errors += 1
+                        if counted {
+                            tally.borrow_mut().errors += 1;
+                        }
                     }
                 }
             }
@@ -348,10 +369,12 @@ pub async fn open_loop(
         let _ = t.await;
     }
     let _ = pacer.await;
+    let _ = metering.await;
+    let meter = meter.borrow_mut().take().unwrap_or_else(|| CpuMeter::start(server_pid));
     let (client_cpu, server_cpu) = meter.stop();
     let (stolen, client_sleeps) = (meter.stolen(), meter.client_sleeps());
     // Responses still arriving after the window stretch it: rates use the real span.
-    let elapsed = t0.elapsed().max(duration);
+    let elapsed = measure_from.elapsed().max(duration);
     let tally = Rc::try_unwrap(tally).ok().expect("tasks done").into_inner();
     let pacer_late = Some(slots.late.take());
     LoadResult { tally, elapsed, client_cpu, server_cpu, pacer_late, probe: None, stolen, client_sleeps, client_spun: false }

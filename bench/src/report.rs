@@ -504,13 +504,29 @@ fn rows(res: &Value) -> Vec<Row> {
             figure: format!("goodput at {}× capacity ({} conns{client})", f(&o["offered_factor"]).unwrap_or(3.0), o["connections"]),
             weir: cell(g, " req/s", &nm(o)),
             baseline: {
-                // Which closed loop gave the peak, measured before and after the overload.
+                // Which closed loop gave the peak, measured between the overload's rounds.
                 let peaks: Vec<String> = o["peaks"]
                     .as_array()
-                    .map(|a| a.iter().map(|p| format!("{} conns {}→{}", p["connections"], fmt_num(f(&p["before_per_sec"]).unwrap_or(0.0)), fmt_num(f(&p["after_per_sec"]).unwrap_or(0.0)))).collect())
+                    .map(|a| {
+                        a.iter()
+                            .map(|p| {
+                                let each: Vec<String> = p["per_sec"].as_array().map(|w| w.iter().map(|x| fmt_num(f(x).unwrap_or(0.0))).collect()).unwrap_or_default();
+                                format!("{} conns {}", p["connections"], each.join("→"))
+                            })
+                            .collect()
+                    })
                     .unwrap_or_default();
-                let detail = if peaks.is_empty() { String::new() } else { format!("; before→after: {}", peaks.join(", ")) };
-                cell(cap, &format!(" req/s (peak: the better closed loop, mean of before and after{detail})"), &None)
+                let detail = if peaks.is_empty() { String::new() } else { format!(": {}", peaks.join(", ")) };
+                let rounds: Vec<String> = o["round_ratios"].as_array().map(|a| a.iter().map(|x| format!("{:.2}", f(x).unwrap_or(0.0))).collect()).unwrap_or_default();
+                cell(
+                    cap,
+                    &format!(
+                        " req/s (peak: the better closed loop's mean over the windows before, between and after the {} overload windows{detail}; each overload window × the peaks around it: {})",
+                        o["rounds"],
+                        rounds.join(", ")
+                    ),
+                    &None,
+                )
             },
             ratio: r,
             goal: "≥ 0.90× peak".into(),

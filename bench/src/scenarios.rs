@@ -497,8 +497,8 @@ pub async fn verify(ctx: &mut Ctx) -> Value {
     let slice = duration / rounds as u32;
     let (w, h, _) = in_turns(
         rounds,
-        |_| probed(weir.0, reqs.to_vec(), open_loop(weir.0, conns, cap / 2.0, reqs.clone(), slice, Some(weir.1))),
-        |_| probed(hello.0, hello_reqs.to_vec(), open_loop(hello.0, conns, cap / 2.0, hello_reqs.clone(), slice, Some(hello.1))),
+        |_| probed(weir.0, reqs.to_vec(), open_loop(weir.0, conns, cap / 2.0, reqs.clone(), Duration::ZERO, slice, Some(weir.1))),
+        |_| probed(hello.0, hello_reqs.to_vec(), open_loop(hello.0, conns, cap / 2.0, hello_reqs.clone(), Duration::ZERO, slice, Some(hello.1))),
     )
     .await;
     for (key, r) in [("half_load", w), ("half_load_hello", h)] {
@@ -548,8 +548,12 @@ pub async fn overload(ctx: &mut Ctx, capacity: Option<f64>) -> Value {
         return json!({ "refusal_probe": refusal_probe(ctx, oconns, peak * factor, peak, ctx.params.refusal_probe).await });
     }
     let peak_conns: &[usize] = if conns < 64 { &[64] } else { &[64, 256] };
-    let peak_label = |when: &str| format!("overload: measuring peak entry goodput at {peak_conns:?} connections ({when})");
-    ctx.progress(&peak_label("before"));
+    // The peak and the overload in rounds, each overload between two peaks (P O P O … P), every
+    // window a quarter of the others' (after a warm-up of half theirs): the machine's speed here
+    // drifts by a fifth within a minute, and one overload window read against peaks half a
+    // minute away from it measured that drift as much as weir (0.45–1.0× from run to run).
+    let rounds = turns_in(dur).min(GOODPUT_ROUNDS);
+    let (slice_warm, slice) = if rounds > 1 { (warm / 2, dur / 4) } else { (warm, dur) };
     let cap_reqs = {
         let s = match ctx.shared_weir() {
             Ok(s) => s,
@@ -560,14 +564,53 @@ pub async fn overload(ctx: &mut Ctx, capacity: Option<f64>) -> Value {
             Err(e) => return not_measured(format!("weir: {e}")),
         }
     };
-    let peaks_before = match closed_loops(ctx, peak_conns, &cap_reqs, warm, dur).await {
-        Ok(p) => p,
+    let peak_label = |round: usize| format!("overload: peak entry goodput at {peak_conns:?} connections ({round} of {})", rounds + 1);
+    ctx.progress(&peak_label(1));
+    let mut peaks = match closed_loops(ctx, peak_conns, &cap_reqs, slice_warm, slice).await {
+        Ok(p) => vec![p],
         Err(e) => return not_measured(e),
     };
-    let cap = peaks_before.iter().copied().fold(0.0, f64::max);
+    let cap = peaks[0].iter().copied().fold(0.0, f64::max);
     if cap <= 0.0 {
         return not_measured("entry capacity is 0");
     }
+    let reqs = {
+        let s = match ctx.shared_weir() {
+            Ok(s) => s,
+            Err(e) => return not_measured(e),
+        };
+        match EntryPrep("bench-overload").prep(s, &key).await {
+            Ok(r) => Rc::new(r),
+            Err(e) => return not_measured(format!("weir: {e}")),
+        }
+    };
+    let mut overload: Option<LoadResult> = None;
+    let (mut round_ratios, mut turn_waits_per_ok) = (Vec::new(), Vec::new());
+    for window in 1..=rounds {
+        ctx.progress(&format!("overload: entry offered at {factor} x {cap:.0} req/s over {oconns} connections ({window} of {rounds})"));
+        let s = match ctx.shared_weir() {
+            Ok(s) => s,
+            Err(e) => return not_measured(e),
+        };
+        let (addr, waits_before) = (s.addr, turn_waits(s.addr).await);
+        let r = probed(addr, reqs.to_vec(), open_loop(addr, oconns, cap * factor, reqs.clone(), slice_warm, slice, Some(s.pid))).await;
+        // Turns taken after a wait in line, per accepted request (warm-up included in both).
+        let answered_all = r.tally.ok as f64 * (slice_warm + slice).as_secs_f64() / slice.as_secs_f64();
+        turn_waits_per_ok.push(round((turn_waits(addr).await - waits_before) / answered_all.max(1.0), 4));
+        ctx.progress(&peak_label(window + 1));
+        let after = match closed_loops(ctx, peak_conns, &cap_reqs, slice_warm, slice).await {
+            Ok(p) => p,
+            Err(e) => return not_measured(e),
+        };
+        let around = peaks[window - 1].iter().zip(&after).map(|(b, a)| (b + a) / 2.0).fold(0.0, f64::max);
+        round_ratios.push(round(r.rps() / around.max(1e-9), 3));
+        peaks.push(after);
+        match &mut overload {
+            Some(all) => all.merge(&r),
+            None => overload = Some(r),
+        }
+    }
+    let r = overload.expect("one round at least");
     // The goodput curve: the same connections offered less, so the figure at `factor` reads
     // against what this many connections yield below and around capacity (each its own room).
     let mut curve = Vec::new();
@@ -581,44 +624,33 @@ pub async fn overload(ctx: &mut Ctx, capacity: Option<f64>) -> Value {
             Ok(r) => Rc::new(r),
             Err(e) => return not_measured(format!("weir: {e}")),
         };
-        let r = open_loop(s.addr, oconns, cap * low, reqs, dur / 2, Some(s.pid)).await;
+        let r = open_loop(s.addr, oconns, cap * low, reqs, Duration::ZERO, dur / 2, Some(s.pid)).await;
         curve.push(curve_point(low, &r));
     }
-    ctx.progress(&format!("overload: entry offered at {factor} x {cap:.0} req/s over {oconns} connections"));
-    let s = match ctx.shared_weir() {
-        Ok(s) => s,
-        Err(e) => return not_measured(e),
-    };
-    let reqs = match EntryPrep("bench-overload").prep(s, &key).await {
-        Ok(r) => Rc::new(r),
-        Err(e) => return not_measured(format!("weir: {e}")),
-    };
-    let r = probed(s.addr, reqs.to_vec(), open_loop(s.addr, oconns, cap * factor, reqs.clone(), dur, Some(s.pid))).await;
-    ctx.progress(&peak_label("after"));
-    let peaks_after = match closed_loops(ctx, peak_conns, &cap_reqs, warm, dur).await {
-        Ok(p) => p,
-        Err(e) => return not_measured(e),
-    };
     ctx.progress(&format!("overload: bare hyper's closed loops at {peak_conns:?} and at {oconns} connections"));
     let hello_by_conns = hello_by_conns(ctx, peak_conns, oconns, warm, dur / 2).await;
-    let peaks: Vec<f64> = peaks_before.iter().zip(&peaks_after).map(|(b, a)| (b + a) / 2.0).collect();
-    let peak = peaks.iter().copied().fold(0.0, f64::max);
+    // The peak: the better connection count's mean over all the peak windows.
+    let mean_at = |i: usize| peaks.iter().map(|p| p[i]).sum::<f64>() / peaks.len() as f64;
+    let peak = (0..peak_conns.len()).map(mean_at).fold(0.0, f64::max);
     let mut v = load_json(&r);
     let answered: u64 = r.tally.by_status.values().sum();
     v["capacity_per_sec"] = json!(round(peak, 1));
     v["capacity_entry_scenario_per_sec"] = json!(capacity.map(|c| round(c, 1)));
     v["peaks"] = json!(peak_conns
         .iter()
-        .zip(peaks_before.iter().zip(&peaks_after))
-        .map(|(c, (b, a))| json!({"connections": c, "before_per_sec": round(*b, 1), "after_per_sec": round(*a, 1)}))
+        .enumerate()
+        .map(|(i, c)| json!({"connections": c, "mean_per_sec": round(mean_at(i), 1), "per_sec": peaks.iter().map(|p| round(p[i], 1)).collect::<Vec<_>>()}))
         .collect::<Vec<_>>());
+    v["rounds"] = json!(rounds);
+    v["round_ratios"] = json!(round_ratios);
+    v["turn_waits_per_ok"] = json!(turn_waits_per_ok);
     v["offered_per_sec"] = json!(round(cap * factor, 1));
     v["offered_factor"] = json!(factor);
     v["answered_per_sec"] = json!(round(answered as f64 / r.elapsed.as_secs_f64(), 1));
     v["goodput_ratio"] = json!(round(r.rps() / peak, 3));
     v["connections"] = json!(oconns);
     curve.push(curve_point(factor, &r));
-    // The curve's points are read against the peak measured around them all.
+    // The curve's points are read against the peak measured around the overload's rounds.
     for point in &mut curve {
         let ok = point["ok_per_sec"].as_f64().unwrap_or(0.0);
         point["goodput_ratio"] = json!(round(ok / peak, 3));
@@ -644,7 +676,7 @@ async fn refusal_probe(ctx: &mut Ctx, conns: usize, rate: f64, peak: f64, dur: D
     };
     let v = match EntryPrep("bench-probe").prep(&s, &key).await {
         Ok(reqs) => {
-            let r = probed(s.addr, reqs.clone(), open_loop(s.addr, conns, rate, Rc::new(reqs), dur, Some(s.pid))).await;
+            let r = probed(s.addr, reqs.clone(), open_loop(s.addr, conns, rate, Rc::new(reqs), Duration::ZERO, dur, Some(s.pid))).await;
             let mut v = load_json(&r);
             v["line_wait_ms"] = json!(PROBE_LINE_WAIT_MS.parse::<u64>().unwrap_or(0));
             // Refused at the line (read at once) against all refusals of the visitor routes
@@ -690,6 +722,14 @@ async fn closed_loops(ctx: &mut Ctx, conns: &[usize], reqs: &Rc<Vec<Vec<u8>>>, w
     }
     Ok(out)
 }
+
+/// How many times a connection has waited in line for a turn on the weir at `addr`.
+async fn turn_waits(addr: SocketAddr) -> f64 {
+    weir_counters(addr, &["weir_connection_turns_waited_total"]).await["weir_connection_turns_waited_total"].as_f64().unwrap_or(0.0)
+}
+
+/// How many overload windows the goodput is measured in, between peak windows.
+const GOODPUT_ROUNDS: usize = 4;
 
 /// Offered multiples of capacity for the goodput curve, below the overload run's own.
 pub const CURVE: [(f64, &str); 3] = [(0.5, "bench-curve-a"), (1.0, "bench-curve-b"), (2.0, "bench-curve-c")];
