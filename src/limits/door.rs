@@ -61,6 +61,8 @@ pub struct Door(Arc<Shared>);
 struct Shared {
     runtime: tokio::runtime::Handle,
     desk: Arc<Desk>,
+    /// Offers to take over, queued by whichever thread rang the refusal bell (`Offer`'s wake).
+    to_take: Arc<ToTake>,
     /// The listener's connection slots: a watched connection's duplicate socket takes one, so
     /// the door never holds more sockets than `limits.max_connections` leaves room for.
     slots: Arc<Semaphore>,
@@ -93,6 +95,8 @@ impl Door {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_io().enable_time().build()?;
         let handle = runtime.handle().clone();
         let (stop, stopped) = oneshot::channel::<()>();
+        let to_take = Arc::new(ToTake::default());
+        let taking = to_take.clone();
         std::thread::Builder::new().name("weir-door".into()).spawn(move || {
             let priority = raise_priority();
             metrics::gauge!("weir_door_priority_raised").set(priority as u8 as f64);
@@ -104,7 +108,10 @@ impl Door {
                 }
             }
             runtime.block_on(async {
-                let _ = stopped.await;
+                tokio::select! {
+                    _ = stopped => {}
+                    _ = taking.take_over() => {}
+                }
             });
         })?;
         let desk = Desk {
@@ -122,7 +129,7 @@ impl Door {
             #[cfg(test)]
             refused_here: Default::default(),
         };
-        Ok(Door(Arc::new(Shared { runtime: handle, desk: Arc::new(desk), slots, _stop: stop })))
+        Ok(Door(Arc::new(Shared { runtime: handle, desk: Arc::new(desk), to_take, slots, _stop: stop })))
     }
 
     /// Tests: requests the door has looked at (refused or handed back).
@@ -232,16 +239,85 @@ impl Offer {
     }
 }
 
-impl Wake for Offer {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
-    }
-
-    /// Refusals began: the door takes the connection, unless its task has it back.
-    fn wake_by_ref(self: &Arc<Self>) {
+impl Offer {
+    /// From the door's thread: takes the connection, unless its task has it back.
+    fn take(&self) -> bool {
         if self.watch.state.compare_exchange(OFFERED, WATCHED, AcqRel, Acquire).is_ok() {
             if let Some((socket, slot)) = self.socket.lock().take() {
                 self.door.spawn_watch(socket, slot, self.watch.clone(), self.backoff.clone());
+                return true;
+            }
+        }
+        false
+    }
+}
+
+impl Wake for Offer {
+    fn wake(self: Arc<Self>) {
+        let to_take = self.door.0.to_take.clone();
+        to_take.queue(self);
+    }
+
+    /// Refusals began: queued for the door's thread to take.
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.door.0.to_take.queue(self.clone());
+    }
+}
+
+/// The offers to take over, and the door's thread taking them a batch at a time.
+///
+/// Why: refusals begin with every idle connection offered at once (thousands under a flood),
+/// and the bell rings on a worker, in the middle of a refusal. Taken over there, one at a time,
+/// each woke the door's thread, which under the real-time policy took the core back for each
+/// one: the ring took 33 ms (`BENCHMARKS.md`, the thirtieth round), and the refusal being made,
+/// and every request behind it on that worker, waited it out. Queued, the ring costs a push per
+/// offer; the door's thread, woken once, lets the ringing worker finish, then takes
+/// [`TAKE_AT_ONCE`] at a time with [`TAKE_PAUSE`] between them, so the workers it shares a core
+/// with are never held up long. A connection whose request arrives before its offer is taken is
+/// served or refused by its task, as before it was offered.
+#[derive(Default)]
+struct ToTake {
+    offers: Mutex<std::collections::VecDeque<Arc<Offer>>>,
+    queued: Notify,
+    /// Tests: offers taken over by the door's thread.
+    #[cfg(test)]
+    taken: std::sync::atomic::AtomicUsize,
+}
+
+/// How many offers the door takes over between pauses: a few hundred microseconds' work.
+const TAKE_AT_ONCE: usize = 64;
+/// The door's pause before taking over a batch (the core goes back to the workers meanwhile).
+const TAKE_PAUSE: std::time::Duration = std::time::Duration::from_millis(1);
+
+impl ToTake {
+    fn queue(&self, offer: Arc<Offer>) {
+        let first = {
+            let mut offers = self.offers.lock();
+            offers.push_back(offer);
+            offers.len() == 1
+        };
+        if first {
+            self.queued.notify_one();
+        }
+    }
+
+    /// The door's thread: takes over what is queued, a batch at a time, forever.
+    async fn take_over(&self) {
+        loop {
+            self.queued.notified().await;
+            loop {
+                tokio::time::sleep(TAKE_PAUSE).await;
+                let batch: Vec<Arc<Offer>> = {
+                    let mut offers = self.offers.lock();
+                    let n = offers.len().min(TAKE_AT_ONCE);
+                    offers.drain(..n).collect()
+                };
+                if batch.is_empty() {
+                    break;
+                }
+                let _taken = batch.iter().filter(|offer| offer.take()).count();
+                #[cfg(test)]
+                self.taken.fetch_add(_taken, AcqRel);
             }
         }
     }
@@ -852,6 +928,41 @@ mod tests {
         // The line had room: the door admitted the request, and the task read it whole.
         let got = tokio::time::timeout(Duration::from_secs(5), read_rx).await.expect("the request never reached the connection").unwrap();
         assert_eq!(String::from_utf8_lossy(&got), REQUEST);
+        assert_eq!(door.refused(), 0);
+    }
+
+    /// Refusals begin with more idle connections offered than the door takes over at once: the
+    /// door's own thread takes them all (not the thread that rang), a batch at a time, without
+    /// their tasks (whose runtime is busy), and looks at the next request on each.
+    #[tokio::test]
+    async fn every_offered_connection_is_taken_over_a_batch_at_a_time_when_refusals_begin() {
+        let offered = 2 * TAKE_AT_ONCE + 1;
+        let (mut listener, addr) = listener(Duration::from_secs(60), 3 * offered).await;
+        let door = listener.door().expect("a door").clone();
+        let _line = a_line(&mut listener, addr).await;
+        let mut idle = Vec::new();
+        for _ in 0..offered {
+            let client = std::net::TcpStream::connect(addr).unwrap();
+            idle.push((client, reading(accept(&mut listener).await)));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(door.0.to_take.taken.load(Acquire), 0, "taken over before refusals began");
+        door.0.desk.turns.refusing_now();
+        // This thread (the tasks' runtime) stays busy: only the door can take them.
+        let busy_until = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < busy_until && door.0.to_take.taken.load(Acquire) < offered {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(door.0.to_take.taken.load(Acquire), offered, "not every offered connection was taken over");
+        for (client, _) in &mut idle {
+            client.write_all(REQUEST.as_bytes()).unwrap();
+        }
+        door_saw(&door, offered as u64).await;
+        // The line had room: each request was admitted and read whole by its task.
+        for (_, read_rx) in idle {
+            let got = tokio::time::timeout(Duration::from_secs(5), read_rx).await.expect("a request never reached its connection").unwrap();
+            assert_eq!(String::from_utf8_lossy(&got), REQUEST);
+        }
         assert_eq!(door.refused(), 0);
     }
 
