@@ -56,7 +56,16 @@ pub struct ProbeResult {
     pub settled: Tally,
     /// Whether the thread got its raised priority.
     pub raised: bool,
+    /// Refusals slower than [`SLOW_REFUSAL`]: (seconds into the probe, ms, whether the
+    /// connection's previous answer was a refusal too), the first [`SLOW_KEPT`].
+    pub slow_refusals: Vec<[f64; 3]>,
 }
+
+/// A refusal slower than this is listed with when it came (`ProbeResult::slow_refusals`): the
+/// goal's bound.
+const SLOW_REFUSAL: Duration = Duration::from_millis(1);
+/// How many slow refusals are listed.
+const SLOW_KEPT: usize = 64;
 
 impl Probe {
     /// Starts probing `addr` with `reqs` (taken in turn), at [`RATE`] over [`CONNS`]
@@ -68,8 +77,8 @@ impl Probe {
             let raised = raise_priority();
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("probe runtime");
             let local = tokio::task::LocalSet::new();
-            let (tally, settled) = local.block_on(&rt, run(addr, Arc::new(reqs), flag));
-            ProbeResult { tally, settled, raised }
+            let (tally, settled, slow_refusals) = local.block_on(&rt, run(addr, Arc::new(reqs), flag));
+            ProbeResult { tally, settled, raised, slow_refusals }
         });
         Probe { stop, thread }
     }
@@ -77,7 +86,7 @@ impl Probe {
     /// Stops sending (requests in flight are answered first) and returns what was measured.
     pub fn finish(self) -> ProbeResult {
         self.stop.store(true, Ordering::Relaxed);
-        self.thread.join().unwrap_or_else(|_| ProbeResult { tally: Tally::default(), settled: Tally::default(), raised: false })
+        self.thread.join().unwrap_or_else(|_| ProbeResult { tally: Tally::default(), settled: Tally::default(), raised: false, slow_refusals: Vec::new() })
     }
 }
 
@@ -90,14 +99,15 @@ fn raise_priority() -> bool {
 
 /// Probes until `stop`: every answer, and those to requests scheduled [`SETTLED_AFTER`] or more
 /// after the start.
-async fn run(addr: SocketAddr, reqs: Arc<Vec<Vec<u8>>>, stop: Arc<AtomicBool>) -> (Tally, Tally) {
+async fn run(addr: SocketAddr, reqs: Arc<Vec<Vec<u8>>>, stop: Arc<AtomicBool>) -> (Tally, Tally, Vec<[f64; 3]>) {
     let t0 = Instant::now() + Duration::from_millis(20);
     let interval = Duration::from_secs_f64(CONNS as f64 / RATE);
     let mut tasks = Vec::new();
     for c in 0..CONNS {
         let (reqs, stop) = (reqs.clone(), stop.clone());
         tasks.push(tokio::task::spawn_local(async move {
-            let (mut tally, mut settled) = (Tally::default(), Tally::default());
+            let (mut tally, mut settled, mut slow) = (Tally::default(), Tally::default(), Vec::new());
+            let mut after_refusal = false;
             let mut conn = Conn::new(addr);
             let _ = conn.connect().await;
             // Connection `c` sends at `t0 + c/RATE + k·interval`: evenly spread over the probe.
@@ -126,6 +136,10 @@ async fn run(addr: SocketAddr, reqs: Arc<Vec<Vec<u8>>>, stop: Arc<AtomicBool>) -
                         let from_send = (done - sent).as_nanos() as u64;
                         let nanos = if behind { (done - scheduled).as_nanos() as u64 } else { from_send };
                         count(&mut tally, r.status, r.retry_after, nanos, from_send);
+                        if refused && nanos > SLOW_REFUSAL.as_nanos() as u64 && slow.len() < SLOW_KEPT {
+                            slow.push([(scheduled - t0).as_secs_f64(), nanos as f64 / 1e6, f64::from(u8::from(after_refusal))]);
+                        }
+                        after_refusal = refused;
                         if scheduled >= t0 + SETTLED_AFTER {
                             count(&mut settled, r.status, r.retry_after, nanos, from_send);
                         }
@@ -133,17 +147,20 @@ async fn run(addr: SocketAddr, reqs: Arc<Vec<Vec<u8>>>, stop: Arc<AtomicBool>) -
                     Err(_) => tally.errors += 1,
                 }
             }
-            (tally, settled)
+            (tally, settled, slow)
         }));
     }
-    let (mut all, mut all_settled) = (Tally::default(), Tally::default());
+    let (mut all, mut all_settled, mut all_slow) = (Tally::default(), Tally::default(), Vec::new());
     for t in tasks {
-        if let Ok((t, settled)) = t.await {
+        if let Ok((t, settled, slow)) = t.await {
             all.merge(&t);
             all_settled.merge(&settled);
+            all_slow.extend(slow);
         }
     }
-    (all, all_settled)
+    all_slow.sort_by(|a, b| a[0].total_cmp(&b[0]));
+    all_slow.truncate(SLOW_KEPT);
+    (all, all_settled, all_slow)
 }
 
 impl ProbeResult {
@@ -151,6 +168,8 @@ impl ProbeResult {
         self.tally.merge(&other.tally);
         self.settled.merge(&other.settled);
         self.raised &= other.raised;
+        self.slow_refusals.extend_from_slice(&other.slow_refusals);
+        self.slow_refusals.truncate(SLOW_KEPT);
     }
 
     pub fn to_json(&self) -> Value {
@@ -166,6 +185,7 @@ impl ProbeResult {
             "refused_latency": t.refused_hist.summary_ms(),
             "errors": t.errors,
             "deferred": t.deferred,
+            "slow_refusals": self.slow_refusals.iter().map(|[at, ms, again]| json!({"at_s": at, "ms": ms, "after_a_refusal": *again > 0.0})).collect::<Vec<_>>(),
             "settled": {
                 "after_s": SETTLED_AFTER.as_secs_f64(),
                 "ok": self.settled.ok,

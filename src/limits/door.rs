@@ -14,8 +14,9 @@
 //! holds no turn while the line was full a moment ago (`backoff::Throttled`): when it runs out of
 //! requests, and when it is held after a refusal a worker made. One that goes idle beside a line
 //! before anything is refused is offered to the door instead (an `Offer`: a duplicate socket
-//! made ready), which takes it over the moment refusals begin, on whichever thread finds the
-//! line full (`Turns::when_refusals_begin`); one that went idle with no line at all is woken
+//! made ready), which takes it over when refusals begin (`Turns::when_refusals_begin`): the
+//! thread that finds the line full queues the offers, and the door's thread takes them over a
+//! batch at a time (`ToTake`); one that went idle with no line at all is woken
 //! when a line forms, to be offered then (`Turns::when_line_forms`). The door watches a duplicate of the socket on its own runtime; the task waits for the door to
 //! hand the connection back (a `Watch`, one atomic state they share), so the socket is read by
 //! one side at a time and the door, woken at once, decides for each request. When data arrives:
@@ -183,9 +184,9 @@ impl Door {
         Some(watch)
     }
 
-    /// Offers the idle connection on `stream` to the door, which takes it over the moment
-    /// refusals begin, from whichever thread finds the line full, without waiting for the
-    /// connection's task to be polled: poll the refusal bell with the offer as its waker. `None`
+    /// Offers the idle connection on `stream` to the door, which takes it over when refusals
+    /// begin, without waiting for the connection's task to be polled: poll the refusal bell with
+    /// the offer as its waker (its wake queues it for the door's thread, `ToTake`). `None`
     /// if no slot is free for the duplicate socket or it could not be made.
     pub(crate) fn offer(&self, stream: &TcpStream, backoff: &Backoff) -> Option<Arc<Offer>> {
         let (socket, slot) = self.duplicate(stream)?;

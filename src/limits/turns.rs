@@ -98,8 +98,8 @@ struct Shared {
     /// Wakes the governor when the line forms.
     line_formed: Notify,
     /// Rings when refusals begin (the line was found full after [`REFUSING_FOR`] or more
-    /// without): its wakers are the offers of idle connections (`door::Offer`), so the door
-    /// takes them over on the ringing thread.
+    /// without): its wakers are the offers of idle connections (`door::Offer`), which the
+    /// ringing thread queues for the door's thread to take over.
     refusals_began: Arc<Notify>,
     /// Wakes idle connections that saw no line when a line forms after [`REFUSING_FOR`] or more
     /// without one forming, so that they are offered to the door (`door::Offer`) before the line
