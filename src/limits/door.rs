@@ -45,7 +45,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{oneshot, Notify, OwnedSemaphorePermit, Semaphore};
 
 use super::backoff::Backoff;
-use super::shed::{at_capacity_body, LONGEST_HOLD, RETRY_AFTER};
+use super::shed::{at_capacity_body, retry_after_secs, LONGEST_HOLD, RETRY_AFTER, RETRY_AFTER_SPREAD};
 use super::turns::Turns;
 
 /// The route of a path the door may refuse (the name the request metrics give it), if any.
@@ -612,20 +612,27 @@ fn refusable_head(head: &[u8], refusable: Refusable) -> Option<(usize, &'static 
     plain.then_some((length, route))
 }
 
-/// The refusal on the wire: what the shed layer answers (`shed::at_capacity`).
+/// The refusal on the wire: what the shed layer answers (`shed::at_capacity`), its
+/// `Retry-After` spread the same way (`shed::retry_after_secs`).
 fn refusal() -> &'static [u8] {
-    static RESPONSE: OnceLock<Vec<u8>> = OnceLock::new();
-    RESPONSE.get_or_init(|| {
+    static RESPONSES: OnceLock<Vec<Vec<u8>>> = OnceLock::new();
+    let responses = RESPONSES.get_or_init(|| {
         let body = at_capacity_body();
-        let mut response = format!(
-            "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: {}\r\ncontent-length: {}\r\n\r\n",
-            RETRY_AFTER.as_secs(),
-            body.len()
-        )
-        .into_bytes();
-        response.extend_from_slice(body);
-        response
-    })
+        (0..RETRY_AFTER_SPREAD)
+            .map(|more| {
+                let mut response = format!(
+                    "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: {}\r\ncontent-length: {}\r\n\r\n",
+                    RETRY_AFTER.as_secs() + more,
+                    body.len()
+                )
+                .into_bytes();
+                response.extend_from_slice(body);
+                response
+            })
+            .collect()
+    });
+    let secs = retry_after_secs();
+    &responses[(secs - RETRY_AFTER.as_secs()) as usize % responses.len()]
 }
 
 #[cfg(test)]
@@ -776,7 +783,7 @@ mod tests {
         // Blocks this runtime (the connection's) until the client has its answer.
         let response = asked.join().expect("the client's thread failed");
         assert!(response.starts_with("HTTP/1.1 503 Service Unavailable\r\n"), "{response}");
-        assert!(response.contains("\r\nretry-after: 1\r\n"), "{response}");
+        assert!(response.contains("\r\nretry-after: 1\r\n") || response.contains("\r\nretry-after: 2\r\n"), "{response}");
         let body = response.split_once("\r\n\r\n").unwrap().1;
         let json: serde_json::Value = serde_json::from_str(body).unwrap();
         assert_eq!(json["error"]["code"], "unavailable");

@@ -12,7 +12,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -28,8 +28,25 @@ use tower::{Layer, Service};
 use super::backoff::{Backoff, Peer};
 use crate::error::ApiError;
 
-/// What a refusal asks the client to wait.
+/// The shortest wait a refusal asks of the client.
 pub(crate) const RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// Refusals ask for [`RETRY_AFTER`], then one second more, then the shortest again, and so on
+/// through this many different waits.
+///
+/// Why: a flood's connections are refused together (the line fills within its first few
+/// hundred ms), and told to wait the same second they came back together, a second later and
+/// again a second after that, each wave a burst of refusals that a request only to be refused
+/// waited behind (the overload probe's refusals of 1–3.5 ms all came in those waves; the
+/// thirtieth round in `BENCHMARKS.md`). Told 1 s and 2 s in turn, they come back in waves half
+/// the size that soon lose step.
+pub(crate) const RETRY_AFTER_SPREAD: u64 = 2;
+
+/// The wait the next refusal asks for, in whole seconds (the `Retry-After` value).
+pub(crate) fn retry_after_secs() -> u64 {
+    static REFUSALS: AtomicU64 = AtomicU64::new(0);
+    RETRY_AFTER.as_secs() + REFUSALS.fetch_add(1, Ordering::Relaxed) % RETRY_AFTER_SPREAD
+}
 
 /// The longest a refused connection is held (`backoff`): a little less than [`RETRY_AFTER`], so
 /// a client that waits as told finds its connection read again when it asks. (Held for the
@@ -213,7 +230,7 @@ pub fn at_capacity() -> Response {
     *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs()));
     response
 }
 
@@ -235,7 +252,7 @@ mod tests {
         tokio::task::yield_now().await;
         let refused = app.clone().oneshot(Request::get("/slow").body(Body::empty()).unwrap()).await.unwrap();
         assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
-        assert_eq!(refused.headers()[header::RETRY_AFTER], "1");
+        assert!(["1", "2"].contains(&refused.headers()[header::RETRY_AFTER].to_str().unwrap()));
         let body = axum::body::to_bytes(refused.into_body(), 1024).await.unwrap();
         let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(json["error"]["code"], "unavailable");
@@ -266,6 +283,18 @@ mod tests {
         assert!(in_extension.until().is_some(), "refused: the request's peer is held");
     }
 
+    /// Consecutive refusals ask for waits of 1 s and 2 s in turn, so that connections refused
+    /// together do not all come back together.
+    #[test]
+    fn refusals_ask_for_one_and_two_seconds_in_turn() {
+        let waits: Vec<u64> =
+            (0..64).map(|_| at_capacity().headers()[header::RETRY_AFTER].to_str().unwrap().parse().unwrap()).collect();
+        assert!(waits.iter().all(|w| (1..=2).contains(w)), "{waits:?}");
+        // Other tests in the same process may refuse in between: about half each, not exactly.
+        let ones = waits.iter().filter(|w| **w == 1).count();
+        assert!((16..=48).contains(&ones), "{waits:?}");
+    }
+
     /// A request read past a line of connections too long to join (`limits::turns`) is refused
     /// however free the bound, and its connection held; the mark is used up by the refusal.
     #[tokio::test(start_paused = true)]
@@ -276,7 +305,7 @@ mod tests {
         backoff.set_past_line(true);
         let refused = service.call_held(Request::new(Body::empty()), Some(&backoff)).await.unwrap();
         assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
-        assert_eq!(refused.headers()[header::RETRY_AFTER], "1");
+        assert!(["1", "2"].contains(&refused.headers()[header::RETRY_AFTER].to_str().unwrap()));
         assert!(backoff.until().is_some(), "the refused connection is held");
         assert!(!backoff.take_past_line(), "the mark outlived its request");
         let served = service.call_held(Request::new(Body::empty()), Some(&Backoff::default())).await.unwrap();
