@@ -554,15 +554,9 @@ pub async fn overload(ctx: &mut Ctx, capacity: Option<f64>) -> Value {
     // minute away from it measured that drift as much as weir (0.45–1.0× from run to run).
     let rounds = turns_in(dur).min(GOODPUT_ROUNDS);
     let (slice_warm, slice) = if rounds > 1 { (warm / 2, dur / 4) } else { (warm, dur) };
-    let cap_reqs = {
-        let s = match ctx.shared_weir() {
-            Ok(s) => s,
-            Err(e) => return not_measured(e),
-        };
-        match EntryPrep("bench-capacity").prep(s, &key).await {
-            Ok(r) => Rc::new(r),
-            Err(e) => return not_measured(format!("weir: {e}")),
-        }
+    let cap_reqs = match shared_entry_requests(ctx, &key, "bench-capacity").await {
+        Ok(r) => r,
+        Err(e) => return not_measured(e),
     };
     let peak_label = |round: usize| format!("overload: peak entry goodput at {peak_conns:?} connections ({round} of {})", rounds + 1);
     ctx.progress(&peak_label(1));
@@ -574,15 +568,9 @@ pub async fn overload(ctx: &mut Ctx, capacity: Option<f64>) -> Value {
     if cap <= 0.0 {
         return not_measured("entry capacity is 0");
     }
-    let reqs = {
-        let s = match ctx.shared_weir() {
-            Ok(s) => s,
-            Err(e) => return not_measured(e),
-        };
-        match EntryPrep("bench-overload").prep(s, &key).await {
-            Ok(r) => Rc::new(r),
-            Err(e) => return not_measured(format!("weir: {e}")),
-        }
+    let reqs = match shared_entry_requests(ctx, &key, "bench-overload").await {
+        Ok(r) => r,
+        Err(e) => return not_measured(e),
     };
     let mut overload: Option<LoadResult> = None;
     let (mut round_ratios, mut turn_waits_per_ok) = (Vec::new(), Vec::new());
@@ -616,13 +604,13 @@ pub async fn overload(ctx: &mut Ctx, capacity: Option<f64>) -> Value {
     let mut curve = Vec::new();
     for (low, room) in CURVE {
         ctx.progress(&format!("overload: goodput curve, {low} x {cap:.0} req/s over {oconns} connections"));
+        let reqs = match shared_entry_requests(ctx, &key, room).await {
+            Ok(r) => r,
+            Err(e) => return not_measured(e),
+        };
         let s = match ctx.shared_weir() {
             Ok(s) => s,
             Err(e) => return not_measured(e),
-        };
-        let reqs = match EntryPrep(room).prep(s, &key).await {
-            Ok(r) => Rc::new(r),
-            Err(e) => return not_measured(format!("weir: {e}")),
         };
         let r = open_loop(s.addr, oconns, cap * low, reqs, Duration::ZERO, dur / 2, Some(s.pid)).await;
         curve.push(curve_point(low, &r));
@@ -721,6 +709,12 @@ async fn closed_loops(ctx: &mut Ctx, conns: &[usize], reqs: &Rc<Vec<Vec<u8>>>, w
         out.push(closed_loop(s.addr, n, reqs.clone(), warm, dur, None, Some(s.pid), client_spins()).await.rps());
     }
     Ok(out)
+}
+
+/// New visitors' entry requests for `room`, created on the shared weir.
+async fn shared_entry_requests(ctx: &mut Ctx, key: &str, room: &'static str) -> Result<Rc<Vec<Vec<u8>>>, String> {
+    let s = ctx.shared_weir()?;
+    EntryPrep(room).prep(s, key).await.map(Rc::new).map_err(|e| format!("weir: {e}"))
 }
 
 /// How many times a connection has waited in line for a turn on the weir at `addr`.
