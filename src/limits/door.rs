@@ -255,8 +255,7 @@ impl Offer {
 
 impl Wake for Offer {
     fn wake(self: Arc<Self>) {
-        let to_take = self.door.0.to_take.clone();
-        to_take.queue(self);
+        self.wake_by_ref();
     }
 
     /// Refusals began: queued for the door's thread to take.
